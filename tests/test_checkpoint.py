@@ -1,0 +1,174 @@
+"""Checkpointer: round trips of a replicated flax/optax train state, retention, crash safety, errors."""
+
+import os
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from prelar_jax.checkpoint import CheckpointMismatchError, Checkpointer, read_metadata
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+
+
+def make_mesh(num_devices: int) -> Mesh:
+    return Mesh(np.array(jax.devices()[:num_devices]), ("data",))
+
+
+def make_state(mesh: Mesh, seed: int = 0, hidden: int = 4, extra_layer: bool = False) -> TrainState:
+    """A small state shaped like the trainers' one, replicated over `mesh`, with non-trivial values."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "encoder": {"kernel": jnp.asarray(rng.normal(size=(3, hidden)), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=(hidden,)), jnp.float32)},
+        "head": {"kernel": jnp.asarray(rng.normal(size=(hidden, 2)), jnp.float32)},
+    }
+    if extra_layer:
+        params["extra"] = {"kernel": jnp.ones((hidden, hidden), jnp.float32)}
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(params)
+    # One real update so mu/nu/count are not their zero initial values.
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    _, opt_state = tx.update(grads, opt_state, params)
+    state = TrainState(
+        step=jnp.asarray(seed + 7, jnp.int32),
+        params=params,
+        batch_stats={"norm": {"mean": jnp.asarray(rng.normal(size=(hidden,)), jnp.float32)}},
+        opt_state=opt_state,
+    )
+    return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_round_trip_restores_identical_replicated_state(tmp_path, num_devices):
+    mesh = make_mesh(num_devices)
+    saved = make_state(mesh, seed=1)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        assert checkpointer.latest_step() is None
+        assert checkpointer.save(10, saved, {"env_steps": 1234, "loss": np.float32(0.5)})
+        checkpointer.wait_until_finished()
+        assert checkpointer.latest_step() == 10
+
+        target = make_state(mesh, seed=2)  # Same structure, different values.
+        restored, metadata = checkpointer.restore(target)
+
+    assert isinstance(restored, TrainState)
+    chex.assert_trees_all_equal(restored, saved)
+    chex.assert_trees_all_equal_dtypes(restored, saved)
+    assert metadata == {"env_steps": 1234, "loss": 0.5}
+    replicated = NamedSharding(mesh, P())
+    for leaf in jax.tree.leaves(restored):
+        assert leaf.sharding == replicated
+        assert leaf.sharding.is_fully_replicated
+
+
+def test_resume_on_four_device_mesh_from_abstract_target_and_on_another_mesh(tmp_path):
+    mesh4 = make_mesh(4)
+    saved = make_state(mesh4, seed=3)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        checkpointer.save(5, saved, {"note": "four devices"})
+
+    # A new process would build the target abstractly; the shardings come from the target.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), saved)
+    resumed = Checkpointer(tmp_path / "ckpt")
+    restored, metadata = resumed.restore(abstract)
+    chex.assert_trees_all_equal(restored, saved)
+    assert metadata == {"note": "four devices"}
+    for leaf in jax.tree.leaves(restored):
+        assert leaf.sharding == NamedSharding(mesh4, P())
+        assert len(leaf.sharding.device_set) == 4
+
+    # The same checkpoint resumed on one device lands on that device.
+    mesh1 = make_mesh(1)
+    on_one, _ = resumed.restore(make_state(mesh1, seed=9))
+    chex.assert_trees_all_equal(on_one, saved)
+    assert all(leaf.sharding == NamedSharding(mesh1, P()) for leaf in jax.tree.leaves(on_one))
+    resumed.close()
+
+
+def test_async_save_survives_the_caller_deleting_its_arrays(tmp_path):
+    """Trainers donate the state to the next step right after save() returns."""
+    mesh = make_mesh(4)
+    state = make_state(mesh, seed=4)
+    expected = jax.tree.map(np.asarray, state)
+    checkpointer = Checkpointer(tmp_path / "ckpt", async_save=True)
+    checkpointer.save(1, state, {})
+    for leaf in jax.tree.leaves(state):
+        leaf.delete()  # What buffer donation does.
+    checkpointer.close()
+    restored, _ = Checkpointer(tmp_path / "ckpt").restore(make_state(mesh, seed=5))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored), expected)
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    mesh = make_mesh(1)
+    with Checkpointer(tmp_path / "ckpt", max_to_keep=2) as checkpointer:
+        for step in (1, 2, 3, 4):
+            checkpointer.save(step, make_state(mesh, seed=step), {"step": step})
+            checkpointer.wait_until_finished()
+        assert checkpointer.all_steps() == [3, 4]
+        # A step that is not newer than the latest is skipped, not overwritten.
+        assert not checkpointer.save(4, make_state(mesh, seed=99), {"step": -1})
+    assert sorted(name for name in os.listdir(tmp_path / "ckpt") if name.isdigit()) == ["3", "4"]
+    assert read_metadata(tmp_path / "ckpt") == {"step": 4}
+    assert read_metadata(tmp_path / "ckpt", step=3) == {"step": 3}
+
+
+def test_half_written_temporary_directory_is_never_latest(tmp_path):
+    mesh = make_mesh(1)
+    saved = make_state(mesh, seed=6)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        checkpointer.save(3, saved, {"good": True})
+    # What a crash in the middle of saving step 8 leaves behind.
+    partial = tmp_path / "ckpt" / "8.orbax-checkpoint-tmp-1700000000000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 16)
+
+    assert read_metadata(tmp_path / "ckpt") == {"good": True}
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        assert checkpointer.latest_step() == 3
+        assert checkpointer.all_steps() == [3]
+        restored, metadata = checkpointer.restore(make_state(mesh, seed=7))
+    chex.assert_trees_all_equal(restored, saved)
+    assert metadata == {"good": True}
+
+
+def test_restoring_into_another_architecture_names_the_differences(tmp_path):
+    mesh = make_mesh(1)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        checkpointer.save(2, make_state(mesh, hidden=4), {})
+        target = make_state(mesh, hidden=8, extra_layer=True)
+        with pytest.raises(CheckpointMismatchError) as info:
+            checkpointer.restore(target)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "different architecture or config" in message
+    assert "params/encoder/kernel: checkpoint shape (3, 4) != current shape (3, 8)" in message
+    assert "opt_state/0/mu/encoder/bias" in message  # Optimizer state paths are named too.
+    assert "params/extra/kernel: in the current state (8, 8), missing from the checkpoint" in message
+
+
+def test_missing_checkpoint_and_bad_metadata_give_clear_errors(tmp_path):
+    mesh = make_mesh(1)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+            checkpointer.restore(make_state(mesh))
+        with pytest.raises(TypeError, match="JSON-serialisable"):
+            checkpointer.save(1, make_state(mesh), {"array": np.zeros(3)})
+        checkpointer.save(1, make_state(mesh), {})
+        with pytest.raises(FileNotFoundError, match=r"available steps: \[1\]"):
+            checkpointer.restore(make_state(mesh), step=5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_metadata(tmp_path / "nowhere")
