@@ -1,0 +1,15 @@
+"""Test-session set-up: 4 fake CPU devices, headless rendering, no network logging.
+
+The environment variables must be set before JAX or MuJoCo is imported anywhere, which is why
+they live here. Single-device tests build a mesh of one device explicitly.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+os.environ["WANDB_MODE"] = "disabled"
