@@ -1,0 +1,93 @@
+"""The implicit-action encoder (the original's VANet, spec section 3).
+
+It infers an action code from each pair of adjacent frames ``(o_{t-1}, o_t)``. Two inputs:
+
+* ``pixels`` (the released code): the two normalised frames concatenated on channels (6) go
+  through their own ResNet encoder (with BatchNorm), then ``Dense(hidden) -> ELU -> head``.
+* ``embed`` (the cheaper variant of the paper's text): an MLP on the pair of frame embeddings the
+  world-model encoder already computed.
+
+Code types: ``stoch`` (diagonal Gaussian, ``std = 2 * sigmoid(raw / 2)`` with no floor, sampled by
+reparameterisation), ``deter`` (a deterministic vector), ``mix`` (``[deter; stoch]``), and
+``none`` (no encoder at all: all-zero codes, which is APV's action-free pre-training).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from prelar_jax.distributions import sigmoid2
+from prelar_jax.nets.common import MLP, Dtype
+from prelar_jax.nets.resnet import ResNetEncoder
+
+CODE_TYPES = ("stoch", "deter", "mix", "none")
+INPUTS = ("pixels", "embed")
+
+
+class ImplicitActionEncoder(nn.Module):
+    code_type: str = "stoch"
+    stoch: int = 64
+    deter: int = 64
+    hidden: int = 1024
+    input: str = "pixels"
+    embed_layers: int = 2
+    depth: int = 48
+    stages: int = 3
+    bn_axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @property
+    def head_size(self) -> int:
+        size = 0
+        if self.code_type in ("deter", "mix"):
+            size += self.deter
+        if self.code_type in ("stoch", "mix"):
+            size += 2 * self.stoch
+        return size
+
+    @nn.compact
+    def __call__(self, prev: jax.Array, curr: jax.Array, train: bool) -> dict[str, jax.Array]:
+        """``prev``/``curr``: ``[N, 64, 64, 3]`` preprocessed frames (``pixels``) or ``[N, E]``
+        embeddings (``embed``). Returns the code's parameters: ``mean``/``std`` ``[N, stoch]``
+        and/or ``deter`` ``[N, deter]``."""
+        if self.code_type not in CODE_TYPES[:3]:
+            raise ValueError(f"implicit action code_type {self.code_type!r} has no network; "
+                             f"expected one of {CODE_TYPES[:3]}")
+        if self.input == "pixels":
+            x = jnp.concatenate([prev, curr], axis=-1)  # [N, 64, 64, 6], order (o_{t-1}, o_t)
+            x = ResNetEncoder(self.depth, self.stages, bn_axis_name=self.bn_axis_name,
+                              dtype=self.dtype)(x, train)
+            out = MLP([self.hidden], self.head_size, dtype=self.dtype)(x)
+        elif self.input == "embed":
+            x = jnp.concatenate([prev, curr], axis=-1)
+            out = MLP([self.hidden] * self.embed_layers, self.head_size, dtype=self.dtype)(x)
+        else:
+            raise ValueError(f"implicit action input {self.input!r}; expected one of {INPUTS}")
+        out = out.astype(jnp.float32)
+        params = {}
+        if self.code_type in ("deter", "mix"):
+            params["deter"], out = out[:, : self.deter], out[:, self.deter:]
+        if self.code_type in ("stoch", "mix"):
+            mean, raw_std = jnp.split(out, 2, axis=-1)
+            params["mean"], params["std"] = mean, sigmoid2(raw_std)
+        return params
+
+
+def code_from_params(params: dict[str, jax.Array], keys: jax.Array | None) -> jax.Array:
+    """The code fed to the RSSM: ``[deter; mean + std * eps]`` (the mean when ``keys`` is None).
+
+    ``keys`` is a ``[N]`` key array, one per row, so sampling does not depend on sharding.
+    """
+    parts = []
+    if "deter" in params:
+        parts.append(params["deter"])
+    if "mean" in params:
+        mean, std = params["mean"], params["std"]
+        if keys is None:
+            parts.append(mean)
+        else:
+            noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
+            parts.append(mean + std * noise)
+    return jnp.concatenate(parts, axis=-1)
