@@ -1,0 +1,120 @@
+"""PreLAR pre-training config (spec sections 1-4, 8, 10, 13).
+
+Select a preset after a colon and override any leaf on the command line::
+
+    python experiments/pretrain.py --config=configs/prelar_pretrain.py:tiny --workdir=runs/tiny \
+        --config.data.root=runs/videos --config.steps=200
+
+Presets: ``paper`` (the original sizes: batch 16 x length 25, 600k updates), ``small`` (a
+laptop-sized model) and ``tiny`` (CPU smoke tests, a fraction of a second per step).
+"""
+
+import ml_collections
+
+PRESETS = ("paper", "small", "tiny")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "prelar"
+    c.preset = "paper"
+    c.seed = 0
+    c.steps = 600_000
+    c.batch_size = 16
+    c.sequence_length = 25
+    c.image_size = 64
+
+    c.model = ml_collections.ConfigDict()
+    c.model.encoder = "resnet"  # 'resnet' (PreLAR, APV repo) or 'plain' (DreamerV2 CNN)
+    c.model.depth = 48
+    c.model.stages = 3
+    c.model.deter = 1024
+    c.model.hidden = 1024
+    c.model.stoch = 32
+    c.model.classes = 32
+    c.model.compute_dtype = "float32"  # 'bfloat16' for mixed precision; parameters stay float32
+
+    c.implicit_action = ml_collections.ConfigDict()
+    c.implicit_action.code_type = "stoch"  # 'stoch' | 'deter' | 'mix' | 'none' (APV: zeros)
+    c.implicit_action.input = "pixels"  # 'pixels' (released VANet) | 'embed' (MLP on embeddings)
+    c.implicit_action.stoch = 64
+    c.implicit_action.deter = 64
+    c.implicit_action.hidden = 1024
+    c.implicit_action.embed_layers = 2
+    # Std of the code's KL prior N(0, s0^2). The original builds it with raw std 1 passed through
+    # sigmoid2, so the effective s0 = 2 * sigmoid(0.5) = 1.2449 (spec 3.7); 1.0 is the textbook choice.
+    c.implicit_action.prior_std = 1.2449186624037092
+    c.implicit_action.action_dim = 50  # only for code_type 'none' (APV's fill_action 50)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kl_scale = 1.0
+    c.loss.kl_balance = 0.8
+    c.loss.kl_free = 0.0
+    c.loss.image_scale = 1.0
+    c.loss.implicit_kl_scale = 1.0
+    c.loss.consistency = "tanh"  # 'off' | 'sign' (released: zero gradient) | 'tanh' | 'ranknet' | 'soft_spearman'
+    c.loss.consistency_scale = 1.0
+    c.loss.consistency_temperature = 0.2
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 3e-4
+    c.optimizer.eps = 1e-5
+    c.optimizer.clip = 100.0
+    c.optimizer.weight_decay = 1e-6
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "npz"  # 'npz' (our generated shards, APV's RLBench episodes) | 'something'
+    c.data.root = ""  # directory (or comma-separated directories) of videos
+    c.data.video_list = ""  # Something-Something-V2: train_video_folder.txt
+    c.data.prefetch_threads = 2
+    c.data.prefetch_buffer = 4
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 100  # metrics.jsonl / wandb / console
+    c.log.media_every = 5000  # open-loop prediction grids under media/
+    c.log.media_examples = 4
+    c.log.media_context = 5
+    c.log.checkpoint_every = 5000
+    c.log.keep_checkpoints = 3
+    c.log.wandb_mode = "offline"  # 'online' | 'offline' | 'disabled'
+    c.log.wandb_project = "prelar-jax"
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for {c.method} pre-training; choose one of {PRESETS}")
+    c.preset = preset
+    if preset == "small":
+        c.steps = 100_000
+        c.batch_size = 16
+        c.sequence_length = 25
+        c.model.depth = 16
+        c.model.deter = c.model.hidden = 256
+        c.model.stoch = c.model.classes = 16
+        c.implicit_action.hidden = 256
+        c.implicit_action.stoch = 16
+        c.log.every = 50
+        c.log.media_every = 1000
+        c.log.checkpoint_every = 1000
+    elif preset == "tiny":
+        c.steps = 200
+        c.batch_size = 4
+        c.sequence_length = 8
+        c.model.depth = 4
+        c.model.stages = 2
+        c.model.deter = c.model.hidden = 32
+        c.model.stoch = c.model.classes = 4
+        c.implicit_action.hidden = 32
+        c.implicit_action.stoch = 8
+        c.implicit_action.deter = 8
+        c.log.every = 10
+        c.log.media_every = 100
+        c.log.media_examples = 2
+        c.log.media_context = 3
+        c.log.checkpoint_every = 50
+    return c
+
+
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+    return apply_preset(base_config(), preset or "paper")

@@ -1,0 +1,309 @@
+"""Pre-training of an action-conditional world model on action-free video (spec section 4).
+
+PreLAR and APV are configurations of this one model:
+
+* PreLAR: ``implicit_action.code_type = 'stoch'``. An implicit-action encoder infers a code from
+  each adjacent frame pair, the RSSM is conditioned on it, a KL keeps the code close to a prior and
+  the action-state consistency loss keeps code distances in the order of their state effects.
+* APV: ``implicit_action.code_type = 'none'``. The RSSM is fed zeros (action-free video prediction).
+
+Everything here is a pure function of ``(params, batch_stats, batch, key)``; the step that
+differentiates it and shards it over devices is built in ``prelar_jax.parallel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from prelar_jax import consistency, distributions, world_model
+from prelar_jax.nets.common import preprocess_image
+from prelar_jax.nets.implicit_action import ImplicitActionEncoder, code_from_params
+from prelar_jax.nets.plaincnn import PlainDecoder, PlainEncoder
+from prelar_jax.nets.resnet import ResNetDecoder, ResNetEncoder
+from prelar_jax.nets.rssm import RSSM, feature
+
+Params = Any
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during pre-training; jitted, sharded and checkpointed as a whole."""
+
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Params  # {'encoder', 'decoder', 'rssm', 'implicit_action'?}
+    batch_stats: Params  # BatchNorm running statistics, same keys where a module has BatchNorm
+    opt_state: optax.OptState
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The original torch Adam: clip first, then coupled L2 (``wd * p`` added to the gradient)."""
+    opt = config.optimizer
+    return optax.chain(
+        optax.clip_by_global_norm(opt.clip),
+        optax.add_decayed_weights(opt.weight_decay),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=opt.eps),
+        optax.scale_by_learning_rate(opt.lr),
+    )
+
+
+class PretrainModel:
+    """The module definitions of one configuration and the pure functions over their parameters."""
+
+    def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
+        self.config = config
+        self.axis_name = bn_axis_name
+        model, ia = config.model, config.implicit_action
+        dtype = jnp.dtype(model.compute_dtype)
+        if model.encoder == "resnet":
+            self.encoder = ResNetEncoder(model.depth, model.stages, bn_axis_name=bn_axis_name, dtype=dtype)
+            self.decoder = ResNetDecoder(model.depth, model.stages, image_size=config.image_size,
+                                         bn_axis_name=bn_axis_name, dtype=dtype)
+        elif model.encoder == "plain":
+            self.encoder = PlainEncoder(model.depth, dtype=dtype)
+            self.decoder = PlainDecoder(model.depth, dtype=dtype)
+        else:
+            raise ValueError(f"model.encoder={model.encoder!r}: expected 'resnet' or 'plain'")
+        self.rssm = RSSM(model.deter, model.hidden, model.stoch, model.classes, dtype=dtype)
+        if ia.code_type == "none":
+            self.implicit_action = None
+            self.action_dim = ia.action_dim
+        else:
+            self.implicit_action = ImplicitActionEncoder(
+                ia.code_type, ia.stoch, ia.deter, ia.hidden, ia.input, ia.embed_layers,
+                model.depth, model.stages, bn_axis_name=bn_axis_name, dtype=dtype)
+            self.action_dim = self.implicit_action.head_size - (
+                ia.stoch if ia.code_type in ("stoch", "mix") else 0)
+
+    # ------------------------------------------------------------------------------------------
+    # Initialisation
+    # ------------------------------------------------------------------------------------------
+
+    def init(self, key: jax.Array) -> tuple[Params, Params]:
+        """Fresh ``(params, batch_stats)`` for a 2-frame dummy batch (shapes do not depend on B, T)."""
+        size = self.config.image_size
+        keys = jax.random.split(key, 4)
+        frames = jnp.zeros((2, size, size, 3), jnp.float32)
+        params, stats = {}, {}
+
+        def add(name, variables):
+            params[name] = variables["params"]
+            if "batch_stats" in variables:
+                stats[name] = variables["batch_stats"]
+
+        add("encoder", self.encoder.init(keys[0], frames, train=False))
+        embed = jax.eval_shape(lambda v: self.encoder.apply(v, frames, train=False),
+                               {"params": params["encoder"], **({"batch_stats": stats["encoder"]}
+                                                                if "encoder" in stats else {})})
+        embed_dim = embed.shape[-1]
+        rssm_vars = self.rssm.init(keys[1], _zeros_state(self.rssm, 2),
+                                   jnp.zeros((2, self.action_dim)), jnp.zeros((2, embed_dim)),
+                                   jnp.ones((2,), bool))
+        add("rssm", rssm_vars)
+        feat_dim = self.rssm.stoch * self.rssm.classes + self.rssm.deter
+        add("decoder", self.decoder.init(keys[2], jnp.zeros((2, feat_dim)), train=False))
+        if self.implicit_action is not None:
+            pair = frames if self.implicit_action.input == "pixels" else jnp.zeros((2, embed_dim))
+            add("implicit_action", self.implicit_action.init(keys[3], pair, pair, train=False))
+        return params, stats
+
+    def init_state(self, key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
+        params, stats = self.init(key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                          opt_state=optimizer.init(params))
+
+    # ------------------------------------------------------------------------------------------
+    # Module application with explicit BatchNorm statistics
+    # ------------------------------------------------------------------------------------------
+
+    def _apply(self, name: str, module, params: Params, stats: Params, new_stats: Params,
+               *args, train: bool):
+        variables = {"params": params[name]}
+        if name in stats:
+            variables["batch_stats"] = stats[name]
+        if train and name in stats:
+            out, updated = module.apply(variables, *args, train=True, mutable=["batch_stats"])
+            new_stats[name] = updated["batch_stats"]
+            return out
+        return module.apply(variables, *args, train=train)
+
+    def _codes(self, params, stats, new_stats, frames, embed, keys, train: bool):
+        """Implicit-action code parameters ``[B, T-1, ...]`` and RSSM actions ``[B, T, A]``.
+
+        The RSSM action sequence is ``[0, a~_1, ..., a~_{T-1}]``: the code inferred from
+        ``(o_{t-1}, o_t)`` is ``a_t``, the action that produced ``o_t`` (Dreamer convention).
+        """
+        batch, length = embed.shape[:2]
+        if self.implicit_action is None:
+            return {}, jnp.zeros((batch, length, self.action_dim), jnp.float32)
+        if self.implicit_action.input == "pixels":
+            prev, curr = frames[:, :-1], frames[:, 1:]
+        else:
+            prev, curr = embed[:, :-1], embed[:, 1:]
+        flat = lambda x: x.reshape((batch * (length - 1),) + x.shape[2:])
+        code_params = self._apply("implicit_action", self.implicit_action, params, stats, new_stats,
+                                  flat(prev), flat(curr), train=train)
+        flat_keys = None if keys is None else keys.reshape(-1)
+        codes = code_from_params(code_params, flat_keys).reshape(batch, length - 1, -1)
+        code_params = jax.tree.map(lambda x: x.reshape((batch, length - 1) + x.shape[1:]), code_params)
+        actions = jnp.concatenate([jnp.zeros_like(codes[:, :1]), codes], axis=1)
+        return code_params, actions
+
+    # ------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------
+
+    def loss(self, params: Params, stats: Params, batch: dict[str, jax.Array], key: jax.Array,
+             example_index: jax.Array) -> tuple[jax.Array, tuple[Params, Metrics]]:
+        """``L = kl * L_KL + implicit_kl * L_va + consistency * L_cons + image * L_image``.
+
+        ``batch``: ``image`` ``[B, T, H, W, 3]`` uint8 and ``is_first`` ``[B, T]`` bool, the local
+        shard; ``example_index`` ``[B]``: each row's index in the global batch (seeds its samples).
+        Under data parallelism (``bn_axis_name`` set) the consistency loss pairs examples across
+        the whole global batch.
+        """
+        cfg = self.config.loss
+        image, is_first = batch["image"], batch["is_first"]
+        chex.assert_rank(image, 5)
+        chex.assert_type(image, jnp.uint8)
+        batch_size, length = image.shape[:2]
+        chex.assert_shape(is_first, (batch_size, length))
+        rssm_key, code_key, perm_key = jax.random.split(key, 3)
+        new_stats: Params = {}
+
+        frames = preprocess_image(image)  # [B, T, H, W, 3] in [-0.5, 0.5]
+        flat_frames = frames.reshape((batch_size * length,) + frames.shape[2:])
+        embed = self._apply("encoder", self.encoder, params, stats, new_stats, flat_frames, train=True)
+        embed = embed.reshape(batch_size, length, -1)  # [B, T, E]
+        code_keys = world_model.example_keys(code_key, example_index, length - 1)
+        code_params, actions = self._codes(params, stats, new_stats, frames, embed, code_keys, True)
+
+        keys = world_model.example_keys(rssm_key, example_index, length)
+        post, prior = world_model.observe(self.rssm, params["rssm"], embed, actions, is_first, keys)
+        kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
+                                                           cfg.kl_balance, cfg.kl_free)
+        feat = feature(post)  # [B, T, F]
+        recon = self._apply("decoder", self.decoder, params, stats, new_stats,
+                            feat.reshape(batch_size * length, -1), train=True)
+        recon = recon.reshape(frames.shape)
+        image_loss = -world_model.image_log_likelihood(recon, frames).mean()
+
+        metrics: Metrics = {"kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
+                            "prior_entropy": _categorical_entropy(prior["logit"]).mean(),
+                            "post_entropy": _categorical_entropy(post["logit"]).mean()}
+        total = cfg.kl_scale * kl_loss + cfg.image_scale * image_loss
+
+        if "mean" in code_params:
+            prior_std = self.config.implicit_action.prior_std
+            implicit_kl = distributions.gaussian_kl(code_params["mean"], code_params["std"], 0.0,
+                                                    prior_std).mean()
+            total = total + cfg.implicit_kl_scale * implicit_kl
+            metrics["implicit_kl"] = implicit_kl
+            metrics["implicit_std"] = code_params["std"].mean()
+        if code_params:
+            metrics["code_norm"] = jnp.linalg.norm(actions[:, 1:], axis=-1).mean()
+        if code_params and cfg.consistency != "off":
+            state_dist, action_dist = self._consistency_distances(
+                params["rssm"], post, prior, code_params, actions, is_first, perm_key, example_index)
+            cons = consistency.consistency_loss(state_dist, action_dist, cfg.consistency,
+                                                cfg.consistency_temperature)
+            total = total + cfg.consistency_scale * cons
+            metrics["consistency"] = cons
+            if cfg.consistency != "sign":  # the released code's metric, for comparison
+                metrics["consistency_sign"] = consistency.consistency_loss(state_dist, action_dist, "sign")
+            metrics["state_distance"] = state_dist.mean()
+            metrics["action_distance"] = action_dist.mean()
+        metrics["loss"] = total
+        return total, (new_stats, metrics)
+
+    def _consistency_distances(self, rssm_params, post, prior, code_params, actions, is_first,
+                               perm_key, example_index):
+        """``d_s`` and ``d_a`` for every pair ``i = (b, t)``, t = 1..T-1, over the global batch.
+
+        A permutation ``pi`` of the global batch (fixed points allowed, one for all t) swaps codes:
+        ``d_s(i) = KL(prior_t^b || img_step(post_{t-1}^b, a~_t^{pi(b)}))`` (detached) and
+        ``d_a(i) = D(q(a~_t^b), q(a~_t^{pi(b)}))``: the Gaussian KL for stochastic codes plus the
+        squared distance of deterministic codes. Returns two ``[N_global]`` vectors, identical on
+        every device; gradients reach other devices' codes through ``all_gather``'s transpose.
+        """
+        sg = jax.lax.stop_gradient
+        gather = self._gather
+        batch_size, length = actions.shape[:2]
+        global_actions = gather(actions)  # [B_global, T, A]
+        perm = jax.random.permutation(perm_key, global_actions.shape[0])
+        partner = perm[example_index]  # [B] global index of each row's partner
+        swapped = sg(global_actions[partner][:, 1:])  # [B, T-1, A]
+        prev_state = jax.tree.map(lambda v: sg(v[:, :-1]), post)
+        first = is_first[:, 1:]
+        n = batch_size * (length - 1)
+        flat = lambda x: x.reshape((n,) + x.shape[2:])
+        keep = 1.0 - flat(first).astype(jnp.float32)
+        state = jax.tree.map(lambda v: flat(v) * keep.reshape((-1,) + (1,) * (v.ndim - 2)), prev_state)
+        swapped_prior = self.rssm.apply({"params": rssm_params}, state, flat(swapped) * keep[:, None],
+                                        None, method=RSSM.img_step)
+        state_dist = sg(distributions.categorical_kl(flat(prior["logit"][:, 1:]),
+                                                     swapped_prior["logit"]))  # [N]
+
+        global_code = jax.tree.map(gather, code_params)
+        partner_code = jax.tree.map(lambda v: v[partner], global_code)
+        action_dist = jnp.zeros((batch_size, length - 1), jnp.float32)
+        if "mean" in code_params:
+            action_dist += distributions.gaussian_kl(code_params["mean"], code_params["std"],
+                                                     partner_code["mean"], partner_code["std"])
+        if "deter" in code_params:
+            action_dist += jnp.sum(jnp.square(code_params["deter"] - partner_code["deter"]), -1)
+        state_dist = gather(state_dist.reshape(batch_size, length - 1)).reshape(-1)
+        action_dist = gather(action_dist).reshape(-1)
+        return state_dist, action_dist
+
+    def _gather(self, x: jax.Array) -> jax.Array:
+        if self.axis_name is None:
+            return x
+        return jax.lax.all_gather(x, self.axis_name, axis=0, tiled=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Open-loop prediction (media)
+    # ------------------------------------------------------------------------------------------
+
+    def open_loop(self, params: Params, stats: Params, batch: dict[str, jax.Array], key: jax.Array,
+                  context: int) -> jax.Array:
+        """Predicted frames ``[B, T, H, W, 3]`` uint8: posterior reconstructions for the first
+        ``context`` steps, then the prior imagined under the codes inferred from the true frames
+        (their means; zeros for APV). BatchNorm in evaluation mode (running statistics)."""
+        image, is_first = batch["image"], batch["is_first"]
+        batch_size, length = image.shape[:2]
+        frames = preprocess_image(image)
+        flat_frames = frames.reshape((batch_size * length,) + frames.shape[2:])
+        embed = self._apply("encoder", self.encoder, params, stats, {}, flat_frames, train=False)
+        embed = embed.reshape(batch_size, length, -1)
+        _, actions = self._codes(params, stats, {}, frames, embed, None, False)
+        index = jnp.arange(batch_size)
+        obs_keys = world_model.example_keys(jax.random.fold_in(key, 0), index, context)
+        post, _ = world_model.observe(self.rssm, params["rssm"], embed[:, :context],
+                                      actions[:, :context], is_first[:, :context], obs_keys)
+        last = jax.tree.map(lambda v: v[:, -1], post)
+        img_keys = world_model.example_keys(jax.random.fold_in(key, 1), index, length - context)
+        prior = world_model.imagine(self.rssm, params["rssm"], actions[:, context:], last, img_keys)
+        feat = jnp.concatenate([feature(post), feature(prior)], axis=1)
+        recon = self._apply("decoder", self.decoder, params, stats, {},
+                            feat.reshape(batch_size * length, -1), train=False)
+        recon = recon.reshape(frames.shape)
+        return jnp.clip((recon + 0.5) * 255.0, 0, 255).astype(jnp.uint8)
+
+
+def _zeros_state(rssm: RSSM, batch: int):
+    return {"logit": jnp.zeros((batch, rssm.stoch, rssm.classes)),
+            "stoch": jnp.zeros((batch, rssm.stoch, rssm.classes)),
+            "deter": jnp.zeros((batch, rssm.deter))}
+
+
+def _categorical_entropy(logits: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=(-2, -1))
