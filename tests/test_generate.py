@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -39,6 +40,23 @@ def test_missing_rendering_backend_gives_install_instructions(monkeypatch: pytes
     msg = str(info.value)
     for needle in ("libegl1 libegl-mesa0 libgl1", "libosmesa6", "experiments/setup_env.sh", "MUJOCO_GL=egl"):
         assert needle in msg
+
+
+def test_backend_falls_back_to_osmesa_before_mujoco_is_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mw, "_CHECKED_BACKEND", None)
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.setenv("PYOPENGL_PLATFORM", "egl")
+    monkeypatch.delitem(sys.modules, "mujoco", raising=False)  # restored after the test
+    tried = []
+
+    def probe(backend: str, timeout: float = 60.0) -> str | None:
+        tried.append(backend)
+        return None if backend == "osmesa" else "no EGL device"
+
+    monkeypatch.setattr(mw, "_probe_backend", probe)
+    assert mw.check_rendering_backend() == "osmesa"
+    assert tried == ["egl", "osmesa"]
+    assert os.environ["MUJOCO_GL"] == "osmesa" and os.environ["PYOPENGL_PLATFORM"] == "osmesa"
 
 
 def test_metaworld_task_step_contract() -> None:

@@ -136,6 +136,7 @@ def check_rendering_backend(candidates: tuple[str, ...] = ("egl", "osmesa")) -> 
         why = _probe_backend(backend)
         if why is None:
             os.environ["MUJOCO_GL"] = backend
+            os.environ["PYOPENGL_PLATFORM"] = backend  # mujoco.{egl,osmesa} refuse a mismatched value
             _CHECKED_BACKEND = backend
             return backend
         failures[backend] = why
