@@ -1,0 +1,34 @@
+"""Pre-train a PreLAR (or APV) world model on action-free videos.
+
+    python experiments/pretrain.py --config=configs/prelar_pretrain.py:tiny \
+        --config.data.root=runs/videos --workdir=runs/prelar_tiny
+
+Re-running the same command resumes from the latest checkpoint in --workdir.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/prelar_pretrain.py:paper", "Config file and preset, e.g. configs/prelar_pretrain.py:tiny")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; re-use it to resume).", required=True)
+_OVERRIDE = flags.DEFINE_bool("allow_config_override", False,
+                              "Resume a workdir even though its saved config differs in keys that matter.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from prelar_jax import pretrain_loop
+
+    pretrain_loop.run(_CONFIG.value, _WORKDIR.value, allow_config_override=_OVERRIDE.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,108 @@
+"""Loading and validating ml_collections configs outside of absl flags (tests, scripts).
+
+The command-line entry points use ``ml_collections.config_flags`` (``--config=FILE:PRESET`` and
+``--config.a.b=value`` overrides); this module gives the same result from Python and checks the
+values every trainer relies on, so bad input fails at start-up with one clear message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+from prelar_jax import consistency
+from prelar_jax.nets.implicit_action import CODE_TYPES, INPUTS
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to do."""
+
+
+def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """``load_config('configs/prelar_pretrain.py:tiny', {'steps': 10, 'data.root': 'x'})``.
+
+    Relative paths are tried from the working directory, then from the repository root.
+    Overrides use dotted keys; unknown keys are errors, as with ``--config.x`` flags.
+    """
+    path, _, preset = spec.partition(":")
+    if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+        path = os.path.join(REPO_ROOT, path)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found (expected e.g. configs/prelar_pretrain.py:tiny)")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # config files are Python and run as code
+    config = module.get_config(preset) if preset else module.get_config()
+    for key, value in (overrides or {}).items():
+        set_path(config, key, value)
+    config.lock()
+    return config
+
+
+def set_path(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+        if name not in node:
+            raise ConfigError(f"unknown config key {dotted!r}: {name!r} does not exist")
+        node = node[name]
+    if leaf not in node:
+        raise ConfigError(f"unknown config key {dotted!r}; existing keys here: {sorted(node.keys())}")
+    node[leaf] = value
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
+    """Checks every value the pre-training run depends on; raises ``ConfigError``."""
+    for key in ("steps", "batch_size", "log.every", "log.checkpoint_every", "log.media_every",
+                "log.keep_checkpoints", "model.depth", "model.stages", "model.deter",
+                "model.hidden", "model.stoch", "model.classes"):
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        _check(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
+    _check(c.sequence_length >= 2, "sequence_length",
+           f"must be at least 2 (implicit actions need frame pairs), got {c.sequence_length}")
+    _check(c.model.encoder in ("resnet", "plain"), "model.encoder",
+           f"{c.model.encoder!r} is not one of 'resnet', 'plain'")
+    if c.model.encoder == "plain":
+        _check(c.image_size == 64, "image_size", "the plain CNN decoder only produces 64x64 images")
+    else:
+        factor = 2 ** (c.model.stages + 1)
+        _check(c.image_size % factor == 0, "image_size",
+               f"{c.image_size} must be divisible by 2**(model.stages+1) = {factor}")
+    _check(c.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
+           f"{c.model.compute_dtype!r} is not one of float32, bfloat16, float16")
+    ia = c.implicit_action
+    _check(ia.code_type in CODE_TYPES, "implicit_action.code_type",
+           f"{ia.code_type!r} is not one of {CODE_TYPES}")
+    _check(ia.input in INPUTS, "implicit_action.input", f"{ia.input!r} is not one of {INPUTS}")
+    _check(ia.prior_std > 0, "implicit_action.prior_std", "must be positive")
+    for key in ("stoch", "deter", "hidden", "action_dim", "embed_layers"):
+        _check(ia[key] > 0, f"implicit_action.{key}", f"must be positive, got {ia[key]}")
+    _check(c.loss.consistency in consistency.VARIANTS, "loss.consistency",
+           f"{c.loss.consistency!r} is not one of {consistency.VARIANTS}")
+    _check(c.loss.consistency_temperature > 0, "loss.consistency_temperature", "must be positive")
+    _check(0.0 <= c.loss.kl_balance <= 1.0, "loss.kl_balance", "must be in [0, 1]")
+    _check(c.optimizer.lr >= 0 and c.optimizer.eps > 0 and c.optimizer.clip > 0, "optimizer",
+           "lr must be >= 0, eps and clip > 0")
+    _check(c.data.kind in ("npz", "something"), "data.kind", f"{c.data.kind!r} is not 'npz' or 'something'")
+    _check(bool(c.data.root), "data.root",
+           "no video directory given. Generate videos with `python experiments/generate_videos.py "
+           "--out DIR` (or point to RLBench episodes / SSv2 frames) and pass --config.data.root=DIR")
+    if c.data.kind == "something":
+        _check(bool(c.data.video_list), "data.video_list",
+               "Something-Something-V2 needs the list file (train_video_folder.txt)")
+    _check(c.log.wandb_mode in ("online", "offline", "disabled"), "log.wandb_mode",
+           f"{c.log.wandb_mode!r} is not one of online, offline, disabled")
+    _check(1 <= c.log.media_context < c.sequence_length, "log.media_context",
+           f"must be in [1, sequence_length) = [1, {c.sequence_length})")
