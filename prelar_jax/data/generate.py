@@ -212,8 +212,8 @@ def generate_videos(
 
     Summary keys: out_dir, tasks, episodes, frames, seconds, fps (frames per wall-clock second,
     worker start-up and env construction included), episode_fps (frames per second of one worker
-    while it rolls out, renders and saves episodes), success_rate (episodes with any success), per_task {task: {episodes,
-    successes, frames}}, files.
+    while it rolls out, renders and saves episodes), success_rate (episodes with any success),
+    per_task {task: {episodes, successes, frames}}, files.
     """
     tasks = list(DEFAULT_TASKS if tasks is None else tasks)
     tasks = list(dict.fromkeys(canonical_task_name(t) for t in tasks))
