@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the test suite (sets up the environment first). Extra arguments go to pytest.
+#   bash experiments/test.sh            # whole suite
+#   bash experiments/test.sh -k rssm    # a subset
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/experiments/setup_env.sh"
+cd "$ROOT"
+exec "${PRELAR_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@"
