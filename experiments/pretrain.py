@@ -11,6 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Re-runs (resumes) reuse compiled steps; set JAX_COMPILATION_CACHE_DIR="" to turn this off.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

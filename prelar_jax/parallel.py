@@ -94,7 +94,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         metrics = jax.lax.pmean(metrics, AXIS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         # Modules without BatchNorm keep their (empty) statistics.
         batch_stats = {**state.batch_stats, **batch_stats}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

@@ -115,9 +115,15 @@ class PretrainModel:
         return params, stats
 
     def init_state(self, key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
-        params, stats = self.init(key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                          opt_state=optimizer.init(params))
+        """A fresh train state, built by one compiled function (eager init dispatches hundreds of
+        small ops, which takes tens of seconds on CPU the first time)."""
+
+        def build(key):
+            params, stats = self.init(key)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                              opt_state=optimizer.init(params))
+
+        return jax.jit(build)(key)
 
     # ------------------------------------------------------------------------------------------
     # Module application with explicit BatchNorm statistics

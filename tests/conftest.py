@@ -13,3 +13,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 os.environ["WANDB_MODE"] = "disabled"
+# Runs in different tests often compile the very same step; XLA's persistent cache (keyed on the
+# computation, the flags and the jax version) compiles each one once per machine.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "prelar_jax_xla_cache"))

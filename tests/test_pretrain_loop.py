@@ -1,0 +1,114 @@
+"""The pre-training run end to end on tiny synthetic videos: learning, resume, clear errors."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from prelar_jax import checkpoint, config as config_lib, pretrain, pretrain_loop
+from prelar_jax.data import videos
+
+
+def write_moving_squares(root, episodes=6, length=24, seed=0):
+    """Dreamer-format episodes of a coloured square moving at constant speed (learnable dynamics)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for e in range(episodes):
+        frames = np.zeros((length + 1, 64, 64, 3), np.uint8)
+        frames[:] = rng.integers(0, 80, 3, dtype=np.uint8)
+        pos, vel = rng.uniform(8, 48, 2), rng.uniform(-3, 3, 2)
+        colour = rng.integers(120, 256, 3, dtype=np.uint8)
+        for t in range(length + 1):
+            y, x = np.clip(pos, 0, 52).astype(int)
+            frames[t, y:y + 12, x:x + 12] = colour
+            pos = pos + vel
+            vel = np.where((pos < 0) | (pos > 52), -vel, vel)
+        np.savez_compressed(os.path.join(root, f"20260101T000000-{e:032x}-{length}.npz"), image=frames,
+                            action=np.zeros((length + 1, 4), np.float32),
+                            reward=np.zeros(length + 1, np.float32))
+    return root
+
+
+def tiny_config(data_root, **overrides):
+    values = {"data.root": str(data_root), "log.wandb_mode": "disabled", "log.every": 5,
+              "log.media_every": 1000, "log.checkpoint_every": 10, **overrides}
+    return config_lib.load_config("configs/prelar_pretrain.py:tiny", values)
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def restore_state(config, workdir):
+    model = pretrain.PretrainModel(config)
+    target = model.init_state(jax.random.key(0), pretrain.make_optimizer(config))
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        state, _ = ckpt.restore(target)
+    return state
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    return write_moving_squares(str(tmp_path_factory.mktemp("videos")))
+
+
+def test_short_run_lowers_loss_and_writes_workdir(squares, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(squares, steps=60, **{"log.media_every": 60})
+    summary = pretrain_loop.run(config, workdir, devices=jax.devices()[:1])
+    assert summary["finished"] and summary["step"] == 60
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    assert rows[-1]["loss"] < 0.75 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert os.path.exists(os.path.join(workdir, "media", "open_loop_00000060.png"))
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["steps"] == 60 and saved["preset"] == "tiny"
+
+
+def test_resumed_run_equals_uninterrupted_run(squares, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    devices = jax.devices()[:1]
+    pretrain_loop.run(tiny_config(squares, steps=20), straight, devices=devices)
+    first = pretrain_loop.run(tiny_config(squares, steps=10), split, devices=devices)
+    assert first["step"] == 10
+    second = pretrain_loop.run(tiny_config(squares, steps=20), split, devices=devices)
+    assert second["step"] == 20 and second["finished"]
+    steps = [r["step"] for r in read_metrics(split)]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    a, b = restore_state(tiny_config(squares), straight), restore_state(tiny_config(squares), split)
+    assert int(a.step) == int(b.step) == 20
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(a.opt_state, b.opt_state, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(a.batch_stats, b.batch_stats, rtol=1e-6, atol=1e-6)
+    # A finished run re-run with the same command does nothing more.
+    again = pretrain_loop.run(tiny_config(squares, steps=20), split, devices=devices)
+    assert again["step"] == 20
+
+
+def test_resume_with_different_model_config_is_refused(squares, tmp_path):
+    workdir = str(tmp_path / "run")
+    pretrain_loop.run(tiny_config(squares, steps=1, **{"log.checkpoint_every": 1}), workdir,
+                      devices=jax.devices()[:1])
+    changed = tiny_config(squares, steps=2, **{"model.deter": 48})
+    with pytest.raises(ValueError, match="model.deter"):
+        pretrain_loop.run(changed, workdir, devices=jax.devices()[:1])
+
+
+def test_clear_errors_before_any_work(squares, tmp_path):
+    with pytest.raises(ValueError, match="does not divide evenly over 4 devices"):
+        pretrain_loop.run(tiny_config(squares, batch_size=6), str(tmp_path / "a"), devices=jax.devices()[:4])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(videos.NoVideoDataError, match="generate_videos"):
+        pretrain_loop.run(tiny_config(empty), str(tmp_path / "b"), devices=jax.devices()[:1])
+    with pytest.raises(config_lib.ConfigError, match="data.root"):
+        pretrain_loop.run(tiny_config(""), str(tmp_path / "c"))
+    with pytest.raises(config_lib.ConfigError, match="steps"):
+        pretrain_loop.run(tiny_config(squares, steps=0), str(tmp_path / "d"))
+    with pytest.raises(config_lib.ConfigError, match="unknown config key"):
+        tiny_config(squares, **{"model.nonsense": 1})
