@@ -27,13 +27,13 @@ def straight_through_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
     """One-hot sample of ``Cat(softmax(logits))`` over the last axis with straight-through gradient.
 
     The forward value is exactly one-hot; the gradient is that of the probabilities
-    (``sample + probs - stop_gradient(probs)``).
+    (``sample + (probs - stop_gradient(probs))``; the brackets keep the value exact).
     """
     logits = logits.astype(jnp.float32)
     index = jax.random.categorical(key, logits, axis=-1)
     sample = jax.nn.one_hot(index, logits.shape[-1], dtype=logits.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
-    return sample + probs - jax.lax.stop_gradient(probs)
+    return sample + (probs - jax.lax.stop_gradient(probs))  # exactly one-hot in the forward pass
 
 
 def categorical_mode(logits: jax.Array) -> jax.Array:

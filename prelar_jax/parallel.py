@@ -61,9 +61,22 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host numpy batch (this process's rows) to a global array sharded along the data axis."""
+    """The global host batch to a global array sharded along the data axis.
+
+    Every process samples the same global batch (it is a function of the seed and step); with
+    several processes each one hands over only its own contiguous block of rows.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    count, index = jax.process_count(), jax.process_index()
+
+    def local(value):
+        value = np.asarray(value)
+        if count == 1:
+            return value
+        rows = value.shape[0] // count
+        return value[index * rows:(index + 1) * rows]
+
+    return {k: jax.make_array_from_process_local_data(sharding, local(v)) for k, v in batch.items()}
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:

@@ -265,7 +265,12 @@ class PretrainModel:
                                                      partner_code["mean"], partner_code["std"])
         if "deter" in code_params:
             action_dist += jnp.sum(jnp.square(code_params["deter"] - partner_code["deter"]), -1)
-        state_dist = gather(state_dist.reshape(batch_size, length - 1)).reshape(-1)
+        # An example paired with itself is an exact tie (both priors are one computation in
+        # exact arithmetic; in float32 they differ by rounding noise that would read as an order).
+        own = (partner == example_index)[:, None]
+        state_dist = jnp.where(own, 0.0, state_dist.reshape(batch_size, length - 1))
+        action_dist = jnp.where(own, 0.0, action_dist)
+        state_dist = gather(state_dist).reshape(-1)
         action_dist = gather(action_dist).reshape(-1)
         return state_dist, action_dist
 

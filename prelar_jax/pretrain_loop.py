@@ -149,6 +149,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
             if step % config.log.media_every == 0 or step == config.steps:
                 save_media(step)
             if step % config.log.checkpoint_every == 0 or step == config.steps or stop.requested:
+                if pending is not None:  # never lose the metrics of a checkpointed step
+                    logger.log(*pending)
+                    pending = None
                 ckpt.save(step, state, {"step": step, "method": config.method, "preset": config.preset})
             if stop.requested:
                 break

@@ -294,10 +294,9 @@ def _log_softmax64(logits):
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "straight_through_sample computes (sample + probs) - sg(probs), whose float32 rounding turns "
-    "some 1s into 0.99999994; DreamerV2 adds (probs - sg(probs)), which is exactly 0"))
 def test_straight_through_forward_is_exactly_one_hot():
+    """``(sample + probs) - sg(probs)`` rounds some 1s to 0.99999994 in float32; adding the
+    bracketed ``(probs - sg(probs))`` keeps the forward value exact."""
     logits = 2.0 * jax.random.normal(jax.random.key(1), (500, 32))
     sample = np.asarray(distributions.straight_through_sample(jax.random.key(2), logits))
     assert set(np.unique(sample)) <= {0.0, 1.0}

@@ -71,7 +71,9 @@ class ImplicitActionEncoder(nn.Module):
             params["deter"], out = out[:, : self.deter], out[:, self.deter:]
         if self.code_type in ("stoch", "mix"):
             mean, raw_std = jnp.split(out, 2, axis=-1)
-            params["mean"], params["std"] = mean, sigmoid2(raw_std)
+            # sigmoid2 has no floor in the original; 1e-6 only keeps the KL finite once the
+            # std underflows to 0 in float32 (raw std below about -200).
+            params["mean"], params["std"] = mean, jnp.maximum(sigmoid2(raw_std), 1e-6)
         return params
 
 
