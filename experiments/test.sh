@@ -6,4 +6,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/experiments/setup_env.sh"
 cd "$ROOT"
-exec "${PRELAR_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@"
+# Two workers: compilation is mostly single-threaded, so two processes use both cores.
+exec "${PRELAR_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -n "${PRELAR_TEST_WORKERS:-2}" "$@"
