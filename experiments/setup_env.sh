@@ -41,10 +41,12 @@ fi
 STAMP="$VENV/.prelar-requirements"
 WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" "$ROOT/setup.cfg" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c 'import prelar_jax' 2>/dev/null; then
-  say "installing pinned requirements into $VENV (first time: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-test.txt"
-  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" >/dev/null
+  LOG="$VENV/install.log"
+  say "installing pinned requirements into $VENV (first time: a few minutes; log: $LOG)"
+  { "$VENV/bin/python" -m pip install --upgrade pip \
+      && "$VENV/bin/python" -m pip install -r "$ROOT/requirements-test.txt" \
+      && "$VENV/bin/python" -m pip install --no-deps -e "$ROOT"; } > "$LOG" 2>&1 \
+    || { tail -n 30 "$LOG" >&2; die "pip install failed (full log: $LOG). Check the network access to PyPI, then re-run."; }
   echo "$WANT" > "$STAMP"
 fi
 
