@@ -77,10 +77,10 @@ class PretrainModel:
             self.action_dim = ia.action_dim
         else:
             self.implicit_action = ImplicitActionEncoder(
-                ia.code_type, ia.stoch, ia.deter, ia.hidden, ia.input, ia.embed_layers,
-                model.depth, model.stages, bn_axis_name=bn_axis_name, dtype=dtype)
-            self.action_dim = self.implicit_action.head_size - (
-                ia.stoch if ia.code_type in ("stoch", "mix") else 0)
+                code_type=ia.code_type, stoch=ia.stoch, deter=ia.deter, hidden=ia.hidden,
+                input=ia.input, embed_layers=ia.embed_layers, depth=model.depth,
+                stages=model.stages, bn_axis_name=bn_axis_name, dtype=dtype)
+            self.action_dim = self.implicit_action.code_size
 
     # ------------------------------------------------------------------------------------------
     # Initialisation
@@ -103,7 +103,7 @@ class PretrainModel:
                                {"params": params["encoder"], **({"batch_stats": stats["encoder"]}
                                                                 if "encoder" in stats else {})})
         embed_dim = embed.shape[-1]
-        rssm_vars = self.rssm.init(keys[1], _zeros_state(self.rssm, 2),
+        rssm_vars = self.rssm.init(keys[1], self.rssm.initial(2),
                                    jnp.zeros((2, self.action_dim)), jnp.zeros((2, embed_dim)),
                                    jnp.ones((2,), bool))
         add("rssm", rssm_vars)
@@ -307,12 +307,6 @@ class PretrainModel:
                             feat.reshape(batch_size * length, -1), train=False)
         recon = recon.reshape(frames.shape)
         return jnp.clip((recon + 0.5) * 255.0, 0, 255).astype(jnp.uint8)
-
-
-def _zeros_state(rssm: RSSM, batch: int):
-    return {"logit": jnp.zeros((batch, rssm.stoch, rssm.classes)),
-            "stoch": jnp.zeros((batch, rssm.stoch, rssm.classes)),
-            "deter": jnp.zeros((batch, rssm.deter))}
 
 
 def _categorical_entropy(logits: jax.Array) -> jax.Array:

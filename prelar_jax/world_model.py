@@ -24,7 +24,7 @@ def observe(rssm: RSSM, params, embed: jax.Array, action: jax.Array, is_first: j
     ``keys`` ``[B, T]`` key array. Returns ``(post, prior)`` dicts of ``[B, T, ...]`` arrays."""
     batch = embed.shape[0]
     if state is None:
-        state = rssm.apply({"params": params}, batch, method=RSSM.initial)
+        state = rssm.initial(batch)
 
     def step(carry, inputs):
         emb, act, first, key = inputs

@@ -39,7 +39,14 @@ class ImplicitActionEncoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @property
+    def code_size(self) -> int:
+        """Width of the code fed to the RSSM: ``[deter; stoch sample]``."""
+        return (self.deter if self.code_type in ("deter", "mix") else 0) + (
+            self.stoch if self.code_type in ("stoch", "mix") else 0)
+
+    @property
     def head_size(self) -> int:
+        """Width of the network's output: the deterministic part plus mean and raw std."""
         size = 0
         if self.code_type in ("deter", "mix"):
             size += self.deter
