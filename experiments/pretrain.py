@@ -18,8 +18,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+DEFAULT_CONFIG = "configs/prelar_pretrain.py:paper"
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/prelar_pretrain.py:paper", "Config file and preset, e.g. configs/prelar_pretrain.py:tiny")
+    "config", DEFAULT_CONFIG, "Config file and preset, e.g. configs/prelar_pretrain.py:tiny")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; re-use it to resume).", required=True)
 _OVERRIDE = flags.DEFINE_bool("allow_config_override", False,
                               "Resume a workdir even though its saved config differs in keys that matter.")
@@ -28,10 +29,14 @@ _OVERRIDE = flags.DEFINE_bool("allow_config_override", False,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from prelar_jax import pretrain_loop
+    from prelar_jax import errors, pretrain_loop
 
-    pretrain_loop.run(_CONFIG.value, _WORKDIR.value, allow_config_override=_OVERRIDE.value)
+    errors.exit_on_user_error(lambda: pretrain_loop.run(
+        _CONFIG.value, _WORKDIR.value, allow_config_override=_OVERRIDE.value))
 
 
 if __name__ == "__main__":
+    from prelar_jax import config as config_lib, errors
+
+    errors.exit_on_user_error(lambda: config_lib.check_override_flags(sys.argv, DEFAULT_CONFIG))
     app.run(main)

@@ -26,11 +26,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from prelar_jax.errors import UserError
+
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint's tree (paths or shapes) does not match the state it is restored into."""
 
 

@@ -15,11 +15,12 @@ import ml_collections
 
 from prelar_jax import consistency
 from prelar_jax.nets.implicit_action import CODE_TYPES, INPUTS
+from prelar_jax.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and what to do."""
 
 
@@ -42,6 +43,30 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
         set_path(config, key, value)
     config.lock()
     return config
+
+
+def check_override_flags(argv: list[str], default_spec: str, flag: str = "config") -> None:
+    """Fail early, with the valid keys named, on ``--config.some.key=...`` flags whose key does
+    not exist (ml_collections would raise a long AttributeError traceback while parsing flags)."""
+    spec = default_spec
+    keys = []
+    for arg in argv[1:]:
+        if arg.startswith(f"--{flag}="):
+            spec = arg.split("=", 1)[1]
+        elif arg.startswith(f"--{flag}."):
+            keys.append(arg[len(flag) + 3:].split("=", 1)[0])
+    if not keys:
+        return
+    config = load_config(spec)
+    for dotted in keys:
+        node = config
+        for depth, name in enumerate(dotted.split(".")):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                where = ".".join(dotted.split(".")[:depth]) or "the top level"
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ConfigError(f"unknown config key --{flag}.{dotted}: {name!r} does not exist at "
+                                  f"{where} of {spec}; valid keys there: {valid}")
+            node = node[name]
 
 
 def set_path(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

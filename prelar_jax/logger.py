@@ -22,6 +22,8 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
+from prelar_jax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
 CONFIG_JSON = "config.json"
@@ -29,7 +31,7 @@ CONFIG_YAML = "config.yaml"
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """A workdir is being resumed with a config that differs in keys that matter."""
 
 

@@ -23,6 +23,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from prelar_jax.errors import UserError
+
 AXIS = "data"
 
 
@@ -51,10 +53,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
+class DeviceCountError(UserError, ValueError):
+    """The batch does not split evenly over the devices."""
+
+
 def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
     count = mesh.devices.size
     if batch_size % count:
-        raise ValueError(
+        raise DeviceCountError(
             f"batch_size={batch_size} does not divide evenly over {count} devices; choose a batch "
             f"size that is a multiple of {count} (e.g. --config.batch_size={count * max(1, batch_size // count)})"
             f" or run on fewer devices (CUDA_VISIBLE_DEVICES / XLA_FLAGS).")

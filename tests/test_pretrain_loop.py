@@ -112,3 +112,22 @@ def test_clear_errors_before_any_work(squares, tmp_path):
         pretrain_loop.run(tiny_config(squares, steps=0), str(tmp_path / "d"))
     with pytest.raises(config_lib.ConfigError, match="unknown config key"):
         tiny_config(squares, **{"model.nonsense": 1})
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.model.nope=3", "unknown config key --config.model.nope"),
+    ("--config.data.root={missing}", "No usable episodes"),
+])
+def test_cli_reports_bad_input_in_one_line(tmp_path, flag, message):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flag = flag.format(missing=tmp_path / "missing")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "experiments", "pretrain.py"),
+         "--config=configs/prelar_pretrain.py:tiny", flag, f"--workdir={tmp_path / 'run'}"],
+        cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr

@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from prelar_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 64
@@ -44,7 +46,7 @@ class VideoDataWarning(UserWarning):
     """A video file or list entry was skipped."""
 
 
-class NoVideoDataError(ValueError):
+class NoVideoDataError(UserError, ValueError):
     """A video dataset has no usable episode or video for the requested sequence length."""
 
 

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prelar_jax.errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     import mujoco
 
@@ -71,11 +73,11 @@ _PROBE_SCRIPT = (
 )
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError, ValueError):
     """A task name that is not one of the 50 Meta-World v3 tasks."""
 
 
-class RenderingBackendError(RuntimeError):
+class RenderingBackendError(UserError, RuntimeError):
     """No headless OpenGL backend (EGL or OSMesa) can render MuJoCo scenes here."""
 
 
