@@ -131,3 +131,47 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, flag, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_finishes(squares, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    command = [sys.executable, os.path.join(root, "experiments", "pretrain.py"),
+               "--config=configs/prelar_pretrain.py:tiny", f"--config.data.root={squares}",
+               "--config.steps=100000", "--config.log.every=1", "--config.log.checkpoint_every=100000",
+               "--config.log.media_every=100000", "--config.log.wandb_mode=disabled",
+               f"--workdir={workdir}"]
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # wait until training is under way
+            path = workdir / "metrics.jsonl"
+            if path.exists() and sum(1 for line in open(path) if '"loss"' in line) >= 3:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "saving a checkpoint and stopping" in output
+    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+        stopped_at = ckpt.latest_step()
+    assert stopped_at is not None and 3 <= stopped_at < 100000
+    logged = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]
+    assert max(logged) == stopped_at  # the checkpointed step's metrics were written before exit
+
+    # The same command, asked for a few more steps, resumes at the checkpoint and finishes.
+    config = tiny_config(squares, steps=stopped_at + 2, **{"log.every": 1, "log.checkpoint_every": 100000,
+                                                           "log.media_every": 100000})
+    summary = pretrain_loop.run(config, str(workdir), allow_config_override=False, devices=jax.devices()[:1])
+    assert summary["finished"] and summary["step"] == stopped_at + 2
+    steps = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]
+    assert steps == list(range(1, stopped_at + 3))
