@@ -124,6 +124,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
         logger.log_media(step, "open_loop", path)
 
     pending = None  # metrics of the last logged step, fetched asynchronously one step late
+
+    def flush_metrics() -> None:
+        nonlocal pending
+        if pending is not None:
+            logger.log(*pending)
+            pending = None
+
     last_time, last_step = time.perf_counter(), start
     step = start
     with _StopRequest() as stop, videos.BatchPrefetcher(
@@ -133,9 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
         for index, batch in batches:
             state, metrics = train_step(state, parallel.put_batch(batch, mesh))
             step = index + 1
-            if pending is not None:
-                logger.log(*pending)
-                pending = None
+            flush_metrics()
             if step % config.log.every == 0 or step == config.steps:
                 for value in metrics.values():
                     value.copy_to_host_async()
@@ -149,14 +154,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
             if step % config.log.media_every == 0 or step == config.steps:
                 save_media(step)
             if step % config.log.checkpoint_every == 0 or step == config.steps or stop.requested:
-                if pending is not None:  # never lose the metrics of a checkpointed step
-                    logger.log(*pending)
-                    pending = None
+                flush_metrics()  # never lose the metrics of a checkpointed step
                 ckpt.save(step, state, {"step": step, "method": config.method, "preset": config.preset})
             if stop.requested:
                 break
-    if pending is not None:
-        logger.log(*pending)
+    flush_metrics()
     ckpt.close()
     logger.close()
     finished = step >= config.steps
