@@ -45,6 +45,22 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
     return config
 
 
+def _parent(config: ml_collections.ConfigDict, dotted: str, label: str, source: str) -> ml_collections.ConfigDict:
+    """The node holding the last part of ``dotted``; a ConfigError naming the valid keys if any
+    part of the path does not exist."""
+    parts = dotted.split(".")
+    node = config
+    for depth, name in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            where = ".".join(parts[:depth]) or "the top level"
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key {label}: {name!r} does not exist at {where} of "
+                              f"{source}; valid keys there: {valid}")
+        if depth < len(parts) - 1:
+            node = node[name]
+    return node
+
+
 def check_override_flags(argv: list[str], default_spec: str, flag: str = "config") -> None:
     """Fail early, with the valid keys named, on ``--config.some.key=...`` flags whose key does
     not exist (ml_collections would raise a long AttributeError traceback while parsing flags)."""
@@ -55,30 +71,14 @@ def check_override_flags(argv: list[str], default_spec: str, flag: str = "config
             spec = arg.split("=", 1)[1]
         elif arg.startswith(f"--{flag}."):
             keys.append(arg[len(flag) + 3:].split("=", 1)[0])
-    if not keys:
-        return
-    config = load_config(spec)
-    for dotted in keys:
-        node = config
-        for depth, name in enumerate(dotted.split(".")):
-            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-                where = ".".join(dotted.split(".")[:depth]) or "the top level"
-                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise ConfigError(f"unknown config key --{flag}.{dotted}: {name!r} does not exist at "
-                                  f"{where} of {spec}; valid keys there: {valid}")
-            node = node[name]
+    if keys:
+        config = load_config(spec)
+        for dotted in keys:
+            _parent(config, dotted, f"--{flag}.{dotted}", spec)
 
 
 def set_path(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-        if name not in node:
-            raise ConfigError(f"unknown config key {dotted!r}: {name!r} does not exist")
-        node = node[name]
-    if leaf not in node:
-        raise ConfigError(f"unknown config key {dotted!r}; existing keys here: {sorted(node.keys())}")
-    node[leaf] = value
+    _parent(config, dotted, repr(dotted), "the config")[dotted.split(".")[-1]] = value
 
 
 def _check(condition: bool, key: str, message: str) -> None:
