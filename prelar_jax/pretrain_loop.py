@@ -26,6 +26,12 @@ RESUMABLE_KEYS = ("steps", "log", "data.prefetch_threads", "data.prefetch_buffer
                   "data.video_list")
 
 
+def _local(value: jax.Array) -> jax.Array:
+    """This process's replica of a replicated array (a multi-host global array cannot be read
+    whole by one process; on one process this is the array itself)."""
+    return value.addressable_data(0)
+
+
 def _count(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -116,12 +122,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
         logger.log(0, {"compile_seconds": info.seconds, "flops_per_step": info.flops or 0.0,
                        **{f"params/{k}": v for k, v in sizes.items()}})
 
-    def save_media(step: int) -> None:
-        predicted = np.asarray(open_loop(state.params, state.batch_stats, media_batch,
-                                         jax.random.key(step), context=config.log.media_context))
-        path = os.path.join(workdir, "media", f"open_loop_{step:08d}.png")
-        media.save_png(path, media.prediction_grid(media_batch["image"], predicted))
-        logger.log_media(step, "open_loop", path)
+    def save_media(step: int) -> None:  # every process computes (the step is global), one writes
+        predicted = np.asarray(_local(open_loop(state.params, state.batch_stats, media_batch,
+                                                jax.random.key(step), context=config.log.media_context)))
+        if jax.process_index() == 0:
+            path = os.path.join(workdir, "media", f"open_loop_{step:08d}.png")
+            media.save_png(path, media.prediction_grid(media_batch["image"], predicted))
+            logger.log_media(step, "open_loop", path)
 
     pending = None  # metrics of the last logged step, fetched asynchronously one step late
 
@@ -142,6 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
             step = index + 1
             flush_metrics()
             if step % config.log.every == 0 or step == config.steps:
+                metrics = {k: _local(v) for k, v in metrics.items()}
                 for value in metrics.values():
                     value.copy_to_host_async()
                 now = time.perf_counter()
