@@ -27,7 +27,7 @@ from prelar_jax.nets.common import preprocess_image
 from prelar_jax.nets.implicit_action import ImplicitActionEncoder, code_from_params
 from prelar_jax.nets.plaincnn import PlainDecoder, PlainEncoder
 from prelar_jax.nets.resnet import ResNetDecoder, ResNetEncoder
-from prelar_jax.nets.rssm import RSSM, feature
+from prelar_jax.nets.rssm import RSSM, feature, mask_reset
 
 Params = Any
 Metrics = dict[str, jax.Array]
@@ -247,13 +247,12 @@ class PretrainModel:
         partner = perm[example_index]  # [B] global index of each row's partner
         swapped = sg(global_actions[partner][:, 1:])  # [B, T-1, A]
         prev_state = jax.tree.map(lambda v: sg(v[:, :-1]), post)
-        first = is_first[:, 1:]
         n = batch_size * (length - 1)
         flat = lambda x: x.reshape((n,) + x.shape[2:])
-        keep = 1.0 - flat(first).astype(jnp.float32)
-        state = jax.tree.map(lambda v: flat(v) * keep.reshape((-1,) + (1,) * (v.ndim - 2)), prev_state)
-        swapped_prior = self.rssm.apply({"params": rssm_params}, state, flat(swapped) * keep[:, None],
-                                        None, method=RSSM.img_step)
+        # The same reset masking observe applied before the true-code prior.
+        state, swapped = mask_reset(jax.tree.map(flat, prev_state), flat(swapped), flat(is_first[:, 1:]))
+        swapped_prior = self.rssm.apply({"params": rssm_params}, state, swapped, None,
+                                        method=RSSM.img_step)
         state_dist = sg(distributions.categorical_kl(flat(prior["logit"][:, 1:]),
                                                      swapped_prior["logit"]))  # [N]
 

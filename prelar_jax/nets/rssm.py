@@ -80,9 +80,7 @@ class RSSM(nn.Module):
     def obs_step(self, state: State, action: jax.Array, embed: jax.Array, is_first: jax.Array,
                  keys: jax.Array | None) -> tuple[State, State]:
         """Posterior step. ``is_first`` zeroes the previous state *and* the action (a reset)."""
-        keep = 1.0 - is_first.astype(jnp.float32)
-        state = jax.tree.map(lambda v: v * keep.reshape((-1,) + (1,) * (v.ndim - 1)), state)
-        action = action * keep[:, None].astype(action.dtype)
+        state, action = mask_reset(state, action, is_first)
         if keys is None:
             prior_keys = post_keys = None
         else:
@@ -100,6 +98,14 @@ class RSSM(nn.Module):
                  keys: jax.Array | None = None) -> tuple[State, State]:
         """Used by ``init`` only: one posterior step touches every layer."""
         return self.obs_step(state, action, embed, is_first, keys)
+
+
+def mask_reset(state: State, action: jax.Array, is_first: jax.Array) -> tuple[State, jax.Array]:
+    """Zero the previous state and the action of rows that start an episode (``is_first``
+    ``[B]``); since the initial state is all zeros, masking is the same as resetting."""
+    keep = 1.0 - is_first.astype(jnp.float32)
+    state = jax.tree.map(lambda v: v * keep.reshape((-1,) + (1,) * (v.ndim - 1)), state)
+    return state, action * keep[:, None].astype(action.dtype)
 
 
 def feature(state: State) -> jax.Array:
