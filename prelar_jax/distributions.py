@@ -48,6 +48,12 @@ def categorical_kl(lhs_logits: jax.Array, rhs_logits: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(lhs) * (lhs - rhs), axis=(-2, -1))
 
 
+def categorical_entropy(logits: jax.Array) -> jax.Array:
+    """Entropy of ``Cat(logits)`` summed over the last two axes ``[..., groups, classes]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=(-2, -1))
+
+
 def balanced_kl_loss(post_logits: jax.Array, prior_logits: jax.Array, balance: float = 0.8,
                      free: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """DreamerV2 KL balancing (``forward=False``, ``free_avg=True``).

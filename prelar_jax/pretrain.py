@@ -140,6 +140,22 @@ class PretrainModel:
             return out
         return module.apply(variables, *args, train=train)
 
+    def _encode_frames(self, params, stats, new_stats, image, train: bool):
+        """uint8 ``[B, T, H, W, 3]`` -> preprocessed frames and embeddings ``[B, T, E]``; the
+        encoder sees all B*T frames at once (BatchNorm statistics over the whole batch)."""
+        batch_size, length = image.shape[:2]
+        frames = preprocess_image(image)  # [B, T, H, W, 3] in [-0.5, 0.5]
+        flat_frames = frames.reshape((batch_size * length,) + frames.shape[2:])
+        embed = self._apply("encoder", self.encoder, params, stats, new_stats, flat_frames, train=train)
+        return frames, embed.reshape(batch_size, length, -1)
+
+    def _decode_features(self, params, stats, new_stats, feat, train: bool):
+        """Features ``[B, T, F]`` -> mean images ``[B, T, H, W, 3]`` (all B*T at once)."""
+        batch_size, length = feat.shape[:2]
+        recon = self._apply("decoder", self.decoder, params, stats, new_stats,
+                            feat.reshape(batch_size * length, -1), train=train)
+        return recon.reshape((batch_size, length) + recon.shape[1:])
+
     def _codes(self, params, stats, new_stats, frames, embed, keys, train: bool):
         """Implicit-action code parameters ``[B, T-1, ...]`` and RSSM actions ``[B, T, A]``.
 
@@ -184,10 +200,7 @@ class PretrainModel:
         rssm_key, code_key, perm_key = jax.random.split(key, 3)
         new_stats: Params = {}
 
-        frames = preprocess_image(image)  # [B, T, H, W, 3] in [-0.5, 0.5]
-        flat_frames = frames.reshape((batch_size * length,) + frames.shape[2:])
-        embed = self._apply("encoder", self.encoder, params, stats, new_stats, flat_frames, train=True)
-        embed = embed.reshape(batch_size, length, -1)  # [B, T, E]
+        frames, embed = self._encode_frames(params, stats, new_stats, image, train=True)
         code_keys = world_model.example_keys(code_key, example_index, length - 1)
         code_params, actions = self._codes(params, stats, new_stats, frames, embed, code_keys, True)
 
@@ -195,15 +208,12 @@ class PretrainModel:
         post, prior = world_model.observe(self.rssm, params["rssm"], embed, actions, is_first, keys)
         kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
                                                            cfg.kl_balance, cfg.kl_free)
-        feat = feature(post)  # [B, T, F]
-        recon = self._apply("decoder", self.decoder, params, stats, new_stats,
-                            feat.reshape(batch_size * length, -1), train=True)
-        recon = recon.reshape(frames.shape)
+        recon = self._decode_features(params, stats, new_stats, feature(post), train=True)
         image_loss = -world_model.image_log_likelihood(recon, frames).mean()
 
         metrics: Metrics = {"kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
-                            "prior_entropy": _categorical_entropy(prior["logit"]).mean(),
-                            "post_entropy": _categorical_entropy(post["logit"]).mean()}
+                            "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
+                            "post_entropy": distributions.categorical_entropy(post["logit"]).mean()}
         total = cfg.kl_scale * kl_loss + cfg.image_scale * image_loss
 
         if "mean" in code_params:
@@ -289,10 +299,7 @@ class PretrainModel:
         (their means; zeros for APV). BatchNorm in evaluation mode (running statistics)."""
         image, is_first = batch["image"], batch["is_first"]
         batch_size, length = image.shape[:2]
-        frames = preprocess_image(image)
-        flat_frames = frames.reshape((batch_size * length,) + frames.shape[2:])
-        embed = self._apply("encoder", self.encoder, params, stats, {}, flat_frames, train=False)
-        embed = embed.reshape(batch_size, length, -1)
+        frames, embed = self._encode_frames(params, stats, {}, image, train=False)
         _, actions = self._codes(params, stats, {}, frames, embed, None, False)
         index = jnp.arange(batch_size)
         obs_keys = world_model.example_keys(jax.random.fold_in(key, 0), index, context)
@@ -302,12 +309,5 @@ class PretrainModel:
         img_keys = world_model.example_keys(jax.random.fold_in(key, 1), index, length - context)
         prior = world_model.imagine(self.rssm, params["rssm"], actions[:, context:], last, img_keys)
         feat = jnp.concatenate([feature(post), feature(prior)], axis=1)
-        recon = self._apply("decoder", self.decoder, params, stats, {},
-                            feat.reshape(batch_size * length, -1), train=False)
-        recon = recon.reshape(frames.shape)
+        recon = self._decode_features(params, stats, {}, feat, train=False)
         return jnp.clip((recon + 0.5) * 255.0, 0, 255).astype(jnp.uint8)
-
-
-def _categorical_entropy(logits: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=(-2, -1))
