@@ -23,10 +23,7 @@ import ml_collections
 import optax
 
 from prelar_jax import consistency, distributions, world_model
-from prelar_jax.nets.common import preprocess_image
 from prelar_jax.nets.implicit_action import ImplicitActionEncoder, code_from_params
-from prelar_jax.nets.plaincnn import PlainDecoder, PlainEncoder
-from prelar_jax.nets.resnet import ResNetDecoder, ResNetEncoder
 from prelar_jax.nets.rssm import RSSM, feature, mask_reset
 
 Params = Any
@@ -54,33 +51,23 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     )
 
 
-class PretrainModel:
+class PretrainModel(world_model.ImageWorldModel):
     """The module definitions of one configuration and the pure functions over their parameters."""
 
     def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
         self.config = config
-        self.axis_name = bn_axis_name
         model, ia = config.model, config.implicit_action
-        dtype = jnp.dtype(model.compute_dtype)
-        if model.encoder == "resnet":
-            self.encoder = ResNetEncoder(model.depth, model.stages, bn_axis_name=bn_axis_name, dtype=dtype)
-            self.decoder = ResNetDecoder(model.depth, model.stages, image_size=config.image_size,
-                                         bn_axis_name=bn_axis_name, dtype=dtype)
-        elif model.encoder == "plain":
-            self.encoder = PlainEncoder(model.depth, dtype=dtype)
-            self.decoder = PlainDecoder(model.depth, dtype=dtype)
-        else:
-            raise ValueError(f"model.encoder={model.encoder!r}: expected 'resnet' or 'plain'")
-        self.rssm = RSSM(model.deter, model.hidden, model.stoch, model.classes, dtype=dtype)
         if ia.code_type == "none":
-            self.implicit_action = None
-            self.action_dim = ia.action_dim
+            implicit_action = None
+            action_dim = ia.action_dim
         else:
-            self.implicit_action = ImplicitActionEncoder(
+            implicit_action = ImplicitActionEncoder(
                 code_type=ia.code_type, stoch=ia.stoch, deter=ia.deter, hidden=ia.hidden,
                 input=ia.input, embed_layers=ia.embed_layers, depth=model.depth,
-                stages=model.stages, bn_axis_name=bn_axis_name, dtype=dtype)
-            self.action_dim = self.implicit_action.code_size
+                stages=model.stages, bn_axis_name=bn_axis_name, dtype=jnp.dtype(model.compute_dtype))
+            action_dim = implicit_action.code_size
+        super().__init__(model, config.image_size, action_dim, bn_axis_name)
+        self.implicit_action = implicit_action
 
     # ------------------------------------------------------------------------------------------
     # Initialisation
@@ -88,30 +75,17 @@ class PretrainModel:
 
     def init(self, key: jax.Array) -> tuple[Params, Params]:
         """Fresh ``(params, batch_stats)`` for a 2-frame dummy batch (shapes do not depend on B, T)."""
-        size = self.config.image_size
         keys = jax.random.split(key, 4)
-        frames = jnp.zeros((2, size, size, 3), jnp.float32)
         params, stats = {}, {}
-
-        def add(name, variables):
-            params[name] = variables["params"]
-            if "batch_stats" in variables:
-                stats[name] = variables["batch_stats"]
-
-        add("encoder", self.encoder.init(keys[0], frames, train=False))
-        embed = jax.eval_shape(lambda v: self.encoder.apply(v, frames, train=False),
-                               {"params": params["encoder"], **({"batch_stats": stats["encoder"]}
-                                                                if "encoder" in stats else {})})
-        embed_dim = embed.shape[-1]
-        rssm_vars = self.rssm.init(keys[1], self.rssm.initial(2),
-                                   jnp.zeros((2, self.action_dim)), jnp.zeros((2, embed_dim)),
-                                   jnp.ones((2,), bool))
-        add("rssm", rssm_vars)
-        feat_dim = self.rssm.stoch * self.rssm.classes + self.rssm.deter
-        add("decoder", self.decoder.init(keys[2], jnp.zeros((2, feat_dim)), train=False))
+        embed_dim = self._init_world_model(keys[:3], params, stats)
         if self.implicit_action is not None:
+            size = self.config.image_size
+            frames = jnp.zeros((2, size, size, 3), jnp.float32)
             pair = frames if self.implicit_action.input == "pixels" else jnp.zeros((2, embed_dim))
-            add("implicit_action", self.implicit_action.init(keys[3], pair, pair, train=False))
+            variables = self.implicit_action.init(keys[3], pair, pair, train=False)
+            params["implicit_action"] = variables["params"]
+            if "batch_stats" in variables:
+                stats["implicit_action"] = variables["batch_stats"]
         return params, stats
 
     def init_state(self, key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
@@ -124,37 +98,6 @@ class PretrainModel:
                               opt_state=optimizer.init(params))
 
         return jax.jit(build)(key)
-
-    # ------------------------------------------------------------------------------------------
-    # Module application with explicit BatchNorm statistics
-    # ------------------------------------------------------------------------------------------
-
-    def _apply(self, name: str, module, params: Params, stats: Params, new_stats: Params,
-               *args, train: bool):
-        variables = {"params": params[name]}
-        if name in stats:
-            variables["batch_stats"] = stats[name]
-        if train and name in stats:
-            out, updated = module.apply(variables, *args, train=True, mutable=["batch_stats"])
-            new_stats[name] = updated["batch_stats"]
-            return out
-        return module.apply(variables, *args, train=train)
-
-    def _encode_frames(self, params, stats, new_stats, image, train: bool):
-        """uint8 ``[B, T, H, W, 3]`` -> preprocessed frames and embeddings ``[B, T, E]``; the
-        encoder sees all B*T frames at once (BatchNorm statistics over the whole batch)."""
-        batch_size, length = image.shape[:2]
-        frames = preprocess_image(image)  # [B, T, H, W, 3] in [-0.5, 0.5]
-        flat_frames = frames.reshape((batch_size * length,) + frames.shape[2:])
-        embed = self._apply("encoder", self.encoder, params, stats, new_stats, flat_frames, train=train)
-        return frames, embed.reshape(batch_size, length, -1)
-
-    def _decode_features(self, params, stats, new_stats, feat, train: bool):
-        """Features ``[B, T, F]`` -> mean images ``[B, T, H, W, 3]`` (all B*T at once)."""
-        batch_size, length = feat.shape[:2]
-        recon = self._apply("decoder", self.decoder, params, stats, new_stats,
-                            feat.reshape(batch_size * length, -1), train=train)
-        return recon.reshape((batch_size, length) + recon.shape[1:])
 
     def _codes(self, params, stats, new_stats, frames, embed, keys, train: bool):
         """Implicit-action code parameters ``[B, T-1, ...]`` and RSSM actions ``[B, T, A]``.
@@ -297,17 +240,6 @@ class PretrainModel:
         """Predicted frames ``[B, T, H, W, 3]`` uint8: posterior reconstructions for the first
         ``context`` steps, then the prior imagined under the codes inferred from the true frames
         (their means; zeros for APV). BatchNorm in evaluation mode (running statistics)."""
-        image, is_first = batch["image"], batch["is_first"]
-        batch_size, length = image.shape[:2]
-        frames, embed = self._encode_frames(params, stats, {}, image, train=False)
+        frames, embed = self._encode_frames(params, stats, {}, batch["image"], train=False)
         _, actions = self._codes(params, stats, {}, frames, embed, None, False)
-        index = jnp.arange(batch_size)
-        obs_keys = world_model.example_keys(jax.random.fold_in(key, 0), index, context)
-        post, _ = world_model.observe(self.rssm, params["rssm"], embed[:, :context],
-                                      actions[:, :context], is_first[:, :context], obs_keys)
-        last = jax.tree.map(lambda v: v[:, -1], post)
-        img_keys = world_model.example_keys(jax.random.fold_in(key, 1), index, length - context)
-        prior = world_model.imagine(self.rssm, params["rssm"], actions[:, context:], last, img_keys)
-        feat = jnp.concatenate([feature(post), feature(prior)], axis=1)
-        recon = self._decode_features(params, stats, {}, feat, train=False)
-        return jnp.clip((recon + 0.5) * 255.0, 0, 255).astype(jnp.uint8)
+        return self._open_loop(params, stats, embed, actions, batch["is_first"], key, context)
