@@ -12,6 +12,8 @@ smoke tests, about 0.1 s per step).
 
 import ml_collections
 
+from prelar_jax import config as config_lib
+
 PRESETS = ("paper", "small", "tiny")
 
 
@@ -25,15 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sequence_length = 25
     c.image_size = 64
 
-    c.model = ml_collections.ConfigDict()
-    c.model.encoder = "resnet"  # 'resnet' (PreLAR, APV repo) or 'plain' (DreamerV2 CNN)
-    c.model.depth = 48
-    c.model.stages = 3
-    c.model.deter = 1024
-    c.model.hidden = 1024
-    c.model.stoch = 32
-    c.model.classes = 32
-    c.model.compute_dtype = "float32"  # 'bfloat16' for mixed precision; parameters stay float32
+    c.model = config_lib.model_config("paper")
 
     c.implicit_action = ml_collections.ConfigDict()
     c.implicit_action.code_type = "stoch"  # 'stoch' | 'deter' | 'mix' | 'none' (APV: zeros)
@@ -86,15 +80,12 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for {c.method} pre-training; choose one of {PRESETS}")
     c.preset = preset
+    c.model = config_lib.model_config(preset)
+    code, hidden = config_lib.action_sizes(preset)
+    c.implicit_action.stoch = c.implicit_action.deter = code
+    c.implicit_action.hidden = hidden
     if preset == "small":
         c.steps = 100_000
-        c.batch_size = 16
-        c.sequence_length = 25
-        c.model.depth = 16
-        c.model.deter = c.model.hidden = 256
-        c.model.stoch = c.model.classes = 16
-        c.implicit_action.hidden = 256
-        c.implicit_action.stoch = 16
         c.log.every = 50
         c.log.media_every = 1000
         c.log.checkpoint_every = 1000
@@ -102,13 +93,6 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.steps = 200
         c.batch_size = 4
         c.sequence_length = 8
-        c.model.depth = 4
-        c.model.stages = 2
-        c.model.deter = c.model.hidden = 32
-        c.model.stoch = c.model.classes = 4
-        c.implicit_action.hidden = 32
-        c.implicit_action.stoch = 8
-        c.implicit_action.deter = 8
         c.log.every = 10
         c.log.media_every = 100
         c.log.media_examples = 2

@@ -24,6 +24,44 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and what to do."""
 
 
+MODEL_PRESETS = ("paper", "small", "tiny")
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """The world model's sizes for a preset: one definition shared by the pre-training and the
+    fine-tuning configs, so a fine-tuning preset loads the pre-training preset of the same name.
+    """
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {MODEL_PRESETS}")
+    m = ml_collections.ConfigDict()
+    m.encoder = "resnet"  # 'resnet' (PreLAR, APV repo) or 'plain' (DreamerV2 CNN)
+    m.depth = 48
+    m.stages = 3
+    m.deter = 1024
+    m.hidden = 1024
+    m.stoch = 32
+    m.classes = 32
+    m.compute_dtype = "float32"  # 'bfloat16' for mixed precision; parameters stay float32
+    if preset == "small":
+        m.depth = 16
+        m.deter = m.hidden = 256
+        m.stoch = m.classes = 16
+    elif preset == "tiny":
+        m.depth = 4
+        m.stages = 2
+        m.deter = m.hidden = 32
+        m.stoch = m.classes = 4
+    return m
+
+
+def action_sizes(preset: str) -> tuple[int, int]:
+    """``(code, hidden)``: the width of the action code the RSSM is conditioned on (the implicit
+    action in pre-training, the real-action encoder's output in fine-tuning) and the hidden width
+    of the networks that produce it."""
+    model_config(preset)  # validates the name
+    return {"paper": (64, 1024), "small": (16, 256), "tiny": (8, 32)}[preset]
+
+
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
     """``load_config('configs/prelar_pretrain.py:tiny', {'steps': 10, 'data.root': 'x'})``.
 
