@@ -75,8 +75,8 @@ def init_intrinsic(key: jax.Array, feature_dim: int, queue_dim: int = 128, capac
     """
     if feature_dim < 1 or queue_dim < 1 or capacity < 1:
         raise IntrinsicConfigError(
-            f"feature_dim, queue_dim and capacity must be positive, got {feature_dim}, {queue_dim}, "
-            f"{capacity}")
+            f"feature_dim, queue_dim and capacity must be positive, got {feature_dim}, "
+            f"{queue_dim}, {capacity}")
     if projection_std == "faithful":
         std = 1.0 / queue_dim
     elif projection_std == "sqrt":

@@ -60,8 +60,8 @@ def test_matches_reference_over_calls_with_partial_fill_wrap_and_overflow():
     step = jax.jit(functools.partial(intrinsic_reward, window=window, k=k, momentum=momentum,
                                      eps=eps))
     rng = np.random.default_rng(1)
-    # 3 vectors per row. Fill: 3 (< k), 9, 21, 40 (wraps: 21 + 24 > 40), 40 (a batch of 48 > capacity
-    # keeps its last 40), 40 (pointer no longer 0).
+    # 3 vectors per row. Fill: 3 (< k), 9, 21, 40 (wraps: 21 + 24 > 40), 40 (a batch of 48 >
+    # capacity keeps its last 40), 40 (pointer no longer 0).
     for batch in [1, 2, 4, 8, 16, 4]:
         features = rng.normal(size=(batch, length, feature_dim)).astype(np.float32)
         reward, state, metrics = step(state, jnp.asarray(features))
