@@ -126,25 +126,11 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
     """Checks every value the pre-training run depends on; raises ``ConfigError``."""
-    for key in ("steps", "batch_size", "log.every", "log.checkpoint_every", "log.media_every",
-                "log.keep_checkpoints", "model.depth", "model.stages", "model.deter",
-                "model.hidden", "model.stoch", "model.classes"):
-        value = c
-        for part in key.split("."):
-            value = value[part]
-        _check(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
+    _positive_ints(c, ("steps", "batch_size", "log.every", "log.checkpoint_every", "log.media_every",
+                       "log.keep_checkpoints"))
     _check(c.sequence_length >= 2, "sequence_length",
            f"must be at least 2 (implicit actions need frame pairs), got {c.sequence_length}")
-    _check(c.model.encoder in ("resnet", "plain"), "model.encoder",
-           f"{c.model.encoder!r} is not one of 'resnet', 'plain'")
-    if c.model.encoder == "plain":
-        _check(c.image_size == 64, "image_size", "the plain CNN decoder only produces 64x64 images")
-    else:
-        factor = 2 ** (c.model.stages + 1)
-        _check(c.image_size % factor == 0, "image_size",
-               f"{c.image_size} must be divisible by 2**(model.stages+1) = {factor}")
-    _check(c.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
-           f"{c.model.compute_dtype!r} is not one of float32, bfloat16, float16")
+    _validate_model(c)
     ia = c.implicit_action
     _check(ia.code_type in CODE_TYPES, "implicit_action.code_type",
            f"{ia.code_type!r} is not one of {CODE_TYPES}")
@@ -155,9 +141,6 @@ def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
     _check(c.loss.consistency in consistency.VARIANTS, "loss.consistency",
            f"{c.loss.consistency!r} is not one of {consistency.VARIANTS}")
     _check(c.loss.consistency_temperature > 0, "loss.consistency_temperature", "must be positive")
-    _check(0.0 <= c.loss.kl_balance <= 1.0, "loss.kl_balance", "must be in [0, 1]")
-    _check(c.optimizer.lr >= 0 and c.optimizer.eps > 0 and c.optimizer.clip > 0, "optimizer",
-           "lr must be >= 0, eps and clip > 0")
     _check(c.data.kind in ("npz", "something"), "data.kind", f"{c.data.kind!r} is not 'npz' or 'something'")
     _check(bool(c.data.root), "data.root",
            "no video directory given. Generate videos with `python experiments/generate_videos.py "
@@ -165,7 +148,83 @@ def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
     if c.data.kind == "something":
         _check(bool(c.data.video_list), "data.video_list",
                "Something-Something-V2 needs the list file (train_video_folder.txt)")
-    _check(c.log.wandb_mode in ("online", "offline", "disabled"), "log.wandb_mode",
-           f"{c.log.wandb_mode!r} is not one of online, offline, disabled")
     _check(1 <= c.log.media_context < c.sequence_length, "log.media_context",
            f"must be in [1, sequence_length) = [1, {c.sequence_length})")
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+    """A run's resolved ``config.json`` (written by ``logger.write_config``) as a ConfigDict."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        return ml_collections.ConfigDict(json.load(handle))
+
+
+def _positive_ints(c: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
+               f"must be a positive integer, got {value!r}")
+
+
+def _validate_model(c: ml_collections.ConfigDict) -> None:
+    _positive_ints(c, ("model.depth", "model.stages", "model.deter", "model.hidden", "model.stoch",
+                       "model.classes"))
+    _check(c.model.encoder in ("resnet", "plain"), "model.encoder",
+           f"{c.model.encoder!r} is not one of 'resnet', 'plain'")
+    if c.model.encoder == "plain":
+        _check(c.image_size == 64, "image_size", "the plain CNN decoder only produces 64x64 images")
+    else:
+        factor = 2 ** (c.model.stages + 1)
+        _check(c.image_size % factor == 0, "image_size",
+               f"{c.image_size} must be divisible by 2**(model.stages+1) = {factor}")
+    _check(c.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
+           f"{c.model.compute_dtype!r} is not one of float32, bfloat16, float16")
+    _check(0.0 <= c.loss.kl_balance <= 1.0, "loss.kl_balance", "must be in [0, 1]")
+    _check(c.optimizer.lr >= 0 and c.optimizer.eps > 0 and c.optimizer.clip > 0, "optimizer",
+           "lr must be >= 0, eps and clip > 0")
+    _check(c.log.wandb_mode in ("online", "offline", "disabled"), "log.wandb_mode",
+           f"{c.log.wandb_mode!r} is not one of online, offline, disabled")
+
+
+def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
+    """Checks every value the fine-tuning run depends on; raises ``ConfigError``."""
+    from prelar_jax.envs.metaworld import UnknownTaskError, canonical_task_name
+
+    _positive_ints(c, ("steps", "batch_size", "sequence_length", "train_every", "train_steps",
+                       "eval_every", "eval_eps", "env.num_envs", "env.eval_envs", "env.time_limit",
+                       "replay.capacity", "action_dim", "heads.layers", "heads.units",
+                       "log.every", "log.media_every", "log.checkpoint_every", "log.keep_checkpoints",
+                       "actor_critic.horizon", "actor_critic.slow_update_every"))
+    _validate_model(c)
+    try:
+        canonical_task_name(c.task)
+    except UnknownTaskError as error:
+        raise ConfigError(f"config.task: {error}") from error
+    _check(c.prefill >= 0 and c.pretrain >= 0, "prefill", "prefill and pretrain must be >= 0")
+    _check(c.env.time_limit <= 500, "env.time_limit", "Meta-World episodes end after at most 500 steps")
+    _check(2 <= c.sequence_length <= c.env.time_limit + 1, "sequence_length",
+           f"must be in [2, env.time_limit + 1] = [2, {c.env.time_limit + 1}]: sequences are cut "
+           "from single episodes of time_limit + 1 frames")
+    per_env = c.prefill // c.env.num_envs
+    _check(per_env >= c.env.time_limit, "prefill",
+           f"{c.prefill} random steps over env.num_envs={c.env.num_envs} environments give each "
+           f"{per_env} steps, fewer than one episode (env.time_limit={c.env.time_limit}); learning "
+           f"needs finished episodes. Use --config.prefill={c.env.num_envs * c.env.time_limit} or more.")
+    _check(c.action_encoder.kind in ("mlp", "none"), "action_encoder.kind",
+           f"{c.action_encoder.kind!r} is not 'mlp' or 'none'")
+    if c.action_encoder.kind == "mlp":
+        _positive_ints(c, ("action_encoder.code_size", "action_encoder.hidden"))
+    _check(c.intrinsic.beta >= 0, "intrinsic.beta", "must be >= 0 (0 turns the bonus off)")
+    if c.intrinsic.beta > 0:
+        _positive_ints(c, ("intrinsic.window", "intrinsic.k", "intrinsic.queue_dim", "intrinsic.capacity"))
+        _check(c.intrinsic.window <= c.sequence_length, "intrinsic.window",
+               f"must be at most sequence_length={c.sequence_length}")
+    _check(c.loss.aux_reward_scale >= 0, "loss.aux_reward_scale", "must be >= 0 (0 removes the head)")
+    _check(1 <= c.log.media_context < c.sequence_length, "log.media_context",
+           f"must be in [1, sequence_length) = [1, {c.sequence_length})")
+    if c.pretrained:
+        _check(c.action_encoder.kind == "mlp", "action_encoder.kind",
+               "a pre-trained RSSM is conditioned on action codes; use 'mlp' with `pretrained`")

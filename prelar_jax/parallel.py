@@ -92,6 +92,24 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]]
 
 
+def local_example_index(local: int) -> jax.Array:
+    """``[local]`` global batch indices of this device's rows (inside ``shard_map``)."""
+    return jax.lax.axis_index(AXIS) * local + jnp.arange(local)
+
+
+def data_parallel(per_device: Callable, mesh: Mesh) -> Callable:
+    """``step(state, batch) -> (state, metrics)`` jitted over the mesh: the state replicated and
+    donated, the batch split along the data axis, ``per_device`` seeing the local shard.
+
+    ``check_vma=False``: collectives are explicit (``pmean`` of gradients, metrics and BatchNorm
+    statistics, ``all_gather`` where a loss pairs examples across devices), so gradients are
+    per-device until averaged.
+    """
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                            check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
                     seed: int) -> Callable:
     """``step(state, batch) -> (state, metrics)``: one jitted, donated, data-parallel update.
@@ -103,8 +121,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     base_key = jax.random.key(seed)
 
     def per_device(state, batch):
-        local = batch["image"].shape[0]
-        example_index = jax.lax.axis_index(AXIS) * local + jnp.arange(local)
+        example_index = local_example_index(batch["image"].shape[0])
         key = jax.random.fold_in(base_key, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key,
@@ -120,11 +137,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                                   opt_state=opt_state)
         return new_state, metrics
 
-    # check_vma=False: collectives are explicit (pmean of gradients, all_gather in the
-    # consistency loss, BatchNorm's pmean), so gradients are per-device until averaged.
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                            check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
+    return data_parallel(per_device, mesh)
 
 
 @dataclasses.dataclass

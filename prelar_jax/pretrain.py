@@ -40,15 +40,26 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The original torch Adam: clip first, then coupled L2 (``wd * p`` added to the gradient)."""
-    opt = config.optimizer
+def adam(optimizer_config: ml_collections.ConfigDict,
+         learning_rate: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
+    """The original torch Adam: clip first, then coupled L2 (``wd * p`` added to the gradient).
+
+    ``optimizer_config`` has ``lr``, ``eps``, ``clip`` and ``weight_decay``; ``learning_rate``
+    (a number or a schedule) replaces ``lr`` when given. Every optimiser of every method is one
+    of these, one per parameter group (each group clipped by its own global norm).
+    """
+    opt = optimizer_config
     return optax.chain(
         optax.clip_by_global_norm(opt.clip),
         optax.add_decayed_weights(opt.weight_decay),
         optax.scale_by_adam(b1=0.9, b2=0.999, eps=opt.eps),
-        optax.scale_by_learning_rate(opt.lr),
+        optax.scale_by_learning_rate(opt.lr if learning_rate is None else learning_rate),
     )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Pre-training: one Adam over every module."""
+    return adam(config.optimizer)
 
 
 class PretrainModel(world_model.ImageWorldModel):

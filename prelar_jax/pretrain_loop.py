@@ -8,7 +8,6 @@ the training RNG of the step counter, so a resumed run continues exactly as an u
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Any
 
@@ -18,49 +17,12 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from prelar_jax import checkpoint, config as config_lib, logger as logger_lib, media, parallel, pretrain
+from prelar_jax import checkpoint, config as config_lib, logger as logger_lib, media, parallel, pretrain, run_utils
 from prelar_jax.data import videos
 
 # Keys that may change when a run is resumed (run length, logging, data loading performance).
 RESUMABLE_KEYS = ("steps", "log", "data.prefetch_threads", "data.prefetch_buffer", "data.root",
                   "data.video_list")
-
-
-def _local(value: jax.Array) -> jax.Array:
-    """This process's replica of a replicated array (a multi-host global array cannot be read
-    whole by one process; on one process this is the array itself)."""
-    return value.addressable_data(0)
-
-
-def _count(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\nreceived signal {signum}: saving a checkpoint and stopping "
-              "(send it again to stop immediately)", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False,
@@ -87,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     optimizer = pretrain.make_optimizer(config)
     state = model.init_state(jax.random.key(config.seed), optimizer)
     state = parallel.put_replicated(state, mesh)
-    sizes = {k: _count(v) for k, v in state.params.items()}
+    sizes = {k: run_utils.count_params(v) for k, v in state.params.items()}
     print("[prelar] parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
           + f", total {sum(sizes.values()) / 1e6:.2f}M", flush=True)
 
@@ -123,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
                        **{f"params/{k}": v for k, v in sizes.items()}})
 
     def save_media(step: int) -> None:  # every process computes (the step is global), one writes
-        predicted = np.asarray(_local(open_loop(state.params, state.batch_stats, media_batch,
+        predicted = np.asarray(run_utils.local_value(open_loop(state.params, state.batch_stats, media_batch,
                                                 jax.random.key(step), context=config.log.media_context)))
         if jax.process_index() == 0:
             path = os.path.join(workdir, "media", f"open_loop_{step:08d}.png")
@@ -140,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
 
     last_time, last_step = time.perf_counter(), start
     step = start
-    with _StopRequest() as stop, videos.BatchPrefetcher(
+    with run_utils.StopRequest() as stop, videos.BatchPrefetcher(
             dataset, config.batch_size, config.sequence_length, seed=config.seed, start_step=start,
             num_steps=max(config.steps - start, 0), num_threads=config.data.prefetch_threads,
             buffer=config.data.prefetch_buffer) as batches:
@@ -149,7 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
             step = index + 1
             flush_metrics()
             if step % config.log.every == 0 or step == config.steps:
-                metrics = {k: _local(v) for k, v in metrics.items()}
+                metrics = {k: run_utils.local_value(v) for k, v in metrics.items()}
                 for value in metrics.values():
                     value.copy_to_host_async()
                 now = time.perf_counter()

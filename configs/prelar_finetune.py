@@ -1,0 +1,153 @@
+"""PreLAR fine-tuning on a Meta-World task (spec sections 5-7, 10).
+
+    python experiments/finetune.py --config=configs/prelar_finetune.py:paper \
+        --config.task=drawer-open --config.pretrained=runs/pretrain --workdir=runs/drawer-open
+
+``pretrained`` is a pre-training workdir: its encoder, decoder and RSSM are loaded (the
+implicit-action encoder is not). The preset must match the pre-training preset (same sizes).
+Presets: ``paper`` (the original protocol: 256k environment steps, batch 50 x 50), ``small``
+(the ``small`` world model, 100k steps) and ``tiny`` (a CPU smoke run of a few minutes).
+DreamerV2 from scratch is ``configs/dreamerv2.py``, a configuration of the same code.
+"""
+
+import ml_collections
+
+from prelar_jax import config as config_lib
+
+PRESETS = config_lib.MODEL_PRESETS
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "prelar"
+    c.preset = "paper"
+    c.seed = 0
+    c.task = "drawer-open"
+    c.pretrained = ""  # a pre-training workdir (its latest checkpoint is loaded); '' = from scratch
+
+    # Environment steps (prefill included), as the original counts them.
+    c.steps = 256_000
+    c.prefill = 5000  # uniform random actions before learning starts
+    c.pretrain = 100  # world-model warm-up updates on prefill data; also the encoder/RSSM LR-0 phase
+    c.train_every = 5  # one update every `train_every` environment steps ...
+    c.train_steps = 1  # ... of this many (world model + actor-critic) updates
+    c.eval_every = 10_000
+    c.eval_eps = 10
+    c.batch_size = 50
+    c.sequence_length = 50
+    c.image_size = 64
+
+    c.env = ml_collections.ConfigDict()
+    c.env.num_envs = 1  # training environments, each in its own worker process
+    c.env.eval_envs = 1  # evaluation workers (eval_eps episodes are spread over them)
+    c.env.time_limit = 500
+    c.env.camera = "corner"
+    c.env.lean_rendering = True  # no shadows / multisampling: ~10x faster software rendering
+    c.env.step_timeout = 120.0  # seconds before a silent worker is restarted
+
+    c.replay = ml_collections.ConfigDict()
+    c.replay.capacity = 1_000_000  # environment steps
+    c.replay.prioritize_ends = True
+
+    c.model = config_lib.model_config("paper")
+
+    # Real actions -> the RSSM's action slot. 'mlp': Linear(4->hidden), ELU, Linear(hidden->code)
+    # (the original ActionEncoder, deter 64); 'none': raw actions (DreamerV2).
+    c.action_encoder = ml_collections.ConfigDict()
+    c.action_encoder.kind = "mlp"
+    c.action_encoder.code_size = 64
+    c.action_encoder.hidden = 1024
+    c.action_dim = 4
+
+    c.heads = ml_collections.ConfigDict()
+    c.heads.layers = 4
+    c.heads.units = 400
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kl_scale = 1.0
+    c.loss.kl_balance = 0.8
+    c.loss.kl_free = 0.0
+    c.loss.image_scale = 1.0
+    c.loss.reward_scale = 1.0
+    c.loss.aux_reward_scale = 1.0  # 0 removes the auxiliary (extrinsic-only) reward head
+
+    # APV's video-based intrinsic bonus (spec 5.4); beta = 0 turns it off.
+    c.intrinsic = ml_collections.ConfigDict()
+    c.intrinsic.beta = 1.0
+    c.intrinsic.window = 5
+    c.intrinsic.k = 16
+    c.intrinsic.queue_dim = 128
+    c.intrinsic.capacity = 4096
+    c.intrinsic.momentum = 0.99
+
+    c.actor_critic = ml_collections.ConfigDict()
+    c.actor_critic.horizon = 15
+    c.actor_critic.discount = 0.99
+    c.actor_critic.lambda_ = 0.95
+    c.actor_critic.actor_ent = 1e-4
+    c.actor_critic.slow_update_every = 100
+    c.actor_critic.actor_lr = 8e-5
+    c.actor_critic.critic_lr = 8e-5
+    c.actor_critic.min_std = 0.1
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 3e-4
+    c.optimizer.eps = 1e-5
+    c.optimizer.clip = 100.0
+    c.optimizer.weight_decay = 1e-6
+    # Modules in the "pre-trained" optimiser group: their own clip, learning rate 0 for the first
+    # `pretrain` updates (spec 5.2). Empty: one group over the whole world model (DreamerV2).
+    c.optimizer.pretrained_group = "encoder,rssm"
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 100  # updates between metric lines
+    c.log.media_every = 50_000  # environment steps between open-loop prediction grids
+    c.log.media_examples = 4
+    c.log.media_context = 5
+    c.log.checkpoint_every = 10_000  # environment steps
+    c.log.keep_checkpoints = 2
+    c.log.wandb_mode = "offline"
+    c.log.wandb_project = "prelar-jax"
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for fine-tuning; choose one of {PRESETS}")
+    c.preset = preset
+    encoder = c.model.encoder
+    c.model = config_lib.model_config(preset)
+    c.model.encoder = encoder
+    c.action_encoder.code_size, c.action_encoder.hidden = config_lib.action_sizes(preset)
+    if preset == "small":
+        c.steps = 100_000
+        c.heads.units = 200
+        c.log.media_every = 20_000
+    elif preset == "tiny":
+        c.steps = 600
+        c.prefill = 200
+        c.pretrain = 5
+        c.train_every = 10
+        c.eval_every = 300
+        c.eval_eps = 2
+        c.batch_size = 4
+        c.sequence_length = 8
+        c.env.time_limit = 50
+        c.intrinsic.window = 3
+        c.intrinsic.k = 4
+        c.intrinsic.queue_dim = 8
+        c.intrinsic.capacity = 64
+        c.actor_critic.horizon = 5
+        c.actor_critic.slow_update_every = 10
+        c.heads.layers = 2
+        c.heads.units = 32
+        c.log.every = 5
+        c.log.media_every = 300
+        c.log.media_examples = 2
+        c.log.media_context = 3
+        c.log.checkpoint_every = 200
+    return c
+
+
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+    return apply_preset(base_config(), preset or "paper")

@@ -1,0 +1,462 @@
+"""The fine-tuning agent: a world model driven by real actions plus a Dreamer actor-critic
+(spec sections 5-7, 9.2).
+
+PreLAR and DreamerV2 are configurations of this one class:
+
+* PreLAR: the pre-trained ResNet encoder, decoder and RSSM are loaded (``load_pretrained``);
+  real actions reach the RSSM's action-code slot through a new ``action_encoder`` MLP; the reward
+  target carries APV's intrinsic bonus (``prelar_jax.intrinsic``); an auxiliary reward head
+  regresses the extrinsic reward; the encoder and RSSM form their own optimiser group at learning
+  rate 0 for the first ``pretrain`` updates.
+* DreamerV2: plain-CNN encoder and decoder, raw actions into the RSSM, no bonus, no auxiliary
+  head, one optimiser group.
+
+One update (``update``) is a world-model step followed by an actor-critic step on the same
+batch: the posteriors of the world-model forward pass (detached) seed imagination in the
+*updated* world model, as the original does. The actor-critic learner is a separate set of
+pure functions (``prelar_jax.actor_critic``) that reads the world model's parameters without
+changing them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from prelar_jax import actor_critic, checkpoint, distributions, intrinsic, world_model
+from prelar_jax.nets.common import MLP
+from prelar_jax.nets.heads import Actor, ScalarHead
+from prelar_jax.nets.rssm import RSSM, State, feature
+from prelar_jax.parallel import AXIS
+from prelar_jax.pretrain import PretrainModel, adam, make_optimizer
+
+Params = Any
+Metrics = dict[str, jax.Array]
+sg = jax.lax.stop_gradient
+
+ACTOR_CRITIC_MODULES = ("actor", "critic")
+PRETRAINED_MODULES = ("encoder", "decoder", "rssm")  # what load_pretrained copies
+
+
+@flax.struct.dataclass
+class AgentState:
+    """Everything that changes during fine-tuning; jitted, sharded and checkpointed as a whole."""
+
+    step: jax.Array  # int32: updates applied (world model and actor-critic together)
+    params: Params  # world model: encoder, decoder, rssm, action_encoder?, reward, aux_reward?;
+    #                 learner: actor, critic
+    slow_critic: Params  # the target critic (hard copy every slow_update_every updates)
+    batch_stats: Params  # BatchNorm running statistics of the encoder and decoder
+    model_opt_state: optax.OptState
+    actor_critic_opt_state: optax.OptState
+    intrinsic: Any  # intrinsic.IntrinsicState, or {} when the bonus is off
+
+
+class FinetuneAgent(world_model.ImageWorldModel):
+    """Module definitions of one fine-tuning config and the pure functions over their parameters."""
+
+    def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
+        self.config = config
+        kind = config.action_encoder.kind
+        if kind == "mlp":
+            code = config.action_encoder.code_size
+            self.action_encoder = MLP([config.action_encoder.hidden], out=code)
+        elif kind == "none":
+            code = config.action_dim
+            self.action_encoder = None
+        else:
+            raise ValueError(f"action_encoder.kind={kind!r}: expected 'mlp' or 'none'")
+        super().__init__(config.model, config.image_size, code, bn_axis_name)
+        heads = config.heads
+        self.reward_head = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
+        self.aux_reward_head = (ScalarHead(heads.layers, heads.units, dtype=self.dtype)
+                                if config.loss.aux_reward_scale > 0 else None)
+        self.actor = Actor(heads.layers, heads.units, config.action_dim,
+                           min_std=config.actor_critic.min_std, dtype=self.dtype)
+        self.critic = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
+        ac = config.actor_critic
+        self.ac_config = actor_critic.ActorCriticConfig(
+            horizon=ac.horizon, discount=ac.discount, lambda_=ac.lambda_, actor_ent=ac.actor_ent,
+            slow_update_every=ac.slow_update_every)
+        self.use_intrinsic = config.intrinsic.beta > 0
+        self.model_optimizer = self._make_model_optimizer()
+        self.actor_critic_optimizer = optax.multi_transform(
+            {"actor": adam(config.optimizer, ac.actor_lr), "critic": adam(config.optimizer, ac.critic_lr)},
+            {"actor": "actor", "critic": "critic"})
+
+    # ------------------------------------------------------------------------------------------
+    # Parameters and optimisers
+    # ------------------------------------------------------------------------------------------
+
+    def world_model_modules(self) -> tuple[str, ...]:
+        names = ["encoder", "decoder", "rssm", "reward"]
+        if self.action_encoder is not None:
+            names.append("action_encoder")
+        if self.aux_reward_head is not None:
+            names.append("aux_reward")
+        return tuple(sorted(names))
+
+    def pretrained_group(self) -> tuple[str, ...]:
+        group = [name.strip() for name in self.config.optimizer.pretrained_group.split(",") if name.strip()]
+        unknown = sorted(set(group) - set(self.world_model_modules()))
+        if unknown:
+            raise ValueError(f"optimizer.pretrained_group names {unknown}, which are not world-model "
+                             f"modules of this agent: {self.world_model_modules()}")
+        return tuple(group)
+
+    def _make_model_optimizer(self) -> optax.GradientTransformation:
+        """Spec 5.2: the pre-trained group (encoder + RSSM) at learning rate 0 for the first
+        ``pretrain`` updates, then ``lr``; everything else at ``lr`` from the start. Each group
+        is clipped by its own global norm (``multi_transform``); Adam moments keep accumulating
+        during the zero-rate phase, as in the original."""
+        opt = self.config.optimizer
+        group = self.pretrained_group()
+        if not group:
+            return adam(opt)
+        warmup, lr = self.config.pretrain, opt.lr
+        schedule = lambda count: jnp.where(count < warmup, 0.0, lr)  # noqa: E731
+        labels = {name: "pretrained" if name in group else "model" for name in self.world_model_modules()}
+        return optax.multi_transform({"pretrained": adam(opt, schedule), "model": adam(opt)}, labels)
+
+    def init(self, key: jax.Array) -> tuple[Params, Params]:
+        """Fresh ``(params, batch_stats)``; shapes do not depend on the batch."""
+        keys = jax.random.split(key, 8)
+        params, stats = {}, {}
+        self._init_world_model(keys[:3], params, stats)
+        feat = jnp.zeros((2, self.feat_dim))
+        if self.action_encoder is not None:
+            params["action_encoder"] = self.action_encoder.init(
+                keys[3], jnp.zeros((2, self.config.action_dim)))["params"]
+        params["reward"] = self.reward_head.init(keys[4], feat)["params"]
+        if self.aux_reward_head is not None:
+            params["aux_reward"] = self.aux_reward_head.init(keys[5], feat)["params"]
+        params["actor"] = self.actor.init(keys[6], feat)["params"]
+        params["critic"] = self.critic.init(keys[7], feat)["params"]
+        return params, stats
+
+    def embed_dim(self) -> int:
+        frames = jax.ShapeDtypeStruct((1, 1, self.image_size, self.image_size, 3), jnp.uint8)
+        params, stats = jax.eval_shape(self.init, jax.random.key(0))
+        return jax.eval_shape(lambda p, s, f: self._encode_frames(p, s, {}, f, False)[1],
+                              params, stats, frames).shape[-1]
+
+    def init_state(self, key: jax.Array, params: Params | None = None,
+                   batch_stats: Params | None = None) -> AgentState:
+        """A fresh state, built by one compiled function. ``params``/``batch_stats`` (e.g. with
+        pre-trained modules loaded) replace the fresh ones; optimiser states start from them."""
+        embed_dim = self.embed_dim()
+
+        def build(key, params, batch_stats):
+            init_key, intrinsic_key = jax.random.split(key)
+            fresh_params, fresh_stats = self.init(init_key)
+            params = fresh_params if params is None else params
+            batch_stats = fresh_stats if batch_stats is None else batch_stats
+            wm = {k: params[k] for k in self.world_model_modules()}
+            ac = {k: params[k] for k in ACTOR_CRITIC_MODULES}
+            bonus = {}
+            if self.use_intrinsic:
+                cfg = self.config.intrinsic
+                bonus = intrinsic.init_intrinsic(intrinsic_key, embed_dim, cfg.queue_dim, cfg.capacity)
+            return AgentState(step=jnp.zeros((), jnp.int32), params=params,
+                              slow_critic=jax.tree.map(jnp.copy, params["critic"]),
+                              batch_stats=batch_stats,
+                              model_opt_state=self.model_optimizer.init(wm),
+                              actor_critic_opt_state=self.actor_critic_optimizer.init(ac),
+                              intrinsic=bonus)
+
+        return jax.jit(build)(key, params, batch_stats)
+
+    # ------------------------------------------------------------------------------------------
+    # World model
+    # ------------------------------------------------------------------------------------------
+
+    def encode_action(self, params: Params, action: jax.Array) -> jax.Array:
+        """Real actions ``[..., 4]`` -> the RSSM's action input ``[..., action_dim]``."""
+        if self.action_encoder is None:
+            return action.astype(jnp.float32)
+        return self.action_encoder.apply({"params": params["action_encoder"]}, action).astype(jnp.float32)
+
+    def world_model_loss(self, params: Params, stats: Params, bonus: Any, batch: dict[str, jax.Array],
+                         key: jax.Array, example_index: jax.Array):
+        """Spec 5.3: ``L = kl*L_KL + image*L_image + reward*L_reward + aux*L_aux``.
+
+        ``batch``: ``image`` ``[B, T, H, W, 3]`` uint8, ``action`` ``[B, T, 4]``, ``reward``
+        ``[B, T]``, ``is_first`` ``[B, T]`` (the local shard); ``params`` holds the world-model
+        modules only. The reward head regresses ``r_t + beta * r^int_t`` for the first
+        ``T - window + 1`` steps (all T when the bonus is off); the auxiliary head regresses
+        ``r_t`` on all steps. Both heads read the non-detached feature, so they train the
+        representation too (``grad_heads: [decoder, reward]``, and the aux head as in the
+        original). Returns ``(loss, (new_batch_stats, posterior, new_bonus, metrics))``.
+        """
+        cfg = self.config.loss
+        image, action, reward, is_first = batch["image"], batch["action"], batch["reward"], batch["is_first"]
+        chex.assert_rank(image, 5)
+        chex.assert_type(image, jnp.uint8)
+        batch_size, length = image.shape[:2]
+        chex.assert_shape([reward, is_first], (batch_size, length))
+        chex.assert_shape(action, (batch_size, length, self.config.action_dim))
+        new_stats: Params = {}
+
+        frames, embed = self._encode_frames(params, stats, new_stats, image, train=True)
+        codes = self.encode_action(params, action)
+        keys = world_model.example_keys(key, example_index, length)
+        post, prior = world_model.observe(self.rssm, params["rssm"], embed, codes, is_first, keys)
+        kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
+                                                           cfg.kl_balance, cfg.kl_free)
+        feat = feature(post)
+        recon = self._decode_features(params, stats, new_stats, feat, train=True)
+        image_loss = -world_model.image_log_likelihood(recon, frames).mean()
+
+        reward = reward.astype(jnp.float32)
+        metrics: Metrics = {}
+        if self.use_intrinsic:
+            icfg = self.config.intrinsic
+            bonus_reward, bonus, bonus_metrics = intrinsic.intrinsic_reward(
+                bonus, embed, icfg.window, icfg.k, icfg.momentum, axis_name=self.axis_name)
+            steps = bonus_reward.shape[1]
+            target = reward[:, :steps] + icfg.beta * bonus_reward
+            predicted = self.reward_head.apply({"params": params["reward"]}, feat[:, :steps])
+            metrics.update(bonus_metrics)
+        else:
+            target = reward
+            predicted = self.reward_head.apply({"params": params["reward"]}, feat)
+        reward_loss = jnp.mean(0.5 * jnp.square(predicted - sg(target)))
+        total = cfg.kl_scale * kl_loss + cfg.image_scale * image_loss + cfg.reward_scale * reward_loss
+        if self.aux_reward_head is not None:
+            aux = self.aux_reward_head.apply({"params": params["aux_reward"]}, feat)
+            aux_loss = jnp.mean(0.5 * jnp.square(aux - reward))
+            total = total + cfg.aux_reward_scale * aux_loss
+            metrics["aux_reward_loss"] = aux_loss
+        metrics.update({
+            "model_loss": total, "kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
+            "reward_loss": reward_loss, "reward_target": target.mean(),
+            "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
+            "post_entropy": distributions.categorical_entropy(post["logit"]).mean()})
+        return total, (new_stats, post, bonus, metrics)
+
+    # ------------------------------------------------------------------------------------------
+    # Actor-critic
+    # ------------------------------------------------------------------------------------------
+
+    def _img_step(self, wm_params: Params):
+        def step(state: State, action: jax.Array, keys: jax.Array) -> State:
+            code = self.encode_action(wm_params, action)
+            return self.rssm.apply({"params": wm_params["rssm"]}, state, code, keys, method=RSSM.img_step)
+        return step
+
+    def actor_critic_loss(self, ac_params: Params, wm_params: Params, slow_critic: Params,
+                          start: State, keys: jax.Array):
+        """Imagination from ``start`` (``[N, ...]`` detached posteriors) in the world model
+        ``wm_params`` (constants here; gradients flow through them into the actions)."""
+        return actor_critic.actor_critic_loss(
+            ac_params, slow_critic, start, keys,
+            actor_apply=lambda p, f: self.actor.apply({"params": p}, f),
+            critic_apply=lambda p, f: self.critic.apply({"params": p}, f),
+            step_fn=self._img_step(wm_params),
+            reward_fn=lambda f: self.reward_head.apply({"params": wm_params["reward"]}, f),
+            config=self.ac_config)
+
+    # ------------------------------------------------------------------------------------------
+    # One update (called per device inside shard_map)
+    # ------------------------------------------------------------------------------------------
+
+    def update(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
+               example_index: jax.Array, axis_name: str | None = AXIS) -> tuple[AgentState, Metrics]:
+        """World-model step, then actor-critic step on the same batch. ``example_index`` ``[B]``
+        is each local row's index in the global batch (it seeds the row's samples, so the
+        result does not depend on the device count); gradients and metrics are averaged over
+        ``axis_name`` (None: a single device without a mesh)."""
+        mean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
+        wm_key, ac_key = jax.random.split(key)
+        wm_params = {k: state.params[k] for k in self.world_model_modules()}
+        grad_fn = jax.value_and_grad(self.world_model_loss, has_aux=True)
+        (_, (new_stats, post, bonus, wm_metrics)), wm_grads = grad_fn(
+            wm_params, state.batch_stats, state.intrinsic, batch, wm_key, example_index)
+        wm_grads = mean(wm_grads)
+        updates, model_opt_state = self.model_optimizer.update(wm_grads, state.model_opt_state, wm_params)
+        wm_params = optax.apply_updates(wm_params, updates)
+
+        # Imagination from every posterior state of the batch: row (b, t) -> global b * T + t.
+        batch_size, length = batch["is_first"].shape
+        start = jax.tree.map(lambda v: sg(v.reshape((batch_size * length,) + v.shape[2:])), post)
+        rows = (example_index[:, None] * length + jnp.arange(length)[None]).reshape(-1)
+        keys = jax.vmap(lambda i: jax.random.fold_in(ac_key, i))(rows)
+        ac_params = {k: state.params[k] for k in ACTOR_CRITIC_MODULES}
+        (_, ac_metrics), ac_grads = jax.value_and_grad(self.actor_critic_loss, has_aux=True)(
+            ac_params, wm_params, state.slow_critic, start, keys)
+        ac_grads = mean(ac_grads)
+        updates, ac_opt_state = self.actor_critic_optimizer.update(
+            ac_grads, state.actor_critic_opt_state, ac_params)
+        ac_params = optax.apply_updates(ac_params, updates)
+        slow = actor_critic.update_slow_critic(state.slow_critic, ac_params["critic"], state.step,
+                                               self.ac_config.slow_update_every)
+
+        metrics = mean({**wm_metrics, **ac_metrics})
+        metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
+        metrics["actor_grad_norm"] = optax.tree.norm(ac_grads["actor"])
+        metrics["critic_grad_norm"] = optax.tree.norm(ac_grads["critic"])
+        new_state = state.replace(
+            step=state.step + 1, params={**wm_params, **ac_params}, slow_critic=slow,
+            batch_stats={**state.batch_stats, **new_stats}, model_opt_state=model_opt_state,
+            actor_critic_opt_state=ac_opt_state, intrinsic=bonus)
+        return new_state, metrics
+
+    # ------------------------------------------------------------------------------------------
+    # Acting and media
+    # ------------------------------------------------------------------------------------------
+
+    def initial_carry(self, num_envs: int) -> dict[str, Any]:
+        """The policy's recurrent state for ``num_envs`` environments: the latent and the
+        previous action (both zero; ``is_first`` masks them anyway)."""
+        return {"latent": self.rssm.initial(num_envs),
+                "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32)}
+
+    def policy(self, params: Params, stats: Params, carry: dict[str, Any], image: jax.Array,
+               is_first: jax.Array, key: jax.Array, explore: bool) -> tuple[jax.Array, dict[str, Any]]:
+        """One action per environment (spec 5.5). ``image`` ``[N, H, W, 3]`` uint8, ``is_first``
+        ``[N]``. The posterior step sees the previous action through the action encoder (zeroed
+        by the reset mask on the first step); the latent is sampled in both modes; the action is
+        a truncated-normal sample (``explore``) or its mode, the mean (evaluation)."""
+        num_envs = image.shape[0]
+        _, embed = self._encode_frames(params, stats, {}, image[:, None], train=False)
+        code = self.encode_action(params, carry["action"])
+        latent_key, action_key = jax.random.split(key)
+        latent, _ = self.rssm.apply({"params": params["rssm"]}, carry["latent"], code, embed[:, 0],
+                                    is_first, jax.random.split(latent_key, num_envs),
+                                    method=RSSM.obs_step)
+        mean, std = self.actor.apply({"params": params["actor"]}, feature(latent))
+        if explore:
+            action = jax.vmap(distributions.truncated_normal_sample)(
+                jax.random.split(action_key, num_envs), mean, std)
+        else:
+            action = mean
+        return action, {"latent": latent, "action": action}
+
+    def open_loop(self, params: Params, stats: Params, batch: dict[str, jax.Array], key: jax.Array,
+                  context: int) -> jax.Array:
+        """Open-loop prediction ``[B, T, H, W, 3]`` uint8 under the real actions of ``batch``."""
+        _, embed = self._encode_frames(params, stats, {}, batch["image"], train=False)
+        codes = self.encode_action(params, batch["action"])
+        return self._open_loop(params, stats, embed, codes, batch["is_first"], key, context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Partial restore of pre-trained modules
+# ----------------------------------------------------------------------------------------------
+
+
+class PretrainedMismatchError(checkpoint.CheckpointMismatchError):
+    """The pre-trained modules do not fit the fine-tuning agent (another architecture or preset)."""
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat[prefix + "/" + "/".join(str(getattr(p, "key", p)) for p in path)] = leaf
+    return flat
+
+
+def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params,
+                    finetune_model_config: ml_collections.ConfigDict,
+                    modules: tuple[str, ...] = PRETRAINED_MODULES) -> tuple[Params, Params, dict[str, list[str]]]:
+    """Copies ``modules`` (parameters and BatchNorm statistics) from the latest checkpoint of a
+    pre-training workdir into fresh agent ``params``/``batch_stats`` (host arrays).
+
+    Returns the new trees and a report ``{'loaded', 'initialised', 'ignored'}`` of parameter
+    paths. Raises ``PretrainedMismatchError`` naming every differing shape (and the config keys
+    that differ) when the pre-trained modules do not fit, and ``FileNotFoundError`` with what to
+    do when the workdir has no config or checkpoint.
+    """
+    from prelar_jax import config as config_lib  # local: config imports nets only
+
+    workdir = os.path.abspath(pretrained_workdir)
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"--config.pretrained={pretrained_workdir}: {config_path} does not exist. Pass the --workdir "
+            "of a pre-training run (experiments/pretrain.py), or '' to train from scratch.")
+    pre_config = config_lib.config_from_json(config_path)
+    model = PretrainModel(pre_config)
+    abstract = jax.eval_shape(lambda k: model.init_state(k, make_optimizer(pre_config)),
+                              jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"--config.pretrained={pretrained_workdir} has no finished checkpoint under "
+                f"{workdir}/checkpoints; let pre-training save one (log.checkpoint_every) first.")
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+        restored, metadata = ckpt.restore(target)
+    finally:
+        ckpt.close()
+
+    differences = [f"model.{k}: pre-training {pre_config.model[k]!r}, fine-tuning {finetune_model_config[k]!r}"
+                   for k in sorted(finetune_model_config) if k in pre_config.model
+                   and k != "compute_dtype" and pre_config.model[k] != finetune_model_config[k]]
+    new_params, new_stats = dict(params), dict(batch_stats)
+    problems, loaded = [], []
+    for name in modules:
+        for tree, new_tree, label in ((restored.params, new_params, "params"),
+                                      (restored.batch_stats, new_stats, "batch_stats")):
+            if name not in tree and name not in new_tree:
+                continue
+            saved, wanted = _flat(tree.get(name, {}), f"{label}/{name}"), _flat(new_tree.get(name, {}), f"{label}/{name}")
+            for path in sorted(set(saved) | set(wanted)):
+                if path not in saved or path not in wanted:
+                    problems.append(f"  {path}: {'missing in the pre-trained model' if path not in saved else 'not in the agent'}")
+                elif saved[path].shape != wanted[path].shape:
+                    problems.append(f"  {path}: pre-trained {tuple(saved[path].shape)}, agent {tuple(wanted[path].shape)}")
+            if not problems and name in tree:
+                new_tree[name] = jax.tree.map(np.asarray, tree[name])
+                loaded.extend(saved)
+    if problems:
+        hint = ("\nDifferent model config keys:\n  " + "\n  ".join(differences)) if differences else ""
+        raise PretrainedMismatchError(
+            f"the pre-trained modules in {workdir} (step {metadata.get('step')}) do not fit this "
+            f"fine-tuning agent:\n" + "\n".join(problems[:20]) + hint +
+            "\nUse the fine-tuning preset matching the pre-training preset (e.g. both :tiny), and "
+            "make action_encoder.code_size equal the pre-trained implicit-action code size.")
+    all_agent = set(_flat(new_params, "params")) | set(_flat(new_stats, "batch_stats"))
+    report = {
+        "loaded": sorted(loaded),
+        "initialised": sorted(all_agent - set(loaded)),
+        "ignored": sorted((set(_flat(restored.params, "params")) | set(_flat(restored.batch_stats, "batch_stats")))
+                          - set(loaded)),
+        "step": int(metadata.get("step", restored.step)),
+    }
+    return new_params, new_stats, report
+
+
+def summarise_report(report: dict[str, Any]) -> str:
+    """One line per module: how many arrays were loaded / newly initialised / ignored."""
+    def by_module(paths):
+        counts: dict[str, int] = {}
+        for path in paths:
+            module = "/".join(path.split("/")[:2])
+            counts[module] = counts.get(module, 0) + 1
+        return ", ".join(f"{m} ({n})" for m, n in sorted(counts.items())) or "none"
+    return (f"loaded from pre-training step {report['step']}: {by_module(report['loaded'])}\n"
+            f"newly initialised: {by_module(report['initialised'])}\n"
+            f"ignored (not used by fine-tuning): {by_module(report['ignored'])}")
+
+
+def make_update_step(agent: FinetuneAgent, mesh, seed: int):
+    """``step(state, batch) -> (state, metrics)``: one jitted, donated, data-parallel update."""
+    from prelar_jax import parallel
+
+    base_key = jax.random.key(seed)
+
+    def per_device(state, batch):
+        example_index = parallel.local_example_index(batch["image"].shape[0])
+        return agent.update(state, batch, jax.random.fold_in(base_key, state.step), example_index)
+
+    return parallel.data_parallel(per_device, mesh)
