@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from prelar_jax import actor_critic, checkpoint, distributions, intrinsic, world_model
+from prelar_jax.errors import UserError
 from prelar_jax.nets.common import MLP
 from prelar_jax.nets.heads import Actor, ScalarHead
 from prelar_jax.nets.rssm import RSSM, State, feature
@@ -357,6 +358,10 @@ class PretrainedMismatchError(checkpoint.CheckpointMismatchError):
     """The pre-trained modules do not fit the fine-tuning agent (another architecture or preset)."""
 
 
+class PretrainedNotFoundError(UserError, FileNotFoundError):
+    """``pretrained`` does not point at a pre-training workdir with a finished checkpoint."""
+
+
 def _flat(tree: Any, prefix: str) -> dict[str, Any]:
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -373,14 +378,14 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     Returns the new trees and a report ``{'loaded', 'initialised', 'ignored'}`` of parameter
     paths. Raises ``PretrainedMismatchError`` naming every differing shape (and the config keys
     that differ) when the pre-trained modules do not fit, and ``FileNotFoundError`` with what to
-    do when the workdir has no config or checkpoint.
+    do when the workdir has no config or checkpoint (``PretrainedNotFoundError``).
     """
     from prelar_jax import config as config_lib  # local: config imports nets only
 
     workdir = os.path.abspath(pretrained_workdir)
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(
+        raise PretrainedNotFoundError(
             f"--config.pretrained={pretrained_workdir}: {config_path} does not exist. Pass the --workdir "
             "of a pre-training run (experiments/pretrain.py), or '' to train from scratch.")
     pre_config = config_lib.config_from_json(config_path)
@@ -390,7 +395,7 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(
+            raise PretrainedNotFoundError(
                 f"--config.pretrained={pretrained_workdir} has no finished checkpoint under "
                 f"{workdir}/checkpoints; let pre-training save one (log.checkpoint_every) first.")
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])

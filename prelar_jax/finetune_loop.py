@@ -21,6 +21,7 @@ running when the checkpoint was written are lost; the environments start new one
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -94,6 +95,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
         params, stats, report = agent_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
                                                           config.model)
         print("[prelar] " + agent_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
+        report_path = os.path.join(workdir, "pretrained_load.json")
+        with open(report_path, "w", encoding="utf-8") as handle:
+            json.dump({"pretrained": os.path.abspath(config.pretrained), **report}, handle, indent=1)
+        print(f"[prelar] every loaded, new and ignored array: {report_path}", flush=True)
     state = agent.init_state(key, params, stats)
     state = parallel.put_replicated(state, mesh)
     counters = {"env_step": 0, "updates": 0, "episodes": 0, "train_credit": 0, "evals": 0,
@@ -228,10 +233,12 @@ class _Loop:
                 for episode in stats.observe(obs, dropped):
                     self.train_episodes.append(episode)
                     counters["episodes"] += 1
-                previous, counters["env_step"] = step, step + n
+                # A reset (the call after is_last) is not an environment step, as in Dreamer's driver.
+                stepped = int(np.sum(~obs["is_first"]))
+                previous, counters["env_step"] = step, step + stepped
                 step = counters["env_step"]
                 if counters["warmed_up"]:
-                    counters["train_credit"] += n
+                    counters["train_credit"] += stepped
                     due = counters["train_credit"] // c.train_every
                     counters["train_credit"] -= due * c.train_every
                     self.train(due * c.train_steps, step)

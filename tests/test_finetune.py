@@ -1,0 +1,224 @@
+"""Fine-tuning: configs, partial restore of pre-trained modules, the update (optimiser groups,
+device-count independence), the policy, and a tiny run end to end with resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from prelar_jax import agent as agent_lib
+from prelar_jax import checkpoint, config as config_lib, finetune_loop, logger as logger_lib, parallel
+from prelar_jax.pretrain import PretrainModel, TrainState, make_optimizer
+from tests.model_helpers import glorot_params
+
+
+def finetune_config(spec="configs/prelar_finetune.py:tiny", **overrides):
+    values = {"log.wandb_mode": "disabled", **overrides}
+    return config_lib.load_config(spec, values)
+
+
+def host_zeros(agent):
+    shapes = jax.eval_shape(agent.init, jax.random.key(0))
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A pre-training workdir (tiny PreLAR) with one checkpoint of random, non-zero parameters."""
+    workdir = tmp_path_factory.mktemp("pretrain")
+    config = config_lib.load_config("configs/prelar_pretrain.py:tiny", {"data.root": "unused"})
+    model = PretrainModel(config)
+    params, stats = glorot_params(model, seed=3)
+    state = TrainState(step=np.int32(7), params=params, batch_stats=stats,
+                       opt_state=jax.tree.map(np.asarray, make_optimizer(config).init(params)))
+    logger_lib.write_config(workdir, config.to_dict())
+    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+        ckpt.save(7, state, {"step": 7})
+    return workdir, params, stats
+
+
+def test_configs_are_configurations_of_one_agent():
+    prelar = finetune_config()
+    dreamer = finetune_config("configs/dreamerv2.py:tiny")
+    for config in (prelar, dreamer, finetune_config("configs/prelar_finetune.py:paper"),
+                   finetune_config("configs/dreamerv2.py:paper")):
+        config_lib.validate_finetune_config(config)
+    prelar_params = jax.eval_shape(agent_lib.FinetuneAgent(prelar).init, jax.random.key(0))[0]
+    dreamer_params = jax.eval_shape(agent_lib.FinetuneAgent(dreamer).init, jax.random.key(0))[0]
+    assert set(prelar_params) == {"encoder", "decoder", "rssm", "action_encoder", "reward",
+                                  "aux_reward", "actor", "critic"}
+    assert set(dreamer_params) == {"encoder", "decoder", "rssm", "reward", "actor", "critic"}
+    # PreLAR's RSSM takes the action code, DreamerV2's the raw 4-d action.
+    code, deter = prelar.action_encoder.code_size, prelar.model.deter
+    stoch = prelar.model.stoch * prelar.model.classes
+    assert prelar_params["rssm"]["img_in"]["kernel"].shape[0] == stoch + code
+    assert dreamer_params["rssm"]["img_in"]["kernel"].shape[0] == stoch + 4
+    assert deter == dreamer.model.deter
+    assert agent_lib.FinetuneAgent(dreamer).pretrained_group() == ()
+    assert agent_lib.FinetuneAgent(prelar).pretrained_group() == ("encoder", "rssm")
+    # The fine-tuning presets share the pre-training presets' world-model sizes.
+    pre = config_lib.load_config("configs/prelar_pretrain.py:paper")
+    assert pre.model.to_dict() == finetune_config("configs/prelar_finetune.py:paper").model.to_dict()
+    assert pre.implicit_action.stoch == finetune_config("configs/prelar_finetune.py:paper").action_encoder.code_size
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"task": "open-the-fridge"}, "task"),
+    ({"prefill": 10}, "prefill"),
+    ({"sequence_length": 60}, "sequence_length"),
+    ({"env.num_envs": 0}, "env.num_envs"),
+    ({"intrinsic.window": 9}, "intrinsic.window"),
+])
+def test_bad_finetune_config_names_the_key(overrides, key):
+    with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+        config_lib.validate_finetune_config(finetune_config(**overrides))
+
+
+def test_load_pretrained_copies_the_world_model_and_reports(pretrained_dir):
+    workdir, saved_params, saved_stats = pretrained_dir
+    config = finetune_config()
+    agent = agent_lib.FinetuneAgent(config)
+    params, stats = host_zeros(agent)
+    new_params, new_stats, report = agent_lib.load_pretrained(str(workdir), params, stats, config.model)
+    for name in ("encoder", "decoder", "rssm"):
+        jax.tree.map(np.testing.assert_array_equal, new_params[name], saved_params[name])
+    for name in ("encoder", "decoder"):
+        jax.tree.map(np.testing.assert_array_equal, new_stats[name], saved_stats[name])
+    for name in ("action_encoder", "reward", "aux_reward", "actor", "critic"):  # untouched
+        jax.tree.map(np.testing.assert_array_equal, new_params[name], params[name])
+    assert report["step"] == 7
+    assert any(p.startswith("params/rssm/") for p in report["loaded"])
+    assert any(p.startswith("params/actor/") for p in report["initialised"])
+    assert any(p.startswith("params/implicit_action/") for p in report["ignored"])
+    assert not any("implicit_action" in p for p in report["loaded"])
+    assert "params/encoder" in agent_lib.summarise_report(report)
+
+
+def test_load_pretrained_errors(pretrained_dir, tmp_path):
+    workdir, _, _ = pretrained_dir
+    config = finetune_config(**{"model.deter": 16, "model.hidden": 16})
+    agent = agent_lib.FinetuneAgent(config)
+    params, stats = host_zeros(agent)
+    with pytest.raises(agent_lib.PretrainedMismatchError) as error:
+        agent_lib.load_pretrained(str(workdir), params, stats, config.model)
+    message = str(error.value)
+    assert "params/rssm/" in message and "model.deter: pre-training 32, fine-tuning 16" in message
+    with pytest.raises(agent_lib.PretrainedNotFoundError, match="pre-training run"):
+        agent_lib.load_pretrained(str(tmp_path / "nowhere"), params, stats, config.model)
+
+
+def random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    B, T = config.batch_size, config.sequence_length
+    is_first = np.zeros((B, T), bool)
+    is_first[:, 0] = True
+    return {"image": rng.integers(0, 256, (B, T, 64, 64, 3), dtype=np.uint8),
+            "action": rng.uniform(-1, 1, (B, T, 4)).astype(np.float32),
+            "reward": rng.random((B, T)).astype(np.float32), "is_first": is_first}
+
+
+def _run_updates(config, devices, count, batch):
+    mesh = parallel.make_mesh(devices)
+    agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
+    state = parallel.put_replicated(agent.init_state(jax.random.key(1)), mesh)
+    step = agent_lib.make_update_step(agent, mesh, seed=0)
+    history = [jax.tree.map(np.asarray, state.params)]
+    for _ in range(count):
+        state, metrics = step(state, parallel.put_batch(batch, mesh))
+        history.append(jax.tree.map(np.asarray, state.params))
+    return history, jax.tree.map(np.asarray, state), {k: float(v) for k, v in metrics.items()}
+
+
+def _changed(a, b):
+    return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_update_groups_and_device_count_independence():
+    """Spec 5.2: encoder and RSSM stay put for the first `pretrain` updates while the new modules
+    learn; a 4-device update equals the 1-device update."""
+    config = finetune_config()
+    warmup = config.pretrain
+    batch = random_batch(config)
+    history, state, metrics = _run_updates(config, jax.devices()[:1], warmup + 1, batch)
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    for t in range(1, warmup + 1):
+        for name in ("encoder", "rssm"):
+            assert not _changed(history[0][name], history[t][name]), (name, t)
+        for name in ("decoder", "action_encoder", "reward", "aux_reward", "actor", "critic"):
+            assert _changed(history[t - 1][name], history[t][name]), (name, t)
+    assert _changed(history[warmup]["encoder"], history[warmup + 1]["encoder"])
+    assert _changed(history[warmup]["rssm"], history[warmup + 1]["rssm"])
+    # The slow critic was copied at update 0 and is not again before slow_update_every updates.
+    assert config.actor_critic.slow_update_every > warmup + 1
+    jax.tree.map(np.testing.assert_array_equal, state.slow_critic, history[1]["critic"])
+    assert int(state.intrinsic.count) > 0
+
+    four, _, _ = _run_updates(config, jax.devices()[:4], 2, batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), four[2], history[2])
+
+
+def test_policy_modes():
+    config = finetune_config()
+    agent = agent_lib.FinetuneAgent(config)
+    params, stats = jax.jit(agent.init)(jax.random.key(0))
+    image = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    first = np.array([True, True, True])
+    policy = jax.jit(agent.policy, static_argnames="explore")
+    carry = agent.initial_carry(3)
+    mode_a, carry_a = policy(params, stats, carry, image, first, jax.random.key(1), explore=False)
+    mode_b, _ = policy(params, stats, carry, image, first, jax.random.key(1), explore=False)
+    sample_a, _ = policy(params, stats, carry, image, first, jax.random.key(1), explore=True)
+    sample_b, _ = policy(params, stats, carry, image, first, jax.random.key(2), explore=True)
+    np.testing.assert_array_equal(mode_a, mode_b)
+    assert not np.array_equal(sample_a, sample_b)
+    for action in (mode_a, sample_a, sample_b):
+        assert action.shape == (3, 4) and np.all(np.abs(np.asarray(action)) < 1.0)
+    np.testing.assert_array_equal(carry_a["action"], mode_a)
+    assert carry_a["latent"]["deter"].shape == (3, config.model.deter)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
+    pre_workdir, saved_params, _ = pretrained_dir
+    workdir = tmp_path / "finetune"
+    config = finetune_config(**{"pretrained": str(pre_workdir), "steps": 400})
+    summary = finetune_loop.run(config, str(workdir), devices=jax.devices()[:1])
+    assert summary["finished"] and summary["env_step"] == 400
+    # 5 warm-up updates at 200, then one per train_every=10 steps.
+    assert summary["updates"] == config.pretrain + (400 - config.prefill) // config.train_every
+    records = _metrics(workdir)
+    evals = [r for r in records if "eval/success_rate" in r]
+    assert [r["step"] for r in evals] == [200, 400]
+    for r in evals:
+        assert 0.0 <= r["eval/success_rate"] <= 1.0 and r["eval/episodes"] == config.eval_eps
+        assert np.isfinite(r["eval/return"])
+    train = [r for r in records if "train/return" in r]
+    assert train and all(r["train/length"] == config.env.time_limit for r in train)
+    losses = [r for r in records if "model_loss" in r]
+    assert losses and all(np.isfinite(r["model_loss"]) and "fps/env" in r for r in losses)
+    assert os.listdir(workdir / "media")
+    report = json.loads((workdir / "pretrained_load.json").read_text())
+    assert any(p.startswith("params/rssm/") for p in report["loaded"])
+    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == 400
+    saved_replay = checkpoint.read_metadata(workdir / "checkpoints")["replay"]["episodes"]
+    assert len(saved_replay) == 400 // config.env.time_limit
+
+    # Resume: a longer run continues from step 400 with its replay and counters.
+    longer = finetune_config(**{"pretrained": str(pre_workdir), "steps": 500})
+    summary = finetune_loop.run(longer, str(workdir), devices=jax.devices()[:1])
+    assert summary["env_step"] == 500
+    assert summary["updates"] == config.pretrain + (500 - config.prefill) // config.train_every
+    records = _metrics(workdir)
+    assert [r["step"] for r in records if "eval/success_rate" in r] == [200, 400, 500]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps)
+    metadata = checkpoint.read_metadata(workdir / "checkpoints")
+    assert metadata["counters"]["env_step"] == 500
+    assert metadata["replay"]["episodes"][:len(saved_replay)] == saved_replay
