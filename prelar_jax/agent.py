@@ -406,7 +406,7 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
 
     differences = [f"model.{k}: pre-training {pre_config.model[k]!r}, fine-tuning {finetune_model_config[k]!r}"
                    for k in sorted(finetune_model_config) if k in pre_config.model
-                   and k != "compute_dtype" and pre_config.model[k] != finetune_model_config[k]]
+                   and k not in ("compute_dtype", "remat") and pre_config.model[k] != finetune_model_config[k]]
     new_params, new_stats = dict(params), dict(batch_stats)
     problems, loaded = [], []
     for name in modules:

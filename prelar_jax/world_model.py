@@ -77,9 +77,11 @@ class ImageWorldModel:
         self.action_dim = action_dim
         self.dtype = jnp.dtype(model.compute_dtype)
         if model.encoder == "resnet":
-            self.encoder = ResNetEncoder(model.depth, model.stages, bn_axis_name=bn_axis_name, dtype=self.dtype)
+            remat = bool(model.get("remat", False))
+            self.encoder = ResNetEncoder(model.depth, model.stages, bn_axis_name=bn_axis_name,
+                                         dtype=self.dtype, remat=remat)
             self.decoder = ResNetDecoder(model.depth, model.stages, image_size=image_size,
-                                         bn_axis_name=bn_axis_name, dtype=self.dtype)
+                                         bn_axis_name=bn_axis_name, dtype=self.dtype, remat=remat)
         elif model.encoder == "plain":
             self.encoder = PlainEncoder(model.depth, dtype=self.dtype)
             self.decoder = PlainDecoder(model.depth, dtype=self.dtype)

@@ -3,6 +3,7 @@ DreamerV2 GRU cell and the distribution helpers, each against an independent ref
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -423,3 +424,24 @@ def test_gaussian_kl_between_two_gaussians():
     expected = (np.log(sd_b / sd_a) + (sd_a ** 2 + (mu_a - mu_b) ** 2) / (2 * sd_b ** 2) - 0.5).sum(-1)
     np.testing.assert_allclose(out, expected, rtol=1e-5)
     np.testing.assert_allclose(distributions.gaussian_kl(mu_a, sd_a, mu_a, sd_a), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("module_class, shape", [(ResNetEncoder, (6, 32, 32, 3)), (ResNetDecoder, (6, 40))])
+def test_remat_resnet_same_parameters_gradients_and_statistics(module_class, shape):
+    """``remat`` only trades memory for compute: same parameter tree, outputs, gradients and
+    BatchNorm statistics as the plain network."""
+    kwargs = {"image_size": 32} if module_class is ResNetDecoder else {}
+    plain = module_class(depth=4, stages=2, **kwargs)
+    remat = module_class(depth=4, stages=2, remat=True, **kwargs)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-0.5, 0.5, shape), jnp.float32)
+    variables = plain.init(KEY, x, train=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(remat.init(KEY, x, train=False))
+
+    def loss(params, module):
+        out, stats = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                  train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.square(out)), stats
+
+    expected = jax.grad(loss, has_aux=True)(variables["params"], plain)
+    actual = jax.grad(loss, has_aux=True)(variables["params"], remat)
+    chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-6)

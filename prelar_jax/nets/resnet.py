@@ -39,24 +39,37 @@ class ResidualLayer(nn.Module):
         return nn.relu(skip + h)
 
 
+# Recomputes a layer's activations in the backward pass instead of storing them (argument 2 is
+# `train`, a Python bool; argument 0 is the module itself).
+_RematResidualLayer = nn.remat(ResidualLayer, static_argnums=(2,))
+
+
 class ResidualStack(nn.Module):
-    """Two residual layers: encoder form ``(in->out, out->out)``; decoder form ``(in->in, in->out)``."""
+    """Two residual layers: encoder form ``(in->out, out->out)``; decoder form ``(in->in, in->out)``.
+
+    ``remat``: store only each layer's input for the backward pass and recompute the rest (about
+    one extra forward pass of compute for a fraction of the activation memory; the fine-tuning
+    batch of 2500 frames needs it on machines with less than ~32 GiB). Parameter names are the
+    same either way, so checkpoints do not depend on it.
+    """
 
     features: int
     decoder: bool = False
     layers: int = 2
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         in_features = x.shape[-1]
+        layer_class = _RematResidualLayer if self.remat else ResidualLayer
         for i in range(self.layers):
             if self.decoder:
                 width = self.features if i == self.layers - 1 else in_features
             else:
                 width = self.features
-            x = ResidualLayer(width, self.bn_axis_name, self.dtype)(x, train)
+            x = layer_class(width, self.bn_axis_name, self.dtype, name=f"ResidualLayer_{i}")(x, train)
         return x
 
 
@@ -73,6 +86,7 @@ class ResNetEncoder(nn.Module):
     layers_per_stage: int = 2
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -80,7 +94,7 @@ class ResNetEncoder(nn.Module):
                         dtype=self.dtype)(x.astype(self.dtype)))
         for stage in range(self.stages):
             x = ResidualStack(self.depth * 2 ** stage, layers=self.layers_per_stage,
-                              bn_axis_name=self.bn_axis_name, dtype=self.dtype)(x, train)
+                              bn_axis_name=self.bn_axis_name, dtype=self.dtype, remat=self.remat)(x, train)
             x = nn.avg_pool(x, (2, 2), (2, 2))
         return x.reshape(x.shape[0], -1)
 
@@ -99,6 +113,7 @@ class ResNetDecoder(nn.Module):
     channels: int = 3
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, feat: jax.Array, train: bool) -> jax.Array:
@@ -110,7 +125,7 @@ class ResNetDecoder(nn.Module):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             width //= 2
             x = ResidualStack(width, decoder=True, layers=self.layers_per_stage,
-                              bn_axis_name=self.bn_axis_name, dtype=self.dtype)(x, train)
+                              bn_axis_name=self.bn_axis_name, dtype=self.dtype, remat=self.remat)(x, train)
         # torch ConvTranspose2d(k3, s2, p1, output_padding=1) == explicit padding (1, 2) here.
         x = ConvTranspose(self.channels, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)),
                           dtype=self.dtype)(x)
