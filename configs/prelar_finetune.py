@@ -36,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 50
     c.sequence_length = 50
     c.image_size = 64
+    # Updates with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    c.nonfinite_limit = 20
 
     c.env = ml_collections.ConfigDict()
     c.env.num_envs = 1  # training environments, each in its own worker process

@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 16
     c.sequence_length = 25
     c.image_size = 64
+    # Updates with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    c.nonfinite_limit = 20
 
     c.model = config_lib.model_config("paper")
 

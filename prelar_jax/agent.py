@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from prelar_jax import actor_critic, checkpoint, distributions, intrinsic, world_model
+from prelar_jax import actor_critic, checkpoint, distributions, intrinsic, parallel, world_model
 from prelar_jax.errors import UserError
 from prelar_jax.nets.common import MLP
 from prelar_jax.nets.heads import Actor, ScalarHead
@@ -304,10 +304,19 @@ class FinetuneAgent(world_model.ImageWorldModel):
         metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
         metrics["actor_grad_norm"] = optax.tree.norm(ac_grads["actor"])
         metrics["critic_grad_norm"] = optax.tree.norm(ac_grads["critic"])
+        # A non-finite loss or gradient anywhere skips the whole update (same decision on every
+        # device: gradients and metrics are averaged); the step counter still advances.
+        finite = parallel.all_finite(metrics["model_loss"], metrics["actor_loss"],
+                                     metrics["critic_loss"], wm_grads, ac_grads)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        updated = ({**wm_params, **ac_params}, slow, {**state.batch_stats, **new_stats},
+                   model_opt_state, ac_opt_state, bonus)
+        kept = (state.params, state.slow_critic, state.batch_stats, state.model_opt_state,
+                state.actor_critic_opt_state, state.intrinsic)
+        params, slow, stats, model_opt_state, ac_opt_state, bonus = parallel.select_finite(finite, updated, kept)
         new_state = state.replace(
-            step=state.step + 1, params={**wm_params, **ac_params}, slow_critic=slow,
-            batch_stats={**state.batch_stats, **new_stats}, model_opt_state=model_opt_state,
-            actor_critic_opt_state=ac_opt_state, intrinsic=bonus)
+            step=state.step + 1, params=params, slow_critic=slow, batch_stats=stats,
+            model_opt_state=model_opt_state, actor_critic_opt_state=ac_opt_state, intrinsic=bonus)
         return new_state, metrics
 
     # ------------------------------------------------------------------------------------------
@@ -456,8 +465,6 @@ def summarise_report(report: dict[str, Any]) -> str:
 
 def make_update_step(agent: FinetuneAgent, mesh, seed: int):
     """``step(state, batch) -> (state, metrics)``: one jitted, donated, data-parallel update."""
-    from prelar_jax import parallel
-
     base_key = jax.random.key(seed)
 
     def per_device(state, batch):

@@ -78,6 +78,10 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
     module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)  # config files are Python and run as code
+    presets = getattr(module, "PRESETS", None)
+    if preset and presets is not None and preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r} in --config={spec}; choose one of {tuple(presets)} "
+                          f"(e.g. --config={path}:{presets[-1]})")
     config = module.get_config(preset) if preset else module.get_config()
     for key, value in (overrides or {}).items():
         set_path(config, key, value)
@@ -102,8 +106,9 @@ def _parent(config: ml_collections.ConfigDict, dotted: str, label: str, source: 
 
 
 def check_override_flags(argv: list[str], default_spec: str, flag: str = "config") -> None:
-    """Fail early, with the valid keys named, on ``--config.some.key=...`` flags whose key does
-    not exist (ml_collections would raise a long AttributeError traceback while parsing flags)."""
+    """Fail early, with one clear ``ConfigError``, on a ``--config=FILE:PRESET`` whose file or
+    preset does not exist and on ``--config.some.key=...`` flags whose key does not exist
+    (ml_collections would raise a long traceback while parsing flags for each of them)."""
     spec = default_spec
     keys = []
     for arg in argv[1:]:
@@ -111,10 +116,9 @@ def check_override_flags(argv: list[str], default_spec: str, flag: str = "config
             spec = arg.split("=", 1)[1]
         elif arg.startswith(f"--{flag}."):
             keys.append(arg[len(flag) + 3:].split("=", 1)[0])
-    if keys:
-        config = load_config(spec)
-        for dotted in keys:
-            _parent(config, dotted, f"--{flag}.{dotted}", spec)
+    config = load_config(spec)  # the file and the preset, even without overrides
+    for dotted in keys:
+        _parent(config, dotted, f"--{flag}.{dotted}", spec)
 
 
 def set_path(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -129,8 +133,9 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
     """Checks every value the pre-training run depends on; raises ``ConfigError``."""
     _positive_ints(c, ("steps", "batch_size", "log.every", "log.checkpoint_every", "log.media_every",
-                       "log.keep_checkpoints"))
-    _check(c.sequence_length >= 2, "sequence_length",
+                       "log.keep_checkpoints", "nonfinite_limit", "log.media_examples",
+                       "data.prefetch_threads", "data.prefetch_buffer"))
+    _check(isinstance(c.sequence_length, int) and c.sequence_length >= 2, "sequence_length",
            f"must be at least 2 (implicit actions need frame pairs), got {c.sequence_length}")
     _validate_model(c)
     ia = c.implicit_action
@@ -172,8 +177,8 @@ def _positive_ints(c: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
 
 
 def _validate_model(c: ml_collections.ConfigDict) -> None:
-    _positive_ints(c, ("model.depth", "model.stages", "model.deter", "model.hidden", "model.stoch",
-                       "model.classes"))
+    _positive_ints(c, ("image_size", "model.depth", "model.stages", "model.deter", "model.hidden",
+                       "model.stoch", "model.classes"))
     _check(c.model.encoder in ("resnet", "plain"), "model.encoder",
            f"{c.model.encoder!r} is not one of 'resnet', 'plain'")
     if c.model.encoder == "plain":
@@ -199,8 +204,11 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
                        "eval_every", "eval_eps", "env.num_envs", "env.eval_envs", "env.time_limit",
                        "replay.capacity", "action_dim", "heads.layers", "heads.units",
                        "log.every", "log.media_every", "log.checkpoint_every", "log.keep_checkpoints",
-                       "actor_critic.horizon", "actor_critic.slow_update_every"))
+                       "actor_critic.horizon", "actor_critic.slow_update_every", "nonfinite_limit",
+                       "log.media_examples"))
     _validate_model(c)
+    _check(c.env.step_timeout > 0, "env.step_timeout",
+           f"must be positive (seconds before a silent worker is restarted), got {c.env.step_timeout}")
     try:
         canonical_task_name(c.task)
     except UnknownTaskError as error:

@@ -38,7 +38,7 @@ from prelar_jax.envs.metaworld import canonical_task_name
 from prelar_jax.envs.workers import ParallelEnvs, make_metaworld_env
 
 # Keys that may change when a run is resumed (run length, logging, worker time-outs).
-RESUMABLE_KEYS = ("steps", "log", "env.step_timeout", "env.eval_envs", "pretrained")
+RESUMABLE_KEYS = ("steps", "log", "env.step_timeout", "env.eval_envs", "pretrained", "nonfinite_limit")
 
 
 def _seeds(*parts: int, count: int) -> list[int]:
@@ -193,6 +193,7 @@ class _Loop:
         self.next_batch = None
         self.last_time, self.last_env_step, self.last_updates = time.perf_counter(), counters["env_step"], counters["updates"]
         self.train_episodes: list[tuple[float, bool, int]] = []
+        self.monitor = run_utils.NonFiniteMonitor(config.nonfinite_limit, logger, ckpt.directory, ckpt.latest_step)
 
     # ------------------------------------------------------------------ schedule
     def _eval_due(self, step: int) -> bool:
@@ -255,6 +256,7 @@ class _Loop:
             elif stop.requested:
                 self.save(step)
         self._flush()
+        self.monitor.check()
 
     # ------------------------------------------------------------------ updates
     def _sample(self) -> dict[str, jax.Array]:
@@ -270,6 +272,7 @@ class _Loop:
             self.state, metrics = self.update_step(self.state, batch)
             self.counters["updates"] += 1
             self._flush()  # the previous update's metrics are ready by now (or soon)
+            self.monitor.observe(env_step, metrics["nonfinite"])
             if self.counters["updates"] % self.config.log.every == 0:
                 metrics = {k: run_utils.local_value(v) for k, v in metrics.items()}
                 for value in metrics.values():

@@ -21,7 +21,7 @@ from prelar_jax import checkpoint, config as config_lib, logger as logger_lib, m
 from prelar_jax.data import videos
 
 # Keys that may change when a run is resumed (run length, logging, data loading performance).
-RESUMABLE_KEYS = ("steps", "log", "data.prefetch_threads", "data.prefetch_buffer", "data.root",
+RESUMABLE_KEYS = ("steps", "log", "nonfinite_limit", "data.prefetch_threads", "data.prefetch_buffer", "data.root",
                   "data.video_list")
 
 
@@ -100,37 +100,42 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
             logger.log(*pending)
             pending = None
 
+    monitor = run_utils.NonFiniteMonitor(config.nonfinite_limit, logger, ckpt.directory, ckpt.latest_step)
     last_time, last_step = time.perf_counter(), start
     step = start
-    with run_utils.StopRequest() as stop, videos.BatchPrefetcher(
-            dataset, config.batch_size, config.sequence_length, seed=config.seed, start_step=start,
-            num_steps=max(config.steps - start, 0), num_threads=config.data.prefetch_threads,
-            buffer=config.data.prefetch_buffer) as batches:
-        for index, batch in batches:
-            state, metrics = train_step(state, parallel.put_batch(batch, mesh))
-            step = index + 1
-            flush_metrics()
-            if step % config.log.every == 0 or step == config.steps:
-                metrics = {k: run_utils.local_value(v) for k, v in metrics.items()}
-                for value in metrics.values():
-                    value.copy_to_host_async()
-                now = time.perf_counter()
-                rate = (step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                extra = {"perf/steps_per_second": rate,
-                         "perf/frames_per_second": rate * config.batch_size * config.sequence_length,
-                         **{f"data/{k}": v for k, v in dataset.stats().items()}}
-                pending = (step, {**metrics, **extra})
-            if step % config.log.media_every == 0 or step == config.steps:
-                save_media(step)
-            if step % config.log.checkpoint_every == 0 or step == config.steps or stop.requested:
-                flush_metrics()  # never lose the metrics of a checkpointed step
-                ckpt.save(step, state, {"step": step, "method": config.method, "preset": config.preset})
-            if stop.requested:
-                break
-    flush_metrics()
-    ckpt.close()
-    logger.close()
+    try:
+        with run_utils.StopRequest() as stop, videos.BatchPrefetcher(
+                dataset, config.batch_size, config.sequence_length, seed=config.seed, start_step=start,
+                num_steps=max(config.steps - start, 0), num_threads=config.data.prefetch_threads,
+                buffer=config.data.prefetch_buffer) as batches:
+            for index, batch in batches:
+                state, metrics = train_step(state, parallel.put_batch(batch, mesh))
+                step = index + 1
+                flush_metrics()
+                monitor.observe(step, metrics["nonfinite"])  # the previous update's flag
+                if step % config.log.every == 0 or step == config.steps:
+                    metrics = {k: run_utils.local_value(v) for k, v in metrics.items()}
+                    for value in metrics.values():
+                        value.copy_to_host_async()
+                    now = time.perf_counter()
+                    rate = (step - last_step) / max(now - last_time, 1e-9)
+                    last_time, last_step = now, step
+                    extra = {"perf/steps_per_second": rate,
+                             "perf/frames_per_second": rate * config.batch_size * config.sequence_length,
+                             **{f"data/{k}": v for k, v in dataset.stats().items()}}
+                    pending = (step, {**metrics, **extra})
+                if step % config.log.media_every == 0 or step == config.steps:
+                    save_media(step)
+                if step % config.log.checkpoint_every == 0 or step == config.steps or stop.requested:
+                    flush_metrics()  # never lose the metrics of a checkpointed step
+                    ckpt.save(step, state, {"step": step, "method": config.method, "preset": config.preset})
+                if stop.requested:
+                    break
+        flush_metrics()
+        monitor.check()
+    finally:
+        ckpt.close()
+        logger.close()
     finished = step >= config.steps
     summary = {"workdir": workdir, "step": step, "finished": finished,
                "checkpoints": os.path.join(workdir, "checkpoints"),

@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from prelar_jax.errors import UserError
+
 
 def local_value(value: jax.Array) -> jax.Array:
     """This process's replica of a replicated array (a multi-host global array cannot be read
@@ -44,3 +46,57 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteMonitor:
+    """Watches each update's ``nonfinite`` flag, one update late (no host synchronisation on the
+    update just dispatched), logs every skipped update with its step, and raises
+    ``NonFiniteError`` naming the last checkpoint after ``limit`` skipped updates in a row.
+
+    Skipped updates never change the parameters (see ``parallel.select_finite``), so the
+    checkpoints written before and during a streak are good.
+    """
+
+    def __init__(self, limit: int, logger, checkpoint_dir: str, latest_step):
+        self.limit = int(limit)
+        self.logger = logger
+        self.checkpoint_dir = checkpoint_dir
+        self.latest_step = latest_step  # callable -> newest finished checkpoint step or None
+        self.streak = 0
+        self.total = 0
+        self._pending = None  # (step, flag array) of the last update
+
+    def observe(self, step: int, flag: jax.Array | None) -> None:
+        """Registers the update logged as ``step`` and checks the one before it."""
+        self.check()
+        if flag is not None:
+            flag = local_value(flag)
+            flag.copy_to_host_async()
+            self._pending = (step, flag)
+
+    def check(self) -> None:
+        """Reads the pending flag (blocks until that update is done)."""
+        if self._pending is None:
+            return
+        step, flag = self._pending
+        self._pending = None
+        if float(flag) == 0.0:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.total += 1
+        self.logger.log(step, {"nonfinite/skipped_in_a_row": self.streak, "nonfinite/skipped_total": self.total})
+        print(f"[prelar] step {step}: non-finite loss or gradient, update skipped "
+              f"({self.streak} in a row, limit {self.limit})", flush=True)
+        if self.streak >= self.limit:
+            latest = self.latest_step()
+            where = (f"the last checkpoint is {self.checkpoint_dir}/{latest} (parameters are never "
+                     "overwritten by skipped updates)") if latest is not None else "no checkpoint was written yet"
+            raise NonFiniteError(
+                f"{self.streak} updates in a row (up to step {step}) had a non-finite loss or "
+                f"gradient; stopping. {where}. Check the data for NaN/inf, lower the learning rate, "
+                "or raise --config.nonfinite_limit; re-running resumes from that checkpoint.")
