@@ -11,16 +11,28 @@ train state (so a run resumed on another mesh size just works), a checkpoint fro
 architecture must give one readable error instead of an orbax tree diff or a "Too many leaves
 for PyTreeDef" failure, and saves must be asynchronous so training continues while orbax writes.
 
-Orbax writes each step into ``<step>.orbax-checkpoint-tmp-<timestamp>`` and renames it when the
-save is complete, so a save interrupted by a crash is never listed as a step; leftover
+Orbax writes each step into ``<step>.orbax-checkpoint-tmp[-<timestamp>]`` and renames it when
+the save is complete, so a save interrupted by a crash is never listed as a step; leftover
 temporary directories are deleted when the next ``Checkpointer`` opens the directory.
+
+A save that fails (full disk, quota, read-only or failing disk) surfaces, with asynchronous saves,
+at the next ``save``, ``wait_until_finished`` or ``close``: orbax raises tensorstore's
+``ValueError('RESOURCE_EXHAUSTED: ... No space left on device')`` and forgets every step in its
+in-memory list, including the intact previous ones. ``Checkpointer`` turns that into one
+``CheckpointSaveError`` naming the directory and the intact previous step, deletes the half-written
+temporary directory (it may be what filled the disk) and re-reads the steps from disk.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
-from typing import Any
+import shutil
+import threading
+import time
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -34,6 +46,74 @@ METADATA_ITEM = "metadata"
 
 class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint's tree (paths or shapes) does not match the state it is restored into."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """There is no finished checkpoint (for the requested step) in the directory."""
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint could not be written (full disk, quota, permissions, failing disk); the
+    previous checkpoint is intact and the half-written one is never listed as a step."""
+
+
+# Texts of the OS errors that make a save fail for reasons outside the program. Tensorstore (which
+# writes the arrays) reports them inside a ValueError, e.g. "RESOURCE_EXHAUSTED: ... Failed to write
+# ... No space left on device [os_error_code='28']"; Python writes raise OSError.
+_SPACE_ERRORS = ("No space left on device", "Disk quota exceeded")
+_STORAGE_ERRORS = _SPACE_ERRORS + ("Read-only file system", "Permission denied", "Input/output error",
+                                   "File too large", "os_error_code")
+
+
+def _storage_problem(error: BaseException) -> str | None:
+    """A short description of the storage problem behind ``error``, or None if it is not one
+    (then it is a bug and keeps its traceback)."""
+    if isinstance(error, (TimeoutError, ConnectionError)):  # hosts not answering: not the disk
+        return None
+    if isinstance(error, OSError) and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}" + (f": {error.filename}" if error.filename else "")
+    if isinstance(error, OSError):
+        return str(error) or type(error).__name__
+    text = str(error)
+    for marker in _STORAGE_ERRORS:
+        if marker in text:
+            return marker if marker != "os_error_code" else text[:300]
+    return None
+
+
+class _QuietStorageErrors(logging.Filter):
+    """Drops the logs of a storage problem that orbax writes with background-thread tracebacks,
+    and asyncio's "exception was never retrieved" reports of the same error for orbax's
+    abandoned write tasks: ``Checkpointer`` re-raises the problem as one ``CheckpointSaveError``
+    saying what to do, and command-line entry points print user errors without tracebacks.
+    Every other log passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = "orbax" in record.pathname
+        unretrieved = record.name == "asyncio" and "never retrieved" in record.getMessage()
+        if not (from_orbax or unretrieved):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and _storage_problem(error) is not None:
+            return False
+        return not any(marker in record.getMessage() for marker in _STORAGE_ERRORS)
+
+
+_QUIET_STORAGE_ERRORS = _QuietStorageErrors()
+
+
+def _human_bytes(count: float) -> str:
+    """'512 bytes', '56.0 KiB', '1.1 MiB', ..."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    index = 0
+    while count >= 1024 and index < len(units) - 1:
+        count, index = count / 1024, index + 1
+    return f"{count:.0f} bytes" if index == 0 else f"{count:.1f} {units[index]}"
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+                   if hasattr(leaf, "shape") and hasattr(leaf, "dtype")))
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -89,48 +169,128 @@ class Checkpointer:
     Use one instance per run directory and call it from every process (orbax coordinates hosts).
     ``save`` returns as soon as the arrays have been copied to host memory, so the caller may
     donate or overwrite the state right away; ``wait_until_finished``/``close`` block until the
-    files are complete.
+    files are complete. A failed save raises ``CheckpointSaveError`` from the call that finds it
+    (that save, the next one, ``wait_until_finished`` or ``close``).
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        for name in ("absl", "asyncio"):  # orbax logs through absl; adding a filter twice is a no-op
+            logging.getLogger(name).addFilter(_QUIET_STORAGE_ERRORS)
+        self._manager = self._open()
+        self._pending: tuple[int, int] | None = None  # (step, bytes) of a save that may be running
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_item_handlers())
 
     def latest_step(self) -> int | None:
         """The newest completely written step, or None when there is none."""
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        """All completely written steps, oldest first."""
-        return sorted(self._manager.all_steps())
+        """All completely written steps, oldest first (a save still being written is not one)."""
+        if self._pending is None:
+            return sorted(self._manager.all_steps())
+        # Orbax lists a step as soon as its save starts and drops the ones it will prune; until the
+        # save is finished the finished step directories on disk are the truth (orbax renames a
+        # step's temporary directory to "<step>" when it is complete).
+        return sorted(int(name) for name in os.listdir(self.directory)
+                      if name.isdigit() and os.path.isdir(os.path.join(self.directory, name)))
 
     def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None, force: bool = False) -> bool:
         """Starts writing ``state`` and ``metadata`` as ``step``; returns whether a save was started.
 
         Returns False (and writes nothing) for a step that is not newer than the latest saved
         one; ``force=True`` instead raises orbax's StepAlreadyExistsError for an existing step.
+        Raises ``CheckpointSaveError`` if this save, or the previous asynchronous one, could not
+        be written.
         """
         metadata = json.loads(json.dumps(dict(metadata or {}), default=_json_default))
+        self._finish_pending()  # the previous save's failure belongs to the previous step
         args = ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(state), METADATA_ITEM: ocp.args.JsonSave(metadata)}
         )
-        return bool(self._manager.save(int(step), args=args, force=force))
+        size = _nbytes(state)
+        try:
+            started = bool(self._manager.save(int(step), args=args, force=force))
+        except Exception as error:
+            self._fail(int(step), size, error)
+        if started and self._options.enable_async_checkpointing:
+            self._pending = (int(step), size)
+        return started
+
+    def _finish_pending(self) -> None:
+        """Blocks until the save in flight is on disk; its failure becomes ``CheckpointSaveError``."""
+        pending, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            step, size = pending if pending is not None else (None, 0)
+            self._fail(step, size, error)
+
+    def _drain_failed_writes(self, timeout: float = 60.0) -> None:
+        """Waits for the failed save's other writes: orbax stops waiting at the first error, and
+        deleting the temporary directory under a write still running would let it come back.
+
+        Orbax runs each write in a thread of its own (a class defined in orbax); without such
+        threads to wait for, the directory is still never a step and the next run deletes it.
+        """
+        deadline = time.monotonic() + timeout
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+                # threading.Thread.join: orbax's own join re-raises the write's error.
+                threading.Thread.join(thread, timeout=max(deadline - time.monotonic(), 0.0))
+
+    def _fail(self, step: int | None, size: int, error: Exception) -> NoReturn:
+        """Cleans up after a failed save of ``step`` and raises; never returns.
+
+        Deletes the step's temporary directory (a full disk is often full of it) and re-reads the
+        finished steps from disk, since orbax dropped them all from its in-memory list.
+        """
+        self._drain_failed_writes()
+        if step is not None and jax.process_index() == 0:
+            for partial in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001 -- it already failed; a fresh manager replaces it
+            pass
+        self._manager = self._open()
+        problem = _storage_problem(error)
+        if problem is None:
+            raise error  # not a storage problem: a bug, keep the traceback
+        previous = self.latest_step()
+        what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        intact = (f"The previous checkpoint, step {previous}, is intact: re-running the same command resumes "
+                  "from it. " if previous is not None else
+                  "There is no earlier checkpoint in it, so a re-run starts from the beginning. ")
+        if any(marker in str(error) or marker in problem for marker in _SPACE_ERRORS):
+            kept = self._options.max_to_keep
+            todo = (f"Free disk space (a checkpoint holds about {_human_bytes(size)} of arrays"
+                    + (f", and up to {kept} are kept" if kept else "")
+                    + ") or use a --workdir on another disk, then re-run.")
+        else:
+            todo = "Fix the storage problem named above (permissions, read-only or failing disk), then re-run."
+        raise CheckpointSaveError(
+            f"could not write {what} to {self.directory}: {problem}. {intact}{todo}") from error
 
     def _resolve_step(self, step: int | None) -> int:
+        self._finish_pending()  # a save still being written is restorable once it is finished
         if step is None:
             step = self.latest_step()
             if step is None:
-                raise FileNotFoundError(
+                raise CheckpointNotFoundError(
                     f"no finished checkpoint in {self.directory}; check the --workdir, or start a fresh run."
                 )
-        elif step not in self._manager.all_steps():
-            raise FileNotFoundError(
+        elif step not in self.all_steps():
+            raise CheckpointNotFoundError(
                 f"no finished checkpoint for step {step} in {self.directory}; available steps: {self.all_steps()}"
             )
         return int(step)
@@ -182,13 +342,17 @@ class Checkpointer:
         return restored[STATE_ITEM], dict(restored[METADATA_ITEM] or {})
 
     def wait_until_finished(self) -> None:
-        """Blocks until every started save is completely on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is completely on disk; raises ``CheckpointSaveError``
+        if it could not be written."""
+        self._finish_pending()
 
     def close(self) -> None:
-        """Waits for pending saves, then releases orbax's background resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves, then releases orbax's background resources (also when the
+        pending save failed, whose ``CheckpointSaveError`` is then raised)."""
+        try:
+            self._finish_pending()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -201,16 +365,16 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
     """The JSON metadata of ``step`` (default: latest) without needing a train state, for tools."""
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist.")
+        raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist.")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
     try:
         if step is None:
             step = manager.latest_step()
             if step is None:
-                raise FileNotFoundError(f"no finished checkpoint in {directory}.")
+                raise CheckpointNotFoundError(f"no finished checkpoint in {directory}.")
         elif step not in manager.all_steps():
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"no finished checkpoint for step {step} in {directory}; available: {sorted(manager.all_steps())}"
             )
         restored = manager.restore(step, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))

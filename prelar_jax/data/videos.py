@@ -60,6 +60,13 @@ def _warn_skipped(reason: str, names: Sequence[str]) -> None:
     warnings.warn(msg, VideoDataWarning, stacklevel=3)
 
 
+def _length_summary(lengths: np.ndarray, limit: int = 8) -> str:
+    """'[12, 20, 24]' or, for many items, 'min 12, median 20, max 24' (frames per item)."""
+    if lengths.size <= limit:
+        return str(sorted(int(n) for n in lengths))
+    return f"min {int(lengths.min())}, median {int(np.median(lengths))}, max {int(lengths.max())}"
+
+
 class _VideoSource:
     """Shared sampling, skip bookkeeping and caching; subclasses index items and load frames.
 
@@ -108,7 +115,11 @@ class _VideoSource:
                 self._max_length = length
         _warn_skipped(f"fewer than {length} frames", newly_short)
         if ok.size == 0:
-            raise self._no_data(f"none has at least {length} frames")
+            longest = int(self._lengths.max()) if self._lengths.size else 0
+            raise self._no_data(
+                f"none has at least {length} frames: the longest of {self._lengths.size} has {longest}, "
+                f"lengths {_length_summary(self._lengths)}; use a sequence length of at most {longest} "
+                "(pre-training: --config.sequence_length) or longer videos")
         return ok
 
     def _no_data(self, why: str) -> NoVideoDataError:
@@ -254,6 +265,8 @@ class NpzEpisodeDataset(_VideoSource):
         except Exception as exc:  # not a zip, truncated, bad header
             return f"corrupt ({type(exc).__name__})", 0
         want = (self.size, self.size, 3)
+        if dtype.hasobject:  # loading it would need pickle, which can run arbitrary code
+            return "bad_format (image is a pickled object array; it is never loaded: store uint8 frames)", 0
         if dtype != np.uint8 or len(shape) != 4 or shape[1:] != want:
             return f"bad_format (image must be uint8 [L, {self.size}, {self.size}, 3]; got {dtype} {list(shape)})", 0
         return "", shape[0]
