@@ -397,7 +397,17 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
         raise PretrainedNotFoundError(
             f"--config.pretrained={pretrained_workdir}: {config_path} does not exist. Pass the --workdir "
             "of a pre-training run (experiments/pretrain.py), or '' to train from scratch.")
-    pre_config = config_lib.config_from_json(config_path)
+    try:
+        pre_config = config_lib.config_from_json(config_path)
+    except (OSError, ValueError) as error:
+        raise PretrainedNotFoundError(
+            f"--config.pretrained={pretrained_workdir}: cannot read {config_path} ({error}). Pass the "
+            "--workdir of a pre-training run whose config.json is intact.") from error
+    if "implicit_action" not in pre_config:
+        raise PretrainedNotFoundError(
+            f"--config.pretrained={pretrained_workdir} is not a pre-training workdir (its config.json has "
+            f"method {pre_config.get('method')!r} and no implicit_action block; it looks like a fine-tuning "
+            "run). Pass the --workdir of experiments/pretrain.py.")
     model = PretrainModel(pre_config)
     abstract = jax.eval_shape(lambda k: model.init_state(k, make_optimizer(pre_config)),
                               jax.random.key(0))

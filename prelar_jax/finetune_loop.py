@@ -34,7 +34,7 @@ from absl import logging as absl_logging
 from prelar_jax import agent as agent_lib
 from prelar_jax import checkpoint, config as config_lib, logger as logger_lib, media, parallel, run_utils
 from prelar_jax.data.replay import Replay
-from prelar_jax.envs.metaworld import canonical_task_name
+from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
 from prelar_jax.envs.workers import ParallelEnvs, make_metaworld_env
 
 # Keys that may change when a run is resumed (run length, logging, worker time-outs).
@@ -70,6 +70,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     """Fine-tunes to ``config.steps`` environment steps in ``workdir``; returns a summary dict."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     config_lib.validate_finetune_config(config)
+    # Before anything slow: no offscreen rendering means one clear error naming the packages (and
+    # an OSMesa fallback, set here, is inherited by the spawned environment workers).
+    check_rendering_backend()
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(devices)
     parallel.check_batch_divides(config.batch_size, mesh)

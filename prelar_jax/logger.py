@@ -333,8 +333,13 @@ def check_config_matches(
     path = os.path.join(os.fspath(workdir), CONFIG_JSON)
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigMismatchError(
+            f"cannot read {path} ({error}); it is not the config this workdir was written with. Restore "
+            f"it, or pass a new --workdir (the checkpoints in {os.fspath(workdir)} are untouched).") from error
     differences = config_differences(saved, config, ignore)
     if not differences:
         return []

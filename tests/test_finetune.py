@@ -108,6 +108,13 @@ def test_load_pretrained_errors(pretrained_dir, tmp_path):
     assert "params/rssm/" in message and "model.deter: pre-training 32, fine-tuning 16" in message
     with pytest.raises(agent_lib.PretrainedNotFoundError, match="pre-training run"):
         agent_lib.load_pretrained(str(tmp_path / "nowhere"), params, stats, config.model)
+    finetune_dir = tmp_path / "a_finetuning_run"
+    logger_lib.write_config(finetune_dir, config.to_dict())
+    with pytest.raises(agent_lib.PretrainedNotFoundError, match="not a pre-training workdir"):
+        agent_lib.load_pretrained(str(finetune_dir), params, stats, config.model)
+    (finetune_dir / "config.json").write_text("{ not json")
+    with pytest.raises(agent_lib.PretrainedNotFoundError, match="cannot read"):
+        agent_lib.load_pretrained(str(finetune_dir), params, stats, config.model)
 
 
 def random_batch(config, seed=0):
