@@ -175,6 +175,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     summary = {"workdir": workdir, "env_step": counters["env_step"], "updates": counters["updates"],
                "finished": finished, "metrics": os.path.join(workdir, "metrics.jsonl"),
                "checkpoints": os.path.join(workdir, "checkpoints"), "media": os.path.join(workdir, "media")}
+    if jax.process_index() == 0:  # for tools (the benchmark runner): did this run finish?
+        logger_lib.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
     print(f"[prelar] {'finished' if finished else 'stopped'} at environment step "
           f"{counters['env_step']}/{config.steps} ({counters['updates']} updates). Results in {workdir}: "
           "metrics.jsonl (eval/success_rate, eval/return), config.json, checkpoints/, replay/, media/",

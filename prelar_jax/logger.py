@@ -280,6 +280,11 @@ def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
     _atomic_write(os.path.join(workdir, CONFIG_YAML), yaml.safe_dump(plain, sort_keys=True, default_flow_style=False))
 
 
+def atomic_write_json(path: str, value: Any) -> None:
+    """``value`` as indented JSON, written to a temporary name and renamed (never half-written)."""
+    _atomic_write(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
 def _atomic_write(path: str, text: str) -> None:
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as handle:

@@ -198,6 +198,7 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     config = finetune_config(**{"pretrained": str(pre_workdir), "steps": 400})
     summary = finetune_loop.run(config, str(workdir), devices=jax.devices()[:1])
     assert summary["finished"] and summary["env_step"] == 400
+    assert json.loads((workdir / "summary.json").read_text())["env_step"] == 400
     # 5 warm-up updates at 200, then one per train_every=10 steps.
     assert summary["updates"] == config.pretrain + (400 - config.prefill) // config.train_every
     records = _metrics(workdir)
