@@ -54,12 +54,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = config_lib.model_config("paper")
 
     # Real actions -> the RSSM's action slot. 'mlp': Linear(4->hidden), ELU, Linear(hidden->code)
-    # (the original ActionEncoder, deter 64); 'none': raw actions (DreamerV2).
+    # (the original ActionEncoder, deter 64); 'none': raw actions (DreamerV2); 'pad': zero-padded
+    # to code_size (APV's fill_action 50).
     c.action_encoder = ml_collections.ConfigDict()
     c.action_encoder.kind = "mlp"
     c.action_encoder.code_size = 64
     c.action_encoder.hidden = 1024
     c.action_dim = 4
+    # APV (configs/apv_finetune.py): the pre-trained RSSM becomes an action-free RSSM under a new
+    # action-conditional one (spec 9.1).
+    c.stacked = False
 
     c.heads = ml_collections.ConfigDict()
     c.heads.layers = 4

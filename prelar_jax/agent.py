@@ -10,6 +10,10 @@ PreLAR and DreamerV2 are configurations of this one class:
   rate 0 for the first ``pretrain`` updates.
 * DreamerV2: plain-CNN encoder and decoder, raw actions into the RSSM, no bonus, no auxiliary
   head, one optimiser group.
+* APV (``stacked``, spec 9.1): the pre-trained action-free RSSM (``af_rssm``, fed zeros) reads the
+  encoder embedding; a new action-conditional RSSM reads its features, with the real action
+  zero-padded to 50 (``action_encoder.kind = 'pad'``); the bonus reads the action-free features.
+  Without ``stacked``, ``'pad'`` with APV weights is the "naive fine-tune" ablation.
 
 One update (``update``) is a world-model step followed by an actor-critic step on the same
 batch: the posteriors of the world-model forward pass (detached) seed imagination in the
@@ -47,6 +51,15 @@ ACTOR_CRITIC_MODULES = ("actor", "critic")
 PRETRAINED_MODULES = ("encoder", "decoder", "rssm")  # what load_pretrained copies
 
 
+def pretrained_module_map(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Pre-training module -> fine-tuning module: APV's stacked agent takes the pre-trained RSSM
+    as its action-free RSSM."""
+    mapping = {name: name for name in PRETRAINED_MODULES}
+    if config.get("stacked", False):
+        mapping["rssm"] = "af_rssm"
+    return mapping
+
+
 @flax.struct.dataclass
 class AgentState:
     """Everything that changes during fine-tuning; jitted, sharded and checkpointed as a whole."""
@@ -73,8 +86,13 @@ class FinetuneAgent(world_model.ImageWorldModel):
         elif kind == "none":
             code = config.action_dim
             self.action_encoder = None
+        elif kind == "pad":
+            code = config.action_encoder.code_size
+            self.action_encoder = None
         else:
-            raise ValueError(f"action_encoder.kind={kind!r}: expected 'mlp' or 'none'")
+            raise ValueError(f"action_encoder.kind={kind!r}: expected 'mlp', 'none' or 'pad'")
+        self.action_kind = kind
+        self.stacked = bool(config.stacked)
         super().__init__(config.model, config.image_size, code, bn_axis_name)
         heads = config.heads
         self.reward_head = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
@@ -99,6 +117,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
 
     def world_model_modules(self) -> tuple[str, ...]:
         names = ["encoder", "decoder", "rssm", "reward"]
+        if self.stacked:
+            names.append("af_rssm")
         if self.action_encoder is not None:
             names.append("action_encoder")
         if self.aux_reward_head is not None:
@@ -133,6 +153,12 @@ class FinetuneAgent(world_model.ImageWorldModel):
         params, stats = {}, {}
         self._init_world_model(keys[:3], params, stats)
         feat = jnp.zeros((2, self.feat_dim))
+        if self.stacked:
+            # The RSSM the base class built (zeros action of the same width, encoder embedding)
+            # is the action-free one; the action-conditional RSSM reads its features.
+            params["af_rssm"] = params.pop("rssm")
+            params["rssm"] = self.rssm.init(keys[1], self.rssm.initial(2), jnp.zeros((2, self.action_dim)),
+                                            feat, jnp.ones((2,), bool))["params"]
         if self.action_encoder is not None:
             params["action_encoder"] = self.action_encoder.init(
                 keys[3], jnp.zeros((2, self.config.action_dim)))["params"]
@@ -143,7 +169,11 @@ class FinetuneAgent(world_model.ImageWorldModel):
         params["critic"] = self.critic.init(keys[7], feat)["params"]
         return params, stats
 
-    def embed_dim(self) -> int:
+    def bonus_feature_dim(self) -> int:
+        """Width of the intrinsic bonus's features: the encoder embedding, or the action-free
+        RSSM's feature when stacked (APV)."""
+        if self.stacked:
+            return self.feat_dim
         frames = jax.ShapeDtypeStruct((1, 1, self.image_size, self.image_size, 3), jnp.uint8)
         params, stats = jax.eval_shape(self.init, jax.random.key(0))
         return jax.eval_shape(lambda p, s, f: self._encode_frames(p, s, {}, f, False)[1],
@@ -153,7 +183,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
                    batch_stats: Params | None = None) -> AgentState:
         """A fresh state, built by one compiled function. ``params``/``batch_stats`` (e.g. with
         pre-trained modules loaded) replace the fresh ones; optimiser states start from them."""
-        embed_dim = self.embed_dim()
+        embed_dim = self.bonus_feature_dim()
 
         def build(key, params, batch_stats):
             init_key, intrinsic_key = jax.random.split(key)
@@ -181,9 +211,20 @@ class FinetuneAgent(world_model.ImageWorldModel):
 
     def encode_action(self, params: Params, action: jax.Array) -> jax.Array:
         """Real actions ``[..., 4]`` -> the RSSM's action input ``[..., action_dim]``."""
+        if self.action_kind == "pad":  # APV's fill_action: zero-padded to the RSSM's width
+            pad = [(0, 0)] * (action.ndim - 1) + [(0, self.action_dim - action.shape[-1])]
+            return jnp.pad(action.astype(jnp.float32), pad)
         if self.action_encoder is None:
             return action.astype(jnp.float32)
         return self.action_encoder.apply({"params": params["action_encoder"]}, action).astype(jnp.float32)
+
+    def _action_free_features(self, params: Params, embed: jax.Array, is_first: jax.Array,
+                              keys: jax.Array) -> jax.Array:
+        """APV's stacked model: the action-free RSSM's posterior features ``[B, T, F]`` (it is
+        fed zeros, as in pre-training), which the action-conditional RSSM reads as its input."""
+        zeros = jnp.zeros(embed.shape[:2] + (self.action_dim,), jnp.float32)
+        post, _ = world_model.observe(self.rssm, params["af_rssm"], embed, zeros, is_first, keys)
+        return feature(post)
 
     def world_model_loss(self, params: Params, stats: Params, bonus: Any, batch: dict[str, jax.Array],
                          key: jax.Array, example_index: jax.Array):
@@ -209,6 +250,9 @@ class FinetuneAgent(world_model.ImageWorldModel):
         frames, embed = self._encode_frames(params, stats, new_stats, image, train=True)
         codes = self.encode_action(params, action)
         keys = world_model.example_keys(key, example_index, length)
+        if self.stacked:
+            af_keys = world_model.example_keys(jax.random.fold_in(key, 1), example_index, length)
+            embed = self._action_free_features(params, embed, is_first, af_keys)  # [B, T, F]
         post, prior = world_model.observe(self.rssm, params["rssm"], embed, codes, is_first, keys)
         kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
                                                            cfg.kl_balance, cfg.kl_free)
@@ -324,10 +368,13 @@ class FinetuneAgent(world_model.ImageWorldModel):
     # ------------------------------------------------------------------------------------------
 
     def initial_carry(self, num_envs: int) -> dict[str, Any]:
-        """The policy's recurrent state for ``num_envs`` environments: the latent and the
-        previous action (both zero; ``is_first`` masks them anyway)."""
-        return {"latent": self.rssm.initial(num_envs),
-                "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32)}
+        """The policy's recurrent state for ``num_envs`` environments: the latent(s) and the
+        previous action (all zero; ``is_first`` masks them anyway)."""
+        carry = {"latent": self.rssm.initial(num_envs),
+                 "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32)}
+        if self.stacked:
+            carry["af_latent"] = self.rssm.initial(num_envs)
+        return carry
 
     def policy(self, params: Params, stats: Params, carry: dict[str, Any], image: jax.Array,
                is_first: jax.Array, key: jax.Array, explore: bool) -> tuple[jax.Array, dict[str, Any]]:
@@ -338,8 +385,14 @@ class FinetuneAgent(world_model.ImageWorldModel):
         num_envs = image.shape[0]
         _, embed = self._encode_frames(params, stats, {}, image[:, None], train=False)
         code = self.encode_action(params, carry["action"])
-        latent_key, action_key = jax.random.split(key)
-        latent, _ = self.rssm.apply({"params": params["rssm"]}, carry["latent"], code, embed[:, 0],
+        latent_key, action_key, af_key = jax.random.split(key, 3)
+        embed, new_carry = embed[:, 0], {}
+        if self.stacked:
+            zeros = jnp.zeros((num_envs, self.action_dim), jnp.float32)
+            af_latent, _ = self.rssm.apply({"params": params["af_rssm"]}, carry["af_latent"], zeros, embed,
+                                           is_first, jax.random.split(af_key, num_envs), method=RSSM.obs_step)
+            embed, new_carry = feature(af_latent), {"af_latent": af_latent}
+        latent, _ = self.rssm.apply({"params": params["rssm"]}, carry["latent"], code, embed,
                                     is_first, jax.random.split(latent_key, num_envs),
                                     method=RSSM.obs_step)
         mean, std = self.actor.apply({"params": params["actor"]}, feature(latent))
@@ -348,13 +401,16 @@ class FinetuneAgent(world_model.ImageWorldModel):
                 jax.random.split(action_key, num_envs), mean, std)
         else:
             action = mean
-        return action, {"latent": latent, "action": action}
+        return action, {"latent": latent, "action": action, **new_carry}
 
     def open_loop(self, params: Params, stats: Params, batch: dict[str, jax.Array], key: jax.Array,
                   context: int) -> jax.Array:
         """Open-loop prediction ``[B, T, H, W, 3]`` uint8 under the real actions of ``batch``."""
         _, embed = self._encode_frames(params, stats, {}, batch["image"], train=False)
         codes = self.encode_action(params, batch["action"])
+        if self.stacked:
+            keys = world_model.example_keys(jax.random.fold_in(key, 2), jnp.arange(embed.shape[0]), embed.shape[1])
+            embed = self._action_free_features(params, embed, batch["is_first"], keys)
         return self._open_loop(params, stats, embed, codes, batch["is_first"], key, context)
 
 
@@ -380,9 +436,10 @@ def _flat(tree: Any, prefix: str) -> dict[str, Any]:
 
 def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params,
                     finetune_model_config: ml_collections.ConfigDict,
-                    modules: tuple[str, ...] = PRETRAINED_MODULES) -> tuple[Params, Params, dict[str, list[str]]]:
-    """Copies ``modules`` (parameters and BatchNorm statistics) from the latest checkpoint of a
-    pre-training workdir into fresh agent ``params``/``batch_stats`` (host arrays).
+                    modules: dict[str, str] | None = None) -> tuple[Params, Params, dict[str, list[str]]]:
+    """Copies ``modules`` (pre-training name -> agent name; default: encoder, decoder and RSSM
+    under their own names) with their parameters and BatchNorm statistics from the latest
+    checkpoint of a pre-training workdir into fresh agent ``params``/``batch_stats`` (host arrays).
 
     Returns the new trees and a report ``{'loaded', 'initialised', 'ignored'}`` of parameter
     paths. Raises ``PretrainedMismatchError`` naming every differing shape (and the config keys
@@ -426,22 +483,25 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     differences = [f"model.{k}: pre-training {pre_config.model[k]!r}, fine-tuning {finetune_model_config[k]!r}"
                    for k in sorted(finetune_model_config) if k in pre_config.model
                    and k not in ("compute_dtype", "remat") and pre_config.model[k] != finetune_model_config[k]]
+    modules = {name: name for name in PRETRAINED_MODULES} if modules is None else modules
     new_params, new_stats = dict(params), dict(batch_stats)
-    problems, loaded = [], []
-    for name in modules:
+    problems, loaded, used = [], [], []
+    for source, target in modules.items():
         for tree, new_tree, label in ((restored.params, new_params, "params"),
                                       (restored.batch_stats, new_stats, "batch_stats")):
-            if name not in tree and name not in new_tree:
+            if source not in tree and target not in new_tree:
                 continue
-            saved, wanted = _flat(tree.get(name, {}), f"{label}/{name}"), _flat(new_tree.get(name, {}), f"{label}/{name}")
+            saved = _flat(tree.get(source, {}), f"{label}/{target}")
+            wanted = _flat(new_tree.get(target, {}), f"{label}/{target}")
             for path in sorted(set(saved) | set(wanted)):
                 if path not in saved or path not in wanted:
                     problems.append(f"  {path}: {'missing in the pre-trained model' if path not in saved else 'not in the agent'}")
                 elif saved[path].shape != wanted[path].shape:
                     problems.append(f"  {path}: pre-trained {tuple(saved[path].shape)}, agent {tuple(wanted[path].shape)}")
-            if not problems and name in tree:
-                new_tree[name] = jax.tree.map(np.asarray, tree[name])
+            if not problems and source in tree:
+                new_tree[target] = jax.tree.map(np.asarray, tree[source])
                 loaded.extend(saved)
+                used.extend(_flat(tree[source], f"{label}/{source}"))
     if problems:
         hint = ("\nDifferent model config keys:\n  " + "\n  ".join(differences)) if differences else ""
         raise PretrainedMismatchError(
@@ -454,7 +514,7 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
         "loaded": sorted(loaded),
         "initialised": sorted(all_agent - set(loaded)),
         "ignored": sorted((set(_flat(restored.params, "params")) | set(_flat(restored.batch_stats, "batch_stats")))
-                          - set(loaded)),
+                          - set(used)),
         "step": int(metadata.get("step", restored.step)),
     }
     return new_params, new_stats, report

@@ -223,10 +223,16 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
            f"{c.prefill} random steps over env.num_envs={c.env.num_envs} environments give each "
            f"{per_env} steps, fewer than one episode (env.time_limit={c.env.time_limit}); learning "
            f"needs finished episodes. Use --config.prefill={c.env.num_envs * c.env.time_limit} or more.")
-    _check(c.action_encoder.kind in ("mlp", "none"), "action_encoder.kind",
-           f"{c.action_encoder.kind!r} is not 'mlp' or 'none'")
+    _check(c.action_encoder.kind in ("mlp", "none", "pad"), "action_encoder.kind",
+           f"{c.action_encoder.kind!r} is not 'mlp', 'none' or 'pad'")
     if c.action_encoder.kind == "mlp":
         _positive_ints(c, ("action_encoder.code_size", "action_encoder.hidden"))
+    if c.action_encoder.kind == "pad":
+        _check(c.action_encoder.code_size >= c.action_dim, "action_encoder.code_size",
+               f"'pad' fills actions into code_size slots; it must be >= action_dim={c.action_dim}")
+    if c.stacked:
+        _check(c.action_encoder.kind == "pad", "stacked",
+               "APV's stacked model feeds the real action zero-padded: set action_encoder.kind='pad'")
     _check(c.intrinsic.beta >= 0, "intrinsic.beta", "must be >= 0 (0 turns the bonus off)")
     if c.intrinsic.beta > 0:
         _positive_ints(c, ("intrinsic.window", "intrinsic.k", "intrinsic.queue_dim", "intrinsic.capacity"))
@@ -236,5 +242,6 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
     _check(1 <= c.log.media_context < c.sequence_length, "log.media_context",
            f"must be in [1, sequence_length) = [1, {c.sequence_length})")
     if c.pretrained:
-        _check(c.action_encoder.kind == "mlp", "action_encoder.kind",
-               "a pre-trained RSSM is conditioned on action codes; use 'mlp' with `pretrained`")
+        _check(c.action_encoder.kind != "none", "action_encoder.kind",
+               "a pre-trained RSSM is conditioned on 50-d or 64-d action codes, not raw actions; use "
+               "'mlp' (PreLAR) or 'pad' (APV) with `pretrained`")

@@ -96,7 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     if not resuming and config.pretrained:
         fresh_params, fresh_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(jax.random.split(key)[0]))
         params, stats, report = agent_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
-                                                          config.model)
+                                                          config.model, agent_lib.pretrained_module_map(config))
         print("[prelar] " + agent_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
         report_path = os.path.join(workdir, "pretrained_load.json")
         with open(report_path, "w", encoding="utf-8") as handle:

@@ -230,3 +230,45 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     metadata = checkpoint.read_metadata(workdir / "checkpoints")
     assert metadata["counters"]["env_step"] == 500
     assert metadata["replay"]["episodes"][:len(saved_replay)] == saved_replay
+
+
+def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
+    """APV (spec 9.1): the pre-trained RSSM becomes af_rssm; a new RSSM reads its features with
+    the action padded to 50; the world-model loss runs and the bonus reads af features."""
+    pre = config_lib.load_config("configs/apv_pretrain.py:tiny", {"data.root": "unused"})
+    assert pre.implicit_action.code_type == "none" and pre.loss.consistency == "off"
+    original = config_lib.load_config("configs/apv_pretrain.py:original_tiny")
+    assert original.model.encoder == "plain" and original.loss.kl_scale == 0.1
+    model = PretrainModel(pre)
+    saved_params, saved_stats = glorot_params(model, seed=5)
+    state = TrainState(step=np.int32(3), params=saved_params, batch_stats=saved_stats,
+                       opt_state=jax.tree.map(np.asarray, make_optimizer(pre).init(saved_params)))
+    logger_lib.write_config(tmp_path, pre.to_dict())
+    with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
+        ckpt.save(3, state, {"step": 3})
+
+    config = finetune_config("configs/apv_finetune.py:tiny", pretrained=str(tmp_path))
+    config_lib.validate_finetune_config(config)
+    agent = agent_lib.FinetuneAgent(config)
+    assert agent.pretrained_group() == ("encoder", "af_rssm")
+    params, stats = host_zeros(agent)
+    feat_dim = config.model.stoch * config.model.classes + config.model.deter
+    assert params["rssm"]["obs_out"]["kernel"].shape[0] == config.model.deter + feat_dim
+    new_params, new_stats, report = agent_lib.load_pretrained(
+        str(tmp_path), params, stats, config.model, agent_lib.pretrained_module_map(config))
+    jax.tree.map(np.testing.assert_array_equal, new_params["af_rssm"], saved_params["rssm"])
+    jax.tree.map(np.testing.assert_array_equal, new_params["rssm"], params["rssm"])  # new
+    assert any(p.startswith("params/af_rssm/") for p in report["loaded"])
+    assert not any(p.startswith("params/rssm/") for p in report["ignored"])  # used, as af_rssm
+
+    codes = agent.encode_action(new_params, np.ones((2, 3, 4), np.float32))
+    assert codes.shape == (2, 3, 50)
+    np.testing.assert_array_equal(codes[..., 4:], 0.0)
+    np.testing.assert_array_equal(codes[..., :4], 1.0)
+    bonus = agent.init_state(jax.random.key(0), new_params, new_stats).intrinsic
+    assert bonus.projection.shape[0] == feat_dim
+    batch = random_batch(config)
+    loss, (_, post, _, metrics) = jax.jit(agent.world_model_loss)(
+        new_params, new_stats, bonus, batch, jax.random.key(1), np.arange(config.batch_size))
+    assert np.isfinite(float(loss)) and post["deter"].shape == (config.batch_size, config.sequence_length, config.model.deter)
+    assert np.isfinite(float(metrics["intr_mean"]))

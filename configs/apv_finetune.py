@@ -1,0 +1,50 @@
+"""APV fine-tuning on a Meta-World task (spec 9.1): the pre-trained action-free RSSM (fed zeros)
+reads the encoder embedding; a new action-conditional RSSM reads its features with the real
+action zero-padded to 50; the decoder (pre-trained) and the heads read the new RSSM; the intrinsic
+bonus reads the action-free features; the encoder and the action-free RSSM are the optimiser
+group at learning rate 0 for the first ``pretrain`` updates.
+
+    python experiments/finetune.py --config=configs/apv_finetune.py:paper --config.task=drawer-open \
+        --config.pretrained=runs/apv_paper --workdir=runs/apv_drawer-open
+
+Presets match ``configs/apv_pretrain.py``: ``paper``/``small``/``tiny`` (the PreLAR repository's
+APV: ResNet, auxiliary reward head) and ``original``/``original_tiny`` (the original TF APV: plain
+CNN, no auxiliary head).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+PRESETS = ("paper", "small", "tiny", "original", "original_tiny")
+
+
+def _sibling(name: str):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    spec = importlib.util.spec_from_file_location(f"_{name[:-3]}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+    preset = preset or "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for APV fine-tuning; choose one of {PRESETS}")
+    original = preset.startswith("original")
+    sizes = {"original": "paper", "original_tiny": "tiny"}.get(preset, preset)
+    finetune = _sibling("prelar_finetune.py")
+    c = finetune.base_config()
+    if original:
+        c.model.encoder = "plain"
+    c = finetune.apply_preset(c, sizes)
+    c.method = "apv"
+    c.preset = preset
+    c.stacked = True
+    c.action_encoder.kind = "pad"
+    c.action_encoder.code_size = 50
+    c.optimizer.pretrained_group = "encoder,af_rssm"
+    if original:
+        c.loss.aux_reward_scale = 0.0
+    return c

@@ -1,0 +1,45 @@
+"""APV pre-training: action-free video prediction (spec 9.1), the pre-training code with no
+implicit actions (the RSSM is fed 50 zeros, APV's ``fill_action 50``) and no consistency loss.
+
+    python experiments/pretrain.py --config=configs/apv_pretrain.py:paper \
+        --config.data.root=data/videos --workdir=runs/apv_paper
+
+Presets: ``paper``, ``small``, ``tiny`` are the APV of the PreLAR repository (ResNet encoder and
+decoder with BatchNorm, KL scale 1.0), the baseline the PreLAR paper compares with;
+``original`` and ``original_tiny`` are the original TF APV (plain DreamerV2 CNN, KL scale 0.1).
+The sizes of ``paper``/``original`` are the paper's; the ``tiny`` ones are CPU smoke runs.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+PRESETS = ("paper", "small", "tiny", "original", "original_tiny")
+
+
+def _sibling(name: str):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    spec = importlib.util.spec_from_file_location(f"_{name[:-3]}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+    preset = preset or "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for APV pre-training; choose one of {PRESETS}")
+    original = preset.startswith("original")
+    sizes = {"original": "paper", "original_tiny": "tiny"}.get(preset, preset)
+    prelar = _sibling("prelar_pretrain.py")
+    c = prelar.apply_preset(prelar.base_config(), sizes)
+    c.method = "apv"
+    c.preset = preset
+    c.implicit_action.code_type = "none"
+    c.implicit_action.action_dim = 50
+    c.loss.consistency = "off"
+    if original:
+        c.model.encoder = "plain"
+        c.loss.kl_scale = 0.1
+    return c
