@@ -71,6 +71,9 @@ class PretrainModel(world_model.ImageWorldModel):
         if ia.code_type == "none":
             implicit_action = None
             action_dim = ia.action_dim
+        elif ia.code_type == "random":
+            implicit_action = None
+            action_dim = ia.stoch
         else:
             implicit_action = ImplicitActionEncoder(
                 code_type=ia.code_type, stoch=ia.stoch, deter=ia.deter, hidden=ia.hidden,
@@ -117,6 +120,11 @@ class PretrainModel(world_model.ImageWorldModel):
         ``(o_{t-1}, o_t)`` is ``a_t``, the action that produced ``o_t`` (Dreamer convention).
         """
         batch, length = embed.shape[:2]
+        if self.config.implicit_action.code_type == "random" and keys is not None:
+            # The ablation: codes from the prior, one per frame pair, unrelated to the frames.
+            noise = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (self.action_dim,))))(keys)
+            codes = self.config.implicit_action.prior_std * noise  # [B, T-1, A]
+            return {}, jnp.concatenate([jnp.zeros_like(codes[:, :1]), codes], axis=1)
         if self.implicit_action is None:
             return {}, jnp.zeros((batch, length, self.action_dim), jnp.float32)
         if self.implicit_action.input == "pixels":

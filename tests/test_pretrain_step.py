@@ -271,3 +271,20 @@ def test_make_optimizer_equals_torch_adam(clip):
     for name in params:
         np.testing.assert_allclose(current[name], expected[name], rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(current["w"]) - params["w"]).max() > 1e-3
+
+
+def test_random_code_ablation_draws_prior_codes_unrelated_to_the_frames():
+    config = load_config("tiny", **{"implicit_action.code_type": "random", "loss.consistency": "off"})
+    model = PretrainModel(config)
+    assert model.implicit_action is None and model.action_dim == config.implicit_action.stoch
+    embed = np.zeros((64, 5, 7), np.float32)
+    keys = jax.random.split(jax.random.key(0), 64 * 4).reshape(64, 4)
+    code_params, actions = model._codes({}, {}, {}, None, embed, keys, True)
+    _, same = model._codes({}, {}, {}, None, embed + 1.0, keys, True)
+    _, other = model._codes({}, {}, {}, None, embed, jax.random.split(jax.random.key(1), 256).reshape(64, 4), True)
+    assert code_params == {} and actions.shape == (64, 5, model.action_dim)
+    np.testing.assert_array_equal(actions[:, 0], 0.0)  # a_0 = 0, Dreamer convention
+    np.testing.assert_array_equal(actions, same)  # independent of the frames
+    assert not np.allclose(actions, other)
+    std = float(np.std(np.asarray(actions[:, 1:])))
+    assert abs(std - config.implicit_action.prior_std) < 0.05 * config.implicit_action.prior_std

@@ -9,7 +9,9 @@ It infers an action code from each pair of adjacent frames ``(o_{t-1}, o_t)``. T
 
 Code types: ``stoch`` (diagonal Gaussian, ``std = 2 * sigmoid(raw / 2)`` with no floor, sampled by
 reparameterisation), ``deter`` (a deterministic vector), ``mix`` (``[deter; stoch]``), and
-``none`` (no encoder at all: all-zero codes, which is APV's action-free pre-training).
+``none`` (no encoder at all: all-zero codes, which is APV's action-free pre-training) and
+``random`` (no encoder: codes drawn from the prior N(0, prior_std^2), independent of the frames;
+the "random codes instead of implicit actions" ablation).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prelar_jax.distributions import sigmoid2
 from prelar_jax.nets.common import MLP, Dtype
 from prelar_jax.nets.resnet import ResNetEncoder
 
-CODE_TYPES = ("stoch", "deter", "mix", "none")
+CODE_TYPES = ("stoch", "deter", "mix", "none", "random")
 INPUTS = ("pixels", "embed")
 
 
