@@ -140,6 +140,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     summary = {"workdir": workdir, "step": step, "finished": finished,
                "checkpoints": os.path.join(workdir, "checkpoints"),
                "metrics": os.path.join(workdir, "metrics.jsonl"), "media": os.path.join(workdir, "media")}
+    if jax.process_index() == 0:  # for tools (the benchmark runner): did this run finish?
+        logger_lib.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
     print(f"[prelar] {'finished' if finished else 'stopped'} at step {step}/{config.steps}. "
           f"Results in {workdir}: metrics.jsonl, config.json, checkpoints/, media/", flush=True)
     return summary

@@ -68,6 +68,7 @@ def test_short_run_lowers_loss_and_writes_workdir(squares, tmp_path):
     assert os.path.exists(os.path.join(workdir, "media", "open_loop_00000060.png"))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["steps"] == 60 and saved["preset"] == "tiny"
+    assert json.load(open(os.path.join(workdir, "summary.json")))["finished"] is True
 
 
 def test_resumed_run_equals_uninterrupted_run(squares, tmp_path):
