@@ -1,0 +1,89 @@
+"""The benchmark: PreLAR against APV and DreamerV2 (and ablations) on Meta-World tasks over seeds.
+
+    python experiments/benchmark.py --config=configs/benchmark.py:tiny --workdir=runs/bench_tiny
+    python experiments/benchmark.py --config=configs/benchmark.py:paper --workdir=runs/bench \
+        --config.methods=prelar,apv,dreamerv2,prelar_wo_cl --config.max_parallel=4
+    python experiments/benchmark.py --config=configs/benchmark.py:paper --workdir=runs/bench --report
+
+Every method is a pair (pre-training config + overrides, fine-tuning config + overrides) in
+``METHODS`` below; methods sharing a pre-training share its run. Presets: ``tiny`` (CPU smoke run
+of the whole pipeline in minutes), ``small`` (quarter-width models, 100k environment steps) and
+``paper`` (the original protocol: 600k pre-training updates, 256k environment steps, evaluation
+every 10k steps over 10 episodes, the six tasks of APV's reference results).
+"""
+
+import ml_collections
+
+PRESETS = ("tiny", "small", "paper")
+
+# name -> pre-training (config file, overrides) or None, fine-tuning (config file, overrides).
+METHODS = {
+    "prelar": (("configs/prelar_pretrain.py", {}), ("configs/prelar_finetune.py", {})),
+    # Ablations (spec 9.4 and the issue): same code, other configuration.
+    "prelar_wo_cl": (("configs/prelar_pretrain.py", {"loss.consistency": "off"}),
+                     ("configs/prelar_finetune.py", {})),
+    "prelar_wo_al_cl": (("configs/prelar_pretrain.py", {"implicit_action.code_type": "deter",
+                                                        "loss.consistency": "off"}),
+                        ("configs/prelar_finetune.py", {})),
+    "prelar_random_codes": (("configs/prelar_pretrain.py", {"implicit_action.code_type": "random",
+                                                            "loss.consistency": "off"}),
+                            ("configs/prelar_finetune.py", {})),
+    "prelar_sign": (("configs/prelar_pretrain.py", {"loss.consistency": "sign"}),
+                    ("configs/prelar_finetune.py", {})),
+    "prelar_naive": (("configs/prelar_pretrain.py", {}),
+                     ("configs/prelar_finetune.py", {"intrinsic.beta": 0.0, "loss.aux_reward_scale": 0.0})),
+    # Baselines.
+    "apv": (("configs/apv_pretrain.py", {}), ("configs/apv_finetune.py", {})),
+    "apv_original": (("configs/apv_pretrain.py", {}), ("configs/apv_finetune.py", {})),  # original presets
+    "dreamerv2": (None, ("configs/dreamerv2.py", {})),
+}
+# Methods whose config files are used with the "original" variant of the size preset.
+ORIGINAL_PRESETS = {"apv_original": {"paper": "original", "small": "original", "tiny": "original_tiny"}}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    preset = preset or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown benchmark preset {preset!r}; choose one of {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.methods = "prelar,apv,dreamerv2"
+    c.tasks = "drawer-open,lever-pull,door-lock,button-press-topdown-wall,reach,dial-turn"
+    c.seeds = 8
+    c.max_parallel = 1  # runs at once; each fine-tuning run also starts its environment workers
+    c.wandb_mode = "offline"
+
+    c.videos = ml_collections.ConfigDict()
+    c.videos.root = ""  # '' = render scripted-expert videos into <workdir>/videos
+    c.videos.episodes = 50  # per task (the 40 non-benchmark tasks)
+    c.videos.max_steps = 500
+    c.videos.workers = 2
+    c.videos.tasks_limit = 0  # 0 = all 40 default video tasks (the benchmark tasks are excluded)
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 600_000
+    c.pretrain.prelar = ""  # an existing pre-training workdir to reuse instead of pre-training
+    c.pretrain.apv = ""
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.steps = 256_000
+    c.finetune.eval_every = 10_000
+    c.finetune.eval_eps = 10
+    if preset == "small":
+        c.seeds = 3
+        c.pretrain.steps = 100_000
+        c.finetune.steps = 100_000
+        c.videos.episodes = 20
+    elif preset == "tiny":
+        c.methods = "prelar,dreamerv2"
+        c.tasks = "drawer-open"
+        c.seeds = 2
+        c.max_parallel = 2
+        c.videos.episodes = 1
+        c.videos.max_steps = 40
+        c.videos.tasks_limit = 4
+        c.pretrain.steps = 20
+        c.finetune.steps = 300
+        c.finetune.eval_every = 100
+        c.finetune.eval_eps = 1
+    return c

@@ -1,0 +1,171 @@
+"""Benchmark PreLAR against APV and DreamerV2 (and ablations) on Meta-World over tasks and seeds.
+
+    python experiments/benchmark.py --config=configs/benchmark.py:tiny --workdir=runs/bench_tiny
+    python experiments/benchmark.py --config=configs/benchmark.py:paper --workdir=runs/bench --report
+    python experiments/benchmark.py --config=configs/benchmark.py:paper --workdir=runs/bench --print
+
+Steps: render the action-free videos (unless ``videos.root`` is given), pre-train each distinct
+pre-training configuration once (``<workdir>/pretrain/<name>``), fine-tune every (method, task,
+seed) (``<workdir>/runs/<method>/<task>/seed_<n>``), then write ``results.csv``, ``summary.md``
+and the plots into ``<workdir>``. Runs go through ``prelar_jax.evaluation.runner``: finished runs
+are skipped, unfinished ones resume, a failing run is recorded in ``runs.json`` without stopping
+the others. ``--report`` only aggregates whatever has finished so far; ``--print`` prints the
+command line of every run (for a cluster scheduler) and exits.
+"""
+
+import importlib.util
+import os
+import shlex
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+DEFAULT_CONFIG = "configs/benchmark.py:tiny"
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Benchmark config and preset.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Benchmark directory (re-use it to resume).", required=True)
+_REPORT = flags.DEFINE_bool("report", False, "Only aggregate the finished evaluations into the report.")
+_PRINT = flags.DEFINE_bool("print", False, "Print one command line per run and exit.")
+
+
+def _methods_table(config_path: str):
+    spec = importlib.util.spec_from_file_location("_benchmark_methods", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.METHODS, getattr(module, "ORIGINAL_PRESETS", {})
+
+
+def _config_path() -> str:
+    for arg in sys.argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":")[0]
+            break
+    else:
+        path = DEFAULT_CONFIG.split(":")[0]
+    return path if os.path.exists(path) else os.path.join(ROOT, path)
+
+
+def plan(config, workdir: str, methods_table, original_presets):
+    """``(video_root, pretrain_specs, finetune_specs, pretrain_of_method)``; no side effects."""
+    from prelar_jax.config import ConfigError
+    from prelar_jax.evaluation.runner import RunSpec
+    from prelar_jax.evaluation.sweep import flag_value
+
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    unknown = [m for m in methods if m not in methods_table]
+    if unknown:
+        raise ConfigError(f"config.methods: unknown method(s) {unknown}; known: {sorted(methods_table)}")
+    if not tasks or config.seeds < 1:
+        raise ConfigError("config.tasks must name at least one task and config.seeds be >= 1")
+    python = sys.executable
+    video_root = config.videos.root or os.path.join(workdir, "videos")
+
+    def flags_of(overrides):
+        return [f"--config.{key}={flag_value(value)}" for key, value in sorted(overrides.items())]
+
+    pretrain_specs, pretrain_of_method = {}, {}
+    for method in methods:
+        pre, _ = methods_table[method]
+        if pre is None:
+            continue
+        path, overrides = pre
+        path = path if os.path.isabs(path) else os.path.join(ROOT, path)
+        preset = original_presets.get(method, {}).get(config.preset, config.preset)
+        reuse = config.pretrain.get("apv" if os.path.basename(path).startswith("apv") else "prelar", "")
+        if reuse and not overrides and preset == config.preset:
+            pretrain_of_method[method] = os.path.abspath(reuse)
+            continue
+        name = os.path.basename(path)[:-3].replace("_pretrain", "") + (f"_{preset}" if preset != config.preset else "")
+        name += "".join(f"_{k.split('.')[-1]}={flag_value(v)}" for k, v in sorted(overrides.items()))
+        run_dir = os.path.join(workdir, "pretrain", name)
+        pretrain_of_method[method] = run_dir
+        pretrain_specs[name] = RunSpec(
+            name=f"pretrain/{name}", workdir=run_dir, labels={"stage": "pretrain", "name": name},
+            command=[python, os.path.join(ROOT, "experiments", "pretrain.py"), f"--config={path}:{preset}",
+                     f"--config.data.root={video_root}", f"--config.steps={config.pretrain.steps}",
+                     f"--config.log.wandb_mode={config.wandb_mode}", *flags_of(overrides), f"--workdir={run_dir}"])
+    finetune_specs = []
+    for method in methods:
+        _, (path, overrides) = methods_table[method]
+        path = path if os.path.isabs(path) else os.path.join(ROOT, path)
+        preset = original_presets.get(method, {}).get(config.preset, config.preset)
+        for task in tasks:
+            for seed in range(config.seeds):
+                run_dir = os.path.join(workdir, "runs", method, task, f"seed_{seed}")
+                command = [python, os.path.join(ROOT, "experiments", "finetune.py"), f"--config={path}:{preset}",
+                           f"--config.task={task}", f"--config.seed={seed}",
+                           f"--config.steps={config.finetune.steps}",
+                           f"--config.eval_every={config.finetune.eval_every}",
+                           f"--config.eval_eps={config.finetune.eval_eps}",
+                           f"--config.log.wandb_mode={config.wandb_mode}", *flags_of(overrides)]
+                if method in pretrain_of_method:
+                    command.append(f"--config.pretrained={pretrain_of_method[method]}")
+                command.append(f"--workdir={run_dir}")
+                finetune_specs.append(RunSpec(name=f"{method}/{task}/seed_{seed}", workdir=run_dir, command=command,
+                                              labels={"method": method, "task": task, "seed": seed}))
+    return video_root, list(pretrain_specs.values()), finetune_specs, pretrain_of_method
+
+
+def report(workdir: str, finetune_specs) -> dict:
+    from prelar_jax.evaluation import report as report_lib
+    from prelar_jax.evaluation.runner import collect_results, write_results_csv
+
+    rows = collect_results(finetune_specs)
+    csv_path = os.path.join(workdir, "results.csv")
+    write_results_csv(rows, csv_path)
+    if not rows:
+        print(f"[benchmark] no evaluations finished yet; {csv_path} has only its header", flush=True)
+        return {"results": csv_path}
+    paths = report_lib.write_report(csv_path, workdir)
+    return {"results": csv_path, **paths}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from prelar_jax import errors
+
+    errors.exit_on_user_error(lambda: _main())
+
+
+def _main():
+    from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
+    from prelar_jax.evaluation.runner import FINISHED, SKIPPED, run_all
+
+    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    methods_table, original_presets = _methods_table(_config_path())
+    video_root, pretrain_specs, finetune_specs, _ = plan(config, workdir, methods_table, original_presets)
+    if _PRINT.value:
+        for spec in pretrain_specs + finetune_specs:
+            print(shlex.join(spec.command))
+        return
+    if not _REPORT.value:
+        os.makedirs(workdir, exist_ok=True)
+        if pretrain_specs and not config.videos.root and not os.path.isdir(video_root):
+            tasks = list(DEFAULT_TASKS)[: config.videos.tasks_limit or None]
+            print(f"[benchmark] rendering {config.videos.episodes} scripted-expert episodes for each of "
+                  f"{len(tasks)} tasks into {video_root}", flush=True)
+            generate_videos(video_root + ".partial", tasks=tasks, episodes_per_task=config.videos.episodes,
+                            max_steps=config.videos.max_steps, workers=config.videos.workers, verbose=False)
+            os.replace(video_root + ".partial", video_root)
+        results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"))
+        failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
+        runnable = [s for s in finetune_specs if not any(f"--config.pretrained={d}" in s.command for d in failed)]
+        if len(runnable) < len(finetune_specs):
+            print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
+                  f"pre-training failed (see {workdir}/logs/pretrain/runs.json)", flush=True)
+        run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"))
+    paths = report(workdir, finetune_specs)
+    print("[benchmark] " + ", ".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
+
+
+if __name__ == "__main__":
+    from prelar_jax import config as config_lib, errors
+
+    errors.exit_on_user_error(lambda: config_lib.check_override_flags(sys.argv, DEFAULT_CONFIG))
+    app.run(main)
