@@ -1,0 +1,221 @@
+"""Two cheap diagnostics of pre-training quality, without RL (issue 4, part 5).
+
+(a) World-model transfer: K world-model updates of the fine-tuning agent on random-action episodes
+    of the target task, initialised from PreLAR pre-training, from APV pre-training (optional) and
+    from scratch (DreamerV2); the open-loop prediction error (MSE per pixel in [0, 1], PSNR) on
+    other episodes of the task, before and after.
+(b) Implicit-action probe: a linear regression from PreLAR's implicit-action codes to the true
+    actions of held-out scripted videos (R² per action dimension), against a randomly initialised
+    model of the same config.
+
+    python experiments/diagnostics.py --pretrained=runs/prelar_tiny --apv_pretrained=runs/apv_tiny \
+        --task=drawer-open --out=runs/diagnostics_tiny
+
+The preset (world-model sizes of the fine-tuning configs) defaults to the pre-training workdir's.
+Scripted probe videos are generated into <out>/probe_videos unless --probe_videos names a
+directory of .npz episodes with actions; a re-run reuses them. Writes <out>/diagnostics.json and
+<out>/diagnostics.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
+
+# Non-benchmark tasks (pre-training videos may contain them; the probe's episodes are new ones,
+# drawn with another seed) with varied motions: reaching, pushing, pressing, turning.
+DEFAULT_PROBE_TASKS = "reach-wall,push,door-close,faucet-open"
+ACTION_NAMES = ("dx", "dy", "dz", "gripper")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", required=True, help="PreLAR pre-training workdir (experiments/pretrain.py)")
+    p.add_argument("--apv_pretrained", default="", help="APV pre-training workdir (optional)")
+    p.add_argument("--task", default="drawer-open", help="target Meta-World task of the transfer diagnostic")
+    p.add_argument("--preset", default="", help="fine-tuning preset (paper/small/tiny); default: the "
+                   "PreLAR workdir's pre-training preset")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--updates", type=int, default=50, help="world-model updates K of the transfer diagnostic")
+    p.add_argument("--pretrain_warmup", type=int, default=-1,
+                   help="updates with the pre-trained encoder/RSSM at learning rate 0 (the fine-tuning config's "
+                   "`pretrain`); -1 keeps the config's value")
+    p.add_argument("--train_episodes", type=int, default=10, help="random-action target episodes to update on")
+    p.add_argument("--eval_episodes", type=int, default=4, help="random-action target episodes to evaluate on")
+    p.add_argument("--episode_length", type=int, default=0,
+                   help="steps per target episode; default: the fine-tuning config's env.time_limit")
+    p.add_argument("--context", type=int, default=0, help="observed frames before open-loop prediction; "
+                   "default: the config's log.media_context")
+    p.add_argument("--probe_videos", default="", help="directory of scripted .npz episodes (with actions); "
+                   "default: generate them into <out>/probe_videos")
+    p.add_argument("--probe_tasks", default=DEFAULT_PROBE_TASKS, help="tasks of the generated probe videos")
+    p.add_argument("--probe_episodes", type=int, default=4, help="generated probe episodes per task")
+    p.add_argument("--probe_steps", type=int, default=100, help="steps per generated probe episode")
+    p.add_argument("--probe_seed", type=int, default=1000,
+                   help="seed of the generated probe videos (not the pre-training videos' seed 0)")
+    p.add_argument("--train_fraction", type=float, default=0.7, help="probe episodes used to fit the regression")
+    p.add_argument("--skip_probe", action="store_true")
+    p.add_argument("--skip_transfer", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None (strict JSON has neither; an undefined R²
+    of a constant action dimension is NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """The two diagnostics as Markdown tables (sections only for what was run)."""
+    lines = ["# Pre-training diagnostics", ""]
+    probe = results.get("probe")
+    if probe:
+        dims = len(next(iter(probe.values()))["r2"])
+        names = list(ACTION_NAMES[:dims]) + [f"a{i}" for i in range(len(ACTION_NAMES), dims)]
+        lines += [f"## Implicit-action probe (held-out R² of a linear map code -> action; "
+                  f"{probe_summary(probe)})", "",
+                  "| encoder | " + " | ".join(f"R² {n}" for n in names) + " | mean R² | fit / held-out pairs |",
+                  "|---|" + "---|" * (dims + 2)]
+        for name, res in probe.items():
+            lines.append(f"| {name} | " + " | ".join(_number(v, 3) for v in res["r2"])
+                         + f" | {_number(res['r2_mean'], 3)} | {res['train_pairs']} / {res['eval_pairs']} |")
+        lines.append("")
+    transfer = results.get("transfer")
+    if transfer:
+        first = next(iter(transfer.values()))
+        lines += [f"## World-model transfer ({results.get('task', '?')}: {first['updates']} updates, open-loop "
+                  f"prediction after {first['context']} context frames over {first['eval_windows']} windows)", "",
+                  "| initialisation | config | MSE before | MSE after | PSNR before (dB) | PSNR after (dB) "
+                  "| reconstruction MSE after | mean-frame MSE |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, res in transfer.items():
+            lines.append(f"| {name} | {res.get('config', res['method'])} | {_number(res['initial_mse'], 5)} | "
+                         f"{_number(res['mse'], 5)} | {_number(res['initial_psnr'], 2)} | "
+                         f"{_number(res['psnr'], 2)} | {_number(res.get('context_mse'), 5)} | "
+                         f"{_number(res.get('baseline_mse'), 5)} |")
+        lines += ["", "MSE per pixel in [0, 1] over the predicted frames only; reconstruction: the observed "
+                  "context frames; mean-frame: predicting the mean training frame everywhere.", ""]
+    return "\n".join(lines)
+
+
+def probe_summary(probe: dict[str, Any]) -> str:
+    res = next(iter(probe.values()))
+    return f"{len(res['train_episodes'])} fit / {len(res['eval_episodes'])} held-out episodes, code {res['code_type']}"
+
+
+def _probe_episodes(args, out: str):
+    from prelar_jax.data.generate import generate_videos
+    from prelar_jax.evaluation import probe
+
+    root = args.probe_videos or os.path.join(out, "probe_videos")
+    if not args.probe_videos and not any(name.endswith(".npz") for _, _, files in os.walk(root) for name in files):
+        tasks = [t.strip() for t in args.probe_tasks.split(",") if t.strip()]
+        print(f"[diagnostics] generating {args.probe_episodes} scripted episodes x {len(tasks)} tasks into {root}",
+              flush=True)
+        generate_videos(root, tasks=tasks, episodes_per_task=args.probe_episodes, max_steps=args.probe_steps,
+                        seed=args.probe_seed, verbose=False)
+    return probe.read_npz_episodes(root)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from prelar_jax import config as config_lib
+    from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
+    from prelar_jax.evaluation import probe, transfer
+
+    if args.updates < 0:
+        raise config_lib.ConfigError(f"--updates must be >= 0, got {args.updates}")
+    prelar_pre = probe.read_pretrain_config(args.pretrained)  # fails early on a bad workdir
+    apv_pre = probe.read_pretrain_config(args.apv_pretrained) if args.apv_pretrained else None
+    task = canonical_task_name(args.task)
+    preset = args.preset or prelar_pre.get("preset", "tiny")
+    check_rendering_backend()
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    key = jax.random.key(args.seed)
+    results: dict[str, Any] = {"task": task, "preset": preset, "args": vars(args)}
+    start = time.perf_counter()
+
+    if not args.skip_probe:
+        episodes = _probe_episodes(args, out)
+        probe_key = jax.random.fold_in(key, 0)  # the same episode split for both models
+        results["probe"] = {}
+        for name, workdir, config in (("PreLAR pre-trained", args.pretrained, None),
+                                      ("random init", None, prelar_pre)):
+            res = probe.implicit_action_probe(workdir, config, episodes, probe_key, args.train_fraction)
+            print(f"[diagnostics] probe {name}: R² {[round(v, 3) for v in res['r2']]}, mean {res['r2_mean']:.3f}",
+                  flush=True)
+            results["probe"][name] = res
+
+    if not args.skip_transfer:
+        runs = [("PreLAR", f"configs/prelar_finetune.py:{preset}", args.pretrained)]
+        if apv_pre is not None:
+            runs.append(("APV", f"configs/apv_finetune.py:{apv_pre.get('preset', preset)}", args.apv_pretrained))
+        runs.append(("scratch (DreamerV2)", f"configs/dreamerv2.py:{preset}", None))
+        configs = []
+        for name, spec, workdir in runs:
+            overrides = {"task": task, "log.wandb_mode": "disabled"}
+            if args.pretrain_warmup >= 0:
+                overrides["pretrain"] = args.pretrain_warmup
+            configs.append((name, spec, workdir, config_lib.load_config(spec, overrides)))
+        base = configs[0][3]
+        length = args.episode_length or base.env.time_limit
+        context = args.context or None
+        print(f"[diagnostics] collecting {args.train_episodes} + {args.eval_episodes} random-action episodes of "
+              f"{task} ({length} steps)", flush=True)
+        train = transfer.collect_random_episodes(task, args.train_episodes, length, seed=args.seed,
+                                                 size=base.image_size)
+        evaluation = transfer.collect_random_episodes(task, args.eval_episodes, length, seed=args.seed + 1,
+                                                      size=base.image_size)
+        transfer_key = jax.random.fold_in(key, 1)  # the same batches and evaluation samples for every run
+        results["transfer"] = {}
+        for name, spec, workdir, config in configs:
+            res = transfer.world_model_transfer(config, workdir, train, evaluation, args.updates, transfer_key,
+                                                context=context)
+            res["config"] = spec
+            print(f"[diagnostics] transfer {name}: MSE {res['initial_mse']:.5f} -> {res['mse']:.5f} "
+                  f"({res['seconds']:.0f} s)", flush=True)
+            results["transfer"][name] = res
+
+    results["seconds"] = time.perf_counter() - start
+    with open(os.path.join(out, "diagnostics.json"), "w", encoding="utf-8") as handle:
+        json.dump(json_safe(results), handle, indent=1)
+    with open(os.path.join(out, "diagnostics.md"), "w", encoding="utf-8") as handle:
+        handle.write(format_markdown(results))
+    print(f"[diagnostics] wrote {out}/diagnostics.json and diagnostics.md", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from prelar_jax import errors
+
+    return errors.exit_on_user_error(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
