@@ -209,7 +209,8 @@ def test_four_device_step_equals_one_device_step():
     chex.assert_trees_all_close(four_state.params, one_state.params, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(four_state.batch_stats, one_state.batch_stats, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(four_state.opt_state, one_state.opt_state, rtol=1e-5, atol=1e-5)
-    assert set(one_metrics) == LOSS_METRICS | CODE_METRICS | CONSISTENCY_METRICS | {"grad_norm"}
+    assert set(one_metrics) == LOSS_METRICS | CODE_METRICS | CONSISTENCY_METRICS | {"grad_norm", "nonfinite"}
+    assert float(one_metrics["nonfinite"]) == 0.0
     for name in sorted(one_metrics):
         np.testing.assert_allclose(
             four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-5,
