@@ -105,7 +105,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     state = agent.init_state(key, params, stats)
     state = parallel.put_replicated(state, mesh)
     counters = {"env_step": 0, "updates": 0, "episodes": 0, "train_credit": 0, "evals": 0,
-                "worker_restarts": 0, "dropped_episodes": 0, "warmed_up": 0}
+                "worker_restarts": 0, "dropped_episodes": 0, "warmed_up": 0,
+                "last_eval_step": -1}
     replay_dir = os.path.join(workdir, "replay")
     if resuming:
         state, metadata = ckpt.restore(state)
@@ -206,6 +207,9 @@ class _Loop:
         return step >= c.prefill and (step - c.prefill) // c.eval_every >= self.counters["evals"]
 
     def run(self) -> None:
+        """Steps, updates, evaluations and checkpoints. Everything logged at an environment step
+        happens before the checkpoint of that step, so a run resumed from it never logs that
+        step again, and lines are written in step order."""
         c, counters = self.config, self.counters
         rng = np.random.default_rng([c.seed, 7, counters["env_step"]])
         n = self.envs.num_envs
@@ -217,12 +221,6 @@ class _Loop:
         with run_utils.StopRequest() as stop:
             while counters["env_step"] < c.steps and not stop.requested:
                 step = counters["env_step"]
-                if step >= c.prefill and not counters["warmed_up"]:
-                    self.train(c.pretrain, step)  # world-model warm-up on the prefill data
-                    counters["warmed_up"] = 1
-                if self._eval_due(step):
-                    self.evaluate(step)
-                    counters["evals"] += 1
                 if step < c.prefill:
                     action = rng.uniform(-1.0, 1.0, (n, c.action_dim)).astype(np.float32)
                 else:
@@ -243,19 +241,27 @@ class _Loop:
                 stepped = int(np.sum(~obs["is_first"]))
                 previous, counters["env_step"] = step, step + stepped
                 step = counters["env_step"]
-                if counters["warmed_up"]:
+                if not counters["warmed_up"]:
+                    if step >= c.prefill:
+                        self.train(c.pretrain, step)  # world-model warm-up on the prefill data
+                        counters["warmed_up"] = 1
+                else:
                     counters["train_credit"] += stepped
                     due = counters["train_credit"] // c.train_every
                     counters["train_credit"] -= due * c.train_every
                     self.train(due * c.train_steps, step)
                 self._log_train(step)
+                if self._eval_due(step):
+                    self.evaluate(step)
+                    counters["evals"] += 1
                 if step // c.log.media_every > previous // c.log.media_every and counters["updates"] > 0:
                     self.save_media(step)
-                if step // c.log.checkpoint_every > previous // c.log.checkpoint_every or stop.requested:
+                crossed = step // c.log.checkpoint_every > previous // c.log.checkpoint_every
+                if (crossed and step < c.steps) or stop.requested:  # the last one comes after the final eval
                     self.save(step)
             step = counters["env_step"]
             if step >= c.steps and not stop.requested:
-                if self._last_eval_step != step:
+                if counters["last_eval_step"] != step:
                     self.evaluate(step)
                 self.save(step)
             elif stop.requested:
@@ -302,6 +308,7 @@ class _Loop:
     def _log_train(self, step: int) -> None:
         if not self.train_episodes:
             return
+        self._flush()  # pending update metrics carry an earlier step: write them first
         returns, success, length = zip(*self.train_episodes)
         self.train_episodes = []
         self.logger.log(step, {"train/return": float(np.mean(returns)),
@@ -310,8 +317,6 @@ class _Loop:
                                "train/episodes": self.counters["episodes"]})
 
     # ------------------------------------------------------------------ evaluation
-    _last_eval_step = -1
-
     def evaluate(self, step: int) -> None:
         """``eval_eps`` episodes with the policy's mode on the evaluation workers."""
         c, envs = self.config, self.eval_envs
@@ -333,7 +338,8 @@ class _Loop:
             frames += n
         finished = finished[:c.eval_eps]
         returns, success, length = zip(*finished)
-        self._last_eval_step = step
+        self.counters["last_eval_step"] = step
+        self._flush()  # pending update metrics carry an earlier step: write them first
         self.logger.log(step, {"eval/success_rate": float(np.mean(success)),
                                "eval/return": float(np.mean(returns)),
                                "eval/episodes": len(finished),

@@ -451,7 +451,7 @@ def test_finetune_sigterm_saves_at_the_current_step_and_exits(tmp_path):
     check_final_counters(config, final, steps)
     saved = metadata["replay"]["episodes"]
     assert final["replay"]["episodes"][:len(saved)] == saved
-    # Per kind of line, steps only go up (the file as a whole need not: see the xfail test below).
+    # Per kind of line, steps only go up (the whole file too: see the test below).
     rows = read_metrics(workdir)
     for kind in ("train", "update", "eval"):
         logged = [r["step"] for r in rows if line_kind(r) == kind]
@@ -460,12 +460,6 @@ def test_finetune_sigterm_saves_at_the_current_step_and_exits(tmp_path):
         r for r in stopped_rows if r["step"] < metadata["step"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finetune_loop._Loop: (1) run() logs the warm-up updates and the evaluation at step S after the "
-    "checkpoint of step S, and evaluates again when a finished run is re-run, while MetricsLogger only "
-    "removes lines with a step > S, so these lines appear twice; (2) _log_train/evaluate write a line "
-    "before the pending update metrics of an earlier step, so steps go back (W&B drops such rows). "
-    "See the report."))
 def test_finetune_metrics_lines_are_once_and_in_order_across_a_kill_and_a_rerun(tmp_path):
     """Two runs side by side. A: killed once both the evaluation and the checkpoint at ``prefill``
     are written (today the checkpoint comes first), then re-run to the end. B: episodes of 51 steps
