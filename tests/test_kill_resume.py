@@ -333,11 +333,10 @@ def tiny_finetune_config():
 
 
 def expected_updates(config, env_step: int) -> tuple[int, int]:
-    """(updates, train_credit) in a checkpoint saved at ``env_step`` (one environment) by a stop or at
-    the end: the warm-up runs at the start of the step after ``prefill`` (a stop on reaching
-    ``prefill`` saves before it), then ``train_steps`` updates per ``train_every`` steps, the
-    remainder kept as credit."""
-    if env_step <= config.prefill:
+    """(updates, train_credit) in a checkpoint saved at ``env_step`` (one environment): ``pretrain``
+    warm-up updates on reaching ``prefill`` (before that step's checkpoint), then ``train_steps``
+    updates per ``train_every`` steps after it, the remainder kept as credit."""
+    if env_step < config.prefill:
         return 0, 0
     due, credit = divmod(env_step - config.prefill, config.train_every)
     return config.pretrain + due * config.train_steps, credit
@@ -349,8 +348,8 @@ def check_final_counters(config, metadata: dict, steps: int) -> None:
     updates, credit = expected_updates(config, steps)
     assert (counters["updates"], counters["train_credit"]) == (updates, credit), counters
     assert counters["warmed_up"] == 1 and counters["worker_restarts"] == 0, counters
-    # Evaluations counted by the schedule: at prefill, then every eval_every steps before the end.
-    assert counters["evals"] == (steps - 1 - config.prefill) // config.eval_every + 1, counters
+    # Evaluations counted by the schedule: at prefill, then every eval_every steps up to the end.
+    assert counters["evals"] == (steps - config.prefill) // config.eval_every + 1, counters
 
 
 def test_finetune_sigkill_resumes_at_the_checkpoint(tmp_path):
@@ -462,7 +461,7 @@ def test_finetune_sigterm_saves_at_the_current_step_and_exits(tmp_path):
 
 def test_finetune_metrics_lines_are_once_and_in_order_across_a_kill_and_a_rerun(tmp_path):
     """Two runs side by side. A: killed once both the evaluation and the checkpoint at ``prefill``
-    are written (today the checkpoint comes first), then re-run to the end. B: episodes of 51 steps
+    are written (the evaluation must come first), then re-run to the end. B: episodes of 51 steps
     (episode ends between updates), run to the end, then the finished run re-run. In both, each kind
     of line appears once per step and steps never go back."""
     steps, prefill = 250, 200
