@@ -446,40 +446,8 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     that differ) when the pre-trained modules do not fit, and ``FileNotFoundError`` with what to
     do when the workdir has no config or checkpoint (``PretrainedNotFoundError``).
     """
-    from prelar_jax import config as config_lib  # local: config imports nets only
-
     workdir = os.path.abspath(pretrained_workdir)
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise PretrainedNotFoundError(
-            f"--config.pretrained={pretrained_workdir}: {config_path} does not exist. Pass the --workdir "
-            "of a pre-training run (experiments/pretrain.py), or '' to train from scratch.")
-    try:
-        pre_config = config_lib.config_from_json(config_path)
-    except (OSError, ValueError) as error:
-        raise PretrainedNotFoundError(
-            f"--config.pretrained={pretrained_workdir}: cannot read {config_path} ({error}). Pass the "
-            "--workdir of a pre-training run whose config.json is intact.") from error
-    if "implicit_action" not in pre_config:
-        raise PretrainedNotFoundError(
-            f"--config.pretrained={pretrained_workdir} is not a pre-training workdir (its config.json has "
-            f"method {pre_config.get('method')!r} and no implicit_action block; it looks like a fine-tuning "
-            "run). Pass the --workdir of experiments/pretrain.py.")
-    model = PretrainModel(pre_config)
-    abstract = jax.eval_shape(lambda k: model.init_state(k, make_optimizer(pre_config)),
-                              jax.random.key(0))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise PretrainedNotFoundError(
-                f"--config.pretrained={pretrained_workdir} has no finished checkpoint under "
-                f"{workdir}/checkpoints; let pre-training save one (log.checkpoint_every) first.")
-        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
-        restored, metadata = ckpt.restore(target)
-    finally:
-        ckpt.close()
-
+    pre_config, pre_params, pre_stats, step = restore_pretrain_state(workdir)
     differences = [f"model.{k}: pre-training {pre_config.model[k]!r}, fine-tuning {finetune_model_config[k]!r}"
                    for k in sorted(finetune_model_config) if k in pre_config.model
                    and k not in ("compute_dtype", "remat") and pre_config.model[k] != finetune_model_config[k]]
@@ -487,8 +455,8 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     new_params, new_stats = dict(params), dict(batch_stats)
     problems, loaded, used = [], [], []
     for source, target in modules.items():
-        for tree, new_tree, label in ((restored.params, new_params, "params"),
-                                      (restored.batch_stats, new_stats, "batch_stats")):
+        for tree, new_tree, label in ((pre_params, new_params, "params"),
+                                      (pre_stats, new_stats, "batch_stats")):
             if source not in tree and target not in new_tree:
                 continue
             saved = _flat(tree.get(source, {}), f"{label}/{target}")
@@ -505,7 +473,7 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     if problems:
         hint = ("\nDifferent model config keys:\n  " + "\n  ".join(differences)) if differences else ""
         raise PretrainedMismatchError(
-            f"the pre-trained modules in {workdir} (step {metadata.get('step')}) do not fit this "
+            f"the pre-trained modules in {workdir} (step {step}) do not fit this "
             f"fine-tuning agent:\n" + "\n".join(problems[:20]) + hint +
             "\nUse the fine-tuning preset matching the pre-training preset (e.g. both :tiny), and "
             "make action_encoder.code_size equal the pre-trained implicit-action code size.")
@@ -513,11 +481,57 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     report = {
         "loaded": sorted(loaded),
         "initialised": sorted(all_agent - set(loaded)),
-        "ignored": sorted((set(_flat(restored.params, "params")) | set(_flat(restored.batch_stats, "batch_stats")))
+        "ignored": sorted((set(_flat(pre_params, "params")) | set(_flat(pre_stats, "batch_stats")))
                           - set(used)),
-        "step": int(metadata.get("step", restored.step)),
+        "step": step,
     }
     return new_params, new_stats, report
+
+
+def read_pretrain_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config (``config.json``) of a pre-training workdir; raises
+    ``PretrainedNotFoundError`` saying what to pass instead when it is missing, unreadable or
+    written by a fine-tuning run."""
+    from prelar_jax import config as config_lib  # local: config imports nets only
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise PretrainedNotFoundError(f"pre-training workdir {workdir}: {config_path} does not exist. Pass the "
+                                      "--workdir of a pre-training run (experiments/pretrain.py).")
+    try:
+        config = config_lib.config_from_json(config_path)
+    except (OSError, ValueError) as error:
+        raise PretrainedNotFoundError(f"cannot read {config_path} ({error}); pass a pre-training workdir whose "
+                                      "config.json is intact.") from error
+    if "implicit_action" not in config:
+        raise PretrainedNotFoundError(f"{workdir} is not a pre-training workdir (its config.json has method "
+                                      f"{config.get('method')!r} and no implicit_action block).")
+    return config
+
+
+def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Params, Params, int]:
+    """``(config, params, batch_stats, step)`` of the latest checkpoint of a pre-training workdir,
+    on the host CPU device.
+
+    The TrainState is restored into the shapes its own config.json builds; errors are
+    ``PretrainedNotFoundError`` with what to pass instead.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    config = read_pretrain_config(workdir)
+    model = PretrainModel(config)
+    abstract = jax.eval_shape(lambda k: model.init_state(k, make_optimizer(config)), jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise PretrainedNotFoundError(f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
+                                          "pre-training save one (log.checkpoint_every) first.")
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+        restored, metadata = ckpt.restore(target)
+    finally:
+        ckpt.close()
+    return config, restored.params, restored.batch_stats, int(metadata.get("step", restored.step))
 
 
 def summarise_report(report: dict[str, Any]) -> str:

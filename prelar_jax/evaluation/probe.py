@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prelar_jax.agent import read_pretrain_config, restore_pretrain_state  # noqa: F401 (re-exported)
 from prelar_jax.errors import UserError
 
 Params = Any
@@ -176,58 +177,6 @@ def _check_episodes(episodes: Sequence[dict[str, Any]], image_size: int) -> None
 # ----------------------------------------------------------------------------------------------
 # The pre-trained model and its codes
 # ----------------------------------------------------------------------------------------------
-
-
-def read_pretrain_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config (``config.json``) of a pre-training workdir; raises
-    ``agent.PretrainedNotFoundError`` saying what to pass instead when it is missing, unreadable or
-    written by a fine-tuning run."""
-    from prelar_jax import config as config_lib
-    from prelar_jax.agent import PretrainedNotFoundError
-
-    workdir = os.path.abspath(os.fspath(workdir))
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise PretrainedNotFoundError(f"pre-training workdir {workdir}: {config_path} does not exist. Pass the "
-                                      "--workdir of a pre-training run (experiments/pretrain.py).")
-    try:
-        config = config_lib.config_from_json(config_path)
-    except (OSError, ValueError) as error:
-        raise PretrainedNotFoundError(f"cannot read {config_path} ({error}); pass a pre-training workdir whose "
-                                      "config.json is intact.") from error
-    if "implicit_action" not in config:
-        raise PretrainedNotFoundError(f"{workdir} is not a pre-training workdir (its config.json has method "
-                                      f"{config.get('method')!r} and no implicit_action block).")
-    return config
-
-
-def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Params, Params, int]:
-    """``(config, params, batch_stats, step)`` of the latest checkpoint of a pre-training workdir,
-    on the host CPU device.
-
-    The same reading as ``agent.load_pretrained`` (config.json, then the TrainState restored into
-    the shapes that config builds), minus the copy into a fine-tuning agent; errors are
-    ``agent.PretrainedNotFoundError`` with what to pass instead.
-    """
-    from prelar_jax import checkpoint
-    from prelar_jax.agent import PretrainedNotFoundError
-    from prelar_jax.pretrain import PretrainModel, make_optimizer
-
-    workdir = os.path.abspath(os.fspath(workdir))
-    config = read_pretrain_config(workdir)
-    model = PretrainModel(config)
-    abstract = jax.eval_shape(lambda k: model.init_state(k, make_optimizer(config)), jax.random.key(0))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise PretrainedNotFoundError(f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
-                                          "pre-training save one (log.checkpoint_every) first.")
-        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
-        restored, metadata = ckpt.restore(target)
-    finally:
-        ckpt.close()
-    return config, restored.params, restored.batch_stats, int(metadata.get("step", restored.step))
 
 
 def code_features(code_params: dict[str, jax.Array]) -> jax.Array:
