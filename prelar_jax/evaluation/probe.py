@@ -146,7 +146,7 @@ def read_npz_episodes(root: str | os.PathLike, max_per_task: int | None = None) 
         if max_per_task is not None and per_task.get(task, 0) >= max_per_task:
             continue
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 if "action" not in data or "image" not in data:
                     raise ProbeError(f"{path} has no 'image' and 'action' arrays (keys: {sorted(data.keys())}); "
                                      "the probe needs videos with their recorded actions")
