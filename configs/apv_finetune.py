@@ -12,20 +12,11 @@ APV: ResNet, auxiliary reward head) and ``original``/``original_tiny`` (the orig
 CNN, no auxiliary head).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from prelar_jax.config import config_module
+
 PRESETS = ("paper", "small", "tiny", "original", "original_tiny")
-
-
-def _sibling(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(f"_{name[:-3]}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
@@ -34,7 +25,7 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {preset!r} for APV fine-tuning; choose one of {PRESETS}")
     original = preset.startswith("original")
     sizes = {"original": "paper", "original_tiny": "tiny"}.get(preset, preset)
-    finetune = _sibling("prelar_finetune.py")
+    finetune = config_module("prelar_finetune.py", relative_to=__file__)
     c = finetune.base_config()
     if original:
         c.model.encoder = "plain"

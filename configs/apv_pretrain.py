@@ -10,20 +10,11 @@ decoder with BatchNorm, KL scale 1.0), the baseline the PreLAR paper compares wi
 The sizes of ``paper``/``original`` are the paper's; the ``tiny`` ones are CPU smoke runs.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from prelar_jax.config import config_module
+
 PRESETS = ("paper", "small", "tiny", "original", "original_tiny")
-
-
-def _sibling(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(f"_{name[:-3]}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
@@ -32,7 +23,7 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {preset!r} for APV pre-training; choose one of {PRESETS}")
     original = preset.startswith("original")
     sizes = {"original": "paper", "original_tiny": "tiny"}.get(preset, preset)
-    prelar = _sibling("prelar_pretrain.py")
+    prelar = config_module("prelar_pretrain.py", relative_to=__file__)
     c = prelar.apply_preset(prelar.base_config(), sizes)
     c.method = "apv"
     c.preset = preset

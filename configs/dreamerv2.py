@@ -6,25 +6,15 @@ no auxiliary reward head, one optimiser group over the whole world model.
         --workdir=runs/dreamerv2-drawer-open
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _finetune_config_module():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prelar_finetune.py")
-    spec = importlib.util.spec_from_file_location("_prelar_finetune_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from prelar_jax.config import config_module
 
 PRESETS = ("paper", "small", "tiny")
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-    finetune = _finetune_config_module()
+    finetune = config_module("prelar_finetune.py", relative_to=__file__)
     c = finetune.base_config()
     c.method = "dreamerv2"
     c.model.encoder = "plain"

@@ -13,7 +13,6 @@ the others. ``--report`` only aggregates whatever has finished so far; ``--print
 command line of every run (for a cluster scheduler) and exits.
 """
 
-import importlib.util
 import os
 import shlex
 import sys
@@ -33,9 +32,9 @@ _PRINT = flags.DEFINE_bool("print", False, "Print one command line per run and e
 
 
 def _methods_table(config_path: str):
-    spec = importlib.util.spec_from_file_location("_benchmark_methods", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from prelar_jax.config import config_module
+
+    module = config_module(config_path)
     return module.METHODS, getattr(module, "ORIGINAL_PRESETS", {})
 
 

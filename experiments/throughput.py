@@ -36,7 +36,6 @@ def _early_device_flags(argv):
 _early_device_flags(sys.argv)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

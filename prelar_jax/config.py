@@ -64,6 +64,23 @@ def action_sizes(preset: str) -> tuple[int, int]:
     return {"paper": (64, 1024), "small": (16, 256), "tiny": (8, 32)}[preset]
 
 
+def config_module(path: str, relative_to: str | None = None):
+    """Executes a Python file (a config file, or an experiments script) and returns it as a
+    module. Relative paths are tried next to ``relative_to`` (a file, e.g. a config's own
+    ``__file__``) when given, else from the working directory, then from the repository root.
+    Config files are Python and run as code: load only files you trust."""
+    if relative_to is not None and not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    elif not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+        path = os.path.join(REPO_ROOT, path)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found (expected e.g. configs/prelar_pretrain.py:tiny)")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
     """``load_config('configs/prelar_pretrain.py:tiny', {'steps': 10, 'data.root': 'x'})``.
 
@@ -71,13 +88,7 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
     Overrides use dotted keys; unknown keys are errors, as with ``--config.x`` flags.
     """
     path, _, preset = spec.partition(":")
-    if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
-        path = os.path.join(REPO_ROOT, path)
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path!r} not found (expected e.g. configs/prelar_pretrain.py:tiny)")
-    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # config files are Python and run as code
+    module = config_module(path)
     presets = getattr(module, "PRESETS", None)
     if preset and presets is not None and preset not in presets:
         raise ConfigError(f"unknown preset {preset!r} in --config={spec}; choose one of {tuple(presets)} "

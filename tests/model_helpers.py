@@ -7,13 +7,14 @@ is cached per configuration because compiling Flax's random initialisers costs s
 from __future__ import annotations
 
 import functools
-import importlib.util
+import os
 import pathlib
 
 import jax
 import ml_collections
 import numpy as np
 
+from prelar_jax.config import config_module
 from prelar_jax.pretrain import PretrainModel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,10 +23,7 @@ CONFIG_PATH = REPO / "configs" / "prelar_pretrain.py"
 
 @functools.lru_cache(maxsize=None)
 def _config_module():
-    spec = importlib.util.spec_from_file_location("prelar_pretrain_config", CONFIG_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_module(str(CONFIG_PATH))
 
 
 def load_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -86,3 +84,19 @@ def glorot_params(model: PretrainModel, seed: int = 0):
         return (0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)  # bias, mean
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def write_pretrain_checkpoint(workdir, config: ml_collections.ConfigDict, seed: int, step: int):
+    """A pre-training workdir as ``experiments/pretrain.py`` leaves it (``config.json`` and one
+    checkpoint at ``step``), holding ``glorot_params`` of ``config``'s model without compiling
+    anything; returns ``(params, batch_stats)``."""
+    from prelar_jax import checkpoint, logger as logger_lib
+    from prelar_jax.pretrain import TrainState, make_optimizer
+
+    params, stats = glorot_params(PretrainModel(config), seed=seed)
+    state = TrainState(step=np.int32(step), params=params, batch_stats=stats,
+                       opt_state=jax.tree.map(np.asarray, make_optimizer(config).init(params)))
+    logger_lib.write_config(workdir, config.to_dict())
+    with checkpoint.Checkpointer(os.path.join(os.fspath(workdir), "checkpoints")) as ckpt:
+        ckpt.save(step, state, {"step": step})
+    return params, stats

@@ -1,28 +1,19 @@
 """The benchmark driver's plan: which pre-training runs, which fine-tuning runs, which commands."""
 
-import importlib.util
 import os
 import shlex
 import subprocess
 import sys
 
-import pytest
 
 from prelar_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module(path, name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_plan_shares_pretraining_and_labels_every_cell(tmp_path):
-    bench = _module("experiments/benchmark.py", "_benchmark_cli")
-    table = _module("configs/benchmark.py", "_benchmark_config")
+    bench = config_lib.config_module("experiments/benchmark.py")
+    table = config_lib.config_module("configs/benchmark.py")
     config = config_lib.load_config("configs/benchmark.py:tiny",
                                     {"methods": "prelar,prelar_naive,prelar_wo_cl,apv_original,dreamerv2",
                                      "tasks": "drawer-open,reach", "seeds": 2})

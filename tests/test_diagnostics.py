@@ -2,7 +2,6 @@
 references, the pairing of codes with actions, the episode split) and the world-model transfer
 (runs with and without a pre-trained checkpoint, updates lower the error on the data they see)."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -12,11 +11,11 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from prelar_jax import checkpoint, config as config_lib, logger as logger_lib
+from prelar_jax import config as config_lib
 from prelar_jax.data.generate import save_episode
 from prelar_jax.evaluation import probe, transfer
-from prelar_jax.pretrain import PretrainModel, TrainState, make_optimizer
-from tests.model_helpers import glorot_params
+from prelar_jax.pretrain import PretrainModel
+from tests.model_helpers import write_pretrain_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,13 +28,7 @@ def pretrain_config(spec="configs/prelar_pretrain.py:tiny"):
 def pretrained_dir(tmp_path_factory):
     """A tiny PreLAR pre-training workdir with one checkpoint of known random parameters."""
     workdir = tmp_path_factory.mktemp("pretrain")
-    config = pretrain_config()
-    params, stats = glorot_params(PretrainModel(config), seed=5)
-    state = TrainState(step=np.int32(9), params=params, batch_stats=stats,
-                       opt_state=jax.tree.map(np.asarray, make_optimizer(config).init(params)))
-    logger_lib.write_config(workdir, config.to_dict())
-    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        ckpt.save(9, state, {"step": 9})
+    params, stats = write_pretrain_checkpoint(workdir, pretrain_config(), seed=5, step=9)
     return workdir, params, stats
 
 
@@ -277,10 +270,7 @@ def test_collect_random_episodes():
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("diagnostics_cli", REPO / "experiments" / "diagnostics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_lib.config_module(str(REPO / "experiments" / "diagnostics.py"))
 
 
 def test_cli_table_and_bad_workdir(tmp_path, capsys):

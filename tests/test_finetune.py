@@ -6,13 +6,11 @@ import os
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from prelar_jax import agent as agent_lib
 from prelar_jax import checkpoint, config as config_lib, finetune_loop, logger as logger_lib, parallel
-from prelar_jax.pretrain import PretrainModel, TrainState, make_optimizer
-from tests.model_helpers import glorot_params
+from tests.model_helpers import write_pretrain_checkpoint
 
 
 def finetune_config(spec="configs/prelar_finetune.py:tiny", **overrides):
@@ -30,13 +28,7 @@ def pretrained_dir(tmp_path_factory):
     """A pre-training workdir (tiny PreLAR) with one checkpoint of random, non-zero parameters."""
     workdir = tmp_path_factory.mktemp("pretrain")
     config = config_lib.load_config("configs/prelar_pretrain.py:tiny", {"data.root": "unused"})
-    model = PretrainModel(config)
-    params, stats = glorot_params(model, seed=3)
-    state = TrainState(step=np.int32(7), params=params, batch_stats=stats,
-                       opt_state=jax.tree.map(np.asarray, make_optimizer(config).init(params)))
-    logger_lib.write_config(workdir, config.to_dict())
-    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        ckpt.save(7, state, {"step": 7})
+    params, stats = write_pretrain_checkpoint(workdir, config, seed=3, step=7)
     return workdir, params, stats
 
 
@@ -239,13 +231,7 @@ def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
     assert pre.implicit_action.code_type == "none" and pre.loss.consistency == "off"
     original = config_lib.load_config("configs/apv_pretrain.py:original_tiny")
     assert original.model.encoder == "plain" and original.loss.kl_scale == 0.1
-    model = PretrainModel(pre)
-    saved_params, saved_stats = glorot_params(model, seed=5)
-    state = TrainState(step=np.int32(3), params=saved_params, batch_stats=saved_stats,
-                       opt_state=jax.tree.map(np.asarray, make_optimizer(pre).init(saved_params)))
-    logger_lib.write_config(tmp_path, pre.to_dict())
-    with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
-        ckpt.save(3, state, {"step": 3})
+    saved_params, saved_stats = write_pretrain_checkpoint(tmp_path, pre, seed=5, step=3)
 
     config = finetune_config("configs/apv_finetune.py:tiny", pretrained=str(tmp_path))
     config_lib.validate_finetune_config(config)

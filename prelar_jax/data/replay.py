@@ -42,7 +42,7 @@ import re
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
