@@ -73,14 +73,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     # Before anything slow: no offscreen rendering means one clear error naming the packages (and
     # an OSMesa fallback, set here, is inherited by the spawned environment workers).
     check_rendering_backend()
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(devices)
-    parallel.check_batch_divides(config.batch_size, mesh)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    config_dict = config.to_dict()
-    logger_lib.check_config_matches(workdir, config_dict, allow_config_override, ignore=RESUMABLE_KEYS)
-    logger_lib.write_config(workdir, config_dict)
+    mesh, workdir, config_dict = run_utils.open_workdir(config, workdir, allow_config_override,
+                                                        RESUMABLE_KEYS, devices)
     task = canonical_task_name(config.task)
     print(f"[prelar] {config.method} fine-tuning on {task}, preset {config.preset}: "
           f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}",

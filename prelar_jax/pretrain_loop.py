@@ -30,14 +30,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     """Pre-trains to ``config.steps`` updates in ``workdir``; returns a summary dict."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     config_lib.validate_pretrain_config(config)
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(devices)
-    parallel.check_batch_divides(config.batch_size, mesh)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    config_dict = config.to_dict()
-    logger_lib.check_config_matches(workdir, config_dict, allow_config_override, ignore=RESUMABLE_KEYS)
-    logger_lib.write_config(workdir, config_dict)
+    mesh, workdir, config_dict = run_utils.open_workdir(config, workdir, allow_config_override,
+                                                        RESUMABLE_KEYS, devices)
 
     dataset = videos.make_video_dataset(config.data.kind, config.data.root, config.data.video_list)
     dataset.sample(np.random.default_rng([config.seed, 2**31 - 1]), 1, config.sequence_length)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -100,3 +101,22 @@ class NonFiniteMonitor:
                 f"{self.streak} updates in a row (up to step {step}) had a non-finite loss or "
                 f"gradient; stopping. {where}. Check the data for NaN/inf, lower the learning rate, "
                 "or raise --config.nonfinite_limit; re-running resumes from that checkpoint.")
+
+
+def open_workdir(config, workdir: str, allow_config_override: bool, resumable_keys: tuple[str, ...],
+                 devices: list | None):
+    """The start of every run, after its config is validated: multi-host start-up, the device
+    mesh (the batch must split over it), the workdir, and the config check (a resumed workdir
+    must have been created with the same config, up to ``resumable_keys``) and write.
+    Returns ``(mesh, absolute workdir, config as a dict)``."""
+    from prelar_jax import logger as logger_lib, parallel
+
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(devices)
+    parallel.check_batch_divides(config.batch_size, mesh)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    config_dict = config.to_dict()
+    logger_lib.check_config_matches(workdir, config_dict, allow_config_override, ignore=resumable_keys)
+    logger_lib.write_config(workdir, config_dict)
+    return mesh, workdir, config_dict
