@@ -9,7 +9,8 @@ Every method is a pair (pre-training config + overrides, fine-tuning config + ov
 ``METHODS`` below; methods sharing a pre-training share its run. Presets: ``tiny`` (CPU smoke run
 of the whole pipeline in minutes), ``small`` (quarter-width models, 100k environment steps) and
 ``paper`` (the original protocol: 600k pre-training updates, 256k environment steps, evaluation
-every 10k steps over 10 episodes, the six tasks of APV's reference results).
+every 10k steps over 10 episodes, the six tasks of APV's reference results). After pre-training
+the two pre-training diagnostics (``experiments/diagnostics.py``) run once and join the summary.
 """
 
 import ml_collections
@@ -65,6 +66,17 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.pretrain.prelar = ""  # an existing pre-training workdir to reuse instead of pre-training
     c.pretrain.apv = ""
 
+    # The two diagnostics of experiments/diagnostics.py, run once after pre-training (needs the
+    # `prelar` method; APV's model joins the transfer diagnostic when `apv` is benchmarked too).
+    c.diagnostics = ml_collections.ConfigDict()
+    c.diagnostics.enabled = True
+    c.diagnostics.task = ""  # target task of the transfer diagnostic; '' = the first benchmark task
+    c.diagnostics.updates = 500  # world-model updates K (BatchNorm models need K in the hundreds)
+    c.diagnostics.train_episodes = 10
+    c.diagnostics.eval_episodes = 4
+    c.diagnostics.probe_episodes = 4  # per probe task
+    c.diagnostics.probe_steps = 100
+
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 256_000
     c.finetune.eval_every = 10_000
@@ -78,7 +90,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         c.methods = "prelar,dreamerv2"
         c.tasks = "drawer-open"
         c.seeds = 2
-        c.max_parallel = 2
+        c.max_parallel = 1  # seed 1 then reuses seed 0's compiled steps (XLA's persistent cache)
         c.videos.episodes = 1
         c.videos.max_steps = 40
         c.videos.tasks_limit = 4
@@ -86,4 +98,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         c.finetune.steps = 300
         c.finetune.eval_every = 100
         c.finetune.eval_eps = 1
+        c.diagnostics.updates = 5
+        c.diagnostics.train_episodes = 2
+        c.diagnostics.eval_episodes = 1
+        c.diagnostics.probe_episodes = 1
+        c.diagnostics.probe_steps = 40
     return c

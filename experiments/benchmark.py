@@ -5,9 +5,11 @@
     python experiments/benchmark.py --config=configs/benchmark.py:paper --workdir=runs/bench --print
 
 Steps: render the action-free videos (unless ``videos.root`` is given), pre-train each distinct
-pre-training configuration once (``<workdir>/pretrain/<name>``), fine-tune every (method, task,
-seed) (``<workdir>/runs/<method>/<task>/seed_<n>``), then write ``results.csv``, ``summary.md``
-and the plots into ``<workdir>``. Runs go through ``prelar_jax.evaluation.runner``: finished runs
+pre-training configuration once (``<workdir>/pretrain/<name>``), run the two pre-training
+diagnostics (``<workdir>/diagnostics``: implicit-action probe and world-model transfer, see
+``experiments/diagnostics.py``), fine-tune every (method, task, seed)
+(``<workdir>/runs/<method>/<task>/seed_<n>``), then write ``results.csv``, ``summary.md`` (with the
+diagnostics at the end) and the plots into ``<workdir>``. Runs go through ``prelar_jax.evaluation.runner``: finished runs
 are skipped, unfinished ones resume, a failing run is recorded in ``runs.json`` without stopping
 the others. ``--report`` only aggregates whatever has finished so far; ``--print`` prints the
 command line of every run (for a cluster scheduler) and exits.
@@ -16,6 +18,7 @@ command line of every run (for a cluster scheduler) and exits.
 import os
 import shlex
 import sys
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -48,8 +51,18 @@ def _config_path() -> str:
     return path if os.path.exists(path) else os.path.join(ROOT, path)
 
 
-def plan(config, workdir: str, methods_table, original_presets):
-    """``(video_root, pretrain_specs, finetune_specs, pretrain_of_method)``; no side effects."""
+class Plan(NamedTuple):
+    """Every run of a benchmark, in the order they run; ``plan`` makes it without side effects."""
+
+    videos: str  # directory of the action-free pre-training videos
+    pretrain: list  # RunSpec per distinct pre-training configuration
+    finetune: list  # RunSpec per (method, task, seed)
+    pretrained: dict  # method -> pre-training workdir it fine-tunes from
+    diagnostics: list  # zero or one RunSpec of experiments/diagnostics.py
+
+
+def plan(config, workdir: str, methods_table, original_presets) -> Plan:
+    """The runs of the benchmark ``config`` under ``workdir``; no side effects."""
     from prelar_jax.config import ConfigError
     from prelar_jax.evaluation.runner import RunSpec
     from prelar_jax.evaluation.sweep import flag_value
@@ -107,7 +120,27 @@ def plan(config, workdir: str, methods_table, original_presets):
                 command.append(f"--workdir={run_dir}")
                 finetune_specs.append(RunSpec(name=f"{method}/{task}/seed_{seed}", workdir=run_dir, command=command,
                                               labels={"method": method, "task": task, "seed": seed}))
-    return video_root, list(pretrain_specs.values()), finetune_specs, pretrain_of_method
+    return Plan(video_root, list(pretrain_specs.values()), finetune_specs, pretrain_of_method,
+                _diagnostics_specs(config, workdir, tasks, pretrain_of_method))
+
+
+def _diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
+    """The diagnostics run: PreLAR's pre-training (and APV's, when benchmarked) on one task."""
+    from prelar_jax.evaluation.runner import RunSpec
+
+    d = config.diagnostics
+    if not d.enabled or "prelar" not in pretrain_of_method:
+        return []
+    out = os.path.join(workdir, "diagnostics")
+    task = d.task or tasks[0]
+    command = [sys.executable, os.path.join(ROOT, "experiments", "diagnostics.py"),
+               f"--pretrained={pretrain_of_method['prelar']}", f"--task={task}", f"--out={out}",
+               f"--updates={d.updates}", f"--train_episodes={d.train_episodes}",
+               f"--eval_episodes={d.eval_episodes}", f"--probe_episodes={d.probe_episodes}",
+               f"--probe_steps={d.probe_steps}"]
+    if "apv" in pretrain_of_method:
+        command.insert(3, f"--apv_pretrained={pretrain_of_method['apv']}")
+    return [RunSpec(name="diagnostics", workdir=out, command=command, labels={"stage": "diagnostics", "task": task})]
 
 
 def report(workdir: str, finetune_specs) -> dict:
@@ -120,7 +153,11 @@ def report(workdir: str, finetune_specs) -> dict:
     if not rows:
         print(f"[benchmark] no evaluations finished yet; {csv_path} has only its header", flush=True)
         return {"results": csv_path}
-    paths = report_lib.write_report(csv_path, workdir)
+    diagnostics = os.path.join(workdir, "diagnostics", "diagnostics.md")
+    appendix = open(diagnostics, encoding="utf-8").read() if os.path.exists(diagnostics) else ""
+    paths = report_lib.write_report(csv_path, workdir, appendix=appendix)
+    if appendix:
+        paths["diagnostics"] = diagnostics
     return {"results": csv_path, **paths}
 
 
@@ -138,9 +175,10 @@ def _main():
 
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
     methods_table, original_presets = _methods_table(_config_path())
-    video_root, pretrain_specs, finetune_specs, _ = plan(config, workdir, methods_table, original_presets)
+    runs = plan(config, workdir, methods_table, original_presets)
+    video_root, pretrain_specs, finetune_specs = runs.videos, runs.pretrain, runs.finetune
     if _PRINT.value:
-        for spec in pretrain_specs + finetune_specs:
+        for spec in pretrain_specs + runs.diagnostics + finetune_specs:
             print(shlex.join(spec.command))
         return
     if not _REPORT.value:
@@ -154,6 +192,9 @@ def _main():
             os.replace(video_root + ".partial", video_root)
         results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"))
         failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
+        diagnostics = [s for s in runs.diagnostics if not any(f"--pretrained={d}" in s.command or
+                                                              f"--apv_pretrained={d}" in s.command for d in failed)]
+        run_all(diagnostics, 1, os.path.join(workdir, "logs", "diagnostics"))
         runnable = [s for s in finetune_specs if not any(f"--config.pretrained={d}" in s.command for d in failed)]
         if len(runnable) < len(finetune_specs):
             print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "

@@ -13,8 +13,10 @@
 
 The preset (world-model sizes of the fine-tuning configs) defaults to the pre-training workdir's.
 Scripted probe videos are generated into <out>/probe_videos unless --probe_videos names a
-directory of .npz episodes with actions; a re-run reuses them. Writes <out>/diagnostics.json and
-<out>/diagnostics.md.
+directory of .npz episodes with actions; a re-run reuses them. Writes <out>/diagnostics.json,
+<out>/diagnostics.md and, last, <out>/summary.json (``finished``: the benchmark runner skips a
+finished diagnostics run). ``experiments/benchmark.py`` runs this after pre-training and puts
+diagnostics.md into its summary.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from prelar_jax import config as config_lib
     from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
     from prelar_jax.evaluation import probe, transfer
+    from prelar_jax.logger import atomic_write_json
 
     if args.updates < 0:
         raise config_lib.ConfigError(f"--updates must be >= 0, got {args.updates}")
@@ -206,6 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         json.dump(json_safe(results), handle, indent=1)
     with open(os.path.join(out, "diagnostics.md"), "w", encoding="utf-8") as handle:
         handle.write(format_markdown(results))
+    # For the benchmark runner (prelar_jax.evaluation.runner): this output is complete.
+    atomic_write_json(os.path.join(out, "summary.json"), {"finished": True, "seconds": results["seconds"]})
     print(f"[diagnostics] wrote {out}/diagnostics.json and diagnostics.md", flush=True)
     return results
 

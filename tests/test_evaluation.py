@@ -317,6 +317,19 @@ def test_report_with_unfinished_and_missing_runs(tmp_path):
     assert table_row(every_step, "20000")[4] == "–"  # delta has no 20k
 
 
+def test_report_appendix_becomes_a_section(tmp_path):
+    results = tmp_path / "results.csv"
+    write_csv(results, synthetic_rows(1))
+    appendix = "# Pre-training diagnostics\n\n## Probe\n\n```\n# a comment, not a heading\n```\n| a | b |\n"
+    paths = report.write_report(results, tmp_path, reps=100, appendix=appendix)
+    markdown = open(paths["summary"], encoding="utf-8").read()
+    before, after = markdown.split("## Pre-training diagnostics\n")
+    assert "## Aggregate over tasks" in before  # appended after the benchmark's own sections
+    assert "\n### Probe\n" in after and "\n# a comment, not a heading\n" in after and "| a | b |" in after
+    plain = report.write_report(results, tmp_path / "plain", reps=100)
+    assert "diagnostics" not in open(plain["summary"], encoding="utf-8").read()
+
+
 def test_per_task_plot_marks_reference_points():
     table = report.group_results(report.ResultRow(*r[:4], r[4], r[5]) for r in synthetic_rows())
     figure = report.per_task_figure(table, reference=True)

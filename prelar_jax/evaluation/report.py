@@ -454,17 +454,30 @@ def _write_text(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+def demote_headings(markdown: str) -> str:
+    """``# A`` -> ``## A`` for every heading line (not inside code fences)."""
+    lines, fenced = [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        lines.append("#" + line if not fenced and line.startswith("#") else line)
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     results_csv: str | os.PathLike,
     out_dir: str | os.PathLike,
     reference: bool = True,
     reps: int = 2000,
     seed: int = 0,
+    appendix: str = "",
 ) -> dict[str, str]:
     """Writes the summary table and both plots into ``out_dir``; returns their paths.
 
     Keys: ``"summary"`` (``summary.md``), ``"success_per_task"`` and ``"success_aggregate"`` (PNGs).
-    ``reference`` draws (and tabulates) the original APV/DreamerV2 reference points.
+    ``reference`` draws (and tabulates) the original APV/DreamerV2 reference points. ``appendix``
+    (Markdown, e.g. the pre-training diagnostics) is added at the end of ``summary.md`` with its
+    headings demoted one level, so that it reads as a section of the summary.
     """
     rows = load_results(results_csv)
     if not rows:
@@ -479,6 +492,8 @@ def write_report(
         "success_aggregate": os.path.join(out_dir, AGGREGATE_PLOT),
     }
     markdown = summary_markdown(table, per_step, os.path.basename(os.fspath(results_csv)), reps, seed, reference)
+    if appendix.strip():
+        markdown += "\n" + demote_headings(appendix).rstrip("\n") + "\n"
     _write_text(paths["summary"], markdown)
     _save_png(per_task_figure(table, reference=reference), paths["success_per_task"])
     _save_png(aggregate_figure(per_step), paths["success_aggregate"])
