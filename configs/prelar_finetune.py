@@ -7,12 +7,15 @@
 implicit-action encoder is not). The preset must match the pre-training preset (same sizes).
 Presets: ``paper`` (the original protocol: 256k environment steps, batch 50 x 50), ``small``
 (the ``small`` world model, 100k steps) and ``tiny`` (a CPU smoke run of a few minutes).
+Rendering: ``paper`` keeps the paper's look (shadows, reflections, 4x multisampling); ``small`` and
+``tiny`` (CPU runs, tests, quickstart) render lean, ~10x faster in software OpenGL.
 DreamerV2 from scratch is ``configs/dreamerv2.py``, a configuration of the same code.
 """
 
 import ml_collections
 
 from prelar_jax import config as config_lib
+from prelar_jax.envs import rendering
 
 PRESETS = config_lib.MODEL_PRESETS
 
@@ -44,7 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.eval_envs = 1  # evaluation workers (eval_eps episodes are spread over them)
     c.env.time_limit = 500
     c.env.camera = "corner"
-    c.env.lean_rendering = True  # no shadows / multisampling: ~10x faster software rendering
+    # Rendering (prelar_jax.envs.rendering.RenderSettings): True = as the Meta-World model defines it,
+    # the look of the original runs. Software OpenGL renders ~16 frames/s per core with all of them on,
+    # ~170 with all off (the `lean` settings of the small and tiny presets below; frames differ by
+    # ~5/255 on average: shadows and anti-aliasing); per-setting costs in experiments/BENCHMARKS.md.
+    c.env.render = ml_collections.ConfigDict(rendering.PAPER.to_dict())  # shadows, reflections,
+    #   multisampling (4x MSAA), full_buffer (the model's 640x480 offscreen buffer)
     c.env.step_timeout = 120.0  # seconds before a silent worker is restarted
 
     c.replay = ml_collections.ConfigDict()
@@ -125,6 +133,8 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     c.model = config_lib.model_config(preset)
     c.model.encoder = encoder
     c.action_encoder.code_size, c.action_encoder.hidden = config_lib.action_sizes(preset)
+    if preset in ("small", "tiny"):  # CPU runs: lean rendering, ~10x faster than the paper's look
+        c.env.render.update(rendering.LEAN.to_dict())
     if preset == "small":
         c.steps = 100_000
         c.heads.units = 200

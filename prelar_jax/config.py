@@ -207,6 +207,21 @@ def _validate_model(c: ml_collections.ConfigDict) -> None:
            f"{c.log.wandb_mode!r} is not one of online, offline, disabled")
 
 
+def _check_render(c: ml_collections.ConfigDict) -> None:
+    """``env.render`` must be a ``{setting: bool}`` block naming every ``RenderSettings`` field."""
+    from prelar_jax.envs.rendering import SETTING_NAMES, RenderSettings, RenderSettingsError
+
+    render = c.env.get("render")
+    _check(render is not None and hasattr(render, "keys"), "env.render",
+           f"must be a block with the boolean keys {', '.join(SETTING_NAMES)} (e.g. "
+           "--config.env.render.shadows=False); got " + repr(render)
+           + (". env.lean_rendering was replaced by it" if "lean_rendering" in c.env else ""))
+    try:
+        RenderSettings.from_mapping(dict(render), where="config.env.render")
+    except RenderSettingsError as error:
+        raise ConfigError(str(error)) from error
+
+
 def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
     """Checks every value the fine-tuning run depends on; raises ``ConfigError``."""
     from prelar_jax.envs.metaworld import UnknownTaskError, canonical_task_name
@@ -220,6 +235,7 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
     _validate_model(c)
     _check(c.env.step_timeout > 0, "env.step_timeout",
            f"must be positive (seconds before a silent worker is restarted), got {c.env.step_timeout}")
+    _check_render(c)
     try:
         canonical_task_name(c.task)
     except UnknownTaskError as error:

@@ -35,6 +35,7 @@ from prelar_jax import agent as agent_lib
 from prelar_jax import checkpoint, config as config_lib, logger as logger_lib, media, parallel, run_utils
 from prelar_jax.data.replay import Replay
 from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
+from prelar_jax.envs.rendering import RenderSettings
 from prelar_jax.envs.workers import ParallelEnvs, make_metaworld_env
 
 # Keys that may change when a run is resumed (run length, logging, worker time-outs).
@@ -134,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
 
     # ---------------------------------------------------------------- environments
     make_env = functools.partial(make_metaworld_env, task=task, size=size, camera=config.env.camera,
-                                 lean_rendering=config.env.lean_rendering,
+                                 render=RenderSettings.from_mapping(dict(config.env.render)),
                                  time_limit=config.env.time_limit)
     start_step = counters["env_step"]
     num_envs, num_eval = config.env.num_envs, min(config.env.eval_envs, config.eval_eps)

@@ -8,9 +8,11 @@ Why the raw task class and not `gym.make('Meta-World/MT1', ...)` (see
 - Gymnasium's offscreen viewer never makes its own GL context current, so a second env in the same
   process (train + eval) renders from the wrong context or all black. A `mujoco.Renderer` per task
   makes its context current on every render.
-- The model's default visual settings (4x MSAA, a 640x480 buffer, a 4096^2 shadow map) make software
-  rendering about 10x slower. The "lean" settings change a frame by 2.9/255 on average (mostly the
-  missing drop shadows), so they are on by default and `lean_rendering=False` restores the paper's look.
+- The model's default visual settings (4x MSAA, a 640x480 buffer, a 4096^2 shadow map) are the paper's
+  look but make software rendering about 10x slower. `render=` takes a `RenderSettings`
+  (`prelar_jax.envs.rendering`: presets `PAPER` and `LEAN`, whose frames differ by ~5/255 on average:
+  the drop shadows and the anti-aliased edges). This class defaults to `LEAN` (tests, tools); the
+  fine-tuning config's `paper` preset asks for `PAPER`.
 
 `MUJOCO_GL` is read when `mujoco` is first imported, so this module sets a default of `egl` at import
 and imports `mujoco` and `metaworld` lazily (that also lets `check_rendering_backend` fall back to
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prelar_jax.envs.rendering import LEAN, RenderSettings, resolve_render_settings
 from prelar_jax.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,14 +165,6 @@ def check_rendering_backend(candidates: tuple[str, ...] = ("egl", "osmesa")) -> 
     )
 
 
-def _apply_lean_settings(model: "mujoco.MjModel", size: int) -> None:
-    """Model-side lean settings; they must be set before the renderer creates its GL context."""
-    model.vis.quality.offsamples = 0  # no MSAA
-    model.vis.global_.offwidth = size  # offscreen buffer = frame size
-    model.vis.global_.offheight = size
-    model.vis.quality.shadowsize = 0
-
-
 class MetaWorldTask:
     """One goal-observable Meta-World v3 task with `size`x`size` RGB frames, in Dreamer's dict form.
 
@@ -184,6 +179,10 @@ class MetaWorldTask:
 
     Goals and object positions are re-drawn at each reset from a generator seeded by `seed` (and by
     `reset(seed=...)` when given), as APV/PreLAR did with `_freeze_rand_vec = False`.
+
+    render: a `RenderSettings`, a spec such as 'paper' or 'lean+shadows', or a `{setting: bool}`
+    mapping (default `LEAN`). `lean_rendering` is the older switch, still accepted: True = `LEAN`,
+    False = `PAPER`.
     """
 
     def __init__(
@@ -192,10 +191,13 @@ class MetaWorldTask:
         seed: int,
         size: int = 64,
         camera: str = "corner",
-        lean_rendering: bool = True,
+        render: RenderSettings | str | Any = None,
         time_limit: int = MAX_EPISODE_STEPS,
+        *,
+        lean_rendering: bool | None = None,
     ) -> None:
         self.task = canonical_task_name(task)
+        self.render_settings = resolve_render_settings(render, lean_rendering, default=LEAN)
         if not 1 <= time_limit <= MAX_EPISODE_STEPS:
             raise ValueError(
                 f"time_limit must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's horizon), got {time_limit}"
@@ -207,7 +209,6 @@ class MetaWorldTask:
 
         self.size = size
         self.camera = camera
-        self.lean_rendering = lean_rendering
         self.time_limit = time_limit
         env = ALL_V3_ENVIRONMENTS[f"{self.task}-v3"]()
         # Goal-observable: the scripted policies read the goal from the state. The cached observation
@@ -226,11 +227,7 @@ class MetaWorldTask:
         if camera not in cameras:
             env.close()
             raise ValueError(f"Unknown camera {camera!r} for {self.task}; valid cameras: {', '.join(cameras)}")
-        if lean_rendering:
-            _apply_lean_settings(model, size)
-        else:
-            model.vis.global_.offwidth = max(model.vis.global_.offwidth, size)
-            model.vis.global_.offheight = max(model.vis.global_.offheight, size)
+        self.render_settings.apply_to_model(model, size)  # before the renderer creates its GL context
         try:
             self._renderer = mujoco.Renderer(model, size, size)
         except Exception as exc:  # missing EGL/OSMesa libraries surface here
@@ -239,10 +236,7 @@ class MetaWorldTask:
             raise RenderingBackendError(
                 f"Could not create a MuJoCo renderer with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {exc}"
             ) from exc
-        if lean_rendering:
-            flags = self._renderer.scene.flags
-            flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-            flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self.render_settings.apply_to_scene(self._renderer.scene)
         self._steps = 0
         self._needs_reset = True
         self._closed = False

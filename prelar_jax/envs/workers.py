@@ -73,17 +73,24 @@ def make_metaworld_env(
     task: str,
     size: int = 64,
     camera: str = "corner",
-    lean_rendering: bool = True,
+    render: Any = None,
     time_limit: int = 500,
+    *,
+    lean_rendering: bool | None = None,
 ) -> Env:
     """Picklable factory for `ParallelEnvs`: `functools.partial(make_metaworld_env, task=...)`.
+
+    render: a `prelar_jax.envs.rendering.RenderSettings` (picklable), a spec such as 'paper', or a
+    `{setting: bool}` dict; `MetaWorldTask`'s default (lean) when None. `lean_rendering` is the older
+    switch (True = lean, False = paper).
 
     Imports Meta-World lazily so that the parent process, which only pickles this function, never
     loads MuJoCo.
     """
     from prelar_jax.envs.metaworld import MetaWorldTask
 
-    return MetaWorldTask(task, seed, size=size, camera=camera, lean_rendering=lean_rendering, time_limit=time_limit)
+    return MetaWorldTask(task, seed, size=size, camera=camera, render=render, time_limit=time_limit,
+                         lean_rendering=lean_rendering)
 
 
 def restart_seed(seed: int, restart: int) -> int:

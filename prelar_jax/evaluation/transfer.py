@@ -52,11 +52,12 @@ class TransferError(UserError, ValueError):
 
 
 def collect_random_episodes(task: str, count: int, length: int, seed: int, size: int = 64,
-                            camera: str = "corner", lean_rendering: bool = True) -> list[dict[str, np.ndarray]]:
+                            camera: str = "corner", render: Any = None) -> list[dict[str, np.ndarray]]:
     """``count`` Meta-World episodes of ``length`` steps under uniform random actions in [-1, 1]
     (the fine-tuning prefill's behaviour), in the replay's layout: ``image`` ``[length+1, size,
     size, 3]`` uint8, ``action`` ``[length+1, 4]`` float32 (row 0 zeros: ``action[t]`` produced
     ``image[t]``), ``reward`` ``[length+1]`` float32 (row 0 zero), ``is_first`` ``[length+1]``.
+    ``render``: ``MetaWorldTask``'s rendering settings (a ``RenderSettings``, spec or mapping; lean if None).
     A pure function of ``(task, count, length, seed, size)``: goals come from the env seeded with
     ``seed``, actions from ``np.random.default_rng(seed)``."""
     from prelar_jax.envs.metaworld import MAX_EPISODE_STEPS, MetaWorldTask
@@ -67,7 +68,7 @@ def collect_random_episodes(task: str, count: int, length: int, seed: int, size:
         raise TransferError(f"length must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's horizon), got {length}")
     rng = np.random.default_rng(seed)
     episodes = []
-    with MetaWorldTask(task, seed=seed, size=size, camera=camera, lean_rendering=lean_rendering,
+    with MetaWorldTask(task, seed=seed, size=size, camera=camera, render=render,
                        time_limit=length) as env:
         for _ in range(count):
             obs = env.reset()
