@@ -82,7 +82,10 @@ class FinetuneAgent(world_model.ImageWorldModel):
         kind = config.action_encoder.kind
         if kind == "mlp":
             code = config.action_encoder.code_size
-            self.action_encoder = MLP([config.action_encoder.hidden], out=code)
+            # In the model's compute dtype like every other layer (its output is cast to float32
+            # in encode_action); without it the MLP silently ran in float32 under bfloat16.
+            self.action_encoder = MLP([config.action_encoder.hidden], out=code,
+                                      dtype=jnp.dtype(config.model.compute_dtype))
         elif kind == "none":
             code = config.action_dim
             self.action_encoder = None
