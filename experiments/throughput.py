@@ -1,33 +1,78 @@
-"""Measure the pre-training step or the fine-tuning update: compile time, median step time,
-FLOP/s and memory.
+"""The measured throughput suite: compile time, median step time, FLOP, FLOP/s and peak memory of
+every compiled step of pre-training or fine-tuning, on 1, 2, 4, ... devices in one command.
 
     python experiments/throughput.py --config=configs/prelar_pretrain.py:paper --devices=1 --steps=5
-    python experiments/throughput.py --config=configs/prelar_finetune.py:paper --steps=2 --warmup=1
+    python experiments/throughput.py --config=configs/prelar_finetune.py:tiny --devices=1,2,4 --out=/tmp/t.json
+    python experiments/throughput.py --config=configs/prelar_finetune.py:paper --config.model.remat=true \\
+        --steps=2 --warmup=1 --env_workers=1,2,4
 
-A fine-tuning config (``prelar_finetune.py``, ``dreamerv2.py``) measures one whole update (world
-model + actor-critic with imagination from every posterior state). Environment throughput is
-``experiments/env_throughput.py``.
+What is measured (one table row per measurement x device count):
 
-Random uint8 batches are used (no data loading), so the figure is the device step alone. Each
-measured step is synchronised with ``block_until_ready``; the median over ``--steps`` runs after
-``--warmup`` runs is reported, and a JSON record is written with ``--out``.
+* a pre-training config (``prelar_pretrain.py``, ``apv_pretrain.py``): ``pretrain_step``;
+* a fine-tuning config (``prelar_finetune.py``, ``dreamerv2.py``, ``apv_finetune.py``):
+  ``world_model`` (the world-model half of an update alone), ``actor_critic`` (the actor-critic
+  half alone, from the world-model half's posteriors), ``update`` (both, one program: what
+  training runs), ``imagination`` (the ``lax.scan`` rollout of ``prelar_jax.actor_critic`` from
+  all B*T posterior states, forward only) and ``policy`` (``FinetuneAgent.policy`` for
+  ``--num_envs`` environments, default ``config.env.num_envs``, with the parameters replicated
+  over the mesh as the training loop has them);
+* with ``--env_workers=1,2,4``: Meta-World frames/s per worker count
+  (``experiments/env_throughput.py``; off by default).
+
+``--devices=1,2,4`` repeats every measurement on the first 1, 2 and 4 devices (fake CPU devices
+on a CPU host: ``max(devices)`` are requested before JAX starts). The *global* batch stays
+``config.batch_size`` at every device count, so each device gets ``batch_size / n`` rows and a
+row's extra time over the 1-device row is what data parallelism adds (collectives, and on fake
+CPU devices the devices sharing the same cores). The fine-tuning halves are checked against the
+whole update: the first call of each on the same fresh state and batch records its metrics
+(``first_metrics``), and the world-model / actor-critic losses must equal the update's.
+
+Numbers: random uint8 batches (no data loading), so a row is the device step alone. Compile time
+is ``lower().compile()`` (``parallel.compile_ahead``), with the persistent compilation cache off
+unless ``--compile_cache`` (then it is the time to load a cached executable). Each measured call
+is synchronised with ``jax.block_until_ready``; the median over ``--steps`` calls after
+``--warmup`` calls is reported. FLOP and the compiled memory are XLA's cost and memory analysis
+of the executable *per device program*: with the global batch fixed, a data-parallel row's FLOP
+halves from 1 to 2 devices (the policy's does not: it is replicated); FLOP/s is FLOP / median,
+one device's rate. Runtime peak memory is
+``device.memory_stats()['peak_bytes_in_use']`` (maximum over the mesh) where the backend has it
+(GPU, TPU), else None; on CPU the host's max RSS (``getrusage``) is reported too. Both are
+high-water marks of the whole process, so they only grow down the table.
+
+With ``--env_workers`` the spawned workers re-import this script, so each pays about 1 s and
+140 MB for JAX and Flax (``prelar_jax/envs/workers.py``).
 """
 
+from __future__ import annotations
+
+import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _early_device_flags(argv):
-    # Fake CPU devices must be requested before JAX is imported.
+def _device_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --devices must be comma-separated integers, got {text!r}")
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"error: --devices needs positive device counts, got {text!r}")
+    return counts
+
+
+def _early_device_flags(argv: list[str]) -> None:
+    """Fake CPU devices must be requested before JAX is imported: ``max(--devices)`` of them."""
     for arg in argv:
         if arg.startswith("--devices="):
-            count = int(arg.split("=", 1)[1])
+            count = max(_device_counts(arg.split("=", 1)[1]))
             flags = os.environ.get("XLA_FLAGS", "")
             if count > 1 and "xla_force_host_platform_device_count" not in flags:
                 os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
@@ -38,73 +83,293 @@ _early_device_flags(sys.argv)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import env_throughput  # noqa: E402  (experiments/, this script's directory)
 from prelar_jax import agent as agent_lib, parallel, pretrain  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/prelar_pretrain.py:tiny", "Config and preset.")
-_DEVICES = flags.DEFINE_integer("devices", 1, "Devices in the data mesh (fake CPU devices on CPU).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Measured steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Unmeasured steps after compilation.")
+_DEVICES = flags.DEFINE_string("devices", "1", "Comma-separated device counts, e.g. 1,2,4 (fake CPU devices on CPU).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Measured calls per row.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Unmeasured calls after compilation (and after the first, checked call).")
+_NUM_ENVS = flags.DEFINE_integer("num_envs", 0, "Environments of the policy step (0: config.env.num_envs).")
+_ENV_WORKERS = flags.DEFINE_string("env_workers", "", "Comma-separated worker counts for env frames/s ('' = off).")
+_ENV_STEPS = flags.DEFINE_integer("env_steps", 100, "Timed steps per environment worker.")
+_COMPILE_CACHE = flags.DEFINE_bool("compile_cache", False,
+                                   "Use the persistent compilation cache (compile times become cache loads).")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON record here.")
+
+MiB = 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory
+# ----------------------------------------------------------------------------------------------
+
+
+def time_calls(call: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` synchronised calls after ``warmup`` unmeasured ones."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def runtime_peak_bytes(devices: list) -> int | None:
+    """Largest ``peak_bytes_in_use`` over ``devices`` (a process high-water mark), or None when
+    the backend keeps no statistics (CPU)."""
+    peaks = []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # not implemented on some backends
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def host_max_rss_bytes() -> int:
+    """The process's maximum resident set size so far (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def measure(name: str, devices: list, compiled_info: parallel.CompiledInfo, call: Callable[[], Any],
+            first: Callable[[], dict[str, float] | None], per_device_batch: int | None) -> dict[str, Any]:
+    """One row: ``first()`` (the checked first call, unmeasured), then the warm-up and timed
+    calls of ``call``, with the compiled analysis and the memory high-water marks after it."""
+    first_metrics = first()
+    times = time_calls(call, _WARMUP.value, _STEPS.value)
+    median = statistics.median(times)
+    memory = compiled_info.memory
+    compiled_peak = sum(memory.get(k, 0) for k in ("argument", "output", "temp")) or None
+    return {
+        "name": name, "devices": len(devices), "per_device_batch": per_device_batch,
+        "compile_seconds": compiled_info.seconds, "step_seconds_median": median, "step_seconds_all": times,
+        "flops_per_step": compiled_info.flops,  # one device's program (the shard's share)
+        "flops_per_second": (compiled_info.flops / median) if compiled_info.flops else None,
+        "memory_compiled": memory, "compiled_peak_bytes": compiled_peak,
+        "runtime_peak_bytes": runtime_peak_bytes(devices),
+        "host_max_rss_bytes": host_max_rss_bytes() if devices[0].platform == "cpu" else None,
+        "first_metrics": first_metrics,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The measured steps
+# ----------------------------------------------------------------------------------------------
+
+
+def random_batch(config, finetune: bool) -> dict[str, np.ndarray]:
+    """A fixed random global batch: ``image`` ``[B, T, H, W, 3]`` uint8, ``is_first`` ``[B, T]``
+    and, for fine-tuning, ``action`` ``[B, T, A]`` and ``reward`` ``[B, T]``."""
+    rng = np.random.default_rng(0)
+    shape = (config.batch_size, config.sequence_length, config.image_size, config.image_size, 3)
+    is_first = np.zeros(shape[:2], bool)
+    is_first[:, 0] = True
+    batch = {"image": rng.integers(0, 256, shape, dtype=np.uint8), "is_first": is_first}
+    if finetune:
+        batch["action"] = rng.uniform(-1, 1, shape[:2] + (config.action_dim,)).astype(np.float32)
+        batch["reward"] = rng.random(shape[:2]).astype(np.float32)
+    return batch
+
+
+def pretrain_rows(config, devices: list, host_batch) -> list[dict[str, Any]]:
+    mesh = parallel.make_mesh(devices)
+    model = pretrain.PretrainModel(config, bn_axis_name=parallel.AXIS)
+    optimizer = pretrain.make_optimizer(config)
+    holder = {"state": parallel.put_replicated(model.init_state(jax.random.key(0), optimizer), mesh)}
+    batch = parallel.put_batch(host_batch, mesh)
+    compiled, info = parallel.compile_ahead(parallel.make_train_step(model.loss, optimizer, mesh, seed=0),
+                                            holder["state"], batch)
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return holder["state"], metrics
+
+    return [measure("pretrain_step", devices, info, call, lambda: _floats(call()[1]),
+                    config.batch_size // len(devices))]
+
+
+def make_imagination_step(agent: agent_lib.FinetuneAgent, mesh, seed: int) -> Callable:
+    """``imagine(params, post) -> trajectory``: the actor-critic's rollout alone, forward only,
+    from every posterior of ``post`` (``[B, T, ...]``, sharded like the batch), keyed as in an
+    update; the time-major trajectory ``[H + 1, B * T, ...]`` stays sharded along its rows."""
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+
+    def per_device(params, post):
+        example_index = parallel.local_example_index(post["deter"].shape[0])
+        start, keys = agent.imagination_start(post, key, example_index)
+        return agent.imagine(params, start, keys)
+
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
+                                 out_specs=P(None, parallel.AXIS), check_vma=False))
+
+
+def finetune_rows(config, devices: list, host_batch, num_envs: int) -> list[dict[str, Any]]:
+    """The world-model half, the actor-critic half, the whole update, imagination and the
+    policy step, each from the same fresh state (``init_state(key 0)``) and batch."""
+    mesh = parallel.make_mesh(devices)
+    local = config.batch_size // len(devices)
+    agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
+    fresh = lambda: parallel.put_replicated(agent.init_state(jax.random.key(0)), mesh)  # noqa: E731
+    batch = parallel.put_batch(host_batch, mesh)
+    rows = []
+
+    # World-model half; its first call's state and posteriors feed the actor-critic half, so
+    # that (world model, then actor-critic) is exactly one update from the fresh state.
+    wm = {"state": fresh()}
+    wm_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0, part="world_model"),
+                                           wm["state"], batch)
+    handoff = {}
+
+    def wm_call():
+        wm["state"], metrics, wm["post"] = wm_step(wm["state"], batch)
+        return wm["state"], metrics, wm["post"]
+
+    def wm_first():
+        state, metrics, post = wm_step(wm["state"], batch)
+        # Copies: the timed calls donate wm["state"].
+        handoff["state"], handoff["post"] = jax.tree.map(lambda x: x.copy(), (state, post))
+        wm["state"] = state
+        return _floats(metrics)
+
+    rows.append(measure("world_model", devices, info, wm_call, wm_first, local))
+    post = handoff["post"]
+    del wm
+
+    ac = {"state": handoff.pop("state")}
+    ac_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0, part="actor_critic"),
+                                           ac["state"], post)
+
+    def ac_call():
+        ac["state"], metrics = ac_step(ac["state"], post)
+        return ac["state"], metrics
+
+    rows.append(measure("actor_critic", devices, info, ac_call, lambda: _floats(ac_call()[1]), local))
+    params = jax.tree.map(lambda x: x.copy(), ac["state"].params)  # the imagination's parameters
+    del ac
+
+    full = {"state": fresh()}
+    full_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0), full["state"], batch)
+
+    def full_call():
+        full["state"], metrics = full_step(full["state"], batch)
+        return full["state"], metrics
+
+    rows.append(measure("update", devices, info, full_call, lambda: _floats(full_call()[1]), local))
+    stats = full["state"].batch_stats
+    del full
+
+    imagine, info = parallel.compile_ahead(make_imagination_step(agent, mesh, 0), params, post)
+    rows.append(measure("imagination", devices, info, lambda: imagine(params, post), lambda: None, local))
+
+    # The policy as the training loop calls it: replicated parameters, host frames in.
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (num_envs, config.image_size, config.image_size, 3), dtype=np.uint8)
+    is_first = np.zeros((num_envs,), bool)
+    policy = jax.jit(functools.partial(agent.policy, explore=True))
+    pol = {"carry": parallel.put_replicated(agent.initial_carry(num_envs), mesh),
+           "key": parallel.put_replicated(jax.random.key(2), mesh)}
+    policy_compiled, info = parallel.compile_ahead(policy, params, stats, pol["carry"], image, is_first, pol["key"])
+
+    def policy_call():
+        action, pol["carry"] = policy_compiled(params, stats, pol["carry"], image, is_first, pol["key"])
+        return action
+
+    row = measure("policy", devices, info, policy_call, lambda: None, None)
+    row["num_envs"] = num_envs
+    rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / MiB:.0f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'measurement':<14} {'devices':>7} {'compile s':>9} {'median ms':>10} {'GFLOP':>9} "
+              f"{'GFLOP/s':>8} {'compiled MiB':>12} {'runtime peak MiB':>16} {'host RSS MiB':>12}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gflop = f"{r['flops_per_step'] / 1e9:.3f}" if r["flops_per_step"] else "-"
+        rate = f"{r['flops_per_second'] / 1e9:.2f}" if r["flops_per_second"] else "-"
+        lines.append(f"{r['name']:<14} {r['devices']:>7} {r['compile_seconds']:>9.2f} "
+                     f"{r['step_seconds_median'] * 1e3:>10.2f} {gflop:>9} {rate:>8} "
+                     f"{_mib(r['compiled_peak_bytes']):>12} {_mib(r['runtime_peak_bytes']):>16} "
+                     f"{_mib(r['host_max_rss_bytes']):>12}")
+    return "\n".join(lines)
 
 
 def main(argv):
     del argv
     config = _CONFIG.value
-    devices = jax.devices()[: _DEVICES.value]
-    if len(devices) < _DEVICES.value:
-        raise app.UsageError(f"asked for {_DEVICES.value} devices, found {len(jax.devices())}")
-    mesh = parallel.make_mesh(devices)
-    parallel.check_batch_divides(config.batch_size, mesh)
-    rng = np.random.default_rng(0)
-    shape = (config.batch_size, config.sequence_length, config.image_size, config.image_size, 3)
-    is_first = np.zeros(shape[:2], bool)
-    is_first[:, 0] = True
-    host_batch = {"image": rng.integers(0, 256, shape, dtype=np.uint8), "is_first": is_first}
-    if "actor_critic" in config:  # a fine-tuning config: one world-model + actor-critic update
-        kind, loss_key = "finetune update", "model_loss"
-        agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
-        state = parallel.put_replicated(agent.init_state(jax.random.key(0)), mesh)
-        host_batch["action"] = rng.uniform(-1, 1, shape[:2] + (config.action_dim,)).astype(np.float32)
-        host_batch["reward"] = rng.random(shape[:2]).astype(np.float32)
-        step = agent_lib.make_update_step(agent, mesh, seed=0)
-    else:
-        kind, loss_key = "pretrain step", "loss"
-        model = pretrain.PretrainModel(config, bn_axis_name=parallel.AXIS)
-        optimizer = pretrain.make_optimizer(config)
-        state = parallel.put_replicated(model.init_state(jax.random.key(0), optimizer), mesh)
-        step = parallel.make_train_step(model.loss, optimizer, mesh, seed=0)
-    batch = parallel.put_batch(host_batch, mesh)
-    compiled, info = parallel.compile_ahead(step, state, batch)
-    for _ in range(_WARMUP.value):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(_STEPS.value):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    counts = _device_counts(_DEVICES.value)
+    if not _COMPILE_CACHE.value:
+        jax.config.update("jax_enable_compilation_cache", False)
+    available = jax.devices()
+    if max(counts) > len(available):
+        raise app.UsageError(f"asked for {max(counts)} devices, found {len(available)} (on CPU, set "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count={max(counts)} or pass "
+                             f"--devices=... so this script requests them)")
+    for count in counts:
+        parallel.check_batch_divides(config.batch_size, parallel.make_mesh(available[:count]))
+    finetune = "actor_critic" in config
+    num_envs = _NUM_ENVS.value or (config.env.num_envs if finetune else 0)
+    host_batch = random_batch(config, finetune)
+    print(f"{'fine-tuning' if finetune else 'pre-training'} [{config.method}, {config.preset}] on "
+          f"{available[0].platform} ({available[0].device_kind}); global batch {config.batch_size} x "
+          f"{config.sequence_length} fixed at every device count (per device: batch / devices); "
+          f"median of {_STEPS.value} calls after {_WARMUP.value} warm-up"
+          + (f"; policy for {num_envs} environments" if finetune else ""), flush=True)
+
+    rows = []
+    for count in counts:
+        devices = available[:count]
+        new = (finetune_rows(config, devices, host_batch, num_envs) if finetune
+               else pretrain_rows(config, devices, host_batch))
+        for row in new:
+            print(f"  {row['name']} on {count} device(s): {row['step_seconds_median'] * 1e3:.2f} ms", flush=True)
+        rows.extend(new)
+    print(format_table(rows))
+    print("FLOP and compiled memory (argument + output + temp) are per device program; runtime peak "
+          "and host RSS are process high-water marks.")
+
+    env = None
+    if _ENV_WORKERS.value:
+        env = env_throughput.main(["--workers", _ENV_WORKERS.value, "--steps", str(_ENV_STEPS.value),
+                                   "--task", config.get("task", "drawer-open"), "--size", str(config.image_size)])
+
     record = {
-        "kind": kind, "preset": config.preset, "method": config.method, "devices": len(devices),
-        "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+        "kind": "finetune" if finetune else "pretrain", "preset": config.preset, "method": config.method,
+        "devices": counts, "global_batch_fixed": True, "batch": config.batch_size,
+        "length": config.sequence_length, "num_envs": num_envs if finetune else None,
+        "platform": available[0].platform, "device_kind": available[0].device_kind,
         "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-        "batch": config.batch_size, "length": config.sequence_length,
-        "compute_dtype": config.model.compute_dtype,
-        "compile_seconds": round(info.seconds, 2), "step_seconds_median": median,
-        "step_seconds_all": times, "flops_per_step": info.flops,
-        "flops_per_second": (info.flops / median) if info.flops else None,
-        "memory_bytes": info.memory, "loss": float(metrics[loss_key]),
+        "compute_dtype": config.model.compute_dtype, "steps": _STEPS.value, "warmup": _WARMUP.value,
+        "compile_cache": _COMPILE_CACHE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "command": " ".join(sys.argv), "rows": rows, "env": env,
     }
-    print(f"{kind} [{config.preset}, {len(devices)} x {devices[0].platform}]: "
-          f"median {median * 1e3:.1f} ms over {len(times)} steps; {info.describe()}; "
-          + (f"{record['flops_per_second'] / 1e9:.2f} GFLOP/s" if info.flops else ""))
     if _OUT.value:
         os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
         with open(_OUT.value, "w") as f:
-            json.dump(record, f, indent=2)
+            json.dump(record, f, indent=1)
+        print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

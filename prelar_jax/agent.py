@@ -25,7 +25,7 @@ changing them.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import chex
 import flax
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from prelar_jax import actor_critic, checkpoint, distributions, intrinsic, parallel, world_model
 from prelar_jax.errors import UserError
@@ -316,27 +317,43 @@ class FinetuneAgent(world_model.ImageWorldModel):
     # One update (called per device inside shard_map)
     # ------------------------------------------------------------------------------------------
 
-    def update(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
-               example_index: jax.Array, axis_name: str | None = AXIS) -> tuple[AgentState, Metrics]:
-        """World-model step, then actor-critic step on the same batch. ``example_index`` ``[B]``
-        is each local row's index in the global batch (it seeds the row's samples, so the
-        result does not depend on the device count); gradients and metrics are averaged over
-        ``axis_name`` (None: a single device without a mesh)."""
-        mean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
-        wm_key, ac_key = jax.random.split(key)
+    def _world_model_step(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
+                          example_index: jax.Array, mean: Callable[[Any], Any]):
+        """The world-model half of an update, before the finite check: gradients (averaged by
+        ``mean``), the optimiser step, and the detached-to-be posteriors ``[B, T, ...]``."""
         wm_params = {k: state.params[k] for k in self.world_model_modules()}
         grad_fn = jax.value_and_grad(self.world_model_loss, has_aux=True)
         (_, (new_stats, post, bonus, wm_metrics)), wm_grads = grad_fn(
-            wm_params, state.batch_stats, state.intrinsic, batch, wm_key, example_index)
+            wm_params, state.batch_stats, state.intrinsic, batch, key, example_index)
         wm_grads = mean(wm_grads)
         updates, model_opt_state = self.model_optimizer.update(wm_grads, state.model_opt_state, wm_params)
         wm_params = optax.apply_updates(wm_params, updates)
+        return wm_params, model_opt_state, new_stats, post, bonus, wm_metrics, wm_grads
 
-        # Imagination from every posterior state of the batch: row (b, t) -> global b * T + t.
-        batch_size, length = batch["is_first"].shape
+    def imagination_start(self, post: State, key: jax.Array,
+                          example_index: jax.Array) -> tuple[State, jax.Array]:
+        """Every posterior state of the batch as a start row, ``[B * T, ...]`` (detached), and
+        one key per row: row (b, t) -> global ``b * T + t`` folded into ``key``, so the samples
+        do not depend on the device count."""
+        batch_size, length = post["deter"].shape[:2]
         start = jax.tree.map(lambda v: sg(v.reshape((batch_size * length,) + v.shape[2:])), post)
         rows = (example_index[:, None] * length + jnp.arange(length)[None]).reshape(-1)
-        keys = jax.vmap(lambda i: jax.random.fold_in(ac_key, i))(rows)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
+        return start, keys
+
+    def imagine(self, params: Params, start: State, keys: jax.Array) -> dict[str, Any]:
+        """The actor-critic's imagined rollout (``actor_critic.imagine``, ``horizon`` steps from
+        each of the ``N`` start rows) alone, forward only: what ``actor_critic_loss`` rolls out,
+        exposed for measuring it."""
+        return actor_critic.imagine(lambda f: self.actor.apply({"params": params["actor"]}, f),
+                                    self._img_step(params), start, self.ac_config.horizon, keys)
+
+    def _actor_critic_step(self, state: AgentState, wm_params: Params, post: State, key: jax.Array,
+                           example_index: jax.Array, mean: Callable[[Any], Any]):
+        """The actor-critic half of an update, before the finite check: imagination from every
+        posterior of ``post`` in the world model ``wm_params``, gradients, optimiser step and
+        the slow-critic copy."""
+        start, keys = self.imagination_start(post, key, example_index)
         ac_params = {k: state.params[k] for k in ACTOR_CRITIC_MODULES}
         (_, ac_metrics), ac_grads = jax.value_and_grad(self.actor_critic_loss, has_aux=True)(
             ac_params, wm_params, state.slow_critic, start, keys)
@@ -346,6 +363,21 @@ class FinetuneAgent(world_model.ImageWorldModel):
         ac_params = optax.apply_updates(ac_params, updates)
         slow = actor_critic.update_slow_critic(state.slow_critic, ac_params["critic"], state.step,
                                                self.ac_config.slow_update_every)
+        return ac_params, ac_opt_state, slow, ac_metrics, ac_grads
+
+    def update(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
+               example_index: jax.Array, axis_name: str | None = AXIS) -> tuple[AgentState, Metrics]:
+        """World-model step, then actor-critic step on the same batch. ``example_index`` ``[B]``
+        is each local row's index in the global batch (it seeds the row's samples, so the
+        result does not depend on the device count); gradients and metrics are averaged over
+        ``axis_name`` (None: a single device without a mesh)."""
+        mean = _mean_over(axis_name)
+        wm_key, ac_key = jax.random.split(key)
+        wm_params, model_opt_state, new_stats, post, bonus, wm_metrics, wm_grads = self._world_model_step(
+            state, batch, wm_key, example_index, mean)
+        # Imagination from every posterior state of the batch, in the *updated* world model.
+        ac_params, ac_opt_state, slow, ac_metrics, ac_grads = self._actor_critic_step(
+            state, wm_params, post, ac_key, example_index, mean)
 
         metrics = mean({**wm_metrics, **ac_metrics})
         metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
@@ -364,6 +396,53 @@ class FinetuneAgent(world_model.ImageWorldModel):
         new_state = state.replace(
             step=state.step + 1, params=params, slow_critic=slow, batch_stats=stats,
             model_opt_state=model_opt_state, actor_critic_opt_state=ac_opt_state, intrinsic=bonus)
+        return new_state, metrics
+
+    def update_world_model(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
+                           example_index: jax.Array, axis_name: str | None = AXIS
+                           ) -> tuple[AgentState, Metrics, State]:
+        """The world-model half of ``update`` alone (same ``key``: the update's key, split the
+        same way), for measuring it. Returns the state with the world model updated (the step
+        counter is *not* advanced: it counts whole updates), its metrics, and the posteriors
+        ``[B, T, ...]`` that seed ``update_actor_critic``. A non-finite world-model loss or
+        gradient skips this half only."""
+        mean = _mean_over(axis_name)
+        wm_key, _ = jax.random.split(key)
+        wm_params, model_opt_state, new_stats, post, bonus, wm_metrics, wm_grads = self._world_model_step(
+            state, batch, wm_key, example_index, mean)
+        metrics = mean(wm_metrics)
+        metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
+        finite = parallel.all_finite(metrics["model_loss"], wm_grads)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        updated = ({**state.params, **wm_params}, {**state.batch_stats, **new_stats}, model_opt_state, bonus)
+        kept = (state.params, state.batch_stats, state.model_opt_state, state.intrinsic)
+        params, stats, model_opt_state, bonus = parallel.select_finite(finite, updated, kept)
+        new_state = state.replace(params=params, batch_stats=stats, model_opt_state=model_opt_state,
+                                  intrinsic=bonus)
+        return new_state, metrics, sg(post)
+
+    def update_actor_critic(self, state: AgentState, post: State, key: jax.Array, example_index: jax.Array,
+                            axis_name: str | None = AXIS) -> tuple[AgentState, Metrics]:
+        """The actor-critic half of ``update`` alone: imagination from every posterior of
+        ``post`` (``[B, T, ...]``, the local rows) in the world model of ``state``. After
+        ``update_world_model`` with the same ``key`` this is the rest of ``update`` (the two
+        halves skip non-finite updates separately, ``update`` skips both together); advances
+        the step counter."""
+        mean = _mean_over(axis_name)
+        _, ac_key = jax.random.split(key)
+        wm_params = {k: state.params[k] for k in self.world_model_modules()}
+        ac_params, ac_opt_state, slow, ac_metrics, ac_grads = self._actor_critic_step(
+            state, wm_params, post, ac_key, example_index, mean)
+        metrics = mean(ac_metrics)
+        metrics["actor_grad_norm"] = optax.tree.norm(ac_grads["actor"])
+        metrics["critic_grad_norm"] = optax.tree.norm(ac_grads["critic"])
+        finite = parallel.all_finite(metrics["actor_loss"], metrics["critic_loss"], ac_grads)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        updated = ({**state.params, **ac_params}, slow, ac_opt_state)
+        kept = (state.params, state.slow_critic, state.actor_critic_opt_state)
+        params, slow, ac_opt_state = parallel.select_finite(finite, updated, kept)
+        new_state = state.replace(step=state.step + 1, params=params, slow_critic=slow,
+                                  actor_critic_opt_state=ac_opt_state)
         return new_state, metrics
 
     # ------------------------------------------------------------------------------------------
@@ -550,12 +629,51 @@ def summarise_report(report: dict[str, Any]) -> str:
             f"ignored (not used by fine-tuning): {by_module(report['ignored'])}")
 
 
-def make_update_step(agent: FinetuneAgent, mesh, seed: int):
-    """``step(state, batch) -> (state, metrics)``: one jitted, donated, data-parallel update."""
+def _mean_over(axis_name: str | None) -> Callable[[Any], Any]:
+    return (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
+
+
+UPDATE_PARTS = ("all", "world_model", "actor_critic")
+
+
+def make_update_step(agent: FinetuneAgent, mesh, seed: int, part: str = "all"):
+    """One jitted, donated, data-parallel update (or one half of it, for measuring each half).
+
+    * ``part='all'``: ``step(state, batch) -> (state, metrics)``, ``FinetuneAgent.update``.
+    * ``part='world_model'``: ``step(state, batch) -> (state, metrics, post)``,
+      ``update_world_model``; ``post`` (``[B, T, ...]``) is sharded like the batch.
+    * ``part='actor_critic'``: ``step(state, post) -> (state, metrics)``, ``update_actor_critic``.
+
+    All three fold the same per-update key (``seed`` folded with ``state.step``), so the
+    world-model step followed by the actor-critic step from its ``post`` computes what one
+    ``'all'`` step computes (up to XLA fusing the two programs differently).
+    """
+    if part not in UPDATE_PARTS:
+        raise ValueError(f"part={part!r}: expected one of {UPDATE_PARTS}")
     base_key = jax.random.key(seed)
 
-    def per_device(state, batch):
-        example_index = parallel.local_example_index(batch["image"].shape[0])
-        return agent.update(state, batch, jax.random.fold_in(base_key, state.step), example_index)
+    def key_and_index(state, local_rows):
+        return jax.random.fold_in(base_key, state.step), parallel.local_example_index(local_rows)
 
-    return parallel.data_parallel(per_device, mesh)
+    if part == "all":
+        def per_device(state, batch):
+            key, example_index = key_and_index(state, batch["image"].shape[0])
+            return agent.update(state, batch, key, example_index)
+
+        return parallel.data_parallel(per_device, mesh)
+
+    if part == "world_model":
+        def per_device(state, batch):
+            key, example_index = key_and_index(state, batch["image"].shape[0])
+            return agent.update_world_model(state, batch, key, example_index)
+
+        out_specs = (P(), P(), P(AXIS))
+    else:
+        def per_device(state, post):
+            key, example_index = key_and_index(state, post["deter"].shape[0])
+            return agent.update_actor_critic(state, post, key, example_index)
+
+        out_specs = (P(), P())
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
+                            check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
