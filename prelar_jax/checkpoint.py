@@ -163,6 +163,21 @@ def _abstract_target(target_state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
 
 
+def _use_distributed_barriers() -> None:
+    """Multi-process runs: orbax's barriers through the JAX coordination service (a key-value
+    store with orbax's 300 s timeout) instead of its default, a compiled cross-device all-gather
+    per barrier. That default compiles a program on every process before the first save and runs
+    it through the CPU collectives (gloo), whose set-up fails when processes arrive more than
+    30 s apart, which a loaded machine or a slow compile easily causes.
+
+    Orbax reads an absl flag; ``parse`` sets it whether or not the command line was parsed yet.
+    """
+    from absl import flags
+    from orbax.checkpoint._src.multihost import multihost  # noqa: F401 -- defines the flag
+
+    flags.FLAGS["experimental_orbax_use_distributed_barrier"].parse("true")
+
+
 class Checkpointer:
     """Saves and restores ``(train state, metadata dict)`` pairs keyed by step.
 
@@ -181,6 +196,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
+        if jax.process_count() > 1:
+            _use_distributed_barriers()
         for name in ("absl", "asyncio"):  # orbax logs through absl; adding a filter twice is a no-op
             logging.getLogger(name).addFilter(_QUIET_STORAGE_ERRORS)
         self._manager = self._open()

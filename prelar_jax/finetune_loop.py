@@ -69,6 +69,9 @@ class _EpisodeStats:
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False,
         devices: list | None = None) -> dict[str, Any]:
     """Fine-tunes to ``config.steps`` environment steps in ``workdir``; returns a summary dict."""
+    # Environments, replay and the agent's acting run per process: one process only, refused
+    # before it would connect to a coordinator and wait for peers.
+    parallel.require_single_process("fine-tuning")
     absl_logging.set_verbosity(absl_logging.WARNING)
     config_lib.validate_finetune_config(config)
     # Before anything slow: no offscreen rendering means one clear error naming the packages (and

@@ -64,6 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     step_fn = parallel.make_train_step(model.loss, optimizer, mesh, config.seed)
     train_step, info = parallel.compile_ahead(step_fn, state, batch_spec)
     print(f"[prelar] train step {info.describe()}", flush=True)
+    parallel.sync_processes("train step compiled")  # the first step's collectives need every process
 
     open_loop = jax.jit(model.open_loop, static_argnames="context")
     media_batch = dataset.sample(np.random.default_rng([config.seed, 2**31 - 2]),

@@ -118,5 +118,6 @@ def open_workdir(config, workdir: str, allow_config_override: bool, resumable_ke
     os.makedirs(workdir, exist_ok=True)
     config_dict = config.to_dict()
     logger_lib.check_config_matches(workdir, config_dict, allow_config_override, ignore=resumable_keys)
-    logger_lib.write_config(workdir, config_dict)
+    if jax.process_index() == 0:  # the workdir is shared: concurrent writers would race on config.json.tmp
+        logger_lib.write_config(workdir, config_dict)
     return mesh, workdir, config_dict
