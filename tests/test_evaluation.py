@@ -345,6 +345,12 @@ def test_per_task_plot_marks_reference_points():
     assert not [c for c in by_title["custom-task"].collections if "original" in c.get_label()]
     without = report.per_task_figure(table, reference=False)
     assert not [t for legend in without.legends for t in legend.get_texts() if "original" in t.get_text()]
+    # Runs far shorter than the reference steps: no markers (they would squash the curves), a note instead.
+    short = report.group_results(report.ResultRow(*r[:4], r[4], r[5]) for r in synthetic_rows() if r[3] <= 10000)
+    assert 105000 > report.REFERENCE_RANGE * 10000
+    by_title = {axes.get_title(): axes for axes in report.per_task_figure(short).axes if axes.get_visible()}
+    assert "drawer_open\n(reference points beyond these steps: see summary.md)" in by_title
+    assert not [c for axes in by_title.values() for c in axes.collections if "original" in c.get_label()]
 
 
 def test_reference_values_match_the_spec_table():

@@ -369,6 +369,10 @@ def _steps_axis(axes) -> None:
     axes.grid(alpha=0.3)
 
 
+# Reference points are drawn on a task's plot only if they lie within this factor of its last step.
+REFERENCE_RANGE = 4.0
+
+
 def per_task_figure(table: Table, reference: bool = True) -> Figure:
     """One subplot per task: per method the mean success over seeds, shaded from min to max over seeds."""
     methods = list(table)
@@ -395,20 +399,28 @@ def per_task_figure(table: Table, reference: bool = True) -> Figure:
                 low, high = [v.min() for v in values], [v.max() for v in values]
                 axes.fill_between(steps, low, high, color=colors[method], alpha=0.2, linewidth=0)
             handles.setdefault(method, line)
-        if reference:
+        # Reference points far beyond these runs (a short run against 105k/245k) would squash the
+        # curves into the left edge; they are then left to the summary's table, and the title says so.
+        last_step = max((step for runs in (table[m].get(task) for m in methods) if runs
+                         for by_step in runs.values() for step in by_step), default=0)
+        beyond = reference and reference_points(task) and min(
+            step for points in reference_points(task).values() for step in points) > REFERENCE_RANGE * last_step
+        if reference and not beyond:
             for ref_method, points in reference_points(task).items():
                 label = f"{ref_method}, {REFERENCE_SOURCE} (seed mean)"
                 marker = axes.scatter(
                     list(points), list(points.values()), s=80, zorder=5, label=label, **_REFERENCE_STYLE[ref_method]
                 )
                 handles.setdefault(label, marker)
-        axes.set_title(task)
+        axes.set_title(f"{task}\n(reference points beyond these steps: see summary.md)" if beyond else task,
+                       fontsize="medium")
         axes.set_ylabel("success rate")
         _steps_axis(axes)
     for index in range(len(tasks), rows * columns):
         axes_grid[index // columns][index % columns].set_visible(False)
     figure.legend(
-        list(handles.values()), list(handles), loc="outside lower center", ncol=min(4, len(handles)), fontsize="small"
+        list(handles.values()), list(handles), loc="outside lower center",
+        ncol=min(2 if any(len(label) > 30 for label in handles) else 4, len(handles)), fontsize="small"
     )
     figure.suptitle("Success rate per task (line: mean over seeds, band: min to max over seeds)")
     return figure
