@@ -58,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.replay = ml_collections.ConfigDict()
     c.replay.capacity = 1_000_000  # environment steps
     c.replay.prioritize_ends = True
+    # Keep a copy of the replay on the accelerator(s) and draw every batch there
+    # (prelar_jax/data/device_replay.py): no host gather and no host->device batch copy per update.
+    # The host replay still writes the episode files and checkpoints. The device ring is replicated:
+    # device_capacity steps (0 = replay.capacity) x ~12.3 kB per 64x64 step on every device.
+    c.replay.on_device = False
+    c.replay.device_capacity = 0
 
     c.model = config_lib.model_config("paper")
 

@@ -268,6 +268,14 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
     _check(c.loss.aux_reward_scale >= 0, "loss.aux_reward_scale", "must be >= 0 (0 removes the head)")
     _check(1 <= c.log.media_context < c.sequence_length, "log.media_context",
            f"must be in [1, sequence_length) = [1, {c.sequence_length})")
+    on_device, device_capacity = c.replay.get("on_device", False), c.replay.get("device_capacity", 0)
+    _check(isinstance(on_device, bool), "replay.on_device", f"must be True or False, got {on_device!r}")
+    _check(isinstance(device_capacity, int) and not isinstance(device_capacity, bool) and device_capacity >= 0,
+           "replay.device_capacity", f"must be an integer >= 0 (0 = replay.capacity), got {device_capacity!r}")
+    if on_device:
+        _check((device_capacity or c.replay.capacity) >= c.env.time_limit + 1, "replay.device_capacity",
+               f"the device ring of {device_capacity or c.replay.capacity} steps cannot hold one episode of "
+               f"env.time_limit + 1 = {c.env.time_limit + 1} steps; raise it (0 uses replay.capacity)")
     if c.pretrained:
         _check(c.action_encoder.kind != "none", "action_encoder.kind",
                "a pre-trained RSSM is conditioned on 50-d or 64-d action codes, not raw actions; use "

@@ -33,13 +33,15 @@ from absl import logging as absl_logging
 
 from prelar_jax import agent as agent_lib
 from prelar_jax import checkpoint, config as config_lib, logger as logger_lib, media, parallel, run_utils
+from prelar_jax.data.device_replay import DeviceReplay, bytes_per_step
 from prelar_jax.data.replay import Replay
 from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
 from prelar_jax.envs.rendering import RenderSettings
 from prelar_jax.envs.workers import ParallelEnvs, make_metaworld_env
 
 # Keys that may change when a run is resumed (run length, logging, worker time-outs).
-RESUMABLE_KEYS = ("steps", "log", "env.step_timeout", "env.eval_envs", "pretrained", "nonfinite_limit")
+RESUMABLE_KEYS = ("steps", "log", "env.step_timeout", "env.eval_envs", "pretrained", "nonfinite_limit",
+                  "replay.on_device", "replay.device_capacity")
 
 
 def _seeds(*parts: int, count: int) -> list[int]:
@@ -64,6 +66,22 @@ class _EpisodeStats:
         self.length += ~first
         return [(float(self.returns[i]), bool(self.success[i]), int(self.length[i]))
                 for i in np.flatnonzero(obs["is_last"])]
+
+
+def _device_replay(config: ml_collections.ConfigDict, mesh, replay: Replay) -> DeviceReplay:
+    """``replay.on_device``: the device copy, filled with the host replay's episodes (on resume,
+    those the checkpoint named), oldest first, so it holds what the host holds (or the newest part)."""
+    capacity = config.replay.device_capacity or config.replay.capacity
+    keys = ("image", "action", "reward", "is_first")  # what the update reads
+    image_shape = (config.image_size, config.image_size, 3)
+    device_replay = DeviceReplay(capacity, config.env.time_limit + 1, image_shape, config.action_dim, mesh,
+                                 config.replay.prioritize_ends, keys)
+    for name in replay.episode_names():
+        device_replay.add_episode(replay.get_episode(name))
+    print(f"[prelar] replay on device: {capacity} steps, "
+          f"{capacity * bytes_per_step(image_shape, config.action_dim, keys) / 2**30:.2f} GiB per device, "
+          f"it holds {device_replay.num_episodes} of the host replay's {replay.num_episodes} episode(s)", flush=True)
+    return device_replay
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False,
@@ -133,6 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     update_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, config.seed),
                                                state, batch_spec)
     print(f"[prelar] update step {info.describe()}", flush=True)
+    device_replay = _device_replay(config, mesh, replay) if config.replay.on_device else None
     policy = jax.jit(agent.policy, static_argnames="explore")
     open_loop = jax.jit(agent.open_loop, static_argnames="context")
 
@@ -160,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
             logger.log(0, {"compile_seconds": info.seconds, "flops_per_update": info.flops or 0.0,
                            **{f"params/{k}": v for k, v in sizes.items()}})
         loop = _Loop(config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
-                     logger, ckpt, counters, kept_names, mesh, workdir)
+                     logger, ckpt, counters, kept_names, mesh, workdir, device_replay)
         loop.run()
         state = loop.state
     finally:
@@ -187,8 +206,9 @@ class _Loop:
     """The mutable host side of one run (counters, pending metrics); the device side is ``state``."""
 
     def __init__(self, config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
-                 logger, ckpt, counters, kept_names, mesh, workdir):
+                 logger, ckpt, counters, kept_names, mesh, workdir, device_replay=None):
         self.config, self.agent, self.state = config, agent, state
+        self.device_replay = device_replay  # replay.on_device: batches come from it
         self.update_step, self.policy, self.open_loop = update_step, policy, open_loop
         self.replay, self.envs, self.eval_envs = replay, envs, eval_envs
         self.logger, self.ckpt, self.counters = logger, ckpt, counters
@@ -231,7 +251,10 @@ class _Loop:
                     self.replay.discard(i)
                     counters["worker_restarts"] += 1
                     counters["dropped_episodes"] += 1
-                self.replay.add_batch(obs, np.where(obs["is_first"][:, None], 0.0, action).astype(np.float32))
+                finished = self.replay.add_batch(obs, np.where(obs["is_first"][:, None], 0.0, action).astype(np.float32))
+                if self.device_replay is not None:  # one host->device copy per finished episode
+                    for name in finished:
+                        self.device_replay.add_episode(self.replay.get_episode(name))
                 for episode in stats.observe(obs, dropped):
                     self.train_episodes.append(episode)
                     counters["episodes"] += 1
@@ -270,6 +293,9 @@ class _Loop:
     # ------------------------------------------------------------------ updates
     def _sample(self) -> dict[str, jax.Array]:
         c = self.config
+        if self.device_replay is not None:  # drawn on the devices, already sharded like put_batch's
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), 11), self.counters["updates"])
+            return self.device_replay.sample(key, c.batch_size, c.sequence_length)
         rng = np.random.default_rng([c.seed, 11, self.counters["updates"]])
         batch = self.replay.sample(rng, c.batch_size, c.sequence_length)
         batch = {k: batch[k] for k in ("image", "action", "reward", "is_first")}
