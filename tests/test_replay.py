@@ -214,6 +214,28 @@ def exact_start_probs(total: int, T: int, prioritize_ends: bool) -> np.ndarray:
     return p
 
 
+def assert_start_distribution(ids, starts, lengths, T, prioritize_ends) -> list[int]:
+    """Chi-square of the sampled (episode, start) cells against the closed form (uniform episode
+    choice among episodes of at least T steps, then ``exact_start_probs``), and against the other
+    start rule, which must be rejected on the same samples (the test has power). Returns the
+    eligible episodes."""
+    n = len(ids)
+    eligible = [i for i, L in enumerate(lengths) if L >= T]
+    cells, expected, expected_other = [], [], []
+    for i in eligible:
+        p = exact_start_probs(lengths[i], T, prioritize_ends) / len(eligible)
+        q = exact_start_probs(lengths[i], T, not prioritize_ends) / len(eligible)
+        for s in range(lengths[i] - T + 1):
+            cells.append(np.sum((ids == i) & (starts == s)))
+            expected.append(p[s] * n)
+            expected_other.append(q[s] * n)
+    cells = np.array(cells)
+    assert cells.sum() == n  # every sample falls in a valid (episode, start) cell
+    assert stats.chisquare(cells, expected).pvalue > 1e-3
+    assert stats.chisquare(cells, expected_other).pvalue < 1e-6
+    return eligible
+
+
 @pytest.mark.parametrize("prioritize_ends", [True, False])
 def test_episode_and_start_distribution_match_dreamerv2(prioritize_ends):
     lengths, T, n = [10, 14, 6, 4], 6, 24_000
@@ -226,20 +248,7 @@ def test_episode_and_start_distribution_match_dreamerv2(prioritize_ends):
         starts.append(s)
     ids, starts = np.concatenate(ids), np.concatenate(starts)
 
-    eligible = [i for i, L in enumerate(lengths) if L >= T]  # episode 3 (4 steps) is too short
-    cells, expected, expected_other = [], [], []
-    for i in eligible:
-        p = exact_start_probs(lengths[i], T, prioritize_ends) / len(eligible)  # uniform episode choice
-        q = exact_start_probs(lengths[i], T, not prioritize_ends) / len(eligible)
-        for s in range(lengths[i] - T + 1):
-            cells.append(np.sum((ids == i) & (starts == s)))
-            expected.append(p[s] * n)
-            expected_other.append(q[s] * n)
-    cells = np.array(cells)
-    assert cells.sum() == n  # every sample falls in a valid (episode, start) cell
-    assert stats.chisquare(cells, expected).pvalue > 1e-3
-    # The test has power: the other start rule is rejected on the same samples.
-    assert stats.chisquare(cells, expected_other).pvalue < 1e-6
+    eligible = assert_start_distribution(ids, starts, lengths, T, prioritize_ends)  # episode 3 is too short
     # Episode choice alone is uniform over the eligible episodes.
     per_episode = np.array([np.sum(ids == i) for i in eligible])
     assert stats.chisquare(per_episode).pvalue > 1e-3
