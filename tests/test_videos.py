@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -214,12 +215,14 @@ def test_prefetcher_batches_are_a_function_of_seed_and_step(episodes_dir: Path) 
 class _FailingDataset:
     """Raises on the step whose generator was seeded with [seed, fail_step]."""
 
-    def __init__(self, fail_step: int) -> None:
+    def __init__(self, fail_step: int, slow_steps: float = 0.0) -> None:
         self.fail_step = fail_step
+        self.slow_steps = slow_steps  # seconds every other step takes: the failing one finishes first
 
     def sample(self, rng: np.random.Generator, batch_size: int, length: int) -> dict:
         if rng.bit_generator.seed_seq.entropy[1] == self.fail_step:  # type: ignore[attr-defined]
             raise RuntimeError("boom at the failing step")
+        time.sleep(self.slow_steps)
         return {"image": np.zeros((batch_size, length, 64, 64, 3), np.uint8), "is_first": np.zeros((batch_size, length), bool)}
 
 
@@ -229,6 +232,17 @@ def test_prefetcher_reraises_worker_exceptions_in_the_consumer() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         for _ in range(10):
             next(it)
+    assert not any(th.is_alive() for th in it._threads)
+
+
+def test_prefetcher_delivers_the_steps_before_a_failure_that_finished_first() -> None:
+    # Step 1 fails at once while step 0 is still being sampled on the other thread: the consumer
+    # must still get step 0 (in order), and the error only when it asks for step 1.
+    it = BatchPrefetcher(_FailingDataset(fail_step=1, slow_steps=0.3), 1, 2, seed=0, start_step=0, num_steps=10,
+                         num_threads=2)
+    assert next(it)[0] == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        next(it)
     assert not any(th.is_alive() for th in it._threads)
 
 

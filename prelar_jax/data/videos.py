@@ -408,6 +408,7 @@ class BatchPrefetcher:
         self._next_yield = start_step  # next step the consumer gets
         self._ready: dict[int, dict[str, np.ndarray]] = {}
         self._error: BaseException | None = None
+        self._error_step = 0  # the step whose sampling raised ``_error`` (the earliest such)
         self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name=f"BatchPrefetcher-{k}", daemon=True)
@@ -432,10 +433,10 @@ class BatchPrefetcher:
                 self._next_claim += 1
             try:
                 batch = self._dataset.sample(np.random.default_rng([self._seed, step]), self._batch_size, self._length)
-            except BaseException as exc:  # handed to the consumer
+            except BaseException as exc:  # handed to the consumer when it reaches this step
                 with self._cond:
-                    if self._error is None:
-                        self._error = exc
+                    if self._error is None or step < self._error_step:
+                        self._error, self._error_step = exc, step
                     self._cond.notify_all()
                 return
             with self._cond:
@@ -449,7 +450,9 @@ class BatchPrefetcher:
         with self._cond:
             if self._next_yield >= self._end or self._closed:
                 raise StopIteration
-            while self._next_yield not in self._ready and self._error is None:
+            # Steps before a failed one were claimed earlier and still arrive: deliver them first.
+            while self._next_yield not in self._ready and (
+                    self._error is None or self._next_yield < self._error_step):
                 self._cond.wait()
             if self._next_yield in self._ready:
                 step = self._next_yield
