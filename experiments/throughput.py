@@ -246,7 +246,7 @@ def finetune_rows(config, devices: list, host_batch, num_envs: int) -> list[dict
 
     rows.append(measure("world_model", devices, info, wm_call, wm_first, local))
     post = handoff["post"]
-    del wm
+    wm.clear()  # frees the world-model half's state before the next measurement
 
     ac = {"state": handoff.pop("state")}
     ac_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0, part="actor_critic"),
@@ -258,7 +258,7 @@ def finetune_rows(config, devices: list, host_batch, num_envs: int) -> list[dict
 
     rows.append(measure("actor_critic", devices, info, ac_call, lambda: _floats(ac_call()[1]), local))
     params = jax.tree.map(lambda x: x.copy(), ac["state"].params)  # the imagination's parameters
-    del ac
+    ac.clear()
 
     full = {"state": fresh()}
     full_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0), full["state"], batch)
@@ -269,7 +269,7 @@ def finetune_rows(config, devices: list, host_batch, num_envs: int) -> list[dict
 
     rows.append(measure("update", devices, info, full_call, lambda: _floats(full_call()[1]), local))
     stats = full["state"].batch_stats
-    del full
+    full.clear()
 
     imagine, info = parallel.compile_ahead(make_imagination_step(agent, mesh, 0), params, post)
     rows.append(measure("imagination", devices, info, lambda: imagine(params, post), lambda: None, local))
