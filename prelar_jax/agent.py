@@ -385,18 +385,11 @@ class FinetuneAgent(world_model.ImageWorldModel):
         metrics["critic_grad_norm"] = optax.tree.norm(ac_grads["critic"])
         # A non-finite loss or gradient anywhere skips the whole update (same decision on every
         # device: gradients and metrics are averaged); the step counter still advances.
-        finite = parallel.all_finite(metrics["model_loss"], metrics["actor_loss"],
-                                     metrics["critic_loss"], wm_grads, ac_grads)
-        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-        updated = ({**wm_params, **ac_params}, slow, {**state.batch_stats, **new_stats},
-                   model_opt_state, ac_opt_state, bonus)
-        kept = (state.params, state.slow_critic, state.batch_stats, state.model_opt_state,
-                state.actor_critic_opt_state, state.intrinsic)
-        params, slow, stats, model_opt_state, ac_opt_state, bonus = parallel.select_finite(finite, updated, kept)
-        new_state = state.replace(
-            step=state.step + 1, params=params, slow_critic=slow, batch_stats=stats,
+        new_state = _apply_if_finite(
+            state, metrics, (metrics["model_loss"], metrics["actor_loss"], metrics["critic_loss"], wm_grads, ac_grads),
+            params={**wm_params, **ac_params}, slow_critic=slow, batch_stats={**state.batch_stats, **new_stats},
             model_opt_state=model_opt_state, actor_critic_opt_state=ac_opt_state, intrinsic=bonus)
-        return new_state, metrics
+        return new_state.replace(step=state.step + 1), metrics
 
     def update_world_model(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
                            example_index: jax.Array, axis_name: str | None = AXIS
@@ -412,13 +405,9 @@ class FinetuneAgent(world_model.ImageWorldModel):
             state, batch, wm_key, example_index, mean)
         metrics = mean(wm_metrics)
         metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
-        finite = parallel.all_finite(metrics["model_loss"], wm_grads)
-        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-        updated = ({**state.params, **wm_params}, {**state.batch_stats, **new_stats}, model_opt_state, bonus)
-        kept = (state.params, state.batch_stats, state.model_opt_state, state.intrinsic)
-        params, stats, model_opt_state, bonus = parallel.select_finite(finite, updated, kept)
-        new_state = state.replace(params=params, batch_stats=stats, model_opt_state=model_opt_state,
-                                  intrinsic=bonus)
+        new_state = _apply_if_finite(
+            state, metrics, (metrics["model_loss"], wm_grads), params={**state.params, **wm_params},
+            batch_stats={**state.batch_stats, **new_stats}, model_opt_state=model_opt_state, intrinsic=bonus)
         return new_state, metrics, sg(post)
 
     def update_actor_critic(self, state: AgentState, post: State, key: jax.Array, example_index: jax.Array,
@@ -436,14 +425,10 @@ class FinetuneAgent(world_model.ImageWorldModel):
         metrics = mean(ac_metrics)
         metrics["actor_grad_norm"] = optax.tree.norm(ac_grads["actor"])
         metrics["critic_grad_norm"] = optax.tree.norm(ac_grads["critic"])
-        finite = parallel.all_finite(metrics["actor_loss"], metrics["critic_loss"], ac_grads)
-        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-        updated = ({**state.params, **ac_params}, slow, ac_opt_state)
-        kept = (state.params, state.slow_critic, state.actor_critic_opt_state)
-        params, slow, ac_opt_state = parallel.select_finite(finite, updated, kept)
-        new_state = state.replace(step=state.step + 1, params=params, slow_critic=slow,
-                                  actor_critic_opt_state=ac_opt_state)
-        return new_state, metrics
+        new_state = _apply_if_finite(
+            state, metrics, (metrics["actor_loss"], metrics["critic_loss"], ac_grads),
+            params={**state.params, **ac_params}, slow_critic=slow, actor_critic_opt_state=ac_opt_state)
+        return new_state.replace(step=state.step + 1), metrics
 
     # ------------------------------------------------------------------------------------------
     # Acting and media
@@ -629,6 +614,16 @@ def summarise_report(report: dict[str, Any]) -> str:
             f"ignored (not used by fine-tuning): {by_module(report['ignored'])}")
 
 
+def _apply_if_finite(state: AgentState, metrics: Metrics, checked: tuple, **updated: Any) -> AgentState:
+    """``state`` with the ``updated`` fields if every loss and gradient in ``checked`` is finite,
+    else unchanged (the same decision on every device: losses and gradients are averaged);
+    records ``metrics["nonfinite"]``. The callers advance the step counter either way."""
+    finite = parallel.all_finite(*checked)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    kept = {name: getattr(state, name) for name in updated}
+    return state.replace(**parallel.select_finite(finite, updated, kept))
+
+
 def _mean_over(axis_name: str | None) -> Callable[[Any], Any]:
     return (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
 
@@ -651,29 +646,15 @@ def make_update_step(agent: FinetuneAgent, mesh, seed: int, part: str = "all"):
     if part not in UPDATE_PARTS:
         raise ValueError(f"part={part!r}: expected one of {UPDATE_PARTS}")
     base_key = jax.random.key(seed)
+    # The update function, how many local rows its data has, and what it returns.
+    update, rows, out_specs = {
+        "all": (agent.update, lambda batch: batch["image"].shape[0], (P(), P())),
+        "world_model": (agent.update_world_model, lambda batch: batch["image"].shape[0], (P(), P(), P(AXIS))),
+        "actor_critic": (agent.update_actor_critic, lambda post: post["deter"].shape[0], (P(), P())),
+    }[part]
 
-    def key_and_index(state, local_rows):
-        return jax.random.fold_in(base_key, state.step), parallel.local_example_index(local_rows)
+    def per_device(state, data):
+        return update(state, data, jax.random.fold_in(base_key, state.step),
+                      parallel.local_example_index(rows(data)))
 
-    if part == "all":
-        def per_device(state, batch):
-            key, example_index = key_and_index(state, batch["image"].shape[0])
-            return agent.update(state, batch, key, example_index)
-
-        return parallel.data_parallel(per_device, mesh)
-
-    if part == "world_model":
-        def per_device(state, batch):
-            key, example_index = key_and_index(state, batch["image"].shape[0])
-            return agent.update_world_model(state, batch, key, example_index)
-
-        out_specs = (P(), P(), P(AXIS))
-    else:
-        def per_device(state, post):
-            key, example_index = key_and_index(state, post["deter"].shape[0])
-            return agent.update_actor_critic(state, post, key, example_index)
-
-        out_specs = (P(), P())
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
-                            check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
+    return parallel.data_parallel(per_device, mesh, out_specs)

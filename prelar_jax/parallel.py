@@ -99,9 +99,7 @@ def distributed_settings(environ: Mapping[str, str] | None = None) -> Distribute
     if address is not None and ":" not in address:
         raise DistributedSetupError(
             f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port (process 0 listens on that port).")
-    if not slurm:
-        return DistributedSettings(address, count, index, None)
-    return DistributedSettings(address, count, index, "slurm")
+    return DistributedSettings(address, count, index, "slurm" if slurm else None)
 
 
 def initialize_distributed(environ: Mapping[str, str] | None = None) -> DistributedSettings | None:
@@ -232,15 +230,16 @@ def local_example_index(local: int) -> jax.Array:
     return jax.lax.axis_index(AXIS) * local + jnp.arange(local)
 
 
-def data_parallel(per_device: Callable, mesh: Mesh) -> Callable:
+def data_parallel(per_device: Callable, mesh: Mesh, out_specs: tuple = (P(), P())) -> Callable:
     """``step(state, batch) -> (state, metrics)`` jitted over the mesh: the state replicated and
     donated, the batch split along the data axis, ``per_device`` seeing the local shard.
+    ``out_specs`` for steps that return more (e.g. ``P(AXIS)`` for per-example outputs).
 
     ``check_vma=False``: collectives are explicit (``pmean`` of gradients, metrics and BatchNorm
     statistics, ``all_gather`` where a loss pairs examples across devices), so gradients are
     per-device until averaged.
     """
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
                             check_vma=False)
     return jax.jit(sharded, donate_argnums=0)
 
