@@ -192,10 +192,12 @@ def _main():
             os.replace(video_root + ".partial", video_root)
         results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"))
         failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
-        diagnostics = [s for s in runs.diagnostics if not any(f"--pretrained={d}" in s.command or
-                                                              f"--apv_pretrained={d}" in s.command for d in failed)]
-        run_all(diagnostics, 1, os.path.join(workdir, "logs", "diagnostics"))
-        runnable = [s for s in finetune_specs if not any(f"--config.pretrained={d}" in s.command for d in failed)]
+
+        def without_failed(specs):  # the runs none of whose arguments names a failed pre-training
+            return [s for s in specs if not any(arg.split("=", 1)[-1] in failed for arg in s.command)]
+
+        run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"))
+        runnable = without_failed(finetune_specs)
         if len(runnable) < len(finetune_specs):
             print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
                   f"pre-training failed (see {workdir}/logs/pretrain/runs.json)", flush=True)

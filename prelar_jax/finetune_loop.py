@@ -44,6 +44,10 @@ RESUMABLE_KEYS = ("steps", "log", "env.step_timeout", "env.eval_envs", "pretrain
                   "replay.on_device", "replay.device_capacity")
 
 
+# What an update reads of a replay batch (host or device replay).
+UPDATE_KEYS = ("image", "action", "reward", "is_first")
+
+
 def _seeds(*parts: int, count: int) -> list[int]:
     """``count`` worker seeds from a SeedSequence over ``parts`` (run seed, role, resume point)."""
     return [int(s % (2**31)) for s in np.random.SeedSequence(list(parts)).generate_state(count)]
@@ -72,14 +76,13 @@ def _device_replay(config: ml_collections.ConfigDict, mesh, replay: Replay) -> D
     """``replay.on_device``: the device copy, filled with the host replay's episodes (on resume,
     those the checkpoint named), oldest first, so it holds what the host holds (or the newest part)."""
     capacity = config.replay.device_capacity or config.replay.capacity
-    keys = ("image", "action", "reward", "is_first")  # what the update reads
     image_shape = (config.image_size, config.image_size, 3)
     device_replay = DeviceReplay(capacity, config.env.time_limit + 1, image_shape, config.action_dim, mesh,
-                                 config.replay.prioritize_ends, keys)
+                                 config.replay.prioritize_ends, UPDATE_KEYS)
     for name in replay.episode_names():
         device_replay.add_episode(replay.get_episode(name))
     print(f"[prelar] replay on device: {capacity} steps, "
-          f"{capacity * bytes_per_step(image_shape, config.action_dim, keys) / 2**30:.2f} GiB per device, "
+          f"{capacity * bytes_per_step(image_shape, config.action_dim, UPDATE_KEYS) / 2**30:.2f} GiB per device, "
           f"it holds {device_replay.num_episodes} of the host replay's {replay.num_episodes} episode(s)", flush=True)
     return device_replay
 
@@ -298,7 +301,7 @@ class _Loop:
             return self.device_replay.sample(key, c.batch_size, c.sequence_length)
         rng = np.random.default_rng([c.seed, 11, self.counters["updates"]])
         batch = self.replay.sample(rng, c.batch_size, c.sequence_length)
-        batch = {k: batch[k] for k in ("image", "action", "reward", "is_first")}
+        batch = {k: batch[k] for k in UPDATE_KEYS}
         return parallel.put_batch(batch, self.mesh)
 
     def train(self, count: int, env_step: int) -> None:
