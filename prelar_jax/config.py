@@ -25,6 +25,7 @@ class ConfigError(UserError, ValueError):
 
 
 MODEL_PRESETS = ("paper", "small", "tiny")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # model.compute_dtype; float16 is refused (no loss scaling)
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
@@ -198,8 +199,12 @@ def _validate_model(c: ml_collections.ConfigDict) -> None:
         factor = 2 ** (c.model.stages + 1)
         _check(c.image_size % factor == 0, "image_size",
                f"{c.image_size} must be divisible by 2**(model.stages+1) = {factor}")
-    _check(c.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
-           f"{c.model.compute_dtype!r} is not one of float32, bfloat16, float16")
+    # float16 is refused: its 5-bit exponent underflows small gradients to zero unless the loss is
+    # scaled, and nothing here scales it. bfloat16 keeps float32's exponent range and needs no scaling.
+    _check(c.model.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype",
+           f"{c.model.compute_dtype!r} is not supported; use 'float32' or 'bfloat16' (mixed precision). "
+           "float16 would need loss scaling, which is not implemented; bfloat16 has float32's exponent "
+           "range and needs none")
     _check(0.0 <= c.loss.kl_balance <= 1.0, "loss.kl_balance", "must be in [0, 1]")
     _check(c.optimizer.lr >= 0 and c.optimizer.eps > 0 and c.optimizer.clip > 0, "optimizer",
            "lr must be >= 0, eps and clip > 0")

@@ -145,6 +145,24 @@ def test_invalid_finetune_values_name_the_key(key, value, needle):
         config_lib.validate_finetune_config(finetune_config(**{key: value}))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float64", "bf16"])
+def test_compute_dtype_other_than_float32_or_bfloat16_is_refused(dtype):
+    """float16 has no loss scaling here, so its gradients would silently underflow: it is refused
+    (as is any other name) with one message that says what to use instead, in both trainers."""
+    validators = [(config_lib.validate_pretrain_config, pretrain_config("videos", **{"model.compute_dtype": dtype})),
+                  (config_lib.validate_finetune_config, finetune_config(**{"model.compute_dtype": dtype})),
+                  (config_lib.validate_finetune_config, finetune_config(DREAMER, **{"model.compute_dtype": dtype}))]
+    for validate, config in validators:
+        with pytest.raises(config_lib.ConfigError) as info:
+            validate(config)
+        message = str(info.value)
+        assert message.startswith(f"config.model.compute_dtype: {dtype!r} is not supported"), message
+        assert "use 'float32' or 'bfloat16'" in message and "loss scaling" in message, message
+    for dtype in ("float32", "bfloat16"):  # the two supported values still pass
+        config_lib.validate_pretrain_config(pretrain_config("videos", **{"model.compute_dtype": dtype}))
+        config_lib.validate_finetune_config(finetune_config(**{"model.compute_dtype": dtype}))
+
+
 def test_batch_not_divisible_by_the_device_count_fails_before_any_work(tmp_path):
     four = jax.devices()[:4]
     with pytest.raises(parallel.DeviceCountError, match=r"batch_size=6 .* 4 devices.*multiple of 4"):
