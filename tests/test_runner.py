@@ -203,6 +203,23 @@ def test_collect_results_dedups_steps_and_writes_csv(tmp_path):
     assert float(read[0]["return"]) == 10.0 and math.isnan(float(read[1]["return"]))
 
 
+def test_done_line_counts_each_status_and_says_nothing_to_run_for_no_runs(fake, tmp_path):
+    """The closing line lists the count of each status; with zero runs (e.g. a benchmark stage
+    whose runs were all dropped) it says so instead of an empty list."""
+    runs_json = str(tmp_path / "logs" / "runs.json")
+    lines = []
+    assert runner.run_all([], 2, str(tmp_path / "logs"), echo=lines.append) == []
+    assert lines == [f"[runner] done: nothing to run (status of every run: {runs_json})"]
+    saved = json.load(open(runs_json))
+    assert saved["runs"] == [] and saved["counts"] == {}
+
+    done, fails = _spec(fake, tmp_path, "done"), _spec(fake, tmp_path, "fails", mode="fail")
+    _write_summary(done.workdir, True)
+    lines = []
+    runner.run_all([done, fails], 1, str(tmp_path / "logs"), echo=lines.append)
+    assert lines[-1] == f"[runner] done: 1 {runner.SKIPPED}, 1 {runner.FAILED} (status of every run: {runs_json})"
+
+
 def test_duplicate_workdirs_and_bad_max_parallel_are_errors(tmp_path):
     spec = RunSpec("a", ["true"], str(tmp_path / "a"))
     with pytest.raises(runner.RunnerError, match="share the workdir"):

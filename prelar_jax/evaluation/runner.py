@@ -312,8 +312,8 @@ def run_all(specs: Sequence[RunSpec], max_parallel: int, log_dir: str, *, grace_
                     entry.process.wait()
     ordered = [results[spec.name] for spec in specs]
     counts = collections.Counter(result.status for result in ordered)
-    echo("[runner] done: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s])
-         + f" (status of every run: {runs_json})")
+    tally = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) or "nothing to run"
+    echo(f"[runner] done: {tally} (status of every run: {runs_json})")
     return ordered
 
 
