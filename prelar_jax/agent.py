@@ -581,8 +581,10 @@ def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
     """``(config, params, batch_stats, step)`` of the latest checkpoint of a pre-training workdir,
     on the host CPU device.
 
-    The TrainState is restored into the shapes its own config.json builds; errors are
-    ``PretrainedNotFoundError`` with what to pass instead.
+    The checkpoint is checked against the TrainState its own config.json builds, but only the
+    step, parameters and BatchNorm statistics are read: the Adam moments (twice the parameters'
+    size) are neither read from disk nor allocated. Errors are ``PretrainedNotFoundError`` with
+    what to pass instead.
     """
     workdir = os.path.abspath(os.fspath(workdir))
     config = read_pretrain_config(workdir)
@@ -595,7 +597,7 @@ def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
                                           "pre-training save one (log.checkpoint_every) first.")
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
-        restored, metadata = ckpt.restore(target)
+        restored, metadata = ckpt.restore(target, only=("step", "params", "batch_stats"))
     finally:
         ckpt.close()
     return config, restored.params, restored.batch_stats, int(metadata.get("step", restored.step))

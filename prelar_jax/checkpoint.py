@@ -32,7 +32,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Any, NoReturn
+from typing import Any, Collection, NoReturn
 
 import jax
 import numpy as np
@@ -161,6 +161,26 @@ def _describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit:
 def _abstract_target(target_state: Any) -> Any:
     """ShapeDtypeStructs carrying the target's shardings, so restored arrays land where the live ones are."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+
+
+def _top_level_name(path: tuple) -> Any:
+    """The field (dataclass attribute, dict key, sequence index) a leaf's path starts with."""
+    first = path[0]
+    for attribute in ("name", "key", "idx"):
+        if hasattr(first, attribute):
+            return getattr(first, attribute)
+    return first
+
+
+def _skip_other_fields(target: Any, only: Collection[Any]) -> Any:
+    """``target`` with every leaf outside the top-level fields ``only`` replaced by orbax's
+    placeholder, which orbax neither reads from disk nor allocates."""
+    leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+    unknown = set(only) - {_top_level_name(path) for path, _ in leaves}
+    if unknown:
+        raise ValueError(f"restore(only=...): the state has no fields {sorted(map(str, unknown))}")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf if _top_level_name(path) in only else ocp.PLACEHOLDER, target)
 
 
 def _use_distributed_barriers() -> None:
@@ -335,28 +355,51 @@ class Checkpointer:
                 + "\nUse the config this workdir was created with (see its config.json), or pass a new --workdir."
             )
 
-    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    def restore(self, target_state: Any, step: int | None = None,
+                only: Collection[Any] | None = None) -> tuple[Any, dict[str, Any]]:
         """Loads ``step`` (default: latest) into the structure, dtypes and shardings of ``target_state``.
 
         ``target_state`` may hold live arrays or ``jax.ShapeDtypeStruct``s with shardings (e.g. from
         ``jax.eval_shape`` plus the mesh's shardings); only its structure is used.
+
+        ``only`` names the top-level fields of the state to load (dataclass attributes or dict
+        keys), e.g. ``('step', 'params', 'batch_stats')`` when the optimizer moments are not
+        needed: every leaf of the other fields is still checked against the checkpoint, but is
+        neither read from disk nor allocated, and comes back as ``None``. In this mode a leaf of
+        ``target_state`` without a sharding comes back as a host numpy array.
         """
         step = self._resolve_step(step)
         self.check_compatible(target_state, step)
-        args = ocp.args.Composite(
-            **{
-                STATE_ITEM: ocp.args.StandardRestore(_abstract_target(target_state)),
-                METADATA_ITEM: ocp.args.JsonRestore(),
-            }
-        )
+        target = _abstract_target(target_state)
+        manager = self._manager
+        if only is None:
+            state_args = ocp.args.StandardRestore(target)
+        else:
+            # StandardRestore refuses orbax's placeholders; PyTreeRestore (what StandardRestore
+            # runs underneath, reading the same files) skips them, through a handler of its own.
+            target = _skip_other_fields(target, only)
+            state_args = ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+            manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(
+                    read_only=True, create=False, save_interval_steps=0, max_to_keep=None),
+                item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+                               METADATA_ITEM: ocp.JsonCheckpointHandler()})
+        args = ocp.args.Composite(**{STATE_ITEM: state_args, METADATA_ITEM: ocp.args.JsonRestore()})
         try:
-            restored = self._manager.restore(step, args=args)
+            restored = manager.restore(step, args=args)
         except ValueError as error:  # Differences the shape check cannot see (e.g. empty subtrees).
             raise CheckpointMismatchError(
                 f"checkpoint {self.directory}/{step} does not fit the current train state; it was written by "
                 f"a different architecture or config. Orbax says: {error}"
             ) from error
-        return restored[STATE_ITEM], dict(restored[METADATA_ITEM] or {})
+        finally:
+            if manager is not self._manager:
+                manager.close()
+        state = restored[STATE_ITEM]
+        if only is not None:
+            state = jax.tree.map(lambda leaf: None if leaf is ocp.PLACEHOLDER else leaf, state)
+        return state, dict(restored[METADATA_ITEM] or {})
 
     def wait_until_finished(self) -> None:
         """Blocks until every started save is completely on disk; raises ``CheckpointSaveError``

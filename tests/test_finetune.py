@@ -4,6 +4,7 @@ device-count independence), the policy, and a tiny run end to end with resume.""
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -87,6 +88,25 @@ def test_load_pretrained_copies_the_world_model_and_reports(pretrained_dir):
     assert any(p.startswith("params/implicit_action/") for p in report["ignored"])
     assert not any("implicit_action" in p for p in report["loaded"])
     assert "params/encoder" in agent_lib.summarise_report(report)
+
+
+def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir):
+    """The pre-trained state is read without its Adam moments (``Checkpointer.restore(only=...)``);
+    step, parameters and BatchNorm statistics equal those of restoring the whole TrainState."""
+    from prelar_jax.pretrain import PretrainModel, make_optimizer
+
+    workdir, saved_params, saved_stats = pretrained_dir
+    config, params, stats, step = agent_lib.restore_pretrain_state(workdir)
+    model = PretrainModel(config)
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                          jax.eval_shape(lambda k: model.init_state(k, make_optimizer(config)), jax.random.key(0)))
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        full, metadata = ckpt.restore(target)
+    chex.assert_trees_all_equal((params, stats), (full.params, full.batch_stats))
+    chex.assert_trees_all_equal((params, stats), (saved_params, saved_stats))
+    assert step == metadata["step"] == int(full.step) == 7
+    assert all(leaf.sharding == cpu for leaf in jax.tree.leaves((params, stats)))
 
 
 def test_load_pretrained_errors(pretrained_dir, tmp_path):
