@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import prelar_jax  # noqa: E402,F401  (applies the project's default XLA flags before JAX starts)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+
+# experiments/, this script's directory; it imports prelar_jax, which sets the project's default
+# XLA flags before JAX starts a backend.
+from throughput import matmul_rate, time_calls  # noqa: E402
 
 # (side, input channels, output channels) of the paper ResNets' 3x3 convolutions (depth 48).
 PAPER_SHAPES = ((32, 48, 48), (16, 96, 96), (8, 192, 192))
@@ -39,13 +41,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def median_seconds(fn, *args, repeats: int) -> float:
     compiled = jax.jit(fn)
-    jax.block_until_ready(compiled(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return statistics.median(time_calls(lambda: compiled(*args), 1, repeats))  # 1: compile and warm up
 
 
 def measure(batch: int, side: int, cin: int, cout: int, repeats: int, dtype=jnp.float32) -> dict:
@@ -79,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     device = jax.devices()[0]
     print(f"device: {device.platform} ({device.device_kind}); float32; median of {args.repeats} calls", flush=True)
 
-    a = jax.random.normal(jax.random.key(1), (args.matmul, args.matmul))
-    seconds = median_seconds(lambda a: a @ a, a, repeats=args.repeats)
-    matmul_gflops = 2.0 * args.matmul ** 3 / seconds / 1e9
-    print(f"reference matmul {args.matmul}^3: {seconds * 1e3:.1f} ms, {matmul_gflops:.1f} GFLOP/s", flush=True)
+    reference = matmul_rate(args.matmul, jnp.float32, device, warmup=1, steps=args.repeats)
+    matmul_gflops = reference["flops_per_second"] / 1e9
+    print(f"reference matmul {args.matmul}^3: {reference['seconds'] * 1e3:.1f} ms, {matmul_gflops:.1f} GFLOP/s",
+          flush=True)
 
     rows = []
     header = f"{'shape':22s} {'GFLOP':>6s} " + " ".join(f"{p + ' ms':>9s} {'GFLOP/s':>8s}" for p in ("fwd", "dgrad", "wgrad"))

@@ -16,8 +16,12 @@ What is measured (one table row per measurement x device count):
   all B*T posterior states, forward only) and ``policy`` (``FinetuneAgent.policy`` for
   ``--num_envs`` environments, default ``config.env.num_envs``, with the parameters replicated
   over the mesh as the training loop has them);
-* with ``--env_workers=1,2,4``: Meta-World frames/s per worker count
-  (``experiments/env_throughput.py``; off by default).
+* with ``--env_workers=1,2,4``: Meta-World frames/s per worker count with the config's rendering
+  settings (``experiments/env_throughput.py``; off by default), and for a fine-tuning config an
+  estimate of the whole protocol's wall time per worker count (``protocol_estimate``: updates x
+  update time + training and evaluation frames / frames/s + policy calls x policy time);
+* with ``--reference_matmul=N``: an N x N x N matmul in the config's compute dtype on the first
+  device, the reference FLOP rate each row's FLOP/s is shown against ("% of ref").
 
 ``--devices=1,2,4`` repeats every measurement on the first 1, 2 and 4 devices (fake CPU devices
 on a CPU host: ``max(devices)`` are requested before JAX starts). The *global* batch stays
@@ -81,6 +85,7 @@ def _early_device_flags(argv: list[str]) -> None:
 _early_device_flags(sys.argv)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -88,6 +93,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import env_throughput  # noqa: E402  (experiments/, this script's directory)
 from prelar_jax import agent as agent_lib, parallel, pretrain  # noqa: E402
+from prelar_jax.envs.rendering import RenderSettings  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/prelar_pretrain.py:tiny", "Config and preset.")
 _DEVICES = flags.DEFINE_string("devices", "1", "Comma-separated device counts, e.g. 1,2,4 (fake CPU devices on CPU).")
@@ -98,6 +104,9 @@ _ENV_WORKERS = flags.DEFINE_string("env_workers", "", "Comma-separated worker co
 _ENV_STEPS = flags.DEFINE_integer("env_steps", 100, "Timed steps per environment worker.")
 _COMPILE_CACHE = flags.DEFINE_bool("compile_cache", False,
                                    "Use the persistent compilation cache (compile times become cache loads).")
+_REFERENCE = flags.DEFINE_integer(
+    "reference_matmul", 0, "Side N of an N x N x N matmul in the config's compute dtype, timed on the first device "
+    "as its reference FLOP rate; rows then show their share of it (0 = off; e.g. 8192 on a GPU).")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON record here.")
 
 MiB = 2 ** 20
@@ -118,6 +127,17 @@ def time_calls(call: Callable[[], Any], warmup: int, steps: int) -> list[float]:
         jax.block_until_ready(call())
         times.append(time.perf_counter() - start)
     return times
+
+
+def matmul_rate(side: int, dtype, device, warmup: int = 2, steps: int = 5) -> dict[str, Any]:
+    """Median FLOP/s of ``a @ a`` for a ``side x side`` matrix of ``dtype`` on ``device``: the
+    reference for "achieved FLOP/s against the device's measured matrix rate"."""
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (side, side)).astype(dtype), device)
+    product = jax.jit(lambda a: a @ a)
+    times = time_calls(lambda: product(a), warmup + 1, steps)  # +1: the compiling call
+    seconds = statistics.median(times)
+    return {"side": side, "dtype": jnp.dtype(dtype).name, "seconds": seconds,
+            "flops_per_second": 2.0 * side ** 3 / seconds}
 
 
 def runtime_peak_bytes(devices: list) -> int | None:
@@ -302,17 +322,66 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / MiB:.0f}"
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], reference_flops_per_second: float | None = None) -> str:
+    """One line per row; with a reference rate, a column with each row's FLOP/s as a % of it."""
+    share_header = f" {'% of ref':>8}" if reference_flops_per_second else ""
     header = (f"{'measurement':<14} {'devices':>7} {'compile s':>9} {'median ms':>10} {'GFLOP':>9} "
-              f"{'GFLOP/s':>8} {'compiled MiB':>12} {'runtime peak MiB':>16} {'host RSS MiB':>12}")
+              f"{'GFLOP/s':>8}{share_header} {'compiled MiB':>12} "
+              f"{'runtime peak MiB':>16} {'host RSS MiB':>12}")
     lines = [header, "-" * len(header)]
     for r in rows:
         gflop = f"{r['flops_per_step'] / 1e9:.3f}" if r["flops_per_step"] else "-"
         rate = f"{r['flops_per_second'] / 1e9:.2f}" if r["flops_per_second"] else "-"
+        share = ""
+        if reference_flops_per_second:
+            share = f"{100 * r['flops_per_second'] / reference_flops_per_second:.1f}" if r["flops_per_second"] else "-"
+            share = f" {share:>8}"
         lines.append(f"{r['name']:<14} {r['devices']:>7} {r['compile_seconds']:>9.2f} "
-                     f"{r['step_seconds_median'] * 1e3:>10.2f} {gflop:>9} {rate:>8} "
+                     f"{r['step_seconds_median'] * 1e3:>10.2f} {gflop:>9} {rate:>8}{share} "
                      f"{_mib(r['compiled_peak_bytes']):>12} {_mib(r['runtime_peak_bytes']):>16} "
                      f"{_mib(r['host_max_rss_bytes']):>12}")
+    return "\n".join(lines)
+
+
+def protocol_estimate(config, rows: list[dict[str, Any]], env_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Wall time of the config's whole fine-tuning protocol from the measured parts, one estimate
+    per measured worker count W (``env.num_envs = env.eval_envs = W``), on 1 device.
+
+    Counts follow ``prelar_jax.finetune_loop``: ``pretrain + (steps - prefill) // train_every *
+    train_steps`` updates; ``steps`` training frames; evaluations at ``prefill`` and every
+    ``eval_every`` steps after it and at the last step, ``eval_eps`` episodes of ``env.time_limit``
+    frames each; one policy call per ``W`` frames after the prefill (training) and in evaluation
+    (the extra call at each episode's reset is left out: 1 in ``time_limit``). The parts are
+    summed as if nothing overlapped (the loop dispatches updates asynchronously, so this is an
+    upper bound on them), and pre-training, compilation, checkpoints and logging are left out.
+    """
+    times = {r["name"]: r["step_seconds_median"] for r in rows if r["devices"] == 1}
+    if "update" not in times or "policy" not in times:
+        return []
+    learning_steps = max(config.steps - config.prefill, 0)
+    updates = config.pretrain + learning_steps // config.train_every * config.train_steps
+    evaluations = learning_steps // config.eval_every + 1 + (learning_steps % config.eval_every != 0)
+    eval_frames = evaluations * config.eval_eps * config.env.time_limit
+    estimates = []
+    for result in env_results:
+        workers, fps = result["workers"], result["fps"]
+        policy_calls = -(-learning_steps // workers) + -(-eval_frames // workers)
+        parts = {"updates": updates * times["update"], "train_frames": config.steps / fps,
+                 "eval_frames": eval_frames / fps, "policy": policy_calls * times["policy"]}
+        estimates.append({"workers": workers, "env_fps": fps, "updates": updates, "train_frames": config.steps,
+                          "eval_frames": eval_frames, "policy_calls": policy_calls, "seconds": parts,
+                          "total_seconds": sum(parts.values())})
+    return estimates
+
+
+def format_estimates(estimates: list[dict[str, Any]]) -> str:
+    lines = [f"{'workers':>7} {'env fps':>8} {'updates min':>11} {'frames min':>10} {'policy min':>10} "
+             f"{'total min':>9} {'total h':>7}"]
+    for e in estimates:
+        s = e["seconds"]
+        lines.append(f"{e['workers']:>7} {e['env_fps']:>8.1f} {s['updates'] / 60:>11.1f} "
+                     f"{(s['train_frames'] + s['eval_frames']) / 60:>10.1f} {s['policy'] / 60:>10.1f} "
+                     f"{e['total_seconds'] / 60:>9.1f} {e['total_seconds'] / 3600:>7.2f}")
     return "\n".join(lines)
 
 
@@ -338,6 +407,12 @@ def main(argv):
           f"median of {_STEPS.value} calls after {_WARMUP.value} warm-up"
           + (f"; policy for {num_envs} environments" if finetune else ""), flush=True)
 
+    reference = None
+    if _REFERENCE.value:
+        reference = matmul_rate(_REFERENCE.value, config.model.compute_dtype, available[0])
+        print(f"reference: {reference['side']}^3 {reference['dtype']} matmul on one device: "
+              f"{reference['seconds'] * 1e3:.2f} ms, {reference['flops_per_second'] / 1e9:.1f} GFLOP/s", flush=True)
+
     rows = []
     for count in counts:
         devices = available[:count]
@@ -346,14 +421,24 @@ def main(argv):
         for row in new:
             print(f"  {row['name']} on {count} device(s): {row['step_seconds_median'] * 1e3:.2f} ms", flush=True)
         rows.extend(new)
-    print(format_table(rows))
+    print(format_table(rows, reference["flops_per_second"] if reference else None))
     print("FLOP and compiled memory (argument + output + temp) are per device program; runtime peak "
           "and host RSS are process high-water marks.")
 
-    env = None
+    env, estimates = None, []
     if _ENV_WORKERS.value:
+        # The config's rendering settings (the paper preset renders with the paper's look).
+        render = (RenderSettings.from_mapping(config.env.render, "config.env.render").describe()
+                  if finetune and "render" in config.env else "lean")
         env = env_throughput.main(["--workers", _ENV_WORKERS.value, "--steps", str(_ENV_STEPS.value),
-                                   "--task", config.get("task", "drawer-open"), "--size", str(config.image_size)])
+                                   "--task", config.get("task", "drawer-open"), "--size", str(config.image_size),
+                                   "--render", render])
+        if finetune:
+            estimates = protocol_estimate(config, rows, env["results"])
+            if estimates:
+                print(f"whole protocol ({config.steps} env steps) from the 1-device rows and the env frames/s, "
+                      f"parts summed without overlap; pre-training, compilation and checkpoints left out:")
+                print(format_estimates(estimates))
 
     record = {
         "kind": "finetune" if finetune else "pretrain", "preset": config.preset, "method": config.method,
@@ -363,7 +448,8 @@ def main(argv):
         "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
         "compute_dtype": config.model.compute_dtype, "steps": _STEPS.value, "warmup": _WARMUP.value,
         "compile_cache": _COMPILE_CACHE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "command": " ".join(sys.argv), "rows": rows, "env": env,
+        "command": " ".join(sys.argv), "rows": rows, "env": env, "reference_matmul": reference,
+        "protocol_estimate": estimates,
     }
     if _OUT.value:
         os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

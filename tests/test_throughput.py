@@ -44,9 +44,12 @@ def _check_rows(record, names):
 
 
 def test_pretrain_step_table_and_record(tmp_path):
-    record, stdout = _run(tmp_path, "configs/prelar_pretrain.py:tiny")
+    record, stdout = _run(tmp_path, "configs/prelar_pretrain.py:tiny", "--reference_matmul=64")
     rows = _check_rows(record, ("pretrain_step",))
     assert record["kind"] == "pretrain"
+    reference = record["reference_matmul"]
+    assert reference["side"] == 64 and reference["dtype"] == "float32" and reference["flops_per_second"] > 0
+    assert "% of ref" in stdout and record["protocol_estimate"] == []
     assert "pretrain_step" in stdout and "GFLOP/s" in stdout and "fixed at every device count" in stdout
     # Same first step (same seed, per-example keys) on 1 and 2 devices.
     one, two = rows["pretrain_step", 1]["first_metrics"], rows["pretrain_step", 2]["first_metrics"]
@@ -54,9 +57,20 @@ def test_pretrain_step_table_and_record(tmp_path):
 
 
 def test_finetune_parts_equal_the_whole_update(tmp_path):
-    record, stdout = _run(tmp_path, "configs/prelar_finetune.py:tiny", "--num_envs=3")
+    record, stdout = _run(tmp_path, "configs/prelar_finetune.py:tiny", "--num_envs=3", "--env_workers=1",
+                          "--env_steps=5")
     rows = _check_rows(record, FINETUNE_ROWS)
     assert record["kind"] == "finetune" and record["num_envs"] == 3
+    # The environment is measured with the config's rendering settings, and the whole-protocol
+    # estimate is built from this run's own 1-device rows and frames/s.
+    (env,) = record["env"]["results"]
+    assert env["workers"] == 1 and env["render"] == "lean" and env["fps"] > 0
+    (estimate,) = record["protocol_estimate"]
+    assert estimate["env_fps"] == env["fps"] and "whole protocol" in stdout
+    update, policy = rows["update", 1]["step_seconds_median"], rows["policy", 1]["step_seconds_median"]
+    assert estimate["seconds"]["updates"] == pytest.approx(estimate["updates"] * update)
+    assert estimate["seconds"]["policy"] == pytest.approx(estimate["policy_calls"] * policy)
+    assert estimate["total_seconds"] == pytest.approx(sum(estimate["seconds"].values()))
     assert rows["policy", 1]["num_envs"] == 3
     for n in (1, 2):
         wm = rows["world_model", n]["first_metrics"]
