@@ -175,6 +175,59 @@ def test_corrupt_data_behind_a_valid_header_is_skipped_deterministically(tmp_pat
     np.testing.assert_array_equal(first["image"], again["image"])
 
 
+def _corrupt_behind_header(path: Path) -> Path:
+    """Zero bytes inside the compressed image data: the header (checked at indexing) still reads."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_blocks_of_rows_concatenate_to_the_whole_batch_also_with_an_unreadable_item(tmp_path: Path) -> None:
+    # A multi-host run: each process loads its own block of rows, with its own dataset object
+    # (so only the process whose rows draw the bad item finds it); the blocks together must be
+    # the one-process batch.
+    for k in range(3):
+        _write_episode(tmp_path / f"good{k}.npz", _episode_images(k, 30))
+    _corrupt_behind_header(_write_episode(tmp_path / "bad.npz", _episode_images(9, 30)))
+    batch_size, length, blocks = 8, 10, [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    found_bad = 0
+    for step in range(4):
+        whole_ds = NpzEpisodeDataset(tmp_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VideoDataWarning)
+            whole = whole_ds.sample(np.random.default_rng([5, step]), batch_size, length)
+            parts = [NpzEpisodeDataset(tmp_path).sample(np.random.default_rng([5, step]), batch_size, length,
+                                                        rows=rows) for rows in blocks]
+        found_bad += whole_ds.stats()["skipped_unreadable"]
+        for key in ("image", "is_first"):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+        assert 9 not in set(_trace(whole)[0])  # the bad episode never appears
+        # The same dataset object asked for the blocks one by one: the same rows again.
+        again = [whole_ds.sample(np.random.default_rng([5, step]), batch_size, length, rows=rows)
+                 for rows in reversed(blocks)][::-1]
+        np.testing.assert_array_equal(np.concatenate([p["image"] for p in again]), whole["image"])
+    assert found_bad > 0  # some row did draw the unreadable episode and re-drew
+    ds = NpzEpisodeDataset(tmp_path)
+    with pytest.raises(ValueError, match="rows must lie in 0..7"):
+        ds.sample(np.random.default_rng(0), 8, 5, rows=range(6, 9))
+
+
+def test_only_the_requested_rows_are_read(episodes_dir: Path) -> None:
+    ds = NpzEpisodeDataset(episodes_dir)
+    loads = []
+    load_frames = ds._load_frames
+    ds._load_frames = lambda i, start, length: loads.append((i, start)) or load_frames(i, start, length)
+    whole = ds.sample(np.random.default_rng([1, 2]), 6, 5)
+    assert len(loads) == 6
+    loads.clear()
+    part = ds.sample(np.random.default_rng([1, 2]), 6, 5, rows=[4, 1])  # any rows, in the order given
+    assert len(loads) == 2
+    assert part["image"].shape == (2, 5, 64, 64, 3) and part["is_first"].shape == (2, 5)
+    np.testing.assert_array_equal(part["image"], whole["image"][[4, 1]])
+
+
 def test_empty_or_only_corrupt_dataset_raises_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(NoVideoDataError, match="generate_videos.py") as info:
         NpzEpisodeDataset(tmp_path)
@@ -210,6 +263,13 @@ def test_prefetcher_batches_are_a_function_of_seed_and_step(episodes_dir: Path) 
         assert s1 == s2
         np.testing.assert_array_equal(b1["image"], b2["image"])
     assert not np.array_equal(full[0][1]["image"], full[1][1]["image"])
+    # One process's rows of each step (a multi-host run): those rows of the whole batches.
+    with BatchPrefetcher(ds, 3, 7, seed=11, start_step=2, num_steps=4, num_threads=2, rows=range(1, 3)) as it:
+        block = list(it)
+    assert [s for s, _ in block] == [2, 3, 4, 5]
+    for (_, whole), (_, part) in zip(full[2:6], block):
+        _check_batch(part, 2, 7)
+        np.testing.assert_array_equal(part["image"], whole["image"][1:3])
 
 
 class _FailingDataset:
@@ -219,7 +279,7 @@ class _FailingDataset:
         self.fail_step = fail_step
         self.slow_steps = slow_steps  # seconds every other step takes: the failing one finishes first
 
-    def sample(self, rng: np.random.Generator, batch_size: int, length: int) -> dict:
+    def sample(self, rng: np.random.Generator, batch_size: int, length: int, rows=None) -> dict:
         if rng.bit_generator.seed_seq.entropy[1] == self.fail_step:  # type: ignore[attr-defined]
             raise RuntimeError("boom at the failing step")
         time.sleep(self.slow_steps)

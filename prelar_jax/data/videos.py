@@ -1,6 +1,6 @@
 """Action-free video datasets for world-model pre-training, and a deterministic background prefetcher.
 
-Two sources, one sampling contract (`sample(rng, batch_size, length)`):
+Two sources, one sampling contract (`sample(rng, batch_size, length, rows=None)`):
 - `NpzEpisodeDataset`: DreamerV2 episode files (`*.npz` with an `image` key), as written by
   `experiments/generate_videos.py` and as in APV's RLBench `train_episodes/` directory.
 - `SomethingSomethingDataset`: Something-Something-V2 frame folders `<root>/<video_id>/%06d.jpg`.
@@ -9,9 +9,12 @@ Each sampled sequence is `length` consecutive frames from a uniformly chosen epi
 uniform start, and `is_first[:, 0] = True` (spec section 0: every training sequence starts a new
 episode). Unusable files are skipped with a `VideoDataWarning` naming them and counted in `stats()`.
 
-Determinism: which file is unusable is a fixed property of the data, and a draw that lands on an
-unusable item is re-drawn from the same generator, so a batch depends only on the generator's seed,
-not on which thread found a corrupt file first.
+Determinism: every row of a batch draws from its own generator (row b from child b of the
+generator's seed sequence, `rng.spawn`), which file is unusable is a fixed property of the data, and
+a draw that lands on an unusable item is re-drawn from that row's generator. So a row depends only on
+the generator's seed and its row index: not on which thread found a corrupt file first, nor on which
+other rows were loaded. `sample(..., rows=...)` loads just the given rows (one process's share of a
+multi-host batch) and they equal the same rows of the whole batch.
 """
 
 from __future__ import annotations
@@ -141,29 +144,42 @@ class _VideoSource:
                 return False
             return all(int(i) in self._bad for i in eligible)
 
-    def sample(self, rng: np.random.Generator, batch_size: int, length: int) -> dict[str, np.ndarray]:
+    def sample(self, rng: np.random.Generator, batch_size: int, length: int,
+               rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """A batch of `length` consecutive frames from uniformly chosen items with uniform starts.
 
-        Returns {'image': uint8 [B, T, size, size, 3], 'is_first': bool [B, T]} with is_first[:, 0] True.
+        Returns {'image': uint8 [R, T, size, size, 3], 'is_first': bool [R, T]} with is_first[:, 0]
+        True, for the rows `rows` (indices in 0..batch_size-1, in the order given; default all
+        batch_size rows). Row b draws its item and start (and re-draws after an unreadable item) from
+        `rng.spawn(batch_size)[b]` alone, so `sample(rng, B, T, rows=r)` equals `sample(rng, B, T)[r]` for
+        generators seeded alike, and only the requested rows' frames are read. Like any draw, it
+        advances `rng` (its seed sequence's spawn counter): seed a fresh generator for a repeatable batch.
         """
         if batch_size < 1 or length < 1:
             raise ValueError(f"batch_size and length must be positive, got {batch_size} and {length}")
+        rows = range(batch_size) if rows is None else [int(r) for r in rows]
+        if any(not 0 <= r < batch_size for r in rows):
+            raise ValueError(f"rows must lie in 0..{batch_size - 1}, got {list(rows)}")
         eligible = self._eligible_indices(length)
-        images = np.empty((batch_size, length, self.size, self.size, 3), np.uint8)  # [B, T, H, W, 3]
-        for b in range(batch_size):
+        # Row b's generator is rng.spawn(batch_size)[b] whichever rows are loaded; only the requested
+        # rows' generators are built.
+        children = rng.bit_generator.seed_seq.spawn(batch_size)
+        images = np.empty((len(rows), length, self.size, self.size, 3), np.uint8)  # [R, T, H, W, 3]
+        for k, row in enumerate(rows):
+            row_rng = np.random.Generator(type(rng.bit_generator)(children[row]))
             while True:
-                i = int(eligible[rng.integers(len(eligible))])
-                start = int(rng.integers(self._lengths[i] - length + 1))
+                i = int(eligible[row_rng.integers(len(eligible))])
+                start = int(row_rng.integers(self._lengths[i] - length + 1))
                 # A bad item is re-drawn with the same draws whether or not it was already known bad.
                 if i not in self._bad:
                     try:
-                        images[b] = self._load_frames(i, start, length)
+                        images[k] = self._load_frames(i, start, length)
                         break
                     except Exception as exc:  # corrupt zip/JPEG, missing frame, wrong decoded shape
                         self._mark_bad(i, exc)
                 if self._all_bad(eligible):
                     raise self._no_data(f"every item with at least {length} frames is unreadable")
-        is_first = np.zeros((batch_size, length), bool)  # [B, T]
+        is_first = np.zeros((len(rows), length), bool)  # [R, T]
         is_first[:, 0] = True
         return {"image": images, "is_first": is_first}
 
@@ -376,8 +392,10 @@ def make_video_dataset(kind: str, root: str, video_list: str = "", **kwargs) -> 
 class BatchPrefetcher:
     """Yields `(step, batch)` for steps start_step .. start_step + num_steps - 1, in order.
 
-    The batch of step s is `dataset.sample(np.random.default_rng([seed, s]), batch_size, length)`, so
-    a run resumed at step s sees exactly the batches the uninterrupted run saw. `num_threads` threads
+    The batch of step s is `dataset.sample(np.random.default_rng([seed, s]), batch_size, length, rows)`,
+    so a run resumed at step s sees exactly the batches the uninterrupted run saw. `rows` (default all
+    batch_size) are the rows this process loads: in a multi-host run each process passes its own block
+    (`parallel.process_rows`), and the blocks together are the one-process batch. `num_threads` threads
     fill at most `buffer` steps ahead of the consumer; an exception in a thread is re-raised in the
     consumer. Use as a context manager or call `close()`.
     """
@@ -392,6 +410,7 @@ class BatchPrefetcher:
         num_steps: int,
         num_threads: int = 2,
         buffer: int = 4,
+        rows: Sequence[int] | None = None,
     ) -> None:
         if seed < 0 or start_step < 0 or num_steps < 0:
             raise ValueError(f"seed, start_step and num_steps must be >= 0, got {seed}, {start_step}, {num_steps}")
@@ -400,6 +419,7 @@ class BatchPrefetcher:
         self._dataset = dataset
         self._batch_size = batch_size
         self._length = length
+        self._rows = rows
         self._seed = seed
         self._end = start_step + num_steps
         self._buffer = buffer
@@ -432,7 +452,8 @@ class BatchPrefetcher:
                 step = self._next_claim
                 self._next_claim += 1
             try:
-                batch = self._dataset.sample(np.random.default_rng([self._seed, step]), self._batch_size, self._length)
+                batch = self._dataset.sample(np.random.default_rng([self._seed, step]), self._batch_size,
+                                             self._length, rows=self._rows)
             except BaseException as exc:  # handed to the consumer when it reaches this step
                 with self._cond:
                     if self._error is None or step < self._error_step:
