@@ -184,23 +184,41 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
             f" or run on fewer devices (CUDA_VISIBLE_DEVICES / XLA_FLAGS).")
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> range | list[int]:
+    """The rows of a ``batch_size`` global batch that this process's devices hold, ascending.
+
+    With one process, all of them; with several, process i's contiguous block
+    ``range(i * B / P, (i + 1) * B / P)`` on a mesh in ``jax.devices()`` order (a list of rows if a
+    mesh interleaves the processes' devices). A process loads just these rows and hands them to
+    ``put_local_batch``.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = sorted({r for index in index_map.values() for r in range(batch_size)[index[0]]})
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return range(rows[0], rows[-1] + 1)
+    return rows
+
+
+def put_local_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of the global batch (``process_rows``, in that order) to a global array
+    sharded along the data axis; with one process the whole batch."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """The global host batch to a global array sharded along the data axis.
 
-    Every process samples the same global batch (it is a function of the seed and step); with
-    several processes each one hands over only its own contiguous block of rows.
+    For callers where every process has the whole global batch (it is a function of the seed and
+    step): with several processes each one hands over only its own rows (``process_rows``).
+    Pre-training loads just those rows instead and calls ``put_local_batch``.
     """
-    sharding = batch_sharding(mesh)
-    count, index = jax.process_count(), jax.process_index()
-
-    def local(value):
-        value = np.asarray(value)
-        if count == 1:
-            return value
-        rows = value.shape[0] // count
-        return value[index * rows:(index + 1) * rows]
-
-    return {k: jax.make_array_from_process_local_data(sharding, local(v)) for k, v in batch.items()}
+    if jax.process_count() == 1 or not batch:
+        return put_local_batch(batch, mesh)
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    rows = process_rows(mesh, next(iter(batch.values())).shape[0])
+    take = slice(rows.start, rows.stop) if isinstance(rows, range) else rows
+    return put_local_batch({k: v[take] for k, v in batch.items()}, mesh)
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:

@@ -95,6 +95,17 @@ def test_finetuning_refuses_several_processes_before_starting_anything(no_cluste
     assert not (tmp_path / "ft").exists()
 
 
+def test_one_process_holds_every_row_and_local_equals_global_put():
+    mesh = parallel.make_mesh(jax.devices()[:4])
+    assert parallel.process_rows(mesh, 8) == range(0, 8)
+    batch = {"image": np.arange(8 * 3, dtype=np.uint8).reshape(8, 3), "is_first": np.arange(8) % 2 == 0}
+    local, whole = parallel.put_local_batch(batch, mesh), parallel.put_batch(batch, mesh)
+    for key in batch:
+        assert local[key].sharding == whole[key].sharding == parallel.batch_sharding(mesh)
+        np.testing.assert_array_equal(np.asarray(local[key]), batch[key])
+        np.testing.assert_array_equal(np.asarray(whole[key]), batch[key])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,6 +116,49 @@ def two_process_command(data_root: str, workdir: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"),
             "--config=configs/prelar_pretrain.py:tiny", f"--workdir={workdir}",
             f"--config.data.root={data_root}", *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+
+
+# Run in each of two processes (2 CPU devices each): its rows of an 8-row batch, and both ways of
+# handing them over put the same values on its devices.
+ROWS_SCRIPT = """
+import sys
+import jax
+import numpy as np
+from prelar_jax import parallel
+parallel.initialize_distributed()
+mesh = parallel.make_mesh()
+index = jax.process_index()
+rows = parallel.process_rows(mesh, 8)
+assert rows == range(4 * index, 4 * index + 4), rows
+batch = {"image": np.arange(8 * 3).reshape(8, 3), "is_first": np.arange(8) % 3 == 0}
+for put in (parallel.put_batch(batch, mesh), parallel.put_local_batch({k: v[4 * index:4 * index + 4]
+                                                                         for k, v in batch.items()}, mesh)):
+    for key, value in put.items():
+        assert value.shape == batch[key].shape, (key, value.shape)
+        for shard in value.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), batch[key][shard.index])
+print("rows ok", index, list(rows))
+"""
+
+
+def test_each_process_holds_its_block_of_rows():
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", ROWS_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                       XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(index)))
+             for index in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for index, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+        assert f"rows ok {index} {list(range(4 * index, 4 * index + 4))}" in output
 
 
 def test_two_processes_equal_one_process_on_as_many_devices(tmp_path):
