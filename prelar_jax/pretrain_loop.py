@@ -3,6 +3,8 @@
 ``run(config, workdir)`` is what ``experiments/pretrain.py`` calls. Re-running it on the same
 workdir resumes from the latest checkpoint: batches are a pure function of ``(seed, step)`` and
 the training RNG of the step counter, so a resumed run continues exactly as an uninterrupted one.
+With several processes each one loads only its own rows of every batch (``parallel.process_rows``);
+together they are the one-process batch.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     print(f"[prelar] {config.method} pre-training, preset {config.preset}: "
           f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}; "
           f"data {config.data.kind} at {config.data.root} ({dataset.stats()})", flush=True)
+    rows = parallel.process_rows(mesh, config.batch_size)  # all of them with one process
+    if jax.process_count() > 1:
+        shown = f"{rows.start}..{rows.stop - 1}" if isinstance(rows, range) else str(rows)
+        print(f"[prelar] process {jax.process_index()} of {jax.process_count()} loads rows {shown} of each "
+              f"batch of {config.batch_size}", flush=True)
 
     model = pretrain.PretrainModel(config, bn_axis_name=parallel.AXIS)
     optimizer = pretrain.make_optimizer(config)
@@ -102,9 +109,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
         with run_utils.StopRequest() as stop, videos.BatchPrefetcher(
                 dataset, config.batch_size, config.sequence_length, seed=config.seed, start_step=start,
                 num_steps=max(config.steps - start, 0), num_threads=config.data.prefetch_threads,
-                buffer=config.data.prefetch_buffer) as batches:
+                buffer=config.data.prefetch_buffer, rows=rows) as batches:
             for index, batch in batches:
-                state, metrics = train_step(state, parallel.put_batch(batch, mesh))
+                state, metrics = train_step(state, parallel.put_local_batch(batch, mesh))
                 step = index + 1
                 flush_metrics()
                 monitor.observe(step, metrics["nonfinite"])  # the previous update's flag
@@ -117,6 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
                     last_time, last_step = now, step
                     extra = {"perf/steps_per_second": rate,
                              "perf/frames_per_second": rate * config.batch_size * config.sequence_length,
+                             # this process's count (of the bad files its own rows came across)
                              **{f"data/{k}": v for k, v in dataset.stats().items()}}
                     pending = (step, {**metrics, **extra})
                 if step % config.log.media_every == 0 or step == config.steps:

@@ -185,6 +185,7 @@ def test_two_processes_equal_one_process_on_as_many_devices(tmp_path):
     for index, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
         assert "4 x cpu device(s)" in output  # each process sees the global mesh
+        assert f"process {index} of 2 loads rows {2 * index}..{2 * index + 1} of each batch of 4" in output
 
     # Process 0 alone logs: one line per step (both processes logging would repeat steps).
     rows = [r for r in read_metrics(workdir) if "loss" in r]
@@ -193,11 +194,13 @@ def test_two_processes_equal_one_process_on_as_many_devices(tmp_path):
     two = restore_state(tiny_config(squares), workdir)
     one = restore_state(tiny_config(squares), reference)
     assert int(two.step) == int(one.step) == STEPS
-    # Both runs split the same global batch the same way over 4 devices and draw the same random
-    # numbers (keys folded with global example indices), so they compute the same per-device
-    # gradients; only the cross-device means (pmean) are reduced by different implementations
-    # (gloo across processes vs. XLA's in-process all-reduce), which may sum in another order:
-    # float32 differences of a few ulps. The losses (forward passes) therefore agree to 1e-5.
+    # Each process loaded only its half of every batch (rows drawn from per-row generators), and
+    # the halves are the one-process batch (a whole batch handed to put_local_batch would not fit
+    # the compiled step's shape). Both runs split the same global batch the same way over 4
+    # devices and draw the same random numbers (keys folded with global example indices), so they
+    # compute the same per-device gradients; only the cross-device means (pmean) are reduced by
+    # different implementations (gloo across processes vs. XLA's in-process all-reduce), which may
+    # sum in another order: float32 differences of a few ulps. The losses (forward passes) therefore agree to 1e-5.
     reference_rows = [r for r in read_metrics(reference) if "loss" in r]
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in reference_rows], rtol=1e-5)
     # Parameters: Adam divides each gradient component by its running RMS, so a component that is
