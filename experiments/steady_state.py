@@ -42,6 +42,15 @@ rates. On a shared machine the wall-clock rate follows the other processes' load
 follow it much less (not at all is too much to ask: contention also costs CPU), and growth in the
 host loop's own work shows in the second one directly.
 
+A paired control (``--control_at=STEP``) takes the machine's load out of the question: when the
+run has logged STEP, a fresh run of the same config starts beside it (``<run>_control``, its
+output in ``<run>_control.log``) and is stopped when the run ends. Both share the machine, so
+over the same wall-clock interval (from the control's first line ``--control_warmup`` steps after
+its warm-up step) the ratio of their rates, run / fresh run, is 1 for a run that does not slow
+down with age, whatever the load did meanwhile (``paired``; also per CPU-second). The run's own
+windows from STEP on are slower, as the control shares the CPU: read the fits over the windows
+before it, or run once with and once without.
+
 The verdict, per fit, is "steady" when ``|drift_pct| <= --tolerance`` (default 10%), else "slows
 down by X%" (or "speeds up by X%"; for a cost per step, "grows by X% (slows down)" or "shrinks
 by X%"). The exit status is 0 either way unless ``--strict``: then 1
@@ -96,6 +105,12 @@ _STRICT = flags.DEFINE_bool("strict", False, "Exit 1 when a fit slows down by mo
 _MAX_ROWS = flags.DEFINE_integer("max_rows", 30, "Table rows per run (more windows are shown in groups).")
 _CPU = flags.DEFINE_bool("cpu", True, "Sample the run's CPU time (with its workers) at every throughput line.")
 _POLL = flags.DEFINE_float("poll", 0.25, "Seconds between looks at metrics.jsonl for --cpu.")
+_CONTROL_AT = flags.DEFINE_integer(
+    "control_at", 0, "When the run has logged this step, start a fresh control run of the same config beside it "
+    "and compare the two over the same wall-clock time (0 = off; needs --cpu).")
+_CONTROL_WARMUP = flags.DEFINE_integer(
+    "control_warmup", 150, "Steps of the control run (after its warm-up step) left out of the comparison: "
+    "its first steps, policy compiles and first media grid.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON record here.")
 
 # (fit name, window field, x, sense) per kind; x is "step" (window middle) or "replay" (mean
@@ -313,6 +328,20 @@ def format_fits(record: dict[str, Any]) -> str:
                      f"residual std {fit['residual_std_pct']:.1f}%")
         if fit["noisy"]:
             lines.append("      noisy: the +- interval is wider than the tolerance (run longer or log less often)")
+    paired = record.get("paired")
+    if paired is not None:
+        if "ratio" not in paired:
+            lines.append(f"  paired with a fresh run: {paired['verdict']}")
+        else:
+            cpu = f"{paired['cpu_ratio']:.3f}" if paired["cpu_ratio"] is not None else "-"
+            lines.append(f"  paired with a fresh run: {paired['verdict']} (tolerance {record['tolerance_pct']:g}%): "
+                         f"over the same {paired['seconds']:.0f} s the run went from step "
+                         f"{paired['main_steps'][0]:.0f} to {paired['main_steps'][1]:.0f} "
+                         f"({paired['main_rate']:.3f}/s), a fresh run of the same config from "
+                         f"{paired['control_steps'][0]} to {paired['control_steps'][1]} "
+                         f"({paired['control_rate']:.3f}/s): ratio {paired['ratio']:.3f}, per CPU-second {cpu}")
+            lines.append(f"      (the run's windows from step {paired['control_started_at_step']} on shared the "
+                         "machine with the control run)")
     if record["kind"] == "finetune" and "replay_growth" in record:
         lines.append(f"  replay grew {record['replay_growth']:.1f}x over the measured windows")
     return "\n".join(lines)
@@ -417,42 +446,105 @@ class CpuSampler:
         steps = self._new_steps()
         if steps:
             cpu, main, wall = self.cpu_seconds(), self.main_thread_seconds(), time.perf_counter() - self._start
+            now = time.time()
             self.samples.extend({"step": step, "cpu_seconds": cpu, "main_thread_seconds": main,
-                                 "wall_seconds": wall} for step in steps)
-
-    def watch(self, process: subprocess.Popen) -> None:
-        while process.poll() is None:
-            self.sample()
-            time.sleep(self.poll)
+                                 "wall_seconds": wall, "time": now} for step in steps)
 
 
-def _run(command: list[str], metrics_path: str | None = None,
-         rate_key: str | None = None) -> tuple[float, list[dict[str, float]] | None]:
+def _run(command: list[str], metrics_path: str | None = None, rate_key: str | None = None,
+         control: dict[str, Any] | None = None) -> tuple[float, list[dict[str, float]] | None]:
     """Runs ``command`` (its output streams through); with ``metrics_path``, samples its CPU time
-    at every new throughput line (``CpuSampler``). Returns (wall seconds, samples or None)."""
+    at every new throughput line (``CpuSampler``). With ``control`` (``command``, ``metrics_path``,
+    ``at``, ``log``), starts that run, its output to ``log``, once the main run has logged step
+    ``at``, samples it the same way into ``control["samples"]`` and stops it (SIGTERM: it saves
+    and exits) when the main run ends. Returns (wall seconds, samples or None)."""
     print(f"[steady_state] $ {' '.join(command)}", flush=True)
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT)
-    samples = None
+    samples, other, other_sampler, log = None, None, None, None
     try:
+        sampler = None
         if metrics_path is not None and _CPU.value:
             try:
                 sampler = CpuSampler(process.pid, metrics_path, rate_key, _POLL.value)
             except (ImportError, OSError) as error:  # no psutil, or the process is gone already
                 print(f"[steady_state] no CPU-time samples: {error}", flush=True)
-            else:
-                sampler.watch(process)
-                samples = sampler.samples
+        while sampler is not None and process.poll() is None:
+            sampler.sample()
+            if (control is not None and other is None and sampler.samples
+                    and sampler.samples[-1]["step"] >= control["at"]):
+                print(f"[steady_state] control run from step 0 beside the main run at step "
+                      f"{sampler.samples[-1]['step']} (output: {control['log']}): "
+                      f"$ {' '.join(control['command'])}", flush=True)
+                log = open(control["log"], "w", encoding="utf-8")
+                other = subprocess.Popen(control["command"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                other_sampler = CpuSampler(other.pid, control["metrics_path"], rate_key, _POLL.value)
+                control["samples"] = other_sampler.samples
+                control["started_at_step"] = sampler.samples[-1]["step"]
+            if other_sampler is not None and other.poll() is None:
+                other_sampler.sample()
+            time.sleep(_POLL.value)
+        if sampler is not None:
+            samples = sampler.samples
         returncode = process.wait()
     except BaseException:
         process.kill()
         process.wait()
         raise
+    finally:
+        if other is not None:
+            other.terminate()  # SIGTERM: the run saves a checkpoint and stops
+            try:
+                other.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                other.kill()
+                other.wait()
+            log.close()
     seconds = time.perf_counter() - start
     if returncode != 0:
         raise SystemExit(f"error: the run failed with exit status {returncode}: {' '.join(command)}")
     print(f"[steady_state] the run took {seconds:.0f} s", flush=True)
     return seconds, samples
+
+
+def paired_comparison(main: list[dict[str, float]], control: list[dict[str, float]], from_step: int,
+                      tolerance: float) -> dict[str, Any]:
+    """The main run's rate against the control run's over the same wall-clock interval: from the
+    control's first throughput line at or after ``from_step`` (its warm-up over) to the end of
+    the shorter of the two; steps and CPU seconds of the main run interpolated at those times."""
+    control = [c for c in control if c["step"] >= from_step]
+    if len(control) < 2 or len(main) < 2:
+        return {"verdict": "no overlap to compare (the control run logged too little)"}
+    t0, t1 = control[0]["time"], min(control[-1]["time"], main[-1]["time"])
+    control = [c for c in control if c["time"] <= t1]
+    if len(control) < 2 or t1 <= t0 or main[0]["time"] > t0:
+        return {"verdict": "no overlap to compare"}
+    t1 = control[-1]["time"]
+    times = [m["time"] for m in main]
+
+    def at(key, t):
+        return float(np.interp(t, times, [m[key] for m in main]))
+
+    seconds = t1 - t0
+    main_steps, control_steps = at("step", t1) - at("step", t0), control[-1]["step"] - control[0]["step"]
+    main_cpu = at("cpu_seconds", t1) - at("cpu_seconds", t0)
+    control_cpu = control[-1]["cpu_seconds"] - control[0]["cpu_seconds"]
+    result = {"seconds": seconds, "main_steps": [at("step", t0), at("step", t1)],
+              "control_steps": [control[0]["step"], control[-1]["step"]],
+              "main_rate": main_steps / seconds, "control_rate": control_steps / seconds,
+              "ratio": (main_steps / control_steps) if control_steps else None,
+              "cpu_ratio": ((main_steps / main_cpu) / (control_steps / control_cpu)
+                            if main_cpu > 0 and control_cpu > 0 and control_steps else None)}
+    ratio = result["ratio"]
+    if ratio is None:
+        result["verdict"] = "no control steps in the overlap"
+    elif abs(ratio - 1.0) * 100.0 <= tolerance:
+        result["verdict"] = "steady"
+    elif ratio < 1.0:
+        result["verdict"] = f"slows down by {100.0 * (1.0 - ratio):.1f}%"
+    else:
+        result["verdict"] = f"speeds up by {100.0 * (ratio - 1.0):.1f}%"
+    return result
 
 
 def _fresh(path: str) -> str:
@@ -472,9 +564,8 @@ def pretrain_run(workdir: str) -> dict[str, Any]:
                   "--tasks", "reach-wall,push", "--episodes", "2", "--max-steps", "50", "--quiet"])
         overrides.append(f"--config.data.root={videos}")
     command = [sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"), f"--config={spec}",
-               *overrides, f"--workdir={run_dir}"]
-    seconds, samples = _run(command, os.path.join(run_dir, "metrics.jsonl"), RATE_KEY["pretrain"])
-    return {"command": command, "wall_seconds": seconds, "workdir": run_dir, "cpu_samples": samples}
+               *overrides]
+    return _measured_run(command, run_dir, "pretrain")
 
 
 def finetune_run(workdir: str, pretrained: str | None) -> dict[str, Any]:
@@ -483,9 +574,22 @@ def finetune_run(workdir: str, pretrained: str | None) -> dict[str, Any]:
     if pretrained and not _FT_CONFIG.value.pretrained:
         overrides.append(f"--config.pretrained={pretrained}")
     command = [sys.executable, os.path.join(ROOT, "experiments", "finetune.py"), f"--config={spec}",
-               *overrides, f"--workdir={run_dir}"]
-    seconds, samples = _run(command, os.path.join(run_dir, "metrics.jsonl"), RATE_KEY["finetune"])
-    return {"command": command, "wall_seconds": seconds, "workdir": run_dir, "cpu_samples": samples}
+               *overrides]
+    return _measured_run(command, run_dir, "finetune")
+
+
+def _measured_run(command: list[str], run_dir: str, kind: str) -> dict[str, Any]:
+    """The run (and with ``--control_at``, its control run beside it) with CPU-time samples."""
+    control = None
+    if _CONTROL_AT.value > 0:
+        control_dir = _fresh(run_dir + "_control")
+        control = {"command": [*command, f"--workdir={control_dir}"], "workdir": control_dir,
+                   "metrics_path": os.path.join(control_dir, "metrics.jsonl"), "at": _CONTROL_AT.value,
+                   "log": control_dir + ".log", "samples": None}
+    command = [*command, f"--workdir={run_dir}"]
+    seconds, samples = _run(command, os.path.join(run_dir, "metrics.jsonl"), RATE_KEY[kind], control)
+    return {"command": command, "wall_seconds": seconds, "workdir": run_dir, "cpu_samples": samples,
+            "control": control}
 
 
 def main(argv):
@@ -508,6 +612,8 @@ def main(argv):
     else:
         if not (_PRETRAIN.value or _FINETUNE.value):
             raise app.UsageError("nothing to run: --nopretrain without --finetune")
+        if _CONTROL_AT.value > 0 and not _CPU.value:
+            raise app.UsageError("--control_at needs --cpu (the comparison uses its samples)")
         workdir = _WORKDIR.value
         if not workdir:
             workdir = temporary = tempfile.mkdtemp(prefix="steady_state_")
@@ -525,14 +631,22 @@ def main(argv):
     results = []
     for run in runs:
         analysis = analyze(run["workdir"], None, *settings, cpu_samples=run.get("cpu_samples"))
+        control = run.get("control")
+        if control is not None:
+            from_step = analysis["warmup_step"] + _CONTROL_WARMUP.value
+            analysis["paired"] = paired_comparison(run["cpu_samples"] or [], control["samples"] or [],
+                                                   from_step, _TOLERANCE.value)
+            analysis["paired"].update({"control_from_step": from_step,
+                                       "control_started_at_step": control.get("started_at_step")})
         results.append({**run, **analysis})
         report(analysis, _MAX_ROWS.value)
     print(f"\nload average (1, 5, 15 min) before: {load_before}, after: {load_after} "
           f"on {os.cpu_count()} CPU(s)")
-    slow = [f"{r['kind']}: {name}" for r in results for name, fit in r["fits"].items()
-            if "slows down" in fit["verdict"]]
-    unsteady = [f"{r['kind']}: {name} {fit['verdict']}" + (" (noisy)" if fit.get("noisy") else "")
-                for r in results for name, fit in r["fits"].items() if fit["verdict"] != "steady"]
+    verdicts = {(r["kind"], name): fit for r in results for name, fit in r["fits"].items()}
+    verdicts.update({(r["kind"], "paired with a fresh run"): r["paired"] for r in results if "paired" in r})
+    slow = [f"{kind}: {name}" for (kind, name), fit in verdicts.items() if "slows down" in fit["verdict"]]
+    unsteady = [f"{kind}: {name} {fit['verdict']}" + (" (noisy)" if fit.get("noisy") else "")
+                for (kind, name), fit in verdicts.items() if fit["verdict"] != "steady"]
     print("verdict: " + ("steady" if not unsteady else "; ".join(unsteady))
           + f" (tolerance {_TOLERANCE.value:g}%)", flush=True)
 

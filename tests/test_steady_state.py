@@ -145,3 +145,27 @@ def test_finetune_analysis_fits_rate_against_replay_and_reports_a_slowdown(tmp_p
     # Exit status: 0 unless --strict, then 1 for a slowdown only.
     assert _run(f"--analyze={slowing}", "--strict", check=False).returncode == 1
     assert _run(f"--analyze={flat}", "--strict").returncode == 0
+
+
+def test_paired_comparison_uses_the_same_wall_clock_interval(tmp_path):
+    """``--control_at``'s comparison on made-up samples: the run logs at 10 steps/s, the fresh
+    control at 12.5 steps/s, both sampled at unaligned times (the run's steps are interpolated):
+    the ratio is 0.8 over the interval from the control's first line past its warm-up to the
+    end of the shorter run. A subprocess imports the script (its flags stay out of this one)."""
+    main = [{"time": 5.0 + 10 * i, "step": 10 * (5.0 + 10 * i), "cpu_seconds": 0.5 * (5.0 + 10 * i)}
+            for i in range(11)]  # t = 5 ... 105
+    control = [{"time": 30.0 + 10 * i, "step": 125 * i, "cpu_seconds": 4.0 * i} for i in range(12)]  # t = 30 ... 140
+    code = ("import json, sys; sys.path.insert(0, 'experiments'); import steady_state; "
+            "args = json.load(sys.stdin); print(json.dumps(steady_state.paired_comparison(*args)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=json.dumps([main, control, 100, 10.0]),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paired = json.loads(result.stdout.strip().splitlines()[-1])
+    # The control passes step 100 at its line of t = 40 (step 125); the run's last line is at t = 105,
+    # so the interval ends at the control's last line before it, t = 100 (step 875).
+    assert paired["control_steps"] == [125, 875] and paired["seconds"] == pytest.approx(60.0)
+    assert paired["main_steps"] == pytest.approx([400.0, 1000.0])
+    assert paired["main_rate"] == pytest.approx(10.0) and paired["control_rate"] == pytest.approx(12.5)
+    assert paired["ratio"] == pytest.approx(0.8)
+    assert paired["cpu_ratio"] == pytest.approx((600 / 30.0) / (750 / 24.0))  # CPU s: 0.5/s and 0.4/s
+    assert paired["verdict"] == "slows down by 20.0%"
