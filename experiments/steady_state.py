@@ -642,11 +642,15 @@ def main(argv):
         report(analysis, _MAX_ROWS.value)
     print(f"\nload average (1, 5, 15 min) before: {load_before}, after: {load_after} "
           f"on {os.cpu_count()} CPU(s)")
-    verdicts = {(r["kind"], name): fit for r in results for name, fit in r["fits"].items()}
-    verdicts.update({(r["kind"], "paired with a fresh run"): r["paired"] for r in results if "paired" in r})
-    slow = [f"{kind}: {name}" for (kind, name), fit in verdicts.items() if "slows down" in fit["verdict"]]
-    unsteady = [f"{kind}: {name} {fit['verdict']}" + (" (noisy)" if fit.get("noisy") else "")
-                for (kind, name), fit in verdicts.items() if fit["verdict"] != "steady"]
+    verdicts = []  # (run label, fit name, fit) over every run
+    for r in results:
+        label = r["kind"] if len(results) == 1 else f"{r['kind']} ({os.path.basename(r['workdir'])})"
+        verdicts += [(label, name, fit) for name, fit in r["fits"].items()]
+        if "paired" in r:
+            verdicts.append((label, "paired with a fresh run", r["paired"]))
+    slow = [f"{label}: {name}" for label, name, fit in verdicts if "slows down" in fit["verdict"]]
+    unsteady = [f"{label}: {name} {fit['verdict']}" + (" (noisy)" if fit.get("noisy") else "")
+                for label, name, fit in verdicts if fit["verdict"] != "steady"]
     print("verdict: " + ("steady" if not unsteady else "; ".join(unsteady))
           + f" (tolerance {_TOLERANCE.value:g}%)", flush=True)
 
