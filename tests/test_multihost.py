@@ -113,7 +113,10 @@ def free_port() -> int:
 
 
 def two_process_command(data_root: str, workdir: str) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"),
+    # experiments/pretrain.py as is, run through multihost_child.py so that process 1 too writes
+    # the compilation cache (JAX writes it from process 0 only; see that file).
+    return [sys.executable, os.path.join(ROOT, "tests", "multihost_child.py"),
+            os.path.join(ROOT, "experiments", "pretrain.py"),
             "--config=configs/prelar_pretrain.py:tiny", f"--workdir={workdir}",
             f"--config.data.root={data_root}", *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
 
