@@ -23,12 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from prelar_jax.xla_setup import apply_default_xla_flags  # noqa: E402
+
+apply_default_xla_flags()  # the project's default XLA flags, before JAX starts a backend
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-# experiments/, this script's directory; it imports prelar_jax, which sets the project's default
-# XLA flags before JAX starts a backend.
-from throughput import matmul_rate, time_calls  # noqa: E402
+from throughput_report import matmul_rate, time_calls  # noqa: E402  (experiments/, this script's directory)
 
 # (side, input channels, output channels) of the paper ResNets' 3x3 convolutions (depth 48).
 PAPER_SHAPES = ((32, 48, 48), (16, 96, 96), (8, 192, 192))

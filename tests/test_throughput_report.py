@@ -1,6 +1,7 @@
-"""The throughput suite's derived figures: the whole-protocol estimate and the reference column.
+"""The throughput suite's derived figures (experiments/throughput_report.py): the whole-protocol
+estimate and the reference column.
 
-Hand-computed cases against `experiments/throughput.py`'s pure functions (the measurements
+Hand-computed cases against these pure functions (the measurements
 themselves are exercised end to end in tests/test_throughput.py).
 """
 
@@ -12,7 +13,7 @@ import ml_collections
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import throughput  # noqa: E402
+import throughput_report as throughput  # noqa: E402
 
 
 def _config(steps=1000, prefill=100, eval_every=300):
