@@ -7,4 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/experiments/setup_env.sh"
 cd "$ROOT"
 # Two workers: compilation is mostly single-threaded, so two processes use both cores.
-exec "${PRELAR_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -n "${PRELAR_TEST_WORKERS:-2}" "$@"
+# Work stealing: each worker starts on its half of the tests in file order (tests of one file share
+# compiled steps and fixtures) and takes over the end of the other's queue when its own runs out,
+# so neither finishes long before the other (replaying the suite's test durations: ~14 s sooner
+# than `--dist load`; experiments/BENCHMARKS.md).
+exec "${PRELAR_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -n "${PRELAR_TEST_WORKERS:-2}" --dist worksteal "$@"
