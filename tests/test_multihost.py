@@ -144,49 +144,45 @@ print("rows ok", index, list(rows))
 """
 
 
-def test_each_process_holds_its_block_of_rows():
+def start_two_processes(command: list[str]) -> list[subprocess.Popen]:
+    """``command`` as processes 0 and 1 of a two-process JAX job (2 fake CPU devices each)."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", ROWS_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                       XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                       JAX_PROCESS_ID=str(index)))
-             for index in range(2)]
+    return [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                      JAX_PROCESS_ID=str(index)))
+            for index in range(2)]
+
+
+def finish_processes(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each process's output once it has exited with status 0; stragglers are killed."""
     try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     for index, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+    return outputs
+
+
+def test_each_process_holds_its_block_of_rows():
+    procs = start_two_processes([sys.executable, "-c", ROWS_SCRIPT])
+    outputs = finish_processes(procs, timeout=300)
+    for index, output in enumerate(outputs):
         assert f"rows ok {index} {list(range(4 * index, 4 * index + 4))}" in output
 
 
 def test_two_processes_equal_one_process_on_as_many_devices(tmp_path):
     squares = write_moving_squares(str(tmp_path / "videos"))
     workdir, reference = str(tmp_path / "two"), str(tmp_path / "one")
-    port = free_port()
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index))
-        procs.append(subprocess.Popen(two_process_command(squares, workdir), cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = start_two_processes(two_process_command(squares, workdir))
     # The one-process reference on 4 devices runs meanwhile (the children mostly wait on compiles).
     pretrain_loop.run(tiny_config(squares, **OVERRIDES), reference, devices=jax.devices()[:4])
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=900)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for index, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+    outputs = finish_processes(procs, timeout=900)
+    for index, output in enumerate(outputs):
         assert "4 x cpu device(s)" in output  # each process sees the global mesh
         assert f"process {index} of 2 loads rows {2 * index}..{2 * index + 1} of each batch of 4" in output
 
