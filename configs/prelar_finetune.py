@@ -124,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.media_every = 50_000  # environment steps between open-loop prediction grids
     c.log.media_examples = 4
     c.log.media_context = 5
+    # One evaluation episode (worker 0's first) per evaluation as media/eval_<step>.gif and to W&B.
+    c.log.eval_video = True
+    c.log.eval_video_fps = 20.0
     c.log.checkpoint_every = 10_000  # environment steps
     c.log.keep_checkpoints = 2
     c.log.wandb_mode = "offline"

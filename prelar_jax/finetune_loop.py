@@ -355,6 +355,8 @@ class _Loop:
         carry = self.agent.initial_carry(n)
         finished: list[tuple[float, bool, int]] = []
         frames = 0
+        # The first evaluation episode of worker 0, frame by frame (reset frame included).
+        video = [obs["image"][0]] if c.log.eval_video else None
         while len(finished) < c.eval_eps:
             key = jax.random.fold_in(jax.random.key(c.seed + 2), step * 1000 + frames)
             action, carry = self.policy(self.state.params, self.state.batch_stats, carry, obs["image"],
@@ -362,6 +364,14 @@ class _Loop:
             obs, dropped = envs.step(np.asarray(action))
             self.counters["worker_restarts"] += int(dropped.sum())
             finished.extend(stats.observe(obs, dropped))
+            if video is not None:
+                if dropped[0]:  # worker 0 restarted: its episode is gone, record its next one
+                    video = [obs["image"][0]]
+                else:
+                    video.append(obs["image"][0])
+                    if obs["is_last"][0]:
+                        self.save_eval_video(step, np.stack(video), stats.success[0])
+                        video = None
             frames += n
         finished = finished[:c.eval_eps]
         returns, success, length = zip(*finished)
@@ -373,6 +383,14 @@ class _Loop:
                                "eval/seconds": time.perf_counter() - start})
 
     # ------------------------------------------------------------------ media and checkpoints
+    def save_eval_video(self, step: int, frames: np.ndarray, success: bool) -> None:
+        """``media/eval_<step>.gif``: one evaluation episode (``[L, H, W, 3]`` uint8), also to W&B."""
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(self.workdir, "media", f"eval_{step:08d}.gif")
+        media.save_gif(path, frames, fps=self.config.log.eval_video_fps)
+        self.logger.log_video(step, "eval/video", path, caption=f"step {step}, success {bool(success)}")
+
     def save_media(self, step: int) -> None:
         c = self.config
         batch = self.replay.sample(np.random.default_rng([c.seed, 13, step]), c.log.media_examples,

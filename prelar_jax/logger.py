@@ -233,6 +233,15 @@ class MetricsLogger:
 
         self._wandb_call(lambda: self._wandb_run.log({name: wandb.Image(os.fspath(path))}, step=int(step)))
 
+    def log_video(self, step: int, name: str, path: str | os.PathLike, caption: str = "") -> None:
+        """Sends a GIF (e.g. an evaluation episode) to W&B; the file itself stays in the workdir."""
+        if not self.is_primary or self._wandb_run is None:
+            return
+        import wandb
+
+        self._wandb_call(lambda: self._wandb_run.log(
+            {name: wandb.Video(os.fspath(path), format="gif", caption=caption or None)}, step=int(step)))
+
     def close(self) -> None:
         """Flushes and closes the metrics file, the progress bar and the W&B run."""
         if self._file is not None:

@@ -224,6 +224,13 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     losses = [r for r in records if "model_loss" in r]
     assert losses and all(np.isfinite(r["model_loss"]) and "fps/env" in r for r in losses)
     assert os.listdir(workdir / "media")
+    # One evaluation episode per evaluation as a GIF: the reset frame and every step of it.
+    from PIL import Image
+    for step in (200, 400):
+        with Image.open(workdir / "media" / f"eval_{step:08d}.gif") as gif:
+            assert gif.n_frames == config.env.time_limit + 1 and gif.size == (64, 64)
+            frame = np.asarray(gif.convert("RGB"))
+            assert frame.std() > 1.0  # a rendered scene, not a blank frame
     report = json.loads((workdir / "pretrained_load.json").read_text())
     assert any(p.startswith("params/rssm/") for p in report["loaded"])
     assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == 400

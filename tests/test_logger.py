@@ -125,6 +125,7 @@ def fake_wandb(fail_init=False):
 
     module.init = init
     module.Image = lambda path: ("image", path)
+    module.Video = lambda path, format=None, caption=None: ("video", path, format, caption)
     return module
 
 
@@ -135,6 +136,7 @@ def test_wandb_run_id_is_stable_across_resumes(tmp_path, monkeypatch):
     with make_logger(tmp_path, total_steps=5, wandb_mode="offline", run_name="run", config=config) as logger:
         logger.log(1, {"loss": np.float32(2.0)})
         logger.log_media(1, "open_loop", tmp_path / "grid.png")
+        logger.log_video(1, "eval/video", tmp_path / "eval.gif", caption="step 1")
     with make_logger(tmp_path, total_steps=5, start_step=1, wandb_mode="offline") as logger:
         logger.log(2, {"loss": 1.0})
 
@@ -145,6 +147,7 @@ def test_wandb_run_id_is_stable_across_resumes(tmp_path, monkeypatch):
     assert wandb.logged == [
         (1, {"loss": 2.0}),
         (1, {"open_loop": ("image", os.fspath(tmp_path / "grid.png"))}),
+        (1, {"eval/video": ("video", os.fspath(tmp_path / "eval.gif"), "gif", "step 1")}),
         (2, {"loss": 1.0}),
     ]
     assert len(wandb.finished) == 2
