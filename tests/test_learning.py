@@ -1,0 +1,67 @@
+"""Learning regression tests: short runs on small synthetic data that must show learning, not
+just run. Each is checked to fail when the thing it depends on is broken (README "Learning")."""
+
+import jax
+import numpy as np
+import pytest
+
+from prelar_jax import agent as agent_lib
+from prelar_jax import config as config_lib, parallel
+from prelar_jax.data import synthetic
+
+
+def _square_replay(count: int, length: int, seed: int):
+    """Square videos moved by action dims 0-1 (dims 2-3 random, no effect); reward_t = a_t[0]."""
+    rng = np.random.default_rng(seed + 1)
+    episodes = synthetic.moving_square_episodes(count, length, seed=seed)
+    for episode in episodes:
+        extra = rng.uniform(-1, 1, (length + 1, 2)).astype(np.float32)
+        extra[0] = 0.0
+        episode["action"] = np.concatenate([episode["action"], extra], axis=1)
+        episode["reward"] = episode["action"][:, 0].copy()
+    return episodes
+
+
+def _batch(episodes, rng, batch_size, length):
+    image, action, reward = [], [], []
+    for _ in range(batch_size):
+        episode = episodes[rng.integers(len(episodes))]
+        start = rng.integers(len(episode["image"]) - length + 1)
+        image.append(episode["image"][start:start + length])
+        action.append(episode["action"][start:start + length])
+        reward.append(episode["reward"][start:start + length])
+    is_first = np.zeros((batch_size, length), bool)
+    is_first[:, 0] = True
+    return {"image": np.stack(image), "action": np.stack(action), "reward": np.stack(reward), "is_first": is_first}
+
+
+def test_actor_learns_the_rewarded_action():
+    """DreamerV2 (tiny) on replay where the reward is the first action dimension: after a short
+    fine-tuning the reward head predicts it and the actor, trained through the learned dynamics in
+    imagination, chooses a clearly positive first action. Zeroing the actor's gradient, detaching
+    the action from the RSSM or the reward target breaks this."""
+    config = config_lib.load_config("configs/dreamerv2.py:tiny", {"log.wandb_mode": "disabled"})
+    episodes = _square_replay(16, 40, seed=0)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
+    state = parallel.put_replicated(agent.init_state(jax.random.key(0)), mesh)
+    update = agent_lib.make_update_step(agent, mesh, seed=0)
+    policy = jax.jit(agent.policy, static_argnames="explore")
+
+    def mean_first_action(state):
+        frames = np.stack([episode["image"][0] for episode in episodes])
+        carry = agent.initial_carry(len(frames))
+        action, _ = policy(state.params, state.batch_stats, carry, frames, np.ones(len(frames), bool),
+                           jax.random.key(1), explore=False)
+        return np.mean(np.asarray(action), axis=0)  # [4]
+
+    before = mean_first_action(state)
+    rng = np.random.default_rng(0)
+    for _ in range(250):
+        batch = _batch(episodes, rng, config.batch_size, config.sequence_length)
+        state, metrics = update(state, parallel.put_batch(batch, mesh))
+    after = mean_first_action(state)
+    assert np.all(np.abs(before) < 0.3), before
+    # The rewarded dimension goes near the top of its range (measured: 0.94 after 250 updates; 0.45
+    # with the actor's gradient zeroed, where only the features it reads change).
+    assert after[0] > 0.75, (before, after)
