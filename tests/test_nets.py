@@ -4,6 +4,7 @@ DreamerV2 GRU cell and the distribution helpers, each against an independent ref
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -445,3 +446,25 @@ def test_remat_resnet_same_parameters_gradients_and_statistics(module_class, sha
     expected = jax.grad(loss, has_aux=True)(variables["params"], plain)
     actual = jax.grad(loss, has_aux=True)(variables["params"], remat)
     chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,size", [(5, 1), (5, 5), (6, 13), (6, 30), (3, 4), (4, 7)])
+def test_subpixel_transposed_conv_equals_flax_conv_transpose(kernel, size):
+    """The CPU implementation of the plain decoder's stride-2 VALID transposed convolutions gives
+    flax's values and gradients (same parameters), for odd and even kernels."""
+    from prelar_jax.nets.common import StridedConvTranspose
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
+    reference = nn.ConvTranspose(3, (kernel, kernel), strides=(2, 2), padding="VALID")
+    params = reference.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape), params)
+    outputs, grads = {}, {}
+    for name, module in [("flax", reference)] + [(impl, StridedConvTranspose(3, (kernel, kernel), impl=impl))
+                                                 for impl in ("subpixel", "lax")]:
+        loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+        outputs[name] = module.apply(params, x)
+        grads[name] = jax.grad(loss, argnums=(0, 1))(params, x)
+    assert outputs["flax"].shape == (2, (size - 1) * 2 + kernel, (size - 1) * 2 + kernel, 3)
+    for name in ("subpixel", "lax"):
+        np.testing.assert_allclose(outputs[name], outputs["flax"], rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(grads[name], grads["flax"], rtol=1e-4, atol=1e-4)

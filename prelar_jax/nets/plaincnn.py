@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prelar_jax.nets.common import Conv, ConvTranspose, Dense, Dtype
+from prelar_jax.nets.common import Conv, Dense, Dtype, StridedConvTranspose
 
 
 class PlainEncoder(nn.Module):
@@ -35,6 +35,7 @@ class PlainDecoder(nn.Module):
     depth: int = 48
     channels: int = 3
     dtype: Dtype = jnp.float32
+    impl: str = "auto"  # transposed convolutions: 'subpixel' on CPU, 'lax' elsewhere (StridedConvTranspose)
 
     @nn.compact
     def __call__(self, feat: jax.Array, train: bool = False) -> jax.Array:
@@ -43,8 +44,9 @@ class PlainDecoder(nn.Module):
         x = x.reshape(feat.shape[0], 1, 1, 32 * self.depth)
         for i, (width, kernel) in enumerate([(4 * self.depth, 5), (2 * self.depth, 5),
                                              (self.depth, 6), (self.channels, 6)]):
-            x = ConvTranspose(width, (kernel, kernel), strides=(2, 2), padding="VALID",
-                              dtype=self.dtype)(x)
+            # Same parameter names as flax's ConvTranspose (checkpoints do not depend on `impl`).
+            x = StridedConvTranspose(width, (kernel, kernel), dtype=self.dtype, impl=self.impl,
+                                     name=f"ConvTranspose_{i}")(x)
             if i < 3:
                 x = nn.elu(x)
         return x.astype(jnp.float32)
