@@ -16,7 +16,7 @@ import ml_collections
 
 from prelar_jax.config import config_module
 
-PRESETS = ("paper", "small", "tiny", "original", "original_tiny")
+PRESETS = ("paper", "small", "cpu", "tiny", "original", "original_tiny")
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:

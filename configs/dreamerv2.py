@@ -10,7 +10,7 @@ import ml_collections
 
 from prelar_jax.config import config_module
 
-PRESETS = ("paper", "small", "tiny")
+PRESETS = ("paper", "small", "cpu", "tiny")
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:

@@ -140,14 +140,28 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     c.preset = preset
     encoder = c.model.encoder
     c.model = config_lib.model_config(preset)
-    c.model.encoder = encoder
+    if preset != "cpu":  # the cpu preset uses one encoder for every method (the plain CNN)
+        c.model.encoder = encoder
     c.action_encoder.code_size, c.action_encoder.hidden = config_lib.action_sizes(preset)
-    if preset in ("small", "tiny"):  # CPU runs: lean rendering, ~10x faster than the paper's look
+    if preset in ("small", "cpu", "tiny"):  # CPU runs: lean rendering, ~10x faster than the paper's look
         c.env.render.update(rendering.LEAN.to_dict())
     if preset == "small":
         c.steps = 100_000
         c.heads.units = 200
         c.log.media_every = 20_000
+    elif preset == "cpu":  # learning runs on a 2-core CPU (README "Learning")
+        c.steps = 50_000
+        c.prefill = 1500
+        c.eval_every = 2500
+        c.batch_size = 16
+        c.sequence_length = 32
+        c.env.time_limit = 150
+        c.env.eval_envs = 2
+        c.heads.layers = 2
+        c.heads.units = 256
+        c.log.every = 50
+        c.log.media_every = 10_000
+        c.log.checkpoint_every = 5000
     elif preset == "tiny":
         c.steps = 600
         c.prefill = 200

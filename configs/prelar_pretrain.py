@@ -14,7 +14,7 @@ import ml_collections
 
 from prelar_jax import config as config_lib
 
-PRESETS = ("paper", "small", "tiny")
+PRESETS = ("paper", "small", "cpu", "tiny")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,7 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.kl_balance = 0.8
     c.loss.kl_free = 0.0
     c.loss.image_scale = 1.0
+    # Image loss of the one-step prior prediction (decode the prior of o_t, built from o_{t-1}'s
+    # posterior and the code of (o_{t-1}, o_t)). 0 in the original.
+    c.loss.prior_image_scale = 0.0
     c.loss.implicit_kl_scale = 1.0
+    # Free nats of the implicit-action KL (mean over pairs of the KL summed over code dimensions):
+    # below it the KL has no gradient. 0 in the original, where the codes collapse onto the prior.
+    c.loss.implicit_kl_free = 0.0
     c.loss.consistency = "tanh"  # 'off' | 'sign' (released: zero gradient) | 'tanh' | 'ranknet' | 'soft_spearman'
     c.loss.consistency_scale = 1.0
     c.loss.consistency_temperature = 0.2
@@ -88,6 +94,12 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     c.implicit_action.hidden = hidden
     if preset == "small":
         c.steps = 100_000
+        c.log.every = 50
+        c.log.media_every = 1000
+        c.log.checkpoint_every = 1000
+    elif preset == "cpu":
+        c.steps = 5000
+        c.sequence_length = 16
         c.log.every = 50
         c.log.media_every = 1000
         c.log.checkpoint_every = 1000

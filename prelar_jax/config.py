@@ -24,7 +24,7 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and what to do."""
 
 
-MODEL_PRESETS = ("paper", "small", "tiny")
+MODEL_PRESETS = ("paper", "small", "cpu", "tiny")
 COMPUTE_DTYPES = ("float32", "bfloat16")  # model.compute_dtype; float16 is refused (no loss scaling)
 
 
@@ -49,6 +49,13 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         m.depth = 16
         m.deter = m.hidden = 256
         m.stoch = m.classes = 16
+    elif preset == "cpu":  # sizes that learn on a 2-core CPU (README "Learning")
+        # The plain DreamerV2 CNN for every method: at CPU step counts the ResNet decoder stays far
+        # above the mean-frame error (experiments/BENCHMARKS.md, "Decoder learning speed").
+        m.encoder = "plain"
+        m.depth = 16
+        m.deter = m.hidden = 200
+        m.stoch = m.classes = 16
     elif preset == "tiny":
         m.depth = 4
         m.stages = 2
@@ -62,7 +69,7 @@ def action_sizes(preset: str) -> tuple[int, int]:
     action in pre-training, the real-action encoder's output in fine-tuning) and the hidden width
     of the networks that produce it."""
     model_config(preset)  # validates the name
-    return {"paper": (64, 1024), "small": (16, 256), "tiny": (8, 32)}[preset]
+    return {"paper": (64, 1024), "small": (16, 256), "cpu": (16, 256), "tiny": (8, 32)}[preset]
 
 
 def config_module(path: str, relative_to: str | None = None):
@@ -160,6 +167,7 @@ def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
     _check(c.loss.consistency in consistency.VARIANTS, "loss.consistency",
            f"{c.loss.consistency!r} is not one of {consistency.VARIANTS}")
     _check(c.loss.consistency_temperature > 0, "loss.consistency_temperature", "must be positive")
+    _check(c.loss.implicit_kl_free >= 0, "loss.implicit_kl_free", f"must be >= 0, got {c.loss.implicit_kl_free}")
     _check(c.data.kind in ("npz", "something"), "data.kind", f"{c.data.kind!r} is not 'npz' or 'something'")
     _check(bool(c.data.root), "data.root",
            "no video directory given. Generate videos with `python experiments/generate_videos.py "

@@ -177,12 +177,23 @@ class PretrainModel(world_model.ImageWorldModel):
                             "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
                             "post_entropy": distributions.categorical_entropy(post["logit"]).mean()}
         total = cfg.kl_scale * kl_loss + cfg.image_scale * image_loss
+        prior_image_scale = cfg.get("prior_image_scale", 0.0)
+        if prior_image_scale:
+            # One-step prediction in pixels: decode the prior of o_t (from the posterior of o_{t-1}
+            # and the code a~_t) and score it on o_t, t >= 1. The code then has to explain the
+            # change between frames directly, not only through the KL of the latent state.
+            prior_recon = self._decode_features(params, stats, {}, feature(prior)[:, 1:], train=True)
+            prior_image_loss = -world_model.image_log_likelihood(prior_recon, frames[:, 1:]).mean()
+            total = total + prior_image_scale * prior_image_loss
+            metrics["prior_image_loss"] = prior_image_loss
 
         if "mean" in code_params:
             prior_std = self.config.implicit_action.prior_std
             implicit_kl = distributions.gaussian_kl(code_params["mean"], code_params["std"], 0.0,
                                                     prior_std).mean()
-            total = total + cfg.implicit_kl_scale * implicit_kl
+            # Free nats (0 in the original): below `implicit_kl_free` the code's KL costs nothing,
+            # so the code is not pushed onto its prior before the dynamics can use it.
+            total = total + cfg.implicit_kl_scale * jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
             metrics["implicit_kl"] = implicit_kl
             metrics["implicit_std"] = code_params["std"].mean()
         if code_params:

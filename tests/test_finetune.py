@@ -56,6 +56,19 @@ def test_configs_are_configurations_of_one_agent():
     pre = config_lib.load_config("configs/prelar_pretrain.py:paper")
     assert pre.model.to_dict() == finetune_config("configs/prelar_finetune.py:paper").model.to_dict()
     assert pre.implicit_action.stoch == finetune_config("configs/prelar_finetune.py:paper").action_encoder.code_size
+    # The cpu preset: one world model (plain CNN, same sizes) for PreLAR, APV and DreamerV2, and each
+    # fine-tuning config matches its pre-training config.
+    cpu = {name: finetune_config(f"configs/{name}.py:cpu")
+           for name in ("prelar_finetune", "apv_finetune", "dreamerv2")}
+    for name, config in cpu.items():
+        config_lib.validate_finetune_config(config)
+        assert config.model.to_dict() == cpu["dreamerv2"].model.to_dict() and config.model.encoder == "plain", name
+    for method in ("prelar", "apv"):
+        pre = config_lib.load_config(f"configs/{method}_pretrain.py:cpu", {"data.root": "unused"})
+        config_lib.validate_pretrain_config(pre)
+        assert pre.model.to_dict() == cpu[f"{method}_finetune"].model.to_dict()
+    assert config_lib.load_config("configs/prelar_pretrain.py:cpu").implicit_action.stoch == \
+        cpu["prelar_finetune"].action_encoder.code_size
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -65,3 +65,28 @@ def test_actor_learns_the_rewarded_action():
     # The rewarded dimension goes near the top of its range (measured: 0.94 after 250 updates; 0.45
     # with the actor's gradient zeroed, where only the features it reads change).
     assert after[0] > 0.75, (before, after)
+
+
+def _square_positions(image):
+    """Top-left corner of the red square in each frame, ``[L, 2]`` (row, column)."""
+    red = (image[..., 0] > 200) & (image[..., 1] < 80)
+    return np.stack([np.argwhere(frame).min(axis=0) for frame in red]).astype(np.float64)
+
+
+def test_probe_reads_true_actions_and_not_shuffled_ones():
+    """The probe itself: features that are the true actions score R² ~ 1, the square's measured
+    displacement between the two frames of each pair scores high (the pairing is right), and
+    actions of other episodes score ~ 0 (split by episode, no leakage)."""
+    from prelar_jax.evaluation import probe
+
+    episodes = synthetic.moving_square_episodes(12, 60, seed=3)
+    actions = [ep["action"][1:].astype(np.float64) for ep in episodes]
+    train, held_out = probe.split_episodes(len(episodes), 0.7, np.random.default_rng(0))
+    exact = probe.linear_probe(actions, actions, train, held_out)
+    assert exact["r2_mean"] > 0.999
+    displacement = [np.diff(_square_positions(ep["image"]), axis=0) for ep in episodes]
+    measured = probe.linear_probe(displacement, actions, train, held_out)
+    assert measured["r2_mean"] > 0.8, measured
+    shifted = [actions[(i + 1) % len(actions)] for i in range(len(actions))]
+    shuffled = probe.linear_probe(shifted, actions, train, held_out)
+    assert shuffled["r2_mean"] < 0.1, shuffled  # no predictive power (negative: worse than the mean)

@@ -289,3 +289,42 @@ def test_random_code_ablation_draws_prior_codes_unrelated_to_the_frames():
     assert not np.allclose(actions, other)
     std = float(np.std(np.asarray(actions[:, 1:])))
     assert abs(std - config.implicit_action.prior_std) < 0.05 * config.implicit_action.prior_std
+
+
+def test_implicit_kl_free_nats_and_prior_image_loss():
+    """``loss.implicit_kl_free``: below it the implicit-action KL costs its free value and has no
+    gradient (above it, the usual one). ``loss.prior_image_scale``: the one-step prior's image
+    loss enters the total at its scale and trains the code encoder and the RSSM through it."""
+    params, stats = init_params("tiny")
+    batch = random_batch(0, B, T)
+    index = jnp.arange(B)
+
+    def run(**overrides):
+        config = load_config("tiny", **{"loss.consistency": "off", **overrides})
+        model = PretrainModel(config)
+
+        def loss(p):
+            total, (_, metrics) = model.loss(p, stats, batch, jax.random.key(1), index)
+            return total, metrics
+
+        (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return config.loss, total, metrics, grads
+
+    # Only the implicit KL: free nats far above its value leave no gradient at all.
+    only_kl = {"loss.kl_scale": 0.0, "loss.image_scale": 0.0}
+    _, total, metrics, grads = run(**only_kl)
+    np.testing.assert_allclose(total, metrics["implicit_kl"], rtol=1e-6)
+    assert _global_norm(grads["implicit_action"]) > 1e-3
+    _, total, metrics, grads = run(**only_kl, **{"loss.implicit_kl_free": 1e4})
+    np.testing.assert_allclose(total, 1e4, rtol=1e-6)
+    assert _global_norm(grads) == 0.0
+
+    scales, total, metrics, grads = run(**{"loss.prior_image_scale": 0.5})
+    assert metrics["prior_image_loss"] > 0
+    np.testing.assert_allclose(
+        total, scales.kl_scale * metrics["kl_loss"] + scales.image_scale * metrics["image_loss"]
+        + scales.implicit_kl_scale * metrics["implicit_kl"] + 0.5 * metrics["prior_image_loss"], rtol=1e-6)
+    _, _, _, prior_only = run(**{"loss.prior_image_scale": 1.0, "loss.kl_scale": 0.0, "loss.image_scale": 0.0,
+                                 "loss.implicit_kl_scale": 0.0})
+    for name in ("implicit_action", "rssm", "decoder", "encoder"):
+        assert _global_norm(prior_only[name]) > 0, name
