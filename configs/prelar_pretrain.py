@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Free nats of the implicit-action KL (mean over pairs of the KL summed over code dimensions):
     # below it the KL has no gradient. 0 in the original, where the codes collapse onto the prior.
     c.loss.implicit_kl_free = 0.0
+    # Updates over which the implicit-KL scale ramps linearly from 0 (KL annealing); 0 = off (original).
+    c.loss.implicit_kl_warmup = 0
     c.loss.consistency = "tanh"  # 'off' | 'sign' (released: zero gradient) | 'tanh' | 'ranknet' | 'soft_spearman'
     c.loss.consistency_scale = 1.0
     c.loss.consistency_temperature = 0.2

@@ -292,8 +292,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         example_index = local_example_index(batch["image"].shape[0])
         key = jax.random.fold_in(base_key, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key,
-                                                        example_index)
+        # The loss also sees the update count (schedules such as the implicit-KL warm-up).
+        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats,
+                                                        {**batch, "step": state.step}, key, example_index)
         grads = jax.lax.pmean(grads, AXIS)
         metrics = jax.lax.pmean(metrics, AXIS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

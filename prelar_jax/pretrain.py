@@ -193,7 +193,11 @@ class PretrainModel(world_model.ImageWorldModel):
                                                     prior_std).mean()
             # Free nats (0 in the original): below `implicit_kl_free` the code's KL costs nothing,
             # so the code is not pushed onto its prior before the dynamics can use it.
-            total = total + cfg.implicit_kl_scale * jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
+            scale = cfg.implicit_kl_scale
+            warmup = cfg.get("implicit_kl_warmup", 0)
+            if warmup and "step" in batch:  # KL annealing: the scale ramps from 0 over `warmup` updates
+                scale = scale * jnp.minimum(1.0, batch["step"].astype(jnp.float32) / warmup)
+            total = total + scale * jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
             metrics["implicit_kl"] = implicit_kl
             metrics["implicit_std"] = code_params["std"].mean()
         if code_params:

@@ -328,3 +328,20 @@ def test_implicit_kl_free_nats_and_prior_image_loss():
                                  "loss.implicit_kl_scale": 0.0})
     for name in ("implicit_action", "rssm", "decoder", "encoder"):
         assert _global_norm(prior_only[name]) > 0, name
+
+
+def test_implicit_kl_warmup_ramps_the_scale_with_the_update_count():
+    """``loss.implicit_kl_warmup``: the code KL's scale is step / warmup, capped at 1, with the
+    step that ``make_train_step`` passes in the batch; without a step (direct calls) it is 1."""
+    params, stats = init_params("tiny")
+    config = load_config("tiny", **{"loss.consistency": "off", "loss.kl_scale": 0.0, "loss.image_scale": 0.0,
+                                    "loss.implicit_kl_warmup": 100})
+    model = PretrainModel(config)
+    batch = random_batch(0, B, T)
+    loss = jax.jit(lambda batch: model.loss(params, stats, batch, jax.random.key(1), jnp.arange(B)))
+    totals = {step: loss({**batch, "step": jnp.int32(step)}) for step in (0, 50, 200)}
+    implicit_kl = totals[0][1][1]["implicit_kl"]
+    for step, expected in ((0, 0.0), (50, 0.5), (200, 1.0)):
+        np.testing.assert_allclose(totals[step][0], expected * implicit_kl, rtol=1e-6, atol=1e-7)
+    total, (_, metrics) = model.loss(params, stats, batch, jax.random.key(1), jnp.arange(B))
+    np.testing.assert_allclose(total, metrics["implicit_kl"], rtol=1e-6)

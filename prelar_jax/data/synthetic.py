@@ -27,14 +27,16 @@ def background(size: int = 64, seed: int = 0) -> np.ndarray:
 
 def moving_square_episode(rng: np.random.Generator, length: int, size: int = 64, square: int = 10,
                           speed: float = 4.0, smoothness: float = 0.7) -> dict[str, np.ndarray]:
-    """One episode of ``length + 1`` frames: ``image`` ``[L+1, size, size, 3]`` uint8 and ``action``
+    """One episode of ``length + 1`` frames: ``image`` ``[L+1, size, size, 3]`` uint8, ``action``
     ``[L+1, 2]`` float32, where ``action[t]`` moved the square from ``image[t-1]`` to ``image[t]``
-    (row 0 zeros, the Dreamer convention)."""
+    (row 0 zeros, the Dreamer convention), and ``position`` ``[L+1, 2]``, the square's pixel
+    position in each frame (what a code that leaks the second frame would carry)."""
     base = background(size)
     colour = np.array([230, 40, 40], np.uint8)
     pos = rng.uniform(0, size - square, size=2)
     action = np.zeros((length + 1, 2), np.float32)
     image = np.empty((length + 1, size, size, 3), np.uint8)
+    position = np.empty((length + 1, 2), np.float32)  # the square's top-left corner (row, column)
     current = rng.uniform(-1, 1, size=2)
     for t in range(length + 1):
         if t > 0:
@@ -45,11 +47,12 @@ def moving_square_episode(rng: np.random.Generator, length: int, size: int = 64,
         r, c = int(round(pos[0])), int(round(pos[1]))
         frame[r:r + square, c:c + square] = colour
         image[t] = frame
+        position[t] = (r, c)
     is_first = np.zeros(length + 1, bool)
     is_first[0] = True
     is_last = np.zeros(length + 1, bool)
     is_last[-1] = True
-    return {"image": image, "action": action, "reward": np.zeros(length + 1, np.float32),
+    return {"image": image, "action": action, "position": position, "reward": np.zeros(length + 1, np.float32),
             "is_first": is_first, "is_last": is_last, "is_terminal": np.zeros(length + 1, bool)}
 
 

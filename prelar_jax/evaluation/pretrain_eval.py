@@ -83,10 +83,105 @@ def prediction_errors(open_loop_fn, params, stats, episodes: Sequence[dict[str, 
     return {k: float(v / count) for k, v in sums.items()}
 
 
+def knn_probe(codes: Sequence[np.ndarray], targets: Sequence[np.ndarray], train: Sequence[int],
+              held_out: Sequence[int], k: int = 10) -> float:
+    """Mean held-out R² of a k-nearest-neighbour regression (features standardised on the fitting
+    pairs, float64): whether the codes carry the targets at all, linearly or not. The linear probe
+    is the claim; this says whether a failing linear probe means no information or a non-linear code."""
+    fit_x = np.concatenate([codes[i] for i in train]).astype(np.float64)
+    fit_y = np.concatenate([targets[i] for i in train]).astype(np.float64)
+    eval_x = np.concatenate([codes[i] for i in held_out]).astype(np.float64)
+    eval_y = np.concatenate([targets[i] for i in held_out]).astype(np.float64)
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-8
+    fit_x, eval_x = (fit_x - mean) / std, (eval_x - mean) / std
+    predictions = []
+    for start in range(0, len(eval_x), 256):
+        d = np.square(eval_x[start:start + 256, None, :] - fit_x[None]).sum(-1)  # [n, N_fit]
+        nearest = np.argpartition(d, min(k, len(fit_x) - 1), axis=1)[:, :k]
+        predictions.append(fit_y[nearest].mean(axis=1))
+    r2 = probe.r2_scores(eval_y, np.concatenate(predictions))
+    return float(np.nanmean(r2))
+
+
 def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], train: Sequence[int],
                  held_out: Sequence[int], action_dims: int = 3) -> dict[str, Any]:
     """Held-out R² of codes -> the first ``action_dims`` action dimensions (Meta-World: dx, dy, dz;
-    the gripper effort often has no visible effect), fit on the pairs of ``train`` episodes."""
+    the gripper effort often has no visible effect), fit on the pairs of ``train`` episodes.
+
+    Where episodes carry ``position`` (synthetic videos) the result also has ``position``: the
+    same probe to the object's position in the pair's second frame. A code that scores there but
+    not on the action carries the frame, not the change between frames."""
     codes = probe.episode_codes(code_fn, params, stats, episodes)
     actions = [np.asarray(ep["action"], np.float64)[1:, :action_dims] for ep in episodes]
-    return probe.linear_probe(codes, actions, train, held_out)
+    result = probe.linear_probe(codes, actions, train, held_out)
+    result["knn_r2_mean"] = knn_probe(codes, actions, train, held_out)
+    if all("position" in ep for ep in episodes):
+        positions = [np.asarray(ep["position"], np.float64)[1:] for ep in episodes]
+        result["position"] = probe.linear_probe(codes, positions, train, held_out)
+        result["position"]["knn_r2_mean"] = knn_probe(codes, positions, train, held_out)
+    return result
+
+
+def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str | None = None,
+          context: int = 3, length: int = 0, train_fraction: float = 0.7, log=print) -> list[dict]:
+    """Trains ``config`` on ``dataset`` for ``steps`` updates; evaluates at step 0 (random init,
+    the baseline), every ``eval_every`` steps and at the end. Returns the evaluation rows."""
+    import json
+    import os
+    import time
+
+    from prelar_jax import parallel, pretrain
+
+    length = length or config.sequence_length
+    model = pretrain.PretrainModel(config, bn_axis_name=parallel.AXIS)
+    eval_model = pretrain.PretrainModel(config)
+    optimizer = pretrain.make_optimizer(config)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = parallel.put_replicated(model.init_state(jax.random.key(config.seed), optimizer), mesh)
+    step_fn = jax.jit(parallel.make_train_step(model.loss, optimizer, mesh, config.seed))
+
+    open_loop = make_open_loop_fn(eval_model, context)
+    code_fn = probe.make_code_fn(eval_model) if eval_model.implicit_action is not None else None
+    windows = episode_windows(probe_episodes, length, per_episode=2)
+    rng_split = np.random.default_rng(config.seed + 12345)
+    train_eps, held_out = probe.split_episodes(len(probe_episodes), train_fraction, rng_split)
+    # The mean-frame baseline: the mean of the pre-training frames (what the model was trained on).
+    sample = dataset.sample(np.random.default_rng(config.seed + 999), 64, config.sequence_length)["image"]
+    train_mean = sample.reshape((-1,) + sample.shape[2:]).astype(np.float64).mean(axis=0) / 255.0
+
+    rows = []
+
+    def evaluate(step: int, metrics: dict) -> None:
+        params, stats = jax.device_get((state.params, state.batch_stats))
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        row.update(prediction_errors(open_loop, params, stats, probe_episodes, windows, length,
+                                                   context, train_mean, jax.random.key(0)))
+        row["open_loop_vs_mean_frame"] = row["open_loop_mse"] / row["mean_frame_mse"]
+        if code_fn is not None:
+            scores = probe_scores(code_fn, params, stats, probe_episodes, train_eps, held_out)
+            row["probe_r2"], row["probe_r2_mean"] = scores["r2"], scores["r2_mean"]
+            row["probe_train_r2"] = scores["train_r2"]
+            row["probe_knn_r2_mean"] = scores["knn_r2_mean"]
+            if "position" in scores:
+                row["probe_position_r2_mean"] = scores["position"]["r2_mean"]
+                row["probe_position_knn_r2_mean"] = scores["position"]["knn_r2_mean"]
+        rows.append(row)
+        shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                 if k in ("step", "loss", "image_loss", "kl", "implicit_kl", "consistency", "open_loop_mse",
+                          "recon_mse", "mean_frame_mse", "last_frame_mse", "probe_r2_mean", "probe_knn_r2_mean", "probe_position_r2_mean",
+                          "seconds")}
+        log(json.dumps(shown))
+        if out:
+            with open(os.path.join(out, "study.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    start = time.perf_counter()
+    evaluate(0, {})
+    metrics = {}
+    for step in range(1, steps + 1):
+        batch = dataset.sample(np.random.default_rng([config.seed, step]), config.batch_size, config.sequence_length)
+        state, metrics = step_fn(state, parallel.put_batch(batch, mesh))
+        if step % eval_every == 0 or step == steps:
+            metrics = dict(jax.device_get(metrics), seconds=time.perf_counter() - start)
+            evaluate(step, metrics)
+    return rows

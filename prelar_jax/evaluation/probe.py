@@ -151,6 +151,8 @@ def read_npz_episodes(root: str | os.PathLike, max_per_task: int | None = None) 
                     raise ProbeError(f"{path} has no 'image' and 'action' arrays (keys: {sorted(data.keys())}); "
                                      "the probe needs videos with their recorded actions")
                 episode = {"image": data["image"], "action": data["action"].astype(np.float32), "task": task}
+                if "position" in data:  # synthetic videos: the object's position in each frame
+                    episode["position"] = data["position"].astype(np.float32)
         except (OSError, ValueError) as error:
             if isinstance(error, ProbeError):
                 raise

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Reproduces every run of this study (2-core CPU: 3-7 min each). Run from the repository root.
+set -euo pipefail
+PY=.venv/bin/python
+# Smooth square motion (sq*: 40 training / 12 probe episodes of 48 steps, square 10 px, 4 px/step, smoothness 0.7)
+$PY experiments/generate_square_videos.py --out data/sq_train --episodes 40 --length 48 --seed 0 --square 10 --speed 4 --smoothness 0.7
+$PY experiments/generate_square_videos.py --out data/sq_probe --episodes 12 --length 48 --seed 1 --square 10 --speed 4 --smoothness 0.7
+# Independent actions (P*: 80 / 12 episodes, square 12 px, 3 px/step): the code is the only source of the motion
+$PY experiments/generate_square_videos.py --out data/sq3_train --episodes 80 --length 48 --seed 0
+$PY experiments/generate_square_videos.py --out data/sq3_probe --episodes 12 --length 48 --seed 1
+COMMON="--config=configs/prelar_pretrain.py:tiny --steps=2000 --eval_every=500 --set model.encoder=plain
+  --set model.depth=8 --set model.deter=64 --set model.hidden=64 --set model.stoch=8 --set model.classes=8 --set batch_size=8"
+OUT=experiments/results/implicit_action_study_2026-12-05
+sq() { name=$1; shift; $PY experiments/pretrain_study.py $COMMON --videos=data/sq_train --probe_videos=data/sq_probe --out=$OUT/$name "$@"; }
+p()  { name=$1; shift; $PY experiments/pretrain_study.py $COMMON --videos=data/sq3_train --probe_videos=data/sq3_probe --out=$OUT/$name "$@"; }
+sq sqA
+sq sqB --set loss.implicit_kl_scale=0.1
+sq sqC --set loss.implicit_kl_free=2.0
+sq sqF --set loss.prior_image_scale=1.0
+p P0
+p P1 --set implicit_action.input=embed
+p P2 --set loss.prior_image_scale=1.0 --set loss.implicit_kl_free=2.0
+p P3b --set implicit_action.code_type=deter --set loss.consistency=off
+p P4 --set loss.implicit_kl_free=2.0 --set loss.consistency=off
+p P5 --set loss.implicit_kl_free=2.0 --set loss.consistency=off --set implicit_action.stoch=2
+$PY experiments/study_report.py $OUT/sq* $OUT/P* > $OUT/table.md
