@@ -23,4 +23,5 @@ p P2 --set loss.prior_image_scale=1.0 --set loss.implicit_kl_free=2.0
 p P3b --set implicit_action.code_type=deter --set loss.consistency=off
 p P4 --set loss.implicit_kl_free=2.0 --set loss.consistency=off
 p P5 --set loss.implicit_kl_free=2.0 --set loss.consistency=off --set implicit_action.stoch=2
+p P6 --set loss.implicit_kl_warmup=1500 --set loss.consistency=off
 $PY experiments/study_report.py $OUT/sq* $OUT/P* > $OUT/table.md
