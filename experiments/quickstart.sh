@@ -47,4 +47,7 @@ cat <<MSG
                  pretrained_load.json (which arrays came from pre-training)
   last evaluation: $(grep '"eval/success_rate"' "$WORKDIR/finetune/metrics.jsonl" | tail -1)
   wandb (offline) <run>/wandb/   (upload with: wandb sync <dir>)
+
+The tiny preset checks that everything runs; it is too small to learn. What a learning run at
+CPU scale costs and shows so far: README section "Learning".
 MSG
