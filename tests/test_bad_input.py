@@ -100,7 +100,7 @@ def test_exit_on_user_error_prints_one_line_for_user_errors_and_a_full_disk(caps
 @pytest.mark.parametrize("spec", [PRETRAIN, FINETUNE, DREAMER])
 def test_unknown_preset_or_file_or_key_is_a_config_error(spec):
     path = spec.split(":")[0]
-    with pytest.raises(config_lib.ConfigError, match=r"unknown preset 'huge'.*'paper', 'small', 'tiny'"):
+    with pytest.raises(config_lib.ConfigError, match=r"unknown preset 'huge'.*'paper', 'small', 'cpu', 'tiny'"):
         config_lib.load_config(f"{path}:huge")
     # What the command lines check before absl parses the flags (it would print a traceback).
     with pytest.raises(config_lib.ConfigError, match="unknown preset 'huge'"):
