@@ -9,7 +9,8 @@ Same model, loss and compiled step as ``experiments/pretrain.py`` (one device); 
 checkpoints and writes one JSON line per evaluation to ``<out>/study.jsonl`` (plus ``config.json``).
 ``--probe_videos``: scripted episodes with their recorded actions, of tasks the pre-training videos
 do not contain (``experiments/generate_videos.py --tasks ...``). Used to compare settings quickly
-(README "Learning"); the learning regression test calls ``run`` on synthetic videos.
+(README "Learning"); the loop is ``prelar_jax.evaluation.pretrain_eval.study``, which the learning
+regression tests also run on synthetic videos.
 """
 
 from __future__ import annotations

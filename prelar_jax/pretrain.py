@@ -191,12 +191,12 @@ class PretrainModel(world_model.ImageWorldModel):
             prior_std = self.config.implicit_action.prior_std
             implicit_kl = distributions.gaussian_kl(code_params["mean"], code_params["std"], 0.0,
                                                     prior_std).mean()
-            # Free nats (0 in the original): below `implicit_kl_free` the code's KL costs nothing,
-            # so the code is not pushed onto its prior before the dynamics can use it.
             scale = cfg.implicit_kl_scale
             warmup = cfg.get("implicit_kl_warmup", 0)
             if warmup and "step" in batch:  # KL annealing: the scale ramps from 0 over `warmup` updates
                 scale = scale * jnp.minimum(1.0, batch["step"].astype(jnp.float32) / warmup)
+            # Free nats (0 in the original): below `implicit_kl_free` the code's KL costs nothing,
+            # so the code is not pushed onto its prior before the dynamics can use it.
             total = total + scale * jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
             metrics["implicit_kl"] = implicit_kl
             metrics["implicit_std"] = code_params["std"].mean()

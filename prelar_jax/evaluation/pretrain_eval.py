@@ -22,27 +22,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prelar_jax.evaluation import probe
+from prelar_jax.evaluation import probe, transfer
 
 
 def episode_windows(episodes: Sequence[dict[str, Any]], length: int, per_episode: int = 0) -> list[tuple[int, int]]:
-    """Non-overlapping ``(episode, start)`` windows of ``length`` frames (``per_episode`` > 0 keeps
-    at most that many per episode, spread evenly)."""
+    """The transfer diagnostic's non-overlapping ``(episode, start)`` windows of ``length`` frames
+    (``transfer.evaluation_windows``); ``per_episode`` > 0 keeps at most that many per episode,
+    spread evenly."""
     windows = []
     for e, episode in enumerate(episodes):
-        starts = list(range(0, len(episode["image"]) - length + 1, length))
+        starts = [start for _, start in transfer.evaluation_windows([episode], length)]
         if per_episode and len(starts) > per_episode:
             starts = [starts[i] for i in np.linspace(0, len(starts) - 1, per_episode).round().astype(int)]
         windows += [(e, s) for s in starts]
     if not windows:
         raise probe.ProbeError(f"no episode has {length} frames for an open-loop window")
     return windows
-
-
-def mean_frame(episodes: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Per-pixel mean of every frame, ``[H, W, 3]`` float64 in [0, 1]."""
-    total = sum(np.asarray(ep["image"], np.float64).sum(axis=0) for ep in episodes)
-    return total / sum(len(ep["image"]) for ep in episodes) / 255.0
 
 
 def make_open_loop_fn(model, context: int):
@@ -154,8 +149,8 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
     def evaluate(step: int, metrics: dict) -> None:
         params, stats = jax.device_get((state.params, state.batch_stats))
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        row.update(prediction_errors(open_loop, params, stats, probe_episodes, windows, length,
-                                                   context, train_mean, jax.random.key(0)))
+        row.update(prediction_errors(open_loop, params, stats, probe_episodes, windows, length, context,
+                                     train_mean, jax.random.key(0)))
         row["open_loop_vs_mean_frame"] = row["open_loop_mse"] / row["mean_frame_mse"]
         if code_fn is not None:
             scores = probe_scores(code_fn, params, stats, probe_episodes, train_eps, held_out)
