@@ -170,40 +170,47 @@ def main(argv):
 
 
 def _main():
-    from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
-    from prelar_jax.evaluation.runner import FINISHED, SKIPPED, run_all
-
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
     methods_table, original_presets = _methods_table(_config_path())
     runs = plan(config, workdir, methods_table, original_presets)
-    video_root, pretrain_specs, finetune_specs = runs.videos, runs.pretrain, runs.finetune
+    pretrain_specs, finetune_specs = runs.pretrain, runs.finetune
     if _PRINT.value:
         for spec in pretrain_specs + runs.diagnostics + finetune_specs:
             print(shlex.join(spec.command))
         return
     if not _REPORT.value:
-        os.makedirs(workdir, exist_ok=True)
-        if pretrain_specs and not config.videos.root and not os.path.isdir(video_root):
-            tasks = list(DEFAULT_TASKS)[: config.videos.tasks_limit or None]
-            print(f"[benchmark] rendering {config.videos.episodes} scripted-expert episodes for each of "
-                  f"{len(tasks)} tasks into {video_root}", flush=True)
-            generate_videos(video_root + ".partial", tasks=tasks, episodes_per_task=config.videos.episodes,
-                            max_steps=config.videos.max_steps, workers=config.videos.workers, verbose=False)
-            os.replace(video_root + ".partial", video_root)
-        results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"))
-        failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
+        from prelar_jax import workdir_lock
 
-        def without_failed(specs):  # the runs none of whose arguments names a failed pre-training
-            return [s for s in specs if not any(arg.split("=", 1)[-1] in failed for arg in s.command)]
-
-        run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"))
-        runnable = without_failed(finetune_specs)
-        if len(runnable) < len(finetune_specs):
-            print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
-                  f"pre-training failed (see {workdir}/logs/pretrain/runs.json)", flush=True)
-        run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"))
+        with workdir_lock.hold(workdir, "benchmark"):  # one benchmark per directory
+            _run_grid(config, workdir, runs)
     paths = report(workdir, finetune_specs)
     print("[benchmark] " + ", ".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
+
+
+def _run_grid(config, workdir: str, runs) -> None:
+    from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
+    from prelar_jax.evaluation.runner import FINISHED, SKIPPED, run_all
+
+    video_root, pretrain_specs, finetune_specs = runs.videos, runs.pretrain, runs.finetune
+    if pretrain_specs and not config.videos.root and not os.path.isdir(video_root):
+        tasks = list(DEFAULT_TASKS)[: config.videos.tasks_limit or None]
+        print(f"[benchmark] rendering {config.videos.episodes} scripted-expert episodes for each of "
+              f"{len(tasks)} tasks into {video_root}", flush=True)
+        generate_videos(video_root + ".partial", tasks=tasks, episodes_per_task=config.videos.episodes,
+                        max_steps=config.videos.max_steps, workers=config.videos.workers, verbose=False)
+        os.replace(video_root + ".partial", video_root)
+    results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"))
+    failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
+
+    def without_failed(specs):  # the runs none of whose arguments names a failed pre-training
+        return [s for s in specs if not any(arg.split("=", 1)[-1] in failed for arg in s.command)]
+
+    run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"))
+    runnable = without_failed(finetune_specs)
+    if len(runnable) < len(finetune_specs):
+        print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
+              f"pre-training failed (see {workdir}/logs/pretrain/runs.json)", flush=True)
+    run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"))
 
 
 if __name__ == "__main__":

@@ -143,12 +143,9 @@ def _probe_episodes(args, out: str):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import jax
-
-    from prelar_jax import config as config_lib
+    from prelar_jax import config as config_lib, workdir_lock
     from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
-    from prelar_jax.evaluation import probe, transfer
-    from prelar_jax.logger import atomic_write_json
+    from prelar_jax.evaluation import probe
 
     if args.updates < 0:
         raise config_lib.ConfigError(f"--updates must be >= 0, got {args.updates}")
@@ -157,8 +154,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = canonical_task_name(args.task)
     preset = args.preset or prelar_pre.get("preset", "tiny")
     check_rendering_backend()
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    with workdir_lock.hold(args.out, "diagnostics") as out:  # one diagnostics run per --out
+        return _measure(args, out, task, preset, prelar_pre, apv_pre)
+
+
+def _measure(args: argparse.Namespace, out: str, task: str, preset: str, prelar_pre: dict[str, Any],
+             apv_pre: dict[str, Any] | None) -> dict[str, Any]:
+    import jax
+
+    from prelar_jax import config as config_lib
+    from prelar_jax.evaluation import probe, transfer
+    from prelar_jax.logger import atomic_write_json
+
     key = jax.random.key(args.seed)
     results: dict[str, Any] = {"task": task, "preset": preset, "args": vars(args)}
     start = time.perf_counter()

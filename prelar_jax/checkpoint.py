@@ -62,7 +62,7 @@ class CheckpointSaveError(UserError, OSError):
 # ... No space left on device [os_error_code='28']"; Python writes raise OSError.
 _SPACE_ERRORS = ("No space left on device", "Disk quota exceeded")
 _STORAGE_ERRORS = _SPACE_ERRORS + ("Read-only file system", "Permission denied", "Input/output error",
-                                   "File too large", "os_error_code")
+                                   "File too large", "No such file or directory", "os_error_code")
 
 
 def _storage_problem(error: BaseException) -> str | None:
@@ -79,6 +79,13 @@ def _storage_problem(error: BaseException) -> str | None:
         if marker in text:
             return marker if marker != "os_error_code" else text[:300]
     return None
+
+
+def _vanished(error: BaseException, problem: str) -> bool:
+    """True when the save failed because a path it was writing no longer exists (ENOENT)."""
+    if isinstance(error, FileNotFoundError):
+        return True
+    return "No such file or directory" in problem or "No such file or directory" in str(error)
 
 
 class _QuietStorageErrors(logging.Filter):
@@ -303,12 +310,22 @@ class Checkpointer:
         problem = _storage_problem(error)
         if problem is None:
             raise error  # not a storage problem: a bug, keep the traceback
-        previous = self.latest_step()
+        latest = self.latest_step()  # re-read from disk: finished steps only
         what = f"checkpoint step {step}" if step is not None else "a checkpoint"
-        intact = (f"The previous checkpoint, step {previous}, is intact: re-running the same command resumes "
-                  "from it. " if previous is not None else
-                  "There is no earlier checkpoint in it, so a re-run starts from the beginning. ")
-        if any(marker in str(error) or marker in problem for marker in _SPACE_ERRORS):
+        if latest is None:
+            intact = "There is no complete checkpoint in it, so a re-run starts from the beginning. "
+        elif step is not None and latest >= step:
+            # Only another writer can have finished this step (or a later one) meanwhile.
+            intact = (f"The newest complete checkpoint on disk is step {latest}, written by another process; "
+                      "a re-run resumes from it. ")
+        else:
+            intact = (f"The newest complete checkpoint is step {latest}: re-running the same command "
+                      "resumes from it. ")
+        if _vanished(error, problem):
+            todo = ("A file or directory of the save disappeared while it was being written: something else "
+                    "deleted it, most often another process using the same workdir (a second run, or a "
+                    "cleanup job). Make sure only one run uses the workdir, then re-run.")
+        elif any(marker in str(error) or marker in problem for marker in _SPACE_ERRORS):
             kept = self._options.max_to_keep
             todo = (f"Free disk space (a checkpoint holds about {_human_bytes(size)} of arrays"
                     + (f", and up to {kept} are kept" if kept else "")

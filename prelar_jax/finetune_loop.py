@@ -20,6 +20,7 @@ running when the checkpoint was written are lost; the environments start new one
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -89,7 +90,8 @@ def _device_replay(config: ml_collections.ConfigDict, mesh, replay: Replay) -> D
 
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False,
         devices: list | None = None) -> dict[str, Any]:
-    """Fine-tunes to ``config.steps`` environment steps in ``workdir``; returns a summary dict."""
+    """Fine-tunes to ``config.steps`` environment steps in ``workdir``; returns a summary dict.
+    The run owns ``workdir`` while it runs (``prelar_jax.workdir_lock``)."""
     # Environments, replay and the agent's acting run per process: one process only, refused
     # before it would connect to a coordinator and wait for peers.
     parallel.require_single_process("fine-tuning")
@@ -98,8 +100,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
     # Before anything slow: no offscreen rendering means one clear error naming the packages (and
     # an OSMesa fallback, set here, is inherited by the spawned environment workers).
     check_rendering_backend()
+    with contextlib.ExitStack() as owned:  # holds the workdir lock until the run returns
+        return _run(config, workdir, allow_config_override, devices, owned)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool,
+         devices: list | None, owned: contextlib.ExitStack) -> dict[str, Any]:
     mesh, workdir, config_dict = run_utils.open_workdir(config, workdir, allow_config_override,
-                                                        RESUMABLE_KEYS, devices)
+                                                        RESUMABLE_KEYS, devices, owned, "fine-tuning")
     task = canonical_task_name(config.task)
     print(f"[prelar] {config.method} fine-tuning on {task}, preset {config.preset}: "
           f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}",

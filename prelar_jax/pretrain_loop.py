@@ -9,6 +9,7 @@ together they are the one-process batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -29,11 +30,18 @@ RESUMABLE_KEYS = ("steps", "log", "nonfinite_limit", "data.prefetch_threads", "d
 
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False,
         devices: list | None = None) -> dict[str, Any]:
-    """Pre-trains to ``config.steps`` updates in ``workdir``; returns a summary dict."""
+    """Pre-trains to ``config.steps`` updates in ``workdir``; returns a summary dict. The run
+    owns ``workdir`` while it runs (``prelar_jax.workdir_lock``: a second run on it is refused)."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     config_lib.validate_pretrain_config(config)
+    with contextlib.ExitStack() as owned:  # holds the workdir lock until the run returns
+        return _run(config, workdir, allow_config_override, devices, owned)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool,
+         devices: list | None, owned: contextlib.ExitStack) -> dict[str, Any]:
     mesh, workdir, config_dict = run_utils.open_workdir(config, workdir, allow_config_override,
-                                                        RESUMABLE_KEYS, devices)
+                                                        RESUMABLE_KEYS, devices, owned, "pre-training")
 
     dataset = videos.make_video_dataset(config.data.kind, config.data.root, config.data.video_list)
     dataset.sample(np.random.default_rng([config.seed, 2**31 - 1]), 1, config.sequence_length)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 from typing import Any
 
 import jax
 import numpy as np
 
+from prelar_jax import workdir_lock
 from prelar_jax.errors import UserError
 
 
@@ -104,18 +105,18 @@ class NonFiniteMonitor:
 
 
 def open_workdir(config, workdir: str, allow_config_override: bool, resumable_keys: tuple[str, ...],
-                 devices: list | None):
+                 devices: list | None, owned: contextlib.ExitStack, purpose: str):
     """The start of every run, after its config is validated: multi-host start-up, the device
-    mesh (the batch must split over it), the workdir, and the config check (a resumed workdir
-    must have been created with the same config, up to ``resumable_keys``) and write.
-    Returns ``(mesh, absolute workdir, config as a dict)``."""
+    mesh (the batch must split over it), the workdir and its lock (held in ``owned`` until the
+    caller closes it: a second run on the workdir is refused; process 0 holds it for a multi-host
+    job), and the config check (a resumed workdir must have been created with the same config, up
+    to ``resumable_keys``) and write. Returns ``(mesh, absolute workdir, config as a dict)``."""
     from prelar_jax import logger as logger_lib, parallel
 
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(devices)
     parallel.check_batch_divides(config.batch_size, mesh)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = owned.enter_context(workdir_lock.hold(workdir, purpose, multi_host=True))
     config_dict = config.to_dict()
     logger_lib.check_config_matches(workdir, config_dict, allow_config_override, ignore=resumable_keys)
     if jax.process_index() == 0:  # the workdir is shared: concurrent writers would race on config.json.tmp

@@ -178,7 +178,22 @@ def test_unknown_metaworld_task_lists_the_valid_names(tmp_path):
     message = str(info.value)
     assert "config.task" in message and "'open-the-fridge'" in message
     assert "drawer-open" in message and "window-close" in message
-    config_lib.validate_finetune_config(finetune_config(task="drawer_open-v3"))  # spelling variants work
+    assert "Did you mean" not in message  # nothing close to suggest
+    config_lib.validate_finetune_config(finetune_config(task="Drawer_Open-v3"))  # spelling variants work
+    with pytest.raises(config_lib.ConfigError, match=r"'drawer-opne'\. Did you mean 'drawer-open'"):
+        config_lib.validate_finetune_config(finetune_config(task="drawer-opne"))
+
+
+@pytest.mark.parametrize("kind", ["file", "file as parent"])
+def test_workdir_that_is_a_file_is_one_clear_error(kind, tmp_path):
+    """``--workdir`` naming a regular file (or a path under one) is refused before anything is
+    written, and the file is left as it was."""
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    workdir = target if kind == "file" else target / "run"
+    with pytest.raises(errors.UserError, match="is a file, not a directory|a component of the path is a file"):
+        pretrain_loop.run(pretrain_config(tmp_path), str(workdir))
+    assert target.read_text() == "keep me"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,12 +336,24 @@ def other_architecture_pretraining(tmp_path_factory):
     ("finetune.py", ["--config=configs/prelar_finetune.py:tiny", "--config.pretrained={pretrained}",
                      "--config.log.wandb_mode=disabled"],
      ["do not fit this fine-tuning agent", "model.deter: pre-training 16, fine-tuning 32", "preset"]),
+    ("finetune.py", ["--config=configs/dreamerv2.py:tiny", "--config.task=drawer-opne", "--workdir={file}"],
+     ["Unknown Meta-World task 'drawer-opne'", "Did you mean 'drawer-open'"]),
+    ("pretrain.py", ["--config=configs/prelar_pretrain.py:tiny", "--config.data.root={data}", "--workdir={file}"],
+     ["is a file, not a directory"]),
 ])
 def test_cli_prints_one_error_and_exits_2(script, flags, needles, tmp_path, request):
     if any("{pretrained}" in flag for flag in flags):
         pretrained = request.getfixturevalue("other_architecture_pretraining")
         flags = [flag.format(pretrained=pretrained) for flag in flags]
-    assert_one_clear_error(run_cli(script, *flags, f"--workdir={tmp_path / 'run'}"), *needles)
+    if any("{file}" in flag for flag in flags):  # --workdir names an existing regular file
+        (tmp_path / "file").write_text("keep me")
+        write_video(tmp_path / "ep.npz", 12)
+        flags = [flag.format(file=tmp_path / "file", data=tmp_path) for flag in flags]
+    else:
+        flags = [*flags, f"--workdir={tmp_path / 'run'}"]
+    assert_one_clear_error(run_cli(script, *flags), *needles)
+    if (tmp_path / "file").exists():
+        assert (tmp_path / "file").read_text() == "keep me"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +440,7 @@ def test_full_disk_during_async_save_keeps_the_previous_checkpoint(found_by, tmp
     assert isinstance(error, errors.UserError) and isinstance(error, OSError)
     message = str(error)
     assert f"could not write checkpoint step 2 to {directory}: No space left on device" in message
-    assert "previous checkpoint, step 1, is intact" in message
+    assert "newest complete checkpoint is step 1" in message
     assert "Free disk space" in message and "re-run" in message
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
     assert_only_step(directory, 1, first)  # no half-written step 2, step 1 not pruned
@@ -426,6 +453,29 @@ def test_full_disk_during_async_save_keeps_the_previous_checkpoint(found_by, tmp
         assert_only_step(directory, 3, third)
 
 
+def test_a_save_whose_files_vanish_blames_another_writer_and_names_the_real_latest_step(tmp_path, monkeypatch):
+    """What two runs on one workdir did before the workdir lock: one deleted the other's temporary
+    directory (ENOENT) and finished the step itself. The message must say what happened and name
+    the step that really is the newest complete one, not call it "the previous checkpoint"."""
+    directory = tmp_path / "ckpt"
+    ckpt = checkpoint.Checkpointer(directory, async_save=False)
+    ckpt.save(1, small_state(1), {"step": 1})
+    missing = str(directory / "2.orbax-checkpoint-tmp-1" / "metadata")
+
+    async def other_writer_wins(self, item, target):  # it finishes step 2 while ours fails
+        shutil.copytree(directory / "1", directory / "2")
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), missing)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", other_writer_wins)
+    with pytest.raises(checkpoint.CheckpointSaveError) as info:
+        ckpt.save(2, small_state(2), {"step": 2})
+    message = str(info.value)
+    assert "could not write checkpoint step 2" in message and "No such file or directory" in message
+    assert "disappeared while it was being written" in message and "another process" in message
+    assert "newest complete checkpoint on disk is step 2, written by another process" in message
+    assert "previous" not in message and "Free disk space" not in message
+
+
 def test_full_disk_during_sync_save_and_with_no_earlier_checkpoint(tmp_path, monkeypatch):
     directory = tmp_path / "ckpt"
     fail_writes(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata")))
@@ -434,7 +484,7 @@ def test_full_disk_during_sync_save_and_with_no_earlier_checkpoint(tmp_path, mon
         ckpt.save(5, small_state(5), {"step": 5})
     message = str(info.value)
     assert f"could not write checkpoint step 5 to {directory}: [Errno 28] No space left on device" in message
-    assert "no earlier checkpoint" in message and "starts from the beginning" in message
+    assert "no complete checkpoint" in message and "starts from the beginning" in message
     assert ckpt.latest_step() is None and os.listdir(directory) == []
     # A bug (not a storage problem) keeps its own type and traceback.
     fail_writes(monkeypatch, KeyError("a bug"))
@@ -486,5 +536,5 @@ def test_real_full_disk_via_a_tiny_tmpfs(tmp_path):
     assert "RC=2" in proc.stderr, proc.stderr[-3000:]
     assert_one_clear_error(subprocess.CompletedProcess([], 2, "", fill_stderr),
                            "could not write checkpoint step 2", "No space left on device",
-                           "previous checkpoint, step 1, is intact", "Free disk space")
+                           "newest complete checkpoint is step 1", "Free disk space")
     assert "CHECK ['1'] {'step': 1} 1000.0" in proc.stdout, proc.stdout + proc.stderr[-3000:]

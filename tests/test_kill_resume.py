@@ -12,7 +12,9 @@ with SIGTERM. What must hold afterwards, and why it matters:
   after the resume point (fine-tuning), and what was logged before the checkpoint is kept as is;
 - fine-tuning counters and replay in the final checkpoint add up as in an uninterrupted run;
 - environment workers of a killed run exit by themselves, and a finished run leaves none;
-- SIGTERM saves a checkpoint at the current environment step and exits with status 0.
+- SIGTERM saves a checkpoint at the current environment step and exits with status 0;
+- a second process on a running run's workdir is refused at once (the run goes on unharmed), and
+  the lock a SIGKILLed run leaves behind does not block the re-runs that resume it.
 
 Every subprocess wait has a time-out, so a hang fails the test instead of blocking CI.
 """
@@ -34,7 +36,7 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import checkpoint, config as config_lib
+from prelar_jax import checkpoint, config as config_lib, workdir_lock
 from tests.test_pretrain_loop import restore_state, tiny_config, write_moving_squares
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,6 +235,16 @@ def test_pretrain_killed_twice_resumes_to_the_uninterrupted_result(tmp_path):
     # The uninterrupted run goes on in parallel with the killed ones.
     reference = Run(pretrain_command(videos, reference_dir, steps), tmp_path / "reference.log")
     try:
+        # A second process on the running reference's workdir: refused at once, naming the holder,
+        # before it writes anything (the reference's metrics and checkpoints are checked below).
+        lock_file = reference_dir / workdir_lock.LOCK_FILE
+        reference.wait_for(lambda: lock_file.exists() and lock_file.read_text(), "the reference's workdir lock")
+        duplicate = Run(pretrain_command(videos, reference_dir, steps), tmp_path / "duplicate.log")
+        assert duplicate.wait() == 2, duplicate.tail()
+        assert f"is in use by pid {reference.proc.pid} on host" in duplicate.output(), duplicate.tail()
+        assert "Traceback" not in duplicate.output(), duplicate.tail()
+        assert reference.proc.poll() is None, "the reference finished before the duplicate could be checked"
+
         # Kill 1: at a random moment once the first checkpoint is complete.
         first = Run(pretrain_command(videos, workdir, steps), tmp_path / "run1.log")
         first.wait_for(lambda: finished_steps(checkpoints), "first finished checkpoint")
@@ -242,6 +254,8 @@ def test_pretrain_killed_twice_resumes_to_the_uninterrupted_result(tmp_path):
         assert first.proc.returncode == -signal.SIGKILL
         after_first = checkpoint.read_metadata(checkpoints)["step"]
         assert after_first >= 5 and after_first % 5 == 0
+        # The killed run's lock file is left behind naming it; the re-runs below must not be blocked.
+        assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())["pid"] == first.proc.pid
 
         # Kill 2: right after a new checkpoint's temporary directory appears (an async save in flight).
         second = Run(pretrain_command(videos, workdir, steps), tmp_path / "run2.log")

@@ -223,7 +223,7 @@ def test_done_line_counts_each_status_and_says_nothing_to_run_for_no_runs(fake, 
 def test_duplicate_workdirs_and_bad_max_parallel_are_errors(tmp_path):
     spec = RunSpec("a", ["true"], str(tmp_path / "a"))
     with pytest.raises(runner.RunnerError, match="share the workdir"):
-        runner.run_all([spec, RunSpec("b", ["true"], str(tmp_path / "a"))], 1, str(tmp_path))
+        runner.run_all([spec, RunSpec("b", ["true"], str(tmp_path / "a") + "/")], 1, str(tmp_path))
     with pytest.raises(runner.RunnerError, match="max_parallel"):
         runner.run_all([spec], 0, str(tmp_path))
 

@@ -21,6 +21,7 @@ OSMesa when it runs before any MuJoCo import).
 
 from __future__ import annotations
 
+import difflib
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -86,12 +87,14 @@ class RenderingBackendError(UserError, RuntimeError):
 
 def canonical_task_name(task: str) -> str:
     """'drawer-open', 'drawer-open-v3' and 'drawer_open' all give 'drawer-open'."""
-    name = task.strip().replace("_", "-")
+    name = task.strip().lower().replace("_", "-")
     if name.endswith("-v3"):
         name = name[: -len("-v3")]
     if name not in TASK_NAMES:
+        close = difflib.get_close_matches(name.lower(), TASK_NAMES, n=3, cutoff=0.6)
+        hint = f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         raise UnknownTaskError(
-            f"Unknown Meta-World task {task!r}. Valid names (with or without the '-v3' suffix): "
+            f"Unknown Meta-World task {task!r}. {hint}Valid names (with or without the '-v3' suffix): "
             + ", ".join(TASK_NAMES)
         )
     return name

@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from prelar_jax import workdir_lock
 from prelar_jax.errors import UserError
 
 SUMMARY_FILE = "summary.json"
@@ -46,7 +47,7 @@ FINISHED = "finished"  # exit 0 and summary.json says finished
 UNFINISHED = "unfinished"  # exit 0 but summary.json missing or not finished (re-run to resume)
 FAILED = "failed"  # non-zero exit, killed by a signal we did not send, or could not start
 INTERRUPTED = "interrupted"  # stopped by the runner on Ctrl-C / SIGTERM (re-run to resume)
-NOT_STARTED = "not started"  # still waiting when the runner was interrupted
+NOT_STARTED = "not started"  # still waiting when the runner was interrupted, or another process held its workdir
 RUNNING = "running"  # only seen in runs.json while run_all is going
 STATUSES = (SKIPPED, FINISHED, UNFINISHED, FAILED, INTERRUPTED, NOT_STARTED)
 
@@ -180,8 +181,17 @@ def run_all(specs: Sequence[RunSpec], max_parallel: int, log_dir: str, *, grace_
     """
     specs = list(specs)
     _check_specs(specs, max_parallel)
+    # One runner per output directory: a second one (another terminal, a re-submitted job) is
+    # refused here, naming the first, before it changes anything.
+    with workdir_lock.hold(log_dir, "runner"):
+        return _run_all(specs, max_parallel, log_dir, grace_seconds=grace_seconds, tail_lines=tail_lines,
+                        poll_seconds=poll_seconds, env=env, cwd=cwd, echo=echo)
+
+
+def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_seconds: float, tail_lines: int,
+             poll_seconds: float, env: Mapping[str, str] | None, cwd: str | None,
+             echo: Callable[[str], None] | None) -> list[RunResult]:
     echo = echo or (lambda line: print(line, flush=True))
-    os.makedirs(log_dir, exist_ok=True)
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     results = {spec.name: RunResult(spec.name, spec.workdir, NOT_STARTED, labels=dict(spec.labels),
@@ -200,6 +210,12 @@ def run_all(specs: Sequence[RunSpec], max_parallel: int, log_dir: str, *, grace_
         if is_finished(spec.workdir):
             results[spec.name].status = SKIPPED
             echo(f"[runner] skip     {spec.name}: {SUMMARY_FILE} says finished")
+        elif (holder := workdir_lock.holder(spec.workdir)) is not None:
+            # Another process (not this runner) is running it: starting it again would only
+            # fail on the workdir lock; leave it to that process.
+            result = results[spec.name]  # stays NOT_STARTED: nothing here says it finished
+            result.log_tail = [f"not started: {spec.workdir} is in use by {holder}"]
+            echo(f"[runner] skip     {spec.name}: not started, its workdir is in use by {holder}")
         else:
             waiting.append(spec)
     total = len(waiting)
