@@ -57,6 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.implicit_kl_free = 0.0
     # Updates over which the implicit-KL scale ramps linearly from 0 (KL annealing); 0 = off (original).
     c.loss.implicit_kl_warmup = 0
+    # Forward model of the code (0 = off, the original): a small network predicts o_t from o_{t-1}
+    # and the code a~_t; its error, as a fraction of the change o_t - o_{t-1}, is added with this
+    # scale. It trains only the code network and itself, and makes the change between frames the
+    # cheap thing for the code to carry (LAPO's principle). Space: 'pixels' (a small U-Net on the
+    # frames) or 'embed' (an MLP on the stopped world-model embeddings).
+    c.loss.code_forward_scale = 0.0
+    c.loss.code_forward_space = "pixels"
     c.loss.consistency = "tanh"  # 'off' | 'sign' (released: zero gradient) | 'tanh' | 'ranknet' | 'soft_spearman'
     c.loss.consistency_scale = 1.0
     c.loss.consistency_temperature = 0.2

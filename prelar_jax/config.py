@@ -168,6 +168,10 @@ def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
            f"{c.loss.consistency!r} is not one of {consistency.VARIANTS}")
     _check(c.loss.consistency_temperature > 0, "loss.consistency_temperature", "must be positive")
     _check(c.loss.implicit_kl_free >= 0, "loss.implicit_kl_free", f"must be >= 0, got {c.loss.implicit_kl_free}")
+    _check(c.loss.get("code_forward_scale", 0.0) >= 0, "loss.code_forward_scale",
+           f"must be >= 0 (0 = off), got {c.loss.get('code_forward_scale')}")
+    _check(c.loss.get("code_forward_space", "pixels") in ("pixels", "embed"), "loss.code_forward_space",
+           f"{c.loss.get('code_forward_space')!r} is not 'pixels' or 'embed'")
     _check(c.data.kind in ("npz", "something"), "data.kind", f"{c.data.kind!r} is not 'npz' or 'something'")
     _check(bool(c.data.root), "data.root",
            "no video directory given. Generate videos with `python experiments/generate_videos.py "

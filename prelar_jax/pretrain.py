@@ -23,7 +23,8 @@ import ml_collections
 import optax
 
 from prelar_jax import consistency, distributions, world_model
-from prelar_jax.nets.implicit_action import ImplicitActionEncoder, code_from_params
+from prelar_jax.nets.implicit_action import (CodeForwardModel, ImplicitActionEncoder, PixelForwardModel,
+                                            code_from_params)
 from prelar_jax.nets.rssm import RSSM, feature, mask_reset
 
 Params = Any
@@ -82,6 +83,13 @@ class PretrainModel(world_model.ImageWorldModel):
             action_dim = implicit_action.code_size
         super().__init__(model, config.image_size, action_dim, bn_axis_name)
         self.implicit_action = implicit_action
+        self.code_forward = None
+        if implicit_action is not None and config.loss.get("code_forward_scale", 0.0) > 0:
+            dtype = jnp.dtype(model.compute_dtype)
+            if config.loss.code_forward_space == "pixels":
+                self.code_forward = PixelForwardModel(depth=model.depth, dtype=dtype)
+            else:
+                self.code_forward = CodeForwardModel(hidden=ia.hidden, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------
     # Initialisation
@@ -100,6 +108,12 @@ class PretrainModel(world_model.ImageWorldModel):
             params["implicit_action"] = variables["params"]
             if "batch_stats" in variables:
                 stats["implicit_action"] = variables["batch_stats"]
+        if self.code_forward is not None:
+            size = self.config.image_size
+            before = (jnp.zeros((2, size, size, 3)) if isinstance(self.code_forward, PixelForwardModel)
+                      else jnp.zeros((2, embed_dim)))
+            params["code_forward"] = self.code_forward.init(
+                jax.random.fold_in(keys[3], 1), before, jnp.zeros((2, self.action_dim)))["params"]
         return params, stats
 
     def init_state(self, key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
@@ -200,6 +214,11 @@ class PretrainModel(world_model.ImageWorldModel):
             total = total + scale * jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
             metrics["implicit_kl"] = implicit_kl
             metrics["implicit_std"] = code_params["std"].mean()
+        if self.code_forward is not None:
+            space = frames if isinstance(self.code_forward, PixelForwardModel) else embed
+            forward_loss = self._code_forward_loss(params["code_forward"], space, actions)
+            total = total + cfg.code_forward_scale * forward_loss
+            metrics["code_forward_loss"] = forward_loss
         if code_params:
             metrics["code_norm"] = jnp.linalg.norm(actions[:, 1:], axis=-1).mean()
         if code_params and cfg.consistency != "off":
@@ -215,6 +234,20 @@ class PretrainModel(world_model.ImageWorldModel):
             metrics["action_distance"] = action_dist.mean()
         metrics["loss"] = total
         return total, (new_stats, metrics)
+
+    def _code_forward_loss(self, forward_params, seq, actions):
+        """Error of the code's forward model: ``x_t`` predicted from ``x_{t-1}`` and ``a~_t``, where
+        ``seq`` ``[B, T, ...]`` is the preprocessed frames or the embeddings (stopped, so only the
+        code network and the forward model learn from it), as the fraction of the change
+        ``x_t - x_{t-1}`` left unexplained (1 = no better than "nothing changes"), pooled over
+        the batch."""
+        sg = jax.lax.stop_gradient
+        prev, curr = sg(seq[:, :-1]).astype(jnp.float32), sg(seq[:, 1:]).astype(jnp.float32)
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        pred = self.code_forward.apply({"params": forward_params}, flat(prev), flat(actions[:, 1:]))
+        error = jnp.sum(jnp.square(pred.astype(jnp.float32) - flat(curr)))
+        change = jnp.sum(jnp.square(flat(curr) - flat(prev)))
+        return error / (change + 1e-8)
 
     def _consistency_distances(self, rssm_params, post, prior, code_params, actions, is_first,
                                perm_key, example_index):

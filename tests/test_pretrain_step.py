@@ -345,3 +345,36 @@ def test_implicit_kl_warmup_ramps_the_scale_with_the_update_count():
         np.testing.assert_allclose(totals[step][0], expected * implicit_kl, rtol=1e-6, atol=1e-7)
     total, (_, metrics) = model.loss(params, stats, batch, jax.random.key(1), jnp.arange(B))
     np.testing.assert_allclose(total, metrics["implicit_kl"], rtol=1e-6)
+
+
+def test_code_forward_loss_trains_only_the_code_network_and_its_forward_model(space="pixels"):
+    """``loss.code_forward_scale``: a forward model predicts ``x_t`` (frame or embedding) from
+    ``x_{t-1}`` and the code; its loss is the fraction of the change left unexplained, so a model
+    that predicts "no change" scores exactly 1 (checked by zeroing its output layer). It trains the
+    code network and itself only: encoder, RSSM and decoder get no gradient from it."""
+    config = load_config("tiny", **{"loss.consistency": "off", "loss.kl_scale": 0.0, "loss.image_scale": 0.0,
+                                    "loss.implicit_kl_scale": 0.0, "loss.code_forward_scale": 2.0,
+                                    "loss.code_forward_space": space})
+    model = PretrainModel(config)
+    params, stats = model.init(jax.random.key(0))
+    assert "code_forward" in params and "code_forward" not in init_params("tiny")[0]  # off by default
+    batch = random_batch(0, B, T)
+
+    def loss(p):
+        total, (_, metrics) = model.loss(p, stats, batch, jax.random.key(1), jnp.arange(B))
+        return total, metrics
+
+    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    np.testing.assert_allclose(total, 2.0 * metrics["code_forward_loss"], rtol=1e-6)
+    for name in ("implicit_action", "code_forward"):
+        assert _global_norm(grads[name]) > 0, name
+    for name in ("encoder", "rssm", "decoder"):
+        assert _global_norm(grads[name]) == 0.0, name
+    # The output layer zeroed: the prediction is x_{t-1}, which explains none of the change.
+    last = sorted(params["code_forward"], key=lambda k: int(k.split("_")[-1]))[-1]  # Conv_<last>
+    zeroed = jax.tree.map(lambda x: x, params)
+    head = zeroed["code_forward"][last]
+    for leaf in head:
+        head[leaf] = jnp.zeros_like(head[leaf])
+    _, still = jax.jit(loss)(zeroed)
+    np.testing.assert_allclose(still["code_forward_loss"], 1.0, rtol=1e-5)

@@ -86,6 +86,54 @@ class ImplicitActionEncoder(nn.Module):
         return params
 
 
+class CodeForwardModel(nn.Module):
+    """A latent forward model for the code (``loss.code_forward_scale``): predicts the embedding
+    of ``o_t`` from the uncompressed embedding of ``o_{t-1}`` and the code ``a~_t``, as a residual
+    ``e_{t-1} + MLP([e_{t-1}; a~_t])``. Because the previous frame is given in full, the cheapest
+    thing for the code to carry is the change between the frames (LAPO's forward model has the
+    previous observation for the same reason), not the new frame."""
+
+    hidden: int = 1024
+    layers: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, prev_embed: jax.Array, code: jax.Array) -> jax.Array:
+        """``prev_embed`` ``[N, E]``, ``code`` ``[N, A]`` -> predicted embedding ``[N, E]``."""
+        x = jnp.concatenate([prev_embed, code], axis=-1)
+        delta = MLP([self.hidden] * self.layers, prev_embed.shape[-1], dtype=self.dtype)(x)
+        return prev_embed + delta.astype(prev_embed.dtype)
+
+
+class PixelForwardModel(nn.Module):
+    """The code's forward model in pixel space (``loss.code_forward_space = 'pixels'``), as LAPO's:
+    predicts ``o_t`` from the frame ``o_{t-1}`` itself and the code ``a~_t``. A small U-Net:
+    two stride-2 convolutions to 16x16, the code tiled over that map, two 3x3 convolutions, then
+    nearest-neighbour upsampling with skip connections back to 64x64, output ``o_{t-1} + delta``.
+    Moving what is in the frame by what the code says is a local operation for convolutions,
+    so the change is the cheap thing for the code to carry; the new frame is not."""
+
+    depth: int = 16
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, prev: jax.Array, code: jax.Array) -> jax.Array:
+        """``prev`` ``[N, H, W, C]`` preprocessed frames, ``code`` ``[N, A]`` -> ``[N, H, W, C]``."""
+        conv = lambda width, kernel, stride=1: nn.Conv(width, (kernel, kernel), strides=(stride, stride),
+                                                        padding="SAME", dtype=self.dtype)
+        up = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x0 = prev.astype(self.dtype)
+        h1 = nn.elu(conv(self.depth, 4, 2)(x0))
+        h2 = nn.elu(conv(2 * self.depth, 4, 2)(h1))
+        tiled = jnp.broadcast_to(code.astype(self.dtype)[:, None, None, :],
+                                 h2.shape[:3] + (code.shape[-1],))
+        h = nn.elu(conv(2 * self.depth, 3)(jnp.concatenate([h2, tiled], -1)))
+        h = nn.elu(conv(2 * self.depth, 3)(h))
+        h = nn.elu(conv(self.depth, 3)(jnp.concatenate([up(h), h1], -1)))
+        delta = conv(prev.shape[-1], 3)(jnp.concatenate([up(h), x0], -1))
+        return prev + delta.astype(prev.dtype)
+
+
 def code_from_params(params: dict[str, jax.Array], keys: jax.Array | None) -> jax.Array:
     """The code fed to the RSSM: ``[deter; mean + std * eps]`` (the mean when ``keys`` is None).
 

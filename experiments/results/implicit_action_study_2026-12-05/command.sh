@@ -24,4 +24,12 @@ p P3b --set implicit_action.code_type=deter --set loss.consistency=off
 p P4 --set loss.implicit_kl_free=2.0 --set loss.consistency=off
 p P5 --set loss.implicit_kl_free=2.0 --set loss.consistency=off --set implicit_action.stoch=2
 p P6 --set loss.implicit_kl_warmup=1500 --set loss.consistency=off
+# Forward model of the code (loss.code_forward_scale): in embedding space (P7, P8), in pixel space (P10, P11)
+p P7 --set loss.code_forward_scale=30.0 --set loss.code_forward_space=embed
+p P8 --set loss.code_forward_scale=30.0 --set loss.code_forward_space=embed --set loss.implicit_kl_free=3.0
+p P10 --set loss.code_forward_scale=30.0 --set loss.implicit_kl_free=3.0
+# The code network and a pixel forward model alone, without the world model (forward_model_check/*.log)
+F=experiments/results/implicit_action_study_2026-12-05/forward_model_check.py
+$PY $F 3 1 30 true 8 3e-4 1501; $PY $F 3 1 30 true 32 3e-4 751; $PY $F 3 0 30 det 32 3e-4 751
+$PY $F 3 1 30 code 32 3e-4 1501; $PY $F 3 0 30 none 32 3e-4 501
 $PY experiments/study_report.py $OUT/sq* $OUT/P* > $OUT/table.md
