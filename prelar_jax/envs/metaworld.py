@@ -91,7 +91,7 @@ def canonical_task_name(task: str) -> str:
     if name.endswith("-v3"):
         name = name[: -len("-v3")]
     if name not in TASK_NAMES:
-        close = difflib.get_close_matches(name.lower(), TASK_NAMES, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, TASK_NAMES, n=3, cutoff=0.6)
         hint = f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         raise UnknownTaskError(
             f"Unknown Meta-World task {task!r}. {hint}Valid names (with or without the '-v3' suffix): "
