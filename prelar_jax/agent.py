@@ -603,6 +603,51 @@ def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
     return config, restored.params, restored.batch_stats, int(metadata.get("step", restored.step))
 
 
+def read_finetune_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config (``config.json``) of a fine-tuning workdir; ``PretrainedNotFoundError``
+    saying what to pass instead when it is missing, unreadable or written by pre-training."""
+    from prelar_jax import config as config_lib  # local: config imports nets only
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise PretrainedNotFoundError(f"fine-tuning workdir {workdir}: {config_path} does not exist. Pass the "
+                                      "--workdir of a fine-tuning run (experiments/finetune.py).")
+    try:
+        config = config_lib.config_from_json(config_path)
+    except (OSError, ValueError) as error:
+        raise PretrainedNotFoundError(f"cannot read {config_path} ({error}); pass a fine-tuning workdir whose "
+                                      "config.json is intact.") from error
+    if "actor_critic" not in config:
+        raise PretrainedNotFoundError(f"{workdir} is not a fine-tuning workdir (its config.json has method "
+                                      f"{config.get('method')!r} and no actor_critic block).")
+    return config
+
+
+def restore_finetune_state(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Params, Params, int]:
+    """``(config, params, batch_stats, step)`` of the latest checkpoint of a fine-tuning workdir,
+    on the host CPU device; only the step, parameters and BatchNorm statistics are read (not the
+    optimiser moments). ``step`` is the environment step the checkpoint was written at."""
+    workdir = os.path.abspath(os.fspath(workdir))
+    config = read_finetune_config(workdir)
+    agent = FinetuneAgent(config)
+    abstract = jax.eval_shape(lambda k: agent.init_state(k), jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise PretrainedNotFoundError(f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
+                                          "fine-tuning save one (log.checkpoint_every) first.")
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+        # A model without BatchNorm (the plain CNN) has empty statistics: nothing to read there.
+        only = ("params", "batch_stats") if jax.tree.leaves(abstract.batch_stats) else ("params",)
+        restored, metadata = ckpt.restore(target, only=only)
+        step = int(metadata.get("step", ckpt.latest_step()))
+    finally:
+        ckpt.close()
+    return config, restored.params, restored.batch_stats, step
+
+
 def summarise_report(report: dict[str, Any]) -> str:
     """One line per module: how many arrays were loaded / newly initialised / ignored."""
     def by_module(paths):

@@ -263,6 +263,31 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     assert metadata["counters"]["env_step"] == 500
     assert metadata["replay"]["episodes"][:len(saved_replay)] == saved_replay
 
+    # The fine-tuned world model read back for analysis: the latest checkpoint's parameters, and
+    # its open-loop error beside the mean-frame and last-frame baselines (numpy, float64).
+    from prelar_jax.evaluation import transfer
+    restored_config, params, _, env_step = agent_lib.restore_finetune_state(workdir)
+    assert env_step == 500 and restored_config.steps == 500
+    full, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(
+        agent_lib.FinetuneAgent(longer).init_state(jax.random.key(0)))
+    chex.assert_trees_all_close(params, jax.tree.map(np.asarray, full.params))
+    names = sorted(os.listdir(workdir / "replay"))
+    replay = [dict(np.load(workdir / "replay" / n)) for n in names]
+    held_out = replay[:2]
+    result = transfer.finetuned_prediction_error(str(workdir), held_out, jax.random.key(3), context=3, eval_length=8)
+    mean = np.mean(np.concatenate([e["image"] for e in replay]).astype(np.float64), axis=0) / 255.0
+    windows = [(e, s) for e in range(2) for s in range(0, len(held_out[e]["image"]) - 7, 8)]
+    assert result["eval_windows"] == len(windows)
+    frames = [held_out[e]["image"][s:s + 8].astype(np.float64) / 255.0 for e, s in windows]
+    np.testing.assert_allclose(result["baseline_mse"], np.mean([np.mean((f[3:] - mean) ** 2) for f in frames]),
+                               rtol=1e-9)
+    np.testing.assert_allclose(result["last_frame_mse"], np.mean([np.mean((f[3:] - f[2]) ** 2) for f in frames]),
+                               rtol=1e-9)
+    assert 0.0 < result["mse"] < 1.0 and len(result["mse_by_step"]) == 5 and result["env_step"] == 500
+    assert result["ratio_to_mean_frame"] == pytest.approx(result["mse"] / result["baseline_mse"])
+    with pytest.raises(agent_lib.PretrainedNotFoundError, match="not a fine-tuning workdir"):
+        agent_lib.restore_finetune_state(pre_workdir)
+
 
 def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
     """APV (spec 9.1): the pre-trained RSSM becomes af_rssm; a new RSSM reads its features with

@@ -309,3 +309,69 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
         "loaded": loaded, "method": config.method, "context": int(context),
         "eval_windows": len(windows), "seconds": time.perf_counter() - start_time,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# A fine-tuned world model on held-out episodes
+# ----------------------------------------------------------------------------------------------
+
+
+def replay_mean_frame(replay_dir: str) -> tuple[np.ndarray, int]:
+    """``(mean, frames)``: the per-pixel mean ``[H, W, 3]`` in [0, 1] of every frame of the
+    ``*.npz`` episodes in a fine-tuning run's replay directory (the frames its world model was
+    trained on), read one episode at a time."""
+    names = sorted(n for n in os.listdir(replay_dir) if n.endswith(".npz")) if os.path.isdir(replay_dir) else []
+    if not names:
+        raise TransferError(f"no replay episodes (*.npz) in {replay_dir}; the mean-frame baseline needs the "
+                            "run's replay directory")
+    total, count = 0.0, 0
+    for name in names:
+        with np.load(os.path.join(replay_dir, name)) as data:
+            image = np.asarray(data["image"], np.float64)
+        total = total + image.sum(axis=0)
+        count += len(image)
+    return total / count / 255.0, count
+
+
+def finetuned_prediction_error(workdir: str, eval_episodes: Sequence[dict[str, Any]], key: jax.Array,
+                               context: int | None = None, eval_length: int | None = None) -> dict[str, Any]:
+    """Open-loop prediction error of a fine-tuning run's world model (its latest checkpoint) on
+    held-out episodes, beside two model-free baselines on the same frames.
+
+    Windows: every non-overlapping ``eval_length``-frame window (default the run's
+    ``sequence_length``) of ``eval_episodes``; ``context`` frames (default ``log.media_context``)
+    are observed, the rest imagined under the episodes' actions. Returns ``mse`` (predicted
+    frames, per pixel in [0, 1]), ``context_mse`` (posterior reconstructions of the observed
+    frames), ``baseline_mse`` (predicting the mean frame of the run's replay, i.e. its training
+    data), ``last_frame_mse`` (repeating the last observed frame), ``ratio_to_mean_frame``,
+    ``mse_by_step``, ``env_step`` (of the checkpoint), ``replay_frames``, ``method``, ``task``,
+    ``eval_windows``, ``context``, ``eval_length``."""
+    from prelar_jax import agent as agent_lib
+
+    config, params, stats, env_step = agent_lib.restore_finetune_state(workdir)
+    eval_length = config.sequence_length if eval_length is None else eval_length
+    context = config.log.media_context if context is None else context
+    if not 1 <= context < eval_length:
+        raise TransferError(f"context must be in [1, eval_length) = [1, {eval_length}), got {context}")
+    _check_episodes(eval_episodes, config, eval_length, "evaluation")
+    agent = agent_lib.FinetuneAgent(config)
+    windows = evaluation_windows(eval_episodes, eval_length)
+    errors = _prediction_error(make_prediction_error_fn(agent, context), params, stats, eval_episodes,
+                               windows, eval_length, config.batch_size, key)
+    mean, frames = replay_mean_frame(os.path.join(workdir, "replay"))
+    baseline, last = [], []
+    for e, s in windows:
+        image = np.asarray(eval_episodes[e]["image"], np.float64)[s:s + eval_length] / 255.0
+        baseline.append(np.mean(np.square(image[context:] - mean)))
+        last.append(np.mean(np.square(image[context:] - image[context - 1])))
+    predicted = errors[:, context:]
+    mse, baseline_mse = float(predicted.mean()), float(np.mean(baseline))
+    return {
+        "mse": mse, "context_mse": float(errors[:, :context].mean()),
+        "baseline_mse": baseline_mse, "last_frame_mse": float(np.mean(last)),
+        "ratio_to_mean_frame": mse / baseline_mse,
+        "mse_by_step": [float(v) for v in predicted.mean(axis=0)],
+        "env_step": env_step, "replay_frames": frames, "method": config.method, "task": config.task,
+        "eval_windows": len(windows), "context": int(context), "eval_length": int(eval_length),
+        "workdir": os.path.abspath(workdir),
+    }
