@@ -143,22 +143,54 @@ def _diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
     return [RunSpec(name="diagnostics", workdir=out, command=command, labels={"stage": "diagnostics", "task": task})]
 
 
-def report(workdir: str, finetune_specs) -> dict:
-    from prelar_jax.evaluation import report as report_lib
+def report(workdir: str, finetune_specs, archive: str = "") -> dict:
+    """The report of every finished evaluation: with an archive, of the archived runs (all
+    machines' work so far) and written into the archive; else of the runs under ``workdir``."""
+    from prelar_jax.evaluation import archive as archive_lib, report as report_lib
     from prelar_jax.evaluation.runner import collect_results, write_results_csv
 
-    rows = collect_results(finetune_specs)
-    csv_path = os.path.join(workdir, "results.csv")
+    out = archive or workdir
+    if archive:
+        counts = archive_lib.check_archive(archive)
+        specs = archive_lib.archived_specs(finetune_specs, workdir, archive)
+        rows = collect_results(specs, finished_only=True)
+    else:
+        rows = collect_results(finetune_specs)
+    csv_path = os.path.join(out, "results.csv")
     write_results_csv(rows, csv_path)
     if not rows:
         print(f"[benchmark] no evaluations finished yet; {csv_path} has only its header", flush=True)
         return {"results": csv_path}
-    diagnostics = os.path.join(workdir, "diagnostics", "diagnostics.md")
+    diagnostics = os.path.join(out, "diagnostics", "diagnostics.md")
     appendix = open(diagnostics, encoding="utf-8").read() if os.path.exists(diagnostics) else ""
-    paths = report_lib.write_report(csv_path, workdir, appendix=appendix)
+    if archive:
+        appendix = _cost_section(archive, counts) + appendix
+    paths = report_lib.write_report(csv_path, out, appendix=appendix)
     if appendix:
         paths["diagnostics"] = diagnostics
     return {"results": csv_path, **paths}
+
+
+def _cost_section(archive: str, counts) -> str:
+    """Markdown: archived runs and their recorded wall time per method / pre-training."""
+    from prelar_jax.evaluation import archive as archive_lib
+
+    seconds = archive_lib.wall_seconds(archive)
+    lines = ["# Runs and their cost", "",
+             "Archived runs (the results directory), with the wall time of the attempt that finished "
+             "each (a resumed run counts its last attempt only):", "",
+             "| runs of | count | wall time (h) |", "|---|---|---|"]
+    for group, count in counts.items():
+        lines.append(f"| {group} | {count} | {seconds.get(group, 0.0) / 3600:.2f} |")
+    lines.append(f"| total | {sum(counts.values())} | {sum(seconds.values()) / 3600:.2f} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def _archive_dir(config) -> str:
+    results = config.get("results", "")
+    if not results:
+        return ""
+    return os.path.abspath(results if os.path.isabs(results) else os.path.join(ROOT, results))
 
 
 def main(argv):
@@ -173,44 +205,82 @@ def _main():
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
     methods_table, original_presets = _methods_table(_config_path())
     runs = plan(config, workdir, methods_table, original_presets)
-    pretrain_specs, finetune_specs = runs.pretrain, runs.finetune
+    archive = _archive_dir(config)
+    finetune_specs = runs.finetune
+    if archive:
+        from prelar_jax.evaluation import archive as archive_lib
+
+        archive_lib.check_archive(archive)
+        archive_lib.check_settings(runs.pretrain + runs.diagnostics + runs.finetune, workdir, archive)
+        runs = without_archived(runs, workdir, archive)
     if _PRINT.value:
-        for spec in pretrain_specs + runs.diagnostics + finetune_specs:
+        for spec in runs.pretrain + runs.diagnostics + runs.finetune:
             print(shlex.join(spec.command))
         return
     if not _REPORT.value:
         from prelar_jax import workdir_lock
 
         with workdir_lock.hold(workdir, "benchmark"):  # one benchmark per directory
-            _run_grid(config, workdir, runs)
-    paths = report(workdir, finetune_specs)
+            _run_grid(config, workdir, runs, archive)
+    paths = report(workdir, finetune_specs, archive)
     print("[benchmark] " + ", ".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
 
 
-def _run_grid(config, workdir: str, runs) -> None:
+def video_tasks(config, default_tasks) -> list:
+    """The tasks whose scripted videos pre-training sees: the default video tasks less the
+    benchmarked ones (fine-tuning must not see its own task's videos), up to ``videos.tasks_limit``."""
+    benchmarked = {t.strip().lower() for t in config.tasks.split(",")}
+    return [t for t in default_tasks if t not in benchmarked][: config.videos.tasks_limit or None]
+
+
+def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
+    """The plan less what the archive already holds: archived fine-tuning runs and diagnostics,
+    and the pre-trainings no remaining run needs."""
+    from prelar_jax.evaluation import archive as archive_lib
+
+    finetune = [s for s in runs.finetune if not archive_lib.is_archived(s, workdir, archive)]
+    diagnostics = [s for s in runs.diagnostics if not archive_lib.is_archived(s, workdir, archive)]
+    needed = {arg.split("=", 1)[1] for s in finetune + diagnostics for arg in s.command
+              if arg.startswith(("--config.pretrained=", "--pretrained=", "--apv_pretrained="))}
+    pretrain = [s for s in runs.pretrain if s.workdir in needed]
+    return runs._replace(pretrain=pretrain, finetune=finetune, diagnostics=diagnostics)
+
+
+def _run_grid(config, workdir: str, runs, archive: str = "") -> None:
     from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
     from prelar_jax.evaluation.runner import FINISHED, SKIPPED, run_all
 
+    def archived(spec, result=None):  # copy a finished run's small results into the archive now
+        if archive and archive_lib.export(spec, workdir, archive, ROOT, result.seconds if result else None):
+            print(f"[benchmark] archived {spec.name} -> {archive_lib.archived_dir(spec, workdir, archive)}",
+                  flush=True)
+
+    if archive:
+        from prelar_jax.evaluation import archive as archive_lib
+
+        for spec in runs.pretrain + runs.diagnostics + runs.finetune:  # finished here before, not archived yet
+            archived(spec)
+
     video_root, pretrain_specs, finetune_specs = runs.videos, runs.pretrain, runs.finetune
     if pretrain_specs and not config.videos.root and not os.path.isdir(video_root):
-        tasks = list(DEFAULT_TASKS)[: config.videos.tasks_limit or None]
+        tasks = video_tasks(config, DEFAULT_TASKS)
         print(f"[benchmark] rendering {config.videos.episodes} scripted-expert episodes for each of "
               f"{len(tasks)} tasks into {video_root}", flush=True)
         generate_videos(video_root + ".partial", tasks=tasks, episodes_per_task=config.videos.episodes,
                         max_steps=config.videos.max_steps, workers=config.videos.workers, verbose=False)
         os.replace(video_root + ".partial", video_root)
-    results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"))
+    results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"), on_end=archived)
     failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
 
     def without_failed(specs):  # the runs none of whose arguments names a failed pre-training
         return [s for s in specs if not any(arg.split("=", 1)[-1] in failed for arg in s.command)]
 
-    run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"))
+    run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"), on_end=archived)
     runnable = without_failed(finetune_specs)
     if len(runnable) < len(finetune_specs):
         print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
               f"pre-training failed (see {workdir}/logs/pretrain/runs.json)", flush=True)
-    run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"))
+    run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"), on_end=archived)
 
 
 if __name__ == "__main__":

@@ -170,9 +170,13 @@ class _Running:
 
 def run_all(specs: Sequence[RunSpec], max_parallel: int, log_dir: str, *, grace_seconds: float = 120.0,
             tail_lines: int = 20, poll_seconds: float = 0.05, env: Mapping[str, str] | None = None,
-            cwd: str | None = None, echo: Callable[[str], None] | None = None) -> list[RunResult]:
+            cwd: str | None = None, echo: Callable[[str], None] | None = None,
+            on_end: Callable[[RunSpec, RunResult], None] | None = None) -> list[RunResult]:
     """Runs ``specs`` (in order) with at most ``max_parallel`` at once; returns one result per
     spec, in the order given, and writes them to ``<log_dir>/runs.json``.
+
+    ``on_end(spec, result)`` is called as each started run ends (e.g. to archive its results at
+    once); an exception from it is reported and does not stop the other runs.
 
     Output of each run is appended to ``<workdir>/run.log`` (after a header line naming the
     attempt). ``env`` replaces the environment of the children (default: this process's, with
@@ -185,12 +189,13 @@ def run_all(specs: Sequence[RunSpec], max_parallel: int, log_dir: str, *, grace_
     # refused here, naming the first, before it changes anything.
     with workdir_lock.hold(log_dir, "runner"):
         return _run_all(specs, max_parallel, log_dir, grace_seconds=grace_seconds, tail_lines=tail_lines,
-                        poll_seconds=poll_seconds, env=env, cwd=cwd, echo=echo)
+                        poll_seconds=poll_seconds, env=env, cwd=cwd, echo=echo, on_end=on_end)
 
 
 def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_seconds: float, tail_lines: int,
              poll_seconds: float, env: Mapping[str, str] | None, cwd: str | None,
-             echo: Callable[[str], None] | None) -> list[RunResult]:
+             echo: Callable[[str], None] | None,
+             on_end: Callable[[RunSpec, RunResult], None] | None = None) -> list[RunResult]:
     echo = echo or (lambda line: print(line, flush=True))
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -274,6 +279,11 @@ def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_sec
         elif result.status == UNFINISHED:
             line += f", exit 0 but {SUMMARY_FILE} does not say finished"
         echo(f"{line} {progress()}")
+        if on_end is not None:
+            try:
+                on_end(entry.spec, result)
+            except Exception as error:  # noqa: BLE001 - a hook must not stop the other runs
+                echo(f"[runner] warning: after {name}: {type(error).__name__}: {error}")
 
     def kill_group(entry: _Running) -> None:
         try:

@@ -1,0 +1,139 @@
+"""A benchmark's results accumulate in a committed results directory across machines: archived runs
+are not run again, the report is built from the archive, runs of one method never mix settings.
+Fake run directories stand in for training (each test well under a second, plus one tiny
+subprocess for the runner hook)."""
+
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+from prelar_jax import config as config_lib
+from prelar_jax.evaluation import archive, runner
+from tests.test_benchmark import modules
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _plan(workdir, **overrides):
+    bench, table = modules()
+    config = config_lib.load_config("configs/benchmark.py:cpu", {"methods": "prelar,dreamerv2", "seeds": 2,
+                                                                "results": "", **overrides})
+    return config, bench.plan(config, str(workdir), table.METHODS, table.ORIGINAL_PRESETS)
+
+
+def _finish(spec, success=(0.0, 0.5)):
+    """What a finished fine-tuning run leaves behind, plus files the archive must not copy."""
+    os.makedirs(os.path.join(spec.workdir, "checkpoints", "3000"), exist_ok=True)
+    with open(os.path.join(spec.workdir, "checkpoints", "3000", "big.bin"), "wb") as handle:
+        handle.write(b"\0" * 1000)
+    with open(os.path.join(spec.workdir, "metrics.jsonl"), "w") as handle:
+        for step, rate in zip((1500, 3000), success):
+            handle.write(json.dumps({"step": step, "eval/success_rate": rate, "eval/return": 100 * rate}) + "\n")
+    with open(os.path.join(spec.workdir, "config.json"), "w") as handle:
+        json.dump({"method": spec.labels.get("method"), "seed": spec.labels.get("seed")}, handle)
+    with open(os.path.join(spec.workdir, "summary.json"), "w") as handle:
+        json.dump({"finished": True}, handle)
+
+
+def test_cpu_preset_plans_the_issue_grid(tmp_path):
+    bench, table = modules()
+    config = config_lib.load_config("configs/benchmark.py:cpu")
+    runs = bench.plan(config, str(tmp_path), table.METHODS, table.ORIGINAL_PRESETS)
+    assert len(runs.finetune) == 5 * 2 * 3 and len(runs.pretrain) == 4  # prelar, wo_cl, sign, apv
+    assert config.results == "experiments/results/benchmark_cpu"
+    assert all("--config.steps=30000" in s.command for s in runs.finetune)
+    assert all(any(a.endswith(":cpu") for a in s.command) for s in runs.pretrain + runs.finetune)
+
+
+def test_archived_runs_are_not_run_again_and_the_report_reads_the_archive(tmp_path):
+    bench, _ = modules()
+    work, results = tmp_path / "machine1", str(tmp_path / "results")
+    _, runs = _plan(work)
+    done = [s for s in runs.finetune if s.labels["method"] == "prelar"]
+    for spec in done:
+        _finish(spec)
+    unfinished = next(s for s in runs.finetune if s.labels["method"] == "dreamerv2")
+    os.makedirs(unfinished.workdir)
+    with open(os.path.join(unfinished.workdir, "summary.json"), "w") as handle:
+        json.dump({"finished": False}, handle)
+    exported = [archive.export(s, str(work), results, ROOT, seconds=60.0) for s in runs.finetune]
+    assert exported == [s in done for s in runs.finetune]
+    assert not any(archive.export(s, str(work), results, ROOT) for s in done)  # once only
+    first = archive.archived_dir(done[0], str(work), results)
+    assert sorted(os.listdir(first)) == ["config.json", "metrics.jsonl", "provenance.json", "summary.json"]
+    provenance = json.load(open(os.path.join(first, "provenance.json")))
+    assert provenance["command"] == done[0].command and provenance["wall_seconds"] == 60.0
+    assert provenance["labels"]["method"] == "prelar" and len(provenance["commit"] or "x" * 40) == 40
+
+    # A new machine: nothing of machine1 is left but the archive.
+    work2 = tmp_path / "machine2"
+    _, runs2 = _plan(work2)
+    remaining = bench.without_archived(runs2, str(work2), results)
+    assert {s.labels["method"] for s in remaining.finetune} == {"dreamerv2"}
+    # The diagnostics are still to do, so PreLAR's pre-training is needed again (checkpoints are
+    # never archived); without them no pre-training runs: every PreLAR fine-tuning run is archived.
+    assert remaining.diagnostics == runs2.diagnostics
+    assert [s.labels["name"] for s in remaining.pretrain] == ["prelar"]
+    assert bench.without_archived(runs2._replace(diagnostics=[]), str(work2), results).pretrain == []
+    paths = bench.report(str(work2), runs2.finetune, results)
+    with open(paths["results"]) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(done) * 2 and {r["method"] for r in rows} == {"prelar"}
+    summary = open(paths["summary"]).read()
+    assert "Runs and their cost" in summary and "| prelar | 4 | 0.07 |" in summary
+
+
+def test_other_settings_for_an_archived_method_are_refused(tmp_path):
+    results = str(tmp_path / "results")
+    _, runs = _plan(tmp_path / "a")
+    spec = runs.finetune[0]
+    _finish(spec)
+    assert archive.export(spec, str(tmp_path / "a"), results, ROOT)
+    _, same = _plan(tmp_path / "b")  # another machine, other paths: same settings
+    archive.check_settings(same.finetune + same.pretrain, str(tmp_path / "b"), results)
+    _, longer = _plan(tmp_path / "b", **{"finetune.steps": 40_000})
+    with pytest.raises(archive.ArchiveError, match=r"other settings.*--config.steps=40000.*--config.steps=30000"):
+        archive.check_settings(longer.finetune, str(tmp_path / "b"), results)
+
+    # An archive that already mixes them (copied together by hand) is refused by the report.
+    other = next(s for s in longer.finetune if s.labels["method"] == "prelar" and s.labels["seed"] == 1)
+    _finish(other)
+    assert archive.export(other, str(tmp_path / "b"), results, ROOT)
+    with pytest.raises(archive.ArchiveError, match="mixes settings for 'prelar'"):
+        archive.check_archive(results)
+
+
+def test_runner_hook_archives_each_run_as_it_ends(tmp_path):
+    script = ("import json, os, sys; w = sys.argv[1].split('=', 1)[1]; os.makedirs(w, exist_ok=True); "
+              "json.dump({'finished': True}, open(os.path.join(w, 'summary.json'), 'w'))")
+    specs = [runner.RunSpec(name=f"runs/m/t/seed_{i}", workdir=str(tmp_path / "w" / "runs" / "m" / "t" / f"seed_{i}"),
+                            command=[sys.executable, "-c", script, f"--workdir={tmp_path}/w/runs/m/t/seed_{i}"],
+                            labels={"method": "m", "task": "t", "seed": i}) for i in range(2)]
+    seen = []
+
+    def on_end(spec, result):
+        seen.append((spec.name, result.status))
+        assert archive.export(spec, str(tmp_path / "w"), str(tmp_path / "results"), ROOT, result.seconds)
+        if spec.name.endswith("0"):
+            raise OSError("disk full")  # reported, the other run still runs
+
+    lines = []
+    runner.run_all(specs, 1, str(tmp_path / "logs"), on_end=on_end, echo=lines.append)
+    assert seen == [("runs/m/t/seed_0", runner.FINISHED), ("runs/m/t/seed_1", runner.FINISHED)]
+    assert any("warning: after runs/m/t/seed_0: OSError: disk full" in line for line in lines)
+    assert archive.check_archive(str(tmp_path / "results")) == {"m": 2}
+
+
+def test_pretraining_videos_leave_out_the_benchmarked_tasks():
+    from prelar_jax.data.generate import DEFAULT_TASKS
+
+    bench, _ = modules()
+    config = config_lib.load_config("configs/benchmark.py:cpu")
+    tasks = bench.video_tasks(config, DEFAULT_TASKS)
+    assert "door-close" in DEFAULT_TASKS and "door-close" not in tasks and "window-close" not in tasks
+    assert len(tasks) == len(DEFAULT_TASKS) - 2
+    limited = config_lib.load_config("configs/benchmark.py:cpu", {"videos.tasks_limit": 3})
+    assert bench.video_tasks(limited, DEFAULT_TASKS) == tasks[:3]
