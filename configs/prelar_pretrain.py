@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     # sigmoid2, so the effective s0 = 2 * sigmoid(0.5) = 1.2449 (spec 3.7); 1.0 is the textbook choice.
     c.implicit_action.prior_std = 1.2449186624037092
     c.implicit_action.action_dim = 50  # only for code_type 'none' (APV's fill_action 50)
+    # Initial scale of the code network's output layer: 1 = the original; 0 = every code starts at
+    # zero and grows only where the networks it feeds use it (implicit-action study, follow-up 2).
+    c.implicit_action.head_init_scale = 1.0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kl_scale = 1.0

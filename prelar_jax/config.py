@@ -162,6 +162,8 @@ def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
            f"{ia.code_type!r} is not one of {CODE_TYPES}")
     _check(ia.input in INPUTS, "implicit_action.input", f"{ia.input!r} is not one of {INPUTS}")
     _check(ia.prior_std > 0, "implicit_action.prior_std", "must be positive")
+    _check(ia.get("head_init_scale", 1.0) >= 0, "implicit_action.head_init_scale",
+           f"must be >= 0, got {ia.get('head_init_scale', 1.0)}")
     for key in ("stoch", "deter", "hidden", "action_dim", "embed_layers"):
         _check(ia[key] > 0, f"implicit_action.{key}", f"must be positive, got {ia[key]}")
     _check(c.loss.consistency in consistency.VARIANTS, "loss.consistency",

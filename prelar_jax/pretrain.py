@@ -79,7 +79,8 @@ class PretrainModel(world_model.ImageWorldModel):
             implicit_action = ImplicitActionEncoder(
                 code_type=ia.code_type, stoch=ia.stoch, deter=ia.deter, hidden=ia.hidden,
                 input=ia.input, embed_layers=ia.embed_layers, depth=model.depth,
-                stages=model.stages, bn_axis_name=bn_axis_name, dtype=jnp.dtype(model.compute_dtype))
+                stages=model.stages, bn_axis_name=bn_axis_name, dtype=jnp.dtype(model.compute_dtype),
+                head_init_scale=ia.get("head_init_scale", 1.0))
             action_dim = implicit_action.code_size
         super().__init__(model, config.image_size, action_dim, bn_axis_name)
         self.implicit_action = implicit_action

@@ -267,6 +267,36 @@ def test_implicit_action_head_matches_float64_reference(code_type):
     assert set(out) == {"stoch": {"mean", "std"}, "deter": {"deter"}, "mix": {"deter", "mean", "std"}}[code_type]
 
 
+@pytest.mark.parametrize("source", ["pixels", "embed"])
+def test_implicit_action_zero_head_init_starts_at_zero_and_can_grow(source):
+    """head_init_scale 0: every code starts at mean 0 (std 2 sigmoid(0) = 1) whatever the frames,
+    the layers below are initialised as usual, and the output layer still gets a gradient (so the
+    code grows where a loss asks it to); scale 0.5 halves the original's initial kernel."""
+    rng = np.random.default_rng(2)
+    shape = (4, 16, 16, 3) if source == "pixels" else (4, 6)
+    prev, curr = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    kwargs = dict(stoch=3, deter=2, hidden=8, input=source, depth=4, stages=2)
+    zero, original, half = (ImplicitActionEncoder("mix", head_init_scale=s, **kwargs) for s in (0.0, 1.0, 0.5))
+    variables = zero.init(KEY, prev, curr, train=False)
+    out = zero.apply(variables, prev, curr, train=False)
+    np.testing.assert_array_equal(out["mean"], 0.0)
+    np.testing.assert_array_equal(out["deter"], 0.0)
+    np.testing.assert_allclose(out["std"], 1.0, rtol=1e-6)
+    reference = original.init(KEY, prev, curr, train=False)
+    head = lambda v: v["params"]["MLP_0"][f"Dense_{1 if source == 'pixels' else 2}"]["kernel"]
+    assert np.abs(np.asarray(head(reference))).max() > 0
+    np.testing.assert_allclose(head(half.init(KEY, prev, curr, train=False)), 0.5 * head(reference), rtol=1e-6)
+    hidden_layer = lambda v: v["params"]["MLP_0"]["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(hidden_layer(variables), hidden_layer(reference))
+
+    def loss(params):
+        code = zero.apply({**variables, "params": params}, prev, curr, train=False)
+        return jnp.sum(code["mean"] * jnp.arange(3.0)) + jnp.sum(code["deter"])
+
+    grads = jax.grad(loss)(variables["params"])
+    assert np.abs(np.asarray(head({"params": grads}))).max() > 0
+
+
 def test_code_from_params_samples_per_row_keys():
     mean = jnp.asarray(np.random.default_rng(2).standard_normal((3, 4)), jnp.float32)
     std = jnp.full((3, 4), 0.5)

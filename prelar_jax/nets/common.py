@@ -32,19 +32,24 @@ def preprocess_image(image: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
 class MLP(nn.Module):
     """Dense layers with ELU between them (no norm, as the original ``norm: none``).
 
-    ``layers`` are the hidden widths; ``out`` (if given) is a final linear layer without activation.
+    ``layers`` are the hidden widths; ``out`` (if given) is a final linear layer without activation,
+    whose initial kernel is scaled by ``out_scale`` (0: the outputs start at exactly zero).
     """
 
     layers: Sequence[int]
     out: int | None = None
     dtype: Dtype = jnp.float32
+    out_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for width in self.layers:
             x = nn.elu(Dense(width, dtype=self.dtype)(x))
         if self.out is not None:
-            x = Dense(self.out, dtype=self.dtype)(x)
+            scale = self.out_scale
+            init = KERNEL_INIT if scale == 1.0 else (lambda key, shape, dtype=jnp.float32:
+                                                    scale * KERNEL_INIT(key, shape, dtype))
+            x = Dense(self.out, dtype=self.dtype, kernel_init=init)(x)
         return x
 
 

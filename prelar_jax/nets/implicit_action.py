@@ -39,6 +39,10 @@ class ImplicitActionEncoder(nn.Module):
     stages: int = 3
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    # Scale of the output layer's initial kernel (1: the original). 0 starts every code at exactly
+    # zero (mean 0, std 2*sigmoid(0) = 1), so that the networks the code feeds do not first learn to
+    # ignore it as large noise: the code grows only where it helps them.
+    head_init_scale: float = 1.0
 
     @property
     def code_size(self) -> int:
@@ -68,10 +72,11 @@ class ImplicitActionEncoder(nn.Module):
             x = jnp.concatenate([prev, curr], axis=-1)  # [N, 64, 64, 6], order (o_{t-1}, o_t)
             x = ResNetEncoder(self.depth, self.stages, bn_axis_name=self.bn_axis_name,
                               dtype=self.dtype)(x, train)
-            out = MLP([self.hidden], self.head_size, dtype=self.dtype)(x)
+            out = MLP([self.hidden], self.head_size, dtype=self.dtype, out_scale=self.head_init_scale)(x)
         elif self.input == "embed":
             x = jnp.concatenate([prev, curr], axis=-1)
-            out = MLP([self.hidden] * self.embed_layers, self.head_size, dtype=self.dtype)(x)
+            out = MLP([self.hidden] * self.embed_layers, self.head_size, dtype=self.dtype,
+                      out_scale=self.head_init_scale)(x)
         else:
             raise ValueError(f"implicit action input {self.input!r}; expected one of {INPUTS}")
         out = out.astype(jnp.float32)
