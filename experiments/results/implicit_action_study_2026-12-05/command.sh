@@ -33,4 +33,9 @@ F=experiments/results/implicit_action_study_2026-12-05/forward_model_check.py
 $PY $F 3 1 30 true 8 3e-4 1501; $PY $F 3 1 30 true 32 3e-4 751; $PY $F 3 0 30 det 32 3e-4 751
 $PY $F 3 1 30 code 32 3e-4 1501; $PY $F 3 0 30 none 32 3e-4 501
 $PY experiments/results/implicit_action_study_2026-12-05/supervised_check.py
+# Follow-up 2: the code network's output layer initialised at zero (implicit_action.head_init_scale=0)
+$PY $F 3 0 30 det 32 3e-4 751 0.0   # forward_model_check/det32_head0.log
+p P12 --set implicit_action.head_init_scale=0.0 --set implicit_action.code_type=deter --set loss.consistency=off
+p P14 --set implicit_action.head_init_scale=0.0 --set loss.code_forward_scale=30.0 --set loss.implicit_kl_free=3.0
+p P15 --set implicit_action.head_init_scale=0.0 --set implicit_action.code_type=deter --set loss.consistency=off --set loss.code_forward_scale=30.0
 $PY experiments/study_report.py $OUT/sq* $OUT/P* > $OUT/table.md

@@ -1,8 +1,9 @@
 """Does a code network trained only through a forward model (no world model) learn the action?
 
-    python forward_model_check.py FREE_NATS KL_SCALE FORWARD_SCALE MODE WIDTH LR STEPS
+    python forward_model_check.py FREE_NATS KL_SCALE FORWARD_SCALE MODE WIDTH LR STEPS [HEAD_INIT_SCALE]
     MODE: true (the forward model gets the true action), none (zeros), det (the code mean),
-          code (a sampled stochastic code). Run from the repository root; data as in command.sh.
+          code (a sampled stochastic code). HEAD_INIT_SCALE: implicit_action.head_init_scale
+          (default 1, the original). Run from the repository root; data as in command.sh.
 Prints the forward model's unexplained fraction of the frame change, the code KL and the held-out
 linear-probe R2 of the code mean every 250 updates (logs in forward_model_check/).
 """
@@ -15,7 +16,8 @@ from prelar_jax.nets.implicit_action import PixelForwardModel
 FREE = float(sys.argv[1]); KLS = float(sys.argv[2]); SCALE = float(sys.argv[3]); MODE = sys.argv[4]
 cfg = config_lib.load_config("configs/prelar_pretrain.py:tiny", {"data.root": "data/sq3_train",
     "model.encoder": "plain", "model.depth": 8, "model.deter": 64, "model.hidden": 64, "model.stoch": 8,
-    "model.classes": 8, "batch_size": 8})
+    "model.classes": 8, "batch_size": 8,
+    "implicit_action.head_init_scale": float(sys.argv[8]) if len(sys.argv) > 8 else 1.0})
 model = pretrain.PretrainModel(cfg)
 params, stats = model.init(jax.random.key(0))
 train = probe.read_npz_episodes("data/sq3_train"); test = probe.read_npz_episodes("data/sq3_probe")
