@@ -6,7 +6,8 @@ last-frame baselines, and the implicit-action probe R² against a random encoder
         --set loss.implicit_kl_scale=0.1 --set implicit_action.input=embed
 
 Same model, loss and compiled step as ``experiments/pretrain.py`` (one device); it keeps no
-checkpoints and writes one JSON line per evaluation to ``<out>/study.jsonl`` (plus ``config.json``).
+checkpoints (``--save_workdir`` saves the final state as a pre-training workdir that
+``experiments/finetune.py`` can start from) and writes one JSON line per evaluation to ``<out>/study.jsonl`` (plus ``config.json``).
 ``--probe_videos``: scripted episodes with their recorded actions, of tasks the pre-training videos
 do not contain (``experiments/generate_videos.py --tasks ...``). Used to compare settings quickly
 (README "Learning"); the loop is ``prelar_jax.evaluation.pretrain_eval.study``, which the learning
@@ -44,6 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval_every", type=int, default=500)
     p.add_argument("--context", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument("--save_workdir", default="",
+                   help="also save the trained state there as a pre-training workdir (for finetune.py --config.pretrained)")
     args = p.parse_args(argv)
 
     from prelar_jax import config as config_lib
@@ -60,7 +63,8 @@ def main(argv=None) -> None:
     open(os.path.join(args.out, "study.jsonl"), "w").close()
     dataset = videos.make_video_dataset("npz", args.videos)
     episodes = probe.read_npz_episodes(args.probe_videos)
-    pretrain_eval.study(config, dataset, episodes, args.steps, args.eval_every, args.out, context=args.context)
+    pretrain_eval.study(config, dataset, episodes, args.steps, args.eval_every, args.out, context=args.context,
+                        save_workdir=args.save_workdir or None)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from prelar_jax import config as config_lib
 from prelar_jax.evaluation import archive, runner
-from tests.test_benchmark import modules
+from tests.model_helpers import benchmark_modules as modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

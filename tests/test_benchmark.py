@@ -1,7 +1,6 @@
 """The benchmark driver's plan: which pre-training runs, which fine-tuning runs, which commands."""
 
 import csv
-import functools
 import json
 import os
 import shlex
@@ -13,15 +12,9 @@ from PIL import Image
 
 
 from prelar_jax import config as config_lib
+from tests.model_helpers import benchmark_modules as modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@functools.cache
-def modules():
-    """(experiments/benchmark.py, configs/benchmark.py), loaded once: the script defines absl flags,
-    which may be defined only once per process."""
-    return config_lib.config_module("experiments/benchmark.py"), config_lib.config_module("configs/benchmark.py")
 
 
 def test_plan_shares_pretraining_and_labels_every_cell(tmp_path):

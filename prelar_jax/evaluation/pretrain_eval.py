@@ -118,9 +118,14 @@ def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], tra
 
 
 def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str | None = None,
-          context: int = 3, length: int = 0, train_fraction: float = 0.7, log=print) -> list[dict]:
+          context: int = 3, length: int = 0, train_fraction: float = 0.7, log=print,
+          save_workdir: str | None = None) -> list[dict]:
     """Trains ``config`` on ``dataset`` for ``steps`` updates; evaluates at step 0 (random init,
-    the baseline), every ``eval_every`` steps and at the end. Returns the evaluation rows."""
+    the baseline), every ``eval_every`` steps and at the end. Returns the evaluation rows.
+
+    ``save_workdir``: at the end, also writes the trained state there as a pre-training workdir
+    (``config.json`` + ``checkpoints/<steps>``, as ``experiments/pretrain.py`` writes them), so
+    that ``experiments/finetune.py --config.pretrained=<save_workdir>`` can fine-tune from it."""
     import json
     import os
     import time
@@ -179,4 +184,15 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
         if step % eval_every == 0 or step == steps:
             metrics = dict(jax.device_get(metrics), seconds=time.perf_counter() - start)
             evaluate(step, metrics)
+    if save_workdir:
+        from prelar_jax import checkpoint
+        from prelar_jax import logger as logger_lib
+
+        logger_lib.write_config(save_workdir, config.to_dict())
+        ckpt = checkpoint.Checkpointer(os.path.join(save_workdir, "checkpoints"), async_save=False)
+        try:
+            ckpt.save(steps, state, {"step": steps, "method": config.method, "preset": config.preset}, force=True)
+        finally:
+            ckpt.close()
+        log(f"saved the trained state as a pre-training workdir: {save_workdir}")
     return rows

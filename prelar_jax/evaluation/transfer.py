@@ -326,7 +326,8 @@ def replay_mean_frame(replay_dir: str) -> tuple[np.ndarray, int]:
                             "run's replay directory")
     total, count = 0.0, 0
     for name in names:
-        with np.load(os.path.join(replay_dir, name)) as data:
+        path = os.path.join(replay_dir, name)
+        with np.load(path, allow_pickle=False) as data:
             image = np.asarray(data["image"], np.float64)
         total = total + image.sum(axis=0)
         count += len(image)
