@@ -1,7 +1,12 @@
 """One markdown table from several ``experiments/pretrain_study.py`` outputs (one row per run: its
-overrides, the first and last evaluation).
+overrides, the first and last evaluation), and optionally their curves.
 
     python experiments/study_report.py runs/study_a runs/study_b > table.md
+    python experiments/study_report.py --plot curves.png runs/study_a runs/study_b > table.md
+
+``--plot``: open-loop and reconstruction MSE against updates, with each run's mean-frame and
+last-frame baselines drawn as horizontal lines, and the implicit-action probe R² (step 0 is the
+randomly initialised network, the probe's baseline).
 """
 
 from __future__ import annotations
@@ -20,6 +25,50 @@ def _fmt(value, digits: int = 5) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def read_study(directory: str) -> tuple[dict, list[dict]]:
+    """``(config.json, evaluation rows)`` of one study output; rows empty if there are none yet."""
+    with open(os.path.join(directory, "config.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(directory, "study.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return meta, rows
+
+
+def plot(directories: list[str], path: str) -> None:
+    """Writes the curves of the studies in ``directories`` as a PNG at ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(14, 4.2))
+    FigureCanvasAgg(figure)
+    mse_axes, recon_axes, probe_axes = figure.subplots(1, 3)
+    colors = ["C%d" % i for i in range(10)]
+    for index, directory in enumerate(directories):
+        _, rows = read_study(directory)
+        if not rows:
+            continue
+        name, color = os.path.basename(os.path.normpath(directory)), colors[index % len(colors)]
+        steps = [row["step"] for row in rows]
+        for axes, key in ((mse_axes, "open_loop_mse"), (recon_axes, "recon_mse")):
+            axes.plot(steps, [row[key] for row in rows], color=color, marker="o", label=name)
+            axes.axhline(rows[-1]["mean_frame_mse"], color=color, linestyle="--", linewidth=1)
+            axes.axhline(rows[-1]["last_frame_mse"], color=color, linestyle=":", linewidth=1)
+        if "probe_r2_mean" in rows[0]:
+            probe_axes.plot(steps, [row["probe_r2_mean"] for row in rows], color=color, marker="o", label=name)
+    mse_axes.set_title("open-loop MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
+    recon_axes.set_title("reconstruction MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
+    probe_axes.set_title("held-out probe R² of the codes\n(step 0: the random initialisation)", fontsize=10)
+    probe_axes.axhline(0.0, color="grey", linewidth=0.8)
+    for axes in (mse_axes, recon_axes, probe_axes):
+        axes.set_xlabel("updates")
+        axes.grid(alpha=0.3)
+    mse_axes.set_yscale("log")
+    recon_axes.set_yscale("log")
+    probe_axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100)
+
+
 def table(directories: list[str]) -> str:
     lines = ["| run | overrides | step | implicit KL | probe R² action: init → trained | probe R² position: init → "
              "trained | open-loop MSE | recon MSE | mean-frame MSE | last-frame MSE |",
@@ -28,10 +77,7 @@ def table(directories: list[str]) -> str:
         if not os.path.exists(os.path.join(directory, "study.jsonl")):
             print(f"skipped {directory}: no study.jsonl", file=sys.stderr)
             continue
-        with open(os.path.join(directory, "config.json")) as f:
-            meta = json.load(f)
-        with open(os.path.join(directory, "study.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        meta, rows = read_study(directory)
         if not rows:
             continue
         first, last = rows[0], rows[-1]
@@ -46,5 +92,18 @@ def table(directories: list[str]) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plot", default="", help="also write the curves as a PNG here")
+    parser.add_argument("directories", nargs="+", help="pretrain_study.py outputs (--out)")
+    args = parser.parse_args(argv)
+    print(table(args.directories))
+    if args.plot:
+        plot([d for d in args.directories if os.path.exists(os.path.join(d, "study.jsonl"))], args.plot)
+        print(f"curves: {args.plot}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1:]))
+    main(sys.argv[1:])
