@@ -67,6 +67,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # found there are not run again on any machine, and the report is built from it
     # (prelar_jax/evaluation/archive.py). '' = report from the workdir only.
     c.results = ""
+    # experiments/random_policy.py output whose success rate (at episodes of the fine-tuning
+    # time limit, random_policy_steps) is drawn and listed beside each task's curves; '' = none.
+    c.random_policy = ""
+    c.random_policy_steps = 500
 
     c.videos = ml_collections.ConfigDict()
     c.videos.root = ""  # '' = render scripted-expert videos into <workdir>/videos
@@ -102,6 +106,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         c.tasks = "door-close,window-close"
         c.seeds = 3
         c.results = "experiments/results/benchmark_cpu"
+        c.random_policy = "experiments/results/random_policy_2026-12-05/random_policy.json"
+        c.random_policy_steps = 150
         c.videos.episodes = 4
         c.videos.max_steps = 150
         c.pretrain.steps = 2000  # ~40 min each on 2 cores (0.8 steps/s); 4 pre-trainings

@@ -143,7 +143,18 @@ def _diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
     return [RunSpec(name="diagnostics", workdir=out, command=command, labels={"stage": "diagnostics", "task": task})]
 
 
-def report(workdir: str, finetune_specs, archive: str = "") -> dict:
+def random_policy_baselines(config):
+    """The random policy's results to draw beside the curves (``config.random_policy``), read
+    before anything runs so that a wrong path fails at once; None when not configured."""
+    from prelar_jax.evaluation import report as report_lib
+
+    if not config.random_policy:
+        return None
+    path = config.random_policy if os.path.isabs(config.random_policy) else os.path.join(ROOT, config.random_policy)
+    return report_lib.random_policy_baselines(path, config.random_policy_steps)
+
+
+def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> dict:
     """The report of every finished evaluation: with an archive, of the archived runs (all
     machines' work so far) and written into the archive; else of the runs under ``workdir``."""
     from prelar_jax.evaluation import archive as archive_lib, report as report_lib
@@ -165,7 +176,7 @@ def report(workdir: str, finetune_specs, archive: str = "") -> dict:
     appendix = open(diagnostics, encoding="utf-8").read() if os.path.exists(diagnostics) else ""
     if archive:
         appendix = _cost_section(archive, counts) + appendix
-    paths = report_lib.write_report(csv_path, out, appendix=appendix)
+    paths = report_lib.write_report(csv_path, out, appendix=appendix, baselines=baselines)
     if appendix:
         paths["diagnostics"] = diagnostics
     return {"results": csv_path, **paths}
@@ -213,6 +224,7 @@ def _main():
         archive_lib.check_archive(archive)
         archive_lib.check_settings(runs.pretrain + runs.diagnostics + runs.finetune, workdir, archive)
         runs = without_archived(runs, workdir, archive)
+    baselines = random_policy_baselines(config)
     if _PRINT.value:
         for spec in runs.pretrain + runs.diagnostics + runs.finetune:
             print(shlex.join(spec.command))
@@ -222,7 +234,7 @@ def _main():
 
         with workdir_lock.hold(workdir, "benchmark"):  # one benchmark per directory
             _run_grid(config, workdir, runs, archive)
-    paths = report(workdir, finetune_specs, archive)
+    paths = report(workdir, finetune_specs, archive, baselines)
     print("[benchmark] " + ", ".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
 
 

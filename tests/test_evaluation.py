@@ -5,6 +5,7 @@ whose answers can be worked out on paper; the report against statistics recomput
 """
 
 import csv
+import json
 import math
 import os
 import re
@@ -410,3 +411,29 @@ def test_same_interval_as_rliables_own_entry_point():
         assert ours[metric].point == pytest.approx(points["m"][index], abs=1e-12)
         assert ours[metric].low == pytest.approx(intervals["m"][0, index], abs=1e-12)
         assert ours[metric].high == pytest.approx(intervals["m"][1, index], abs=1e-12)
+
+
+def test_random_policy_baseline_is_drawn_and_listed(tmp_path):
+    results = tmp_path / "results.csv"
+    write_csv(results, synthetic_rows())
+    random_file = tmp_path / "random_policy.json"
+    random_file.write_text(json.dumps({"results": {
+        "drawer-open": {"150": {"success_rate": 0.05, "return": 12.0, "episodes": 20},
+                        "500": {"success_rate": 0.2, "return": 40.0, "episodes": 20}},
+        "reach": {"150": {"success_rate": 0.0, "return": 245.0, "episodes": 20}}}}))
+    baselines = report.random_policy_baselines(random_file, 150)
+    assert baselines["drawer-open"].success_rate == 0.05 and baselines["reach"].returns == 245.0
+
+    paths = report.write_report(results, tmp_path / "report", reps=100, baselines=baselines)
+    markdown = open(paths["summary"], encoding="utf-8").read()
+    assert "drawer_open: random policy (20 episodes), success 0.05, return 12.0" in markdown
+    assert "reach: random" not in markdown  # not a task of these results
+    figure = report.per_task_figure(report.group_results(report.load_results(results)), baselines=baselines)
+    dashed = {axes.get_title().splitlines()[0]: [tuple(line.get_ydata()) for line in axes.get_lines()
+                                                 if line.get_linestyle() == "--"] for axes in figure.axes}
+    assert dashed["drawer_open"] == [(0.05, 0.05)] and dashed["custom-task"] == []
+
+    with pytest.raises(report.ResultsFileError, match="--time_limits 100"):
+        report.random_policy_baselines(random_file, 100)
+    with pytest.raises(report.ResultsFileError, match="random_policy.py"):
+        report.random_policy_baselines(tmp_path / "missing.json", 150)

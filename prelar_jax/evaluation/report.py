@@ -99,6 +99,42 @@ def reference_points(task: str) -> dict[str, dict[int, float]]:
     return {method: dict(by_task[name]) for method, by_task in REFERENCE_SUCCESS.items() if name in by_task}
 
 
+class Baseline(NamedTuple):
+    """A policy's success rate and return on one task, drawn beside the learning curves."""
+
+    success_rate: float
+    returns: float
+    label: str
+
+
+def random_policy_baselines(path: str | os.PathLike, time_limit: int) -> dict[str, Baseline]:
+    """Task -> the uniform random policy's ``Baseline`` at episodes of ``time_limit`` steps, read
+    from an ``experiments/random_policy.py`` output (``ResultsFileError`` if it lacks that limit)."""
+    import json
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        results = data["results"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ResultsFileError(f"cannot read random-policy results {path}: {error}; make them with "
+                               "experiments/random_policy.py --out FILE") from error
+    baselines = {}
+    for task, by_limit in results.items():
+        if str(time_limit) in by_limit:
+            entry = by_limit[str(time_limit)]
+            baselines[normalise_task(task)] = Baseline(
+                float(entry["success_rate"]), float(entry["return"]),
+                f"random policy ({entry.get('episodes', '?')} episodes)")
+    if not baselines:
+        limits = sorted({limit for by_limit in results.values() for limit in by_limit}, key=int)
+        raise ResultsFileError(f"{path} has no random-policy results for {time_limit}-step episodes (it has "
+                               f"{', '.join(limits) or 'none'}); run experiments/random_policy.py --time_limits "
+                               f"{time_limit}")
+    return baselines
+
+
 def _parse_int(text: str, column: str, where: str) -> int:
     try:
         value = float(text)
@@ -264,6 +300,7 @@ def summary_markdown(
     reps: int,
     seed: int,
     reference: bool = True,
+    baselines: Mapping[str, Baseline] | None = None,
 ) -> str:
     """The text of ``summary.md``."""
     methods = list(table)
@@ -287,6 +324,11 @@ def summary_markdown(
             for f in final_per_task(table)
         ),
     )
+    shown = {task: (baselines or {}).get(normalise_task(task)) for task in tasks}
+    if any(shown.values()):
+        lines += ["", "Baselines on the same tasks (dashed in the per-task plot): "
+                  + "; ".join(f"{task}: {b.label}, success {b.success_rate:.2f}, return {b.returns:.1f}"
+                              for task, b in shown.items() if b) + "."]
     lines += [
         "",
         "## Aggregate over tasks and seeds at the final common step",
@@ -373,8 +415,10 @@ def _steps_axis(axes) -> None:
 REFERENCE_RANGE = 4.0
 
 
-def per_task_figure(table: Table, reference: bool = True) -> Figure:
-    """One subplot per task: per method the mean success over seeds, shaded from min to max over seeds."""
+def per_task_figure(table: Table, reference: bool = True,
+                    baselines: Mapping[str, Baseline] | None = None) -> Figure:
+    """One subplot per task: per method the mean success over seeds, shaded from min to max over
+    seeds; a task's ``baselines`` entry (e.g. the random policy) as a dashed line."""
     methods = list(table)
     colors = _colors(methods)
     tasks = list(dict.fromkeys(task for by_task in table.values() for task in by_task))
@@ -399,6 +443,10 @@ def per_task_figure(table: Table, reference: bool = True) -> Figure:
                 low, high = [v.min() for v in values], [v.max() for v in values]
                 axes.fill_between(steps, low, high, color=colors[method], alpha=0.2, linewidth=0)
             handles.setdefault(method, line)
+        baseline = (baselines or {}).get(normalise_task(task))
+        if baseline is not None:
+            handles.setdefault(baseline.label, axes.axhline(baseline.success_rate, color="grey", linestyle="--",
+                                                            linewidth=1.2, label=baseline.label))
         # Reference points far beyond these runs (a short run against 105k/245k) would squash the
         # curves into the left edge; they are then left to the summary's table, and the title says so.
         last_step = max((step for runs in (table[m].get(task) for m in methods) if runs
@@ -483,13 +531,15 @@ def write_report(
     reps: int = 2000,
     seed: int = 0,
     appendix: str = "",
+    baselines: Mapping[str, Baseline] | None = None,
 ) -> dict[str, str]:
     """Writes the summary table and both plots into ``out_dir``; returns their paths.
 
     Keys: ``"summary"`` (``summary.md``), ``"success_per_task"`` and ``"success_aggregate"`` (PNGs).
     ``reference`` draws (and tabulates) the original APV/DreamerV2 reference points. ``appendix``
     (Markdown, e.g. the pre-training diagnostics) is added at the end of ``summary.md`` with its
-    headings demoted one level, so that it reads as a section of the summary.
+    headings demoted one level, so that it reads as a section of the summary. ``baselines``
+    (task -> ``Baseline``, e.g. ``random_policy_baselines``) are drawn and listed beside the methods.
     """
     rows = load_results(results_csv)
     if not rows:
@@ -503,10 +553,11 @@ def write_report(
         "success_per_task": os.path.join(out_dir, PER_TASK_PLOT),
         "success_aggregate": os.path.join(out_dir, AGGREGATE_PLOT),
     }
-    markdown = summary_markdown(table, per_step, os.path.basename(os.fspath(results_csv)), reps, seed, reference)
+    markdown = summary_markdown(table, per_step, os.path.basename(os.fspath(results_csv)), reps, seed, reference,
+                                baselines)
     if appendix.strip():
         markdown += "\n" + demote_headings(appendix).rstrip("\n") + "\n"
     _write_text(paths["summary"], markdown)
-    _save_png(per_task_figure(table, reference=reference), paths["success_per_task"])
+    _save_png(per_task_figure(table, reference=reference, baselines=baselines), paths["success_per_task"])
     _save_png(aggregate_figure(per_step), paths["success_aggregate"])
     return paths
