@@ -160,8 +160,12 @@ def test_pretraining_learns_the_square_videos(square_pretraining):
 
 def test_implicit_actions_carry_the_action(square_pretraining):
     """A linear probe from the codes to the true action on held-out episodes (split by episode):
-    R2 >= 0.5 and >= 0.3 above the same network at its random initialisation (step 0). Measured
-    0.92 vs -0.002; 0.29 with the original initialisation, -0.05 without the forward model."""
+    R2 >= 0.5 and >= 0.3 above a randomly initialised network of the same config with the code
+    network's original initialisation (random features; the zero-initialised codes of step 0 score
+    ~0 by construction). Measured 0.92 vs -0.02; 0.29 with the original initialisation, -0.05
+    without the forward model."""
     first, last = square_pretraining["rows"][0], square_pretraining["rows"][-1]
+    random_encoder = first["probe_r2_random_encoder_mean"]
+    assert abs(first["probe_r2_mean"]) < 0.05  # zero codes carry nothing
     assert last["probe_r2_mean"] >= 0.5, last["probe_r2_mean"]
-    assert last["probe_r2_mean"] > first["probe_r2_mean"] + 0.3, (first["probe_r2_mean"], last["probe_r2_mean"])
+    assert last["probe_r2_mean"] > random_encoder + 0.3, (random_encoder, last["probe_r2_mean"])

@@ -117,11 +117,29 @@ def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], tra
     return result
 
 
+def random_encoder_probe(config, probe_episodes, train: Sequence[int], held_out: Sequence[int]) -> dict[str, Any]:
+    """``probe_scores`` of a randomly initialised model of ``config`` whose code network has its
+    original initialisation (``implicit_action.head_init_scale`` = 1): the random-features baseline."""
+    from prelar_jax import pretrain
+
+    baseline = config.copy_and_resolve_references()
+    baseline.implicit_action.head_init_scale = 1.0
+    model = pretrain.PretrainModel(baseline)
+    state = jax.jit(lambda key: model.init_state(key, pretrain.make_optimizer(baseline)))(jax.random.key(config.seed))
+    params, stats = jax.device_get((state.params, state.batch_stats))
+    return probe_scores(probe.make_code_fn(model), params, stats, probe_episodes, train, held_out)
+
+
 def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str | None = None,
           context: int = 3, length: int = 0, train_fraction: float = 0.7, log=print,
           save_workdir: str | None = None) -> list[dict]:
     """Trains ``config`` on ``dataset`` for ``steps`` updates; evaluates at step 0 (random init,
     the baseline), every ``eval_every`` steps and at the end. Returns the evaluation rows.
+
+    The step-0 row also has ``probe_r2_random_encoder_mean``: the probe of a randomly initialised
+    network of the same config with the code network's original initialisation
+    (``implicit_action.head_init_scale`` = 1). With a smaller scale the step-0 codes are (near)
+    zero and score ~0 by construction; random features are the trivial baseline to beat.
 
     ``save_workdir``: at the end, also writes the trained state there as a pre-training workdir
     (``config.json`` + ``checkpoints/<steps>``, as ``experiments/pretrain.py`` writes them), so
@@ -177,6 +195,13 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
 
     start = time.perf_counter()
     evaluate(0, {})
+    if code_fn is not None:
+        rows[0]["probe_r2_random_encoder_mean"] = random_encoder_probe(
+            config, probe_episodes, train_eps, held_out)["r2_mean"]
+        if out:  # rewrite the first line with the baseline added
+            with open(os.path.join(out, "study.jsonl"), "w") as f:
+                f.write(json.dumps(rows[0]) + "\n")
+        log(json.dumps({"step": 0, "probe_r2_random_encoder_mean": round(rows[0]["probe_r2_random_encoder_mean"], 5)}))
     metrics = {}
     for step in range(1, steps + 1):
         batch = dataset.sample(np.random.default_rng([config.seed, step]), config.batch_size, config.sequence_length)
