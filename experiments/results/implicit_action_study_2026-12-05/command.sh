@@ -38,4 +38,9 @@ $PY $F 3 0 30 det 32 3e-4 751 0.0   # forward_model_check/det32_head0.log
 p P12 --set implicit_action.head_init_scale=0.0 --set implicit_action.code_type=deter --set loss.consistency=off
 p P14 --set implicit_action.head_init_scale=0.0 --set loss.code_forward_scale=30.0 --set loss.implicit_kl_free=3.0
 p P15 --set implicit_action.head_init_scale=0.0 --set implicit_action.code_type=deter --set loss.consistency=off --set loss.code_forward_scale=30.0
+# The check that breaks it: P15 with the original code initialisation (2026-12-06)
+$PY experiments/pretrain_study.py $COMMON --steps=1000 --videos=data/sq3_train --probe_videos=data/sq3_probe --out=$OUT/P16 \
+  --set implicit_action.code_type=deter --set loss.consistency=off --set loss.code_forward_scale=30.0
+# The learning test's setting and its break checks: learning_test_checks/README.md
 $PY experiments/study_report.py $OUT/sq* $OUT/P* > $OUT/table.md
+$PY experiments/study_report.py --plot $OUT/curves.png $OUT/P0 $OUT/P3b $OUT/P12 $OUT/P14 $OUT/P15 $OUT/P16 > /dev/null
