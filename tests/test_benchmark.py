@@ -125,7 +125,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert "## Pre-training diagnostics" in summary
     assert "### Implicit-action probe" in summary and "| PreLAR pre-trained |" in summary
     assert "### World-model transfer" in summary and "| scratch (DreamerV2) |" in summary
-    for name in ("success_per_task.png", "success_aggregate.png"):
+    for name in ("success_per_task.png", "return_per_task.png", "success_aggregate.png"):
         with Image.open(workdir / name) as image:
             assert image.format == "PNG" and min(image.size) > 200
 

@@ -238,8 +238,8 @@ def test_report_writes_table_and_plots(tmp_path):
     results = tmp_path / "results.csv"
     write_csv(results, rows)
     paths = report.write_report(results, tmp_path / "report", reps=300)
-    assert set(paths) == {"summary", "success_per_task", "success_aggregate"}
-    for key in ("success_per_task", "success_aggregate"):
+    assert set(paths) == {"summary", "success_per_task", "return_per_task", "success_aggregate"}
+    for key in ("success_per_task", "return_per_task", "success_aggregate"):
         assert os.path.getsize(paths[key]) > 1000
         with Image.open(paths[key]) as image:
             image.verify()
@@ -432,6 +432,14 @@ def test_random_policy_baseline_is_drawn_and_listed(tmp_path):
     dashed = {axes.get_title().splitlines()[0]: [tuple(line.get_ydata()) for line in axes.get_lines()
                                                  if line.get_linestyle() == "--"] for axes in figure.axes}
     assert dashed["drawer_open"] == [(0.05, 0.05)] and dashed["custom-task"] == []
+    returns = report.per_task_figure(report.group_results(report.load_results(results)), baselines=baselines,
+                                     metric="return")
+    axes = next(a for a in returns.axes if a.get_title().startswith("drawer_open"))
+    assert [tuple(line.get_ydata()) for line in axes.get_lines() if line.get_linestyle() == "--"] == [(12.0, 12.0)]
+    alpha = next(line for line in axes.get_lines() if line.get_label() == "alpha")
+    expected = [np.mean([r[5] for r in synthetic_rows() if r[0] == "alpha" and r[1] == "drawer_open" and r[3] == step])
+                for step in alpha.get_xdata()]
+    np.testing.assert_allclose(alpha.get_ydata(), expected)
 
     with pytest.raises(report.ResultsFileError, match="--time_limits 100"):
         report.random_policy_baselines(random_file, 100)

@@ -1,4 +1,5 @@
-"""Benchmark report: ``results.csv`` -> ``summary.md``, ``success_per_task.png``, ``success_aggregate.png``.
+"""Benchmark report: ``results.csv`` -> ``summary.md``, ``success_per_task.png``, ``return_per_task.png``,
+``success_aggregate.png``.
 
 ``results.csv`` has one row per evaluation: ``method,task,seed,step,success_rate,return``. The report
 is meant to be re-run while the benchmark is still going, so it makes do with whatever is there:
@@ -44,6 +45,7 @@ from prelar_jax.evaluation import stats
 COLUMNS: tuple[str, ...] = ("method", "task", "seed", "step", "success_rate", "return")
 SUMMARY_FILE = "summary.md"
 PER_TASK_PLOT = "success_per_task.png"
+RETURN_PLOT = "return_per_task.png"
 AGGREGATE_PLOT = "success_aggregate.png"
 
 # Seed-mean success of the original runs (spec section 11): {method: {task: {env step: success}}}.
@@ -416,9 +418,13 @@ REFERENCE_RANGE = 4.0
 
 
 def per_task_figure(table: Table, reference: bool = True,
-                    baselines: Mapping[str, Baseline] | None = None) -> Figure:
-    """One subplot per task: per method the mean success over seeds, shaded from min to max over
-    seeds; a task's ``baselines`` entry (e.g. the random policy) as a dashed line."""
+                    baselines: Mapping[str, Baseline] | None = None, metric: str = "success_rate") -> Figure:
+    """One subplot per task: per method the mean ``metric`` (``success_rate`` or ``return``) over
+    seeds, shaded from min to max over seeds; a task's ``baselines`` entry (e.g. the random policy)
+    as a dashed line. Reference points (success only) where they fall in range."""
+    if metric not in ("success_rate", "return"):
+        raise ValueError(f"metric must be 'success_rate' or 'return', not {metric!r}")
+    reference = reference and metric == "success_rate"
     methods = list(table)
     colors = _colors(methods)
     tasks = list(dict.fromkeys(task for by_task in table.values() for task in by_task))
@@ -436,7 +442,8 @@ def per_task_figure(table: Table, reference: bool = True,
                 continue
             seeds_by_step = _seeds_by_step(runs)
             steps = np.array(list(seeds_by_step))  # [steps]
-            values = [np.array([runs[s][step].success_rate for s in seeds]) for step, seeds in seeds_by_step.items()]
+            values = [np.array([runs[s][step].success_rate if metric == "success_rate" else runs[s][step].return_
+                                for s in seeds]) for step, seeds in seeds_by_step.items()]
             mean = np.array([v.mean() for v in values])  # [steps]
             line = axes.plot(steps, mean, color=colors[method], marker="o", markersize=3, label=method)[0]
             if max(len(seeds) for seeds in seeds_by_step.values()) > 1:
@@ -445,7 +452,8 @@ def per_task_figure(table: Table, reference: bool = True,
             handles.setdefault(method, line)
         baseline = (baselines or {}).get(normalise_task(task))
         if baseline is not None:
-            handles.setdefault(baseline.label, axes.axhline(baseline.success_rate, color="grey", linestyle="--",
+            level = baseline.success_rate if metric == "success_rate" else baseline.returns
+            handles.setdefault(baseline.label, axes.axhline(level, color="grey", linestyle="--",
                                                             linewidth=1.2, label=baseline.label))
         # Reference points far beyond these runs (a short run against 105k/245k) would squash the
         # curves into the left edge; they are then left to the summary's table, and the title says so.
@@ -462,7 +470,7 @@ def per_task_figure(table: Table, reference: bool = True,
                 handles.setdefault(label, marker)
         axes.set_title(f"{task}\n(reference points beyond these steps: see summary.md)" if beyond else task,
                        fontsize="medium")
-        axes.set_ylabel("success rate")
+        axes.set_ylabel("success rate" if metric == "success_rate" else "return")
         _steps_axis(axes)
     for index in range(len(tasks), rows * columns):
         axes_grid[index // columns][index % columns].set_visible(False)
@@ -470,7 +478,8 @@ def per_task_figure(table: Table, reference: bool = True,
         list(handles.values()), list(handles), loc="outside lower center",
         ncol=min(2 if any(len(label) > 30 for label in handles) else 4, len(handles)), fontsize="small"
     )
-    figure.suptitle("Success rate per task (line: mean over seeds, band: min to max over seeds)")
+    figure.suptitle(f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task "
+                    "(line: mean over seeds, band: min to max over seeds)")
     return figure
 
 
@@ -535,7 +544,8 @@ def write_report(
 ) -> dict[str, str]:
     """Writes the summary table and both plots into ``out_dir``; returns their paths.
 
-    Keys: ``"summary"`` (``summary.md``), ``"success_per_task"`` and ``"success_aggregate"`` (PNGs).
+    Keys: ``"summary"`` (``summary.md``), ``"success_per_task"``, ``"return_per_task"`` and
+    ``"success_aggregate"`` (PNGs).
     ``reference`` draws (and tabulates) the original APV/DreamerV2 reference points. ``appendix``
     (Markdown, e.g. the pre-training diagnostics) is added at the end of ``summary.md`` with its
     headings demoted one level, so that it reads as a section of the summary. ``baselines``
@@ -551,6 +561,7 @@ def write_report(
     paths = {
         "summary": os.path.join(out_dir, SUMMARY_FILE),
         "success_per_task": os.path.join(out_dir, PER_TASK_PLOT),
+        "return_per_task": os.path.join(out_dir, RETURN_PLOT),
         "success_aggregate": os.path.join(out_dir, AGGREGATE_PLOT),
     }
     markdown = summary_markdown(table, per_step, os.path.basename(os.fspath(results_csv)), reps, seed, reference,
@@ -559,5 +570,6 @@ def write_report(
         markdown += "\n" + demote_headings(appendix).rstrip("\n") + "\n"
     _write_text(paths["summary"], markdown)
     _save_png(per_task_figure(table, reference=reference, baselines=baselines), paths["success_per_task"])
+    _save_png(per_task_figure(table, baselines=baselines, metric="return"), paths["return_per_task"])
     _save_png(aggregate_figure(per_step), paths["success_aggregate"])
     return paths
