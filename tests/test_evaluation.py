@@ -445,3 +445,29 @@ def test_random_policy_baseline_is_drawn_and_listed(tmp_path):
         report.random_policy_baselines(random_file, 100)
     with pytest.raises(report.ResultsFileError, match="random_policy.py"):
         report.random_policy_baselines(tmp_path / "missing.json", 150)
+
+
+def test_compare_runs_reports_labelled_workdirs(tmp_path, capsys):
+    from prelar_jax.config import config_module
+
+    compare = config_module("experiments/compare_runs.py")
+    dirs = {}
+    for label, seed, successes in (("dreamerv2", 0, (0.0, 0.5)), ("prelar_fm", 3, (0.25, 1.0))):
+        run = tmp_path / label
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"method": "whatever", "task": "door-close", "seed": seed}))
+        lines = [{"step": 10, "train/return": 1.0}]  # not an evaluation
+        lines += [{"step": 1000 * (i + 1), "eval/success_rate": s, "eval/return": 100.0 * s} for i, s in enumerate(successes)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        dirs[label] = run
+    out = tmp_path / "out"
+    paths = compare.main([f"--run=dreamerv2={dirs['dreamerv2']}", f"--run=prelar_fm={dirs['prelar_fm']}",
+                          f"--out={out}"])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["method"], r["task"], r["seed"], r["step"], r["success_rate"]) for r in rows] == [
+        ("dreamerv2", "door-close", "0", "1000", "0.0"), ("dreamerv2", "door-close", "0", "2000", "0.5"),
+        ("prelar_fm", "door-close", "3", "1000", "0.25"), ("prelar_fm", "door-close", "3", "2000", "1.0")]
+    assert os.path.getsize(paths["return_per_task"]) > 1000
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([f"--run={dirs['dreamerv2']}", f"--out={out}"])  # no label
+    assert exit_info.value.code == 2 and "LABEL=DIR" in capsys.readouterr().err
