@@ -6,7 +6,8 @@ overrides, the first and last evaluation), and optionally their curves.
 
 ``--plot``: open-loop and reconstruction MSE against updates, with each run's mean-frame and
 last-frame baselines drawn as horizontal lines, and the implicit-action probe R² (step 0 is the
-randomly initialised network, the probe's baseline).
+initialised network; dashed, where recorded, a random network with the code network's original
+initialisation: the random-features baseline).
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ def plot(directories: list[str], path: str) -> None:
             axes.axhline(rows[-1]["last_frame_mse"], color=color, linestyle=":", linewidth=1)
         if "probe_r2_mean" in rows[0]:
             probe_axes.plot(steps, [row["probe_r2_mean"] for row in rows], color=color, marker="o", label=name)
+            if "probe_r2_random_encoder_mean" in rows[0]:
+                probe_axes.axhline(rows[0]["probe_r2_random_encoder_mean"], color=color, linestyle="--", linewidth=1)
     mse_axes.set_title("open-loop MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
     recon_axes.set_title("reconstruction MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
-    probe_axes.set_title("held-out probe R² of the codes\n(step 0: the random initialisation)", fontsize=10)
+    probe_axes.set_title("held-out probe R² of the codes\n(step 0: the initialisation; dashed: random features)",
+                         fontsize=10)
     probe_axes.axhline(0.0, color="grey", linewidth=0.8)
     for axes in (mse_axes, recon_axes, probe_axes):
         axes.set_xlabel("updates")
@@ -70,9 +74,9 @@ def plot(directories: list[str], path: str) -> None:
 
 
 def table(directories: list[str]) -> str:
-    lines = ["| run | overrides | step | implicit KL | probe R² action: init → trained | probe R² position: init → "
-             "trained | open-loop MSE | recon MSE | mean-frame MSE | last-frame MSE |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | overrides | step | implicit KL | probe R² action: init → trained | probe R² random features | "
+             "probe R² position: init → trained | open-loop MSE | recon MSE | mean-frame MSE | last-frame MSE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for directory in directories:
         if not os.path.exists(os.path.join(directory, "study.jsonl")):
             print(f"skipped {directory}: no study.jsonl", file=sys.stderr)
@@ -86,6 +90,7 @@ def table(directories: list[str]) -> str:
             f"| {os.path.basename(os.path.normpath(directory))} | {overrides or '(preset)'} | {last['step']} | "
             f"{_fmt(last.get('implicit_kl'), 3)} | "
             f"{_fmt(first.get('probe_r2_mean'), 2)} → {_fmt(last.get('probe_r2_mean'), 2)} | "
+            f"{_fmt(first.get('probe_r2_random_encoder_mean'), 2)} | "
             f"{_fmt(first.get('probe_position_r2_mean'), 2)} → {_fmt(last.get('probe_position_r2_mean'), 2)} | "
             f"{_fmt(last['open_loop_mse'])} | {_fmt(last['recon_mse'])} | {_fmt(last['mean_frame_mse'])} | "
             f"{_fmt(last['last_frame_mse'])} |")

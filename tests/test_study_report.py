@@ -22,7 +22,8 @@ def _row(step, r2, open_loop):
 def test_table_and_curves(tmp_path, capsys):
     report = config_module("experiments/study_report.py")
     a = _study(tmp_path / "A", {"data.root": "/x", "loss.code_forward_scale": 30.0},
-               [_row(0, -0.01, 0.03), _row(500, 0.4, 0.005), _row(1000, 0.9, 0.003)])
+               [dict(_row(0, -0.01, 0.03), probe_r2_random_encoder_mean=0.16), _row(500, 0.4, 0.005),
+                _row(1000, 0.9, 0.003)])
     b = _study(tmp_path / "B", {}, [_row(0, 0.02, 0.03), _row(500, -0.05, 0.002)])
     missing = str(tmp_path / "C")  # no study.jsonl: skipped with a note
     png = tmp_path / "curves.png"
@@ -30,8 +31,8 @@ def test_table_and_curves(tmp_path, capsys):
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if line.startswith("| A") or line.startswith("| B")]
     assert len(lines) == 2
-    assert "-0.01 → 0.90" in lines[0] and "loss.code_forward_scale=30.0" in lines[0] and "data.root" not in lines[0]
-    assert "0.02 → -0.05" in lines[1] and "(preset)" in lines[1]
+    assert "-0.01 → 0.90 | 0.16 |" in lines[0] and "loss.code_forward_scale=30.0" in lines[0] and "data.root" not in lines[0]
+    assert "0.02 → -0.05 | – |" in lines[1] and "(preset)" in lines[1]
     assert "skipped" in out.err
     image = Image.open(png)
     assert image.size[0] > 1000 and len(set(image.convert("L").getdata())) > 10  # drawn, not blank
