@@ -147,6 +147,12 @@ def test_probe_on_a_pretrained_checkpoint_matches_a_reference(pretrained_dir):
     assert random["source"] == "random_init" and random["step"] is None
     assert random["eval_episodes"] == held and np.all(np.isfinite(random["r2"]))
     assert not np.allclose(random["r2"], result["r2"])
+    # With the code network's output initialised at zero the random baseline still gets random
+    # features (the original initialisation), not all-zero codes.
+    config.implicit_action.head_init_scale = 0.0
+    zero_head = probe.implicit_action_probe(None, config, episodes, key, chunk=16)
+    assert zero_head["code_std"] > 1e-3
+    np.testing.assert_allclose(zero_head["r2"], random["r2"], rtol=1e-5, atol=1e-6)
 
 
 def test_probe_rejects_what_it_cannot_probe(pretrained_dir):

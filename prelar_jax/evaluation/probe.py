@@ -250,7 +250,10 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
 
     ``pretrain_workdir``: a pre-training workdir (config.json + checkpoints/; the latest step is
     used), or None for a random initialisation of ``config`` (a pre-training config; with a
-    workdir it may be None, and otherwise must agree with the saved one). ``episodes``: dicts with
+    workdir it may be None, and otherwise must agree with the saved one). A random
+    initialisation always uses the code network's original output initialisation
+    (``implicit_action.head_init_scale`` = 1): with a smaller scale its codes would be (near) zero
+    and score ~0 by construction, while random features are the baseline to beat. ``episodes``: dicts with
     ``image`` ``[L, H, W, 3]`` uint8 and ``action`` ``[L, A]`` (``action[t]`` produced
     ``image[t]``). ``key`` seeds the episode split (``fold_in(key, 0)``; the same key gives the
     pre-trained and the random model the same split) and the random init (``fold_in(key, 1)``).
@@ -275,6 +278,9 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     rng = np.random.default_rng(np.asarray(jax.random.key_data(split_key)).ravel().tolist())
     train, held_out = split_episodes(len(episodes), train_fraction, rng)
 
+    if restored is None and ia.get("head_init_scale", 1.0) != 1.0:
+        config = config.copy_and_resolve_references()
+        config.implicit_action.head_init_scale = 1.0
     model = PretrainModel(config)
     if restored is None:
         params, stats = jax.jit(model.init)(init_key)
@@ -291,6 +297,7 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
         "eval_episodes": [int(i) for i in held_out],
         "code_type": ia.code_type,
         "code_dim": int(codes[0].shape[-1]),
+        "code_std": float(np.concatenate(codes).std(axis=0).mean()),
         "source": "random_init" if restored is None else "pretrained",
         "workdir": os.path.abspath(pretrain_workdir) if pretrain_workdir else None,
         "step": step,

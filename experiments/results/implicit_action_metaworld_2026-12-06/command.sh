@@ -22,3 +22,9 @@ $PY experiments/pretrain_study.py --config=configs/prelar_pretrain.py:cpu --step
 $PY $OUT/supervised_ceiling.py data/videos data/probe 800 1e-3 > $OUT/supervised_ceiling_800.log
 $PY $OUT/supervised_ceiling.py data/videos data/probe 2400 3e-4 > $OUT/supervised_ceiling_2400.log
 $PY experiments/study_report.py --plot $OUT/curves.png $OUT/M1 $OUT/M2 > $OUT/table.md
+# Probe on held-out episodes of 8 pre-training tasks (M1's saved model; random features as baseline)
+SEEN=basketball,button-press-topdown,coffee-pull,drawer-close,handle-pull,peg-insert-side,push-back,sweep
+$PY experiments/generate_videos.py --out data/probe_seen --tasks $SEEN --episodes 6 --max-steps 150 \
+  --noise-std 0.2 --seed 2 --workers 1
+$PY experiments/diagnostics.py --pretrained=runs/prelar_fm_cpu_pre --out=$OUT/seen_tasks_probe \
+  --probe_videos=data/probe_seen --skip_transfer
