@@ -440,6 +440,8 @@ def test_random_policy_baseline_is_drawn_and_listed(tmp_path):
     expected = [np.mean([r[5] for r in synthetic_rows() if r[0] == "alpha" and r[1] == "drawer_open" and r[3] == step])
                 for step in alpha.get_xdata()]
     np.testing.assert_allclose(alpha.get_ydata(), expected)
+    low, high = axes.get_ylim()  # the returns are on the plot, not clipped to a rate's [0, 1]
+    assert low <= min(expected) and high >= max(expected) > 1
 
     with pytest.raises(report.ResultsFileError, match="--time_limits 100"):
         report.random_policy_baselines(random_file, 100)

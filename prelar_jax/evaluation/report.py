@@ -406,10 +406,12 @@ def _colors(methods: Sequence[str]) -> dict[str, str]:
     return {method: f"C{index % 10}" for index, method in enumerate(methods)}
 
 
-def _steps_axis(axes) -> None:
+def _steps_axis(axes, rate: bool = True) -> None:
+    """Environment steps on x; ``rate``: a success rate on y, shown from 0 to 1."""
     axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
     axes.set_xlabel("environment steps")
-    axes.set_ylim(-0.03, 1.03)
+    if rate:
+        axes.set_ylim(-0.03, 1.03)
     axes.grid(alpha=0.3)
 
 
@@ -471,14 +473,14 @@ def per_task_figure(table: Table, reference: bool = True,
         axes.set_title(f"{task}\n(reference points beyond these steps: see summary.md)" if beyond else task,
                        fontsize="medium")
         axes.set_ylabel("success rate" if metric == "success_rate" else "return")
-        _steps_axis(axes)
+        _steps_axis(axes, rate=metric == "success_rate")
     for index in range(len(tasks), rows * columns):
         axes_grid[index // columns][index % columns].set_visible(False)
     figure.legend(
         list(handles.values()), list(handles), loc="outside lower center",
         ncol=min(2 if any(len(label) > 30 for label in handles) else 4, len(handles)), fontsize="small"
     )
-    figure.suptitle(f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task "
+    figure.suptitle(f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task\n"
                     "(line: mean over seeds, band: min to max over seeds)")
     return figure
 
