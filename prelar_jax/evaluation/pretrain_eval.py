@@ -119,14 +119,11 @@ def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], tra
 
 def random_encoder_probe(config, probe_episodes, train: Sequence[int], held_out: Sequence[int]) -> dict[str, Any]:
     """``probe_scores`` of a randomly initialised model of ``config`` whose code network has its
-    original initialisation (``implicit_action.head_init_scale`` = 1): the random-features baseline."""
+    original initialisation (``probe.random_features_config``): the random-features baseline."""
     from prelar_jax import pretrain
 
-    baseline = config.copy_and_resolve_references()
-    baseline.implicit_action.head_init_scale = 1.0
-    model = pretrain.PretrainModel(baseline)
-    state = jax.jit(lambda key: model.init_state(key, pretrain.make_optimizer(baseline)))(jax.random.key(config.seed))
-    params, stats = jax.device_get((state.params, state.batch_stats))
+    model = pretrain.PretrainModel(probe.random_features_config(config))
+    params, stats = jax.device_get(jax.jit(model.init)(jax.random.key(config.seed)))
     return probe_scores(probe.make_code_fn(model), params, stats, probe_episodes, train, held_out)
 
 
@@ -186,7 +183,8 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
         rows.append(row)
         shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
                  if k in ("step", "loss", "image_loss", "kl", "implicit_kl", "consistency", "code_forward_loss", "open_loop_mse",
-                          "recon_mse", "mean_frame_mse", "last_frame_mse", "probe_r2_mean", "probe_knn_r2_mean", "probe_position_r2_mean",
+                          "recon_mse", "mean_frame_mse", "last_frame_mse", "probe_r2_mean", "probe_r2_random_encoder_mean",
+                          "probe_knn_r2_mean", "probe_position_r2_mean",
                           "seconds")}
         log(json.dumps(shown))
         if out:
@@ -194,14 +192,8 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
                 f.write(json.dumps(row) + "\n")
 
     start = time.perf_counter()
-    evaluate(0, {})
-    if code_fn is not None:
-        rows[0]["probe_r2_random_encoder_mean"] = random_encoder_probe(
-            config, probe_episodes, train_eps, held_out)["r2_mean"]
-        if out:  # rewrite the first line with the baseline added
-            with open(os.path.join(out, "study.jsonl"), "w") as f:
-                f.write(json.dumps(rows[0]) + "\n")
-        log(json.dumps({"step": 0, "probe_r2_random_encoder_mean": round(rows[0]["probe_r2_random_encoder_mean"], 5)}))
+    evaluate(0, {} if code_fn is None else {"probe_r2_random_encoder_mean": random_encoder_probe(
+        config, probe_episodes, train_eps, held_out)["r2_mean"]})
     metrics = {}
     for step in range(1, steps + 1):
         batch = dataset.sample(np.random.default_rng([config.seed, step]), config.batch_size, config.sequence_length)

@@ -243,6 +243,17 @@ def _probe_config(pretrain_workdir, config):
     return config, None
 
 
+def random_features_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with the code network's original output initialisation
+    (``implicit_action.head_init_scale`` = 1), for the random-features baseline of the probe: with
+    a smaller scale a random network's codes are (near) zero and score ~0 by construction."""
+    if config.implicit_action.get("head_init_scale", 1.0) == 1.0:
+        return config
+    config = config.copy_and_resolve_references()
+    config.implicit_action.head_init_scale = 1.0
+    return config
+
+
 def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.ConfigDict | None,
                           episodes: Sequence[dict[str, Any]], key: jax.Array, train_fraction: float = 0.7,
                           chunk: int = 256) -> dict[str, Any]:
@@ -252,8 +263,7 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     used), or None for a random initialisation of ``config`` (a pre-training config; with a
     workdir it may be None, and otherwise must agree with the saved one). A random
     initialisation always uses the code network's original output initialisation
-    (``implicit_action.head_init_scale`` = 1): with a smaller scale its codes would be (near) zero
-    and score ~0 by construction, while random features are the baseline to beat. ``episodes``: dicts with
+    (``random_features_config``). ``episodes``: dicts with
     ``image`` ``[L, H, W, 3]`` uint8 and ``action`` ``[L, A]`` (``action[t]`` produced
     ``image[t]``). ``key`` seeds the episode split (``fold_in(key, 0)``; the same key gives the
     pre-trained and the random model the same split) and the random init (``fold_in(key, 1)``).
@@ -278,10 +288,7 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     rng = np.random.default_rng(np.asarray(jax.random.key_data(split_key)).ravel().tolist())
     train, held_out = split_episodes(len(episodes), train_fraction, rng)
 
-    if restored is None and ia.get("head_init_scale", 1.0) != 1.0:
-        config = config.copy_and_resolve_references()
-        config.implicit_action.head_init_scale = 1.0
-    model = PretrainModel(config)
+    model = PretrainModel(config if restored is not None else random_features_config(config))
     if restored is None:
         params, stats = jax.jit(model.init)(init_key)
         step = None
