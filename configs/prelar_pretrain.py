@@ -81,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.kind = "npz"  # 'npz' (our generated shards, APV's RLBench episodes) | 'something'
     c.data.root = ""  # directory (or comma-separated directories) of videos
     c.data.video_list = ""  # Something-Something-V2: train_video_folder.txt
+    # Every k-th frame of the videos (1/k of their frame rate). One control step of Meta-World moves
+    # the arm by under a pixel or two at 64x64; k > 1 makes each frame pair show k steps of motion.
+    # The implicit-action probe reads the same pairs (summing the k actions between them).
+    c.data.frame_stride = 1
     c.data.prefetch_threads = 2
     c.data.prefetch_buffer = 4
 

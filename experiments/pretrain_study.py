@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         json.dump({"config": args.config, "overrides": overrides, "steps": args.steps,
                    "videos": args.videos, "probe_videos": args.probe_videos, "resolved": config.to_dict()}, f, indent=1)
     open(os.path.join(args.out, "study.jsonl"), "w").close()
-    dataset = videos.make_video_dataset("npz", args.videos)
+    dataset = videos.make_video_dataset("npz", args.videos, frame_stride=config.data.frame_stride)
     episodes = probe.read_npz_episodes(args.probe_videos)
     pretrain_eval.study(config, dataset, episodes, args.steps, args.eval_every, args.out, context=args.context,
                         save_workdir=args.save_workdir or None)

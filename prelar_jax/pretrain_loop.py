@@ -43,7 +43,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
     mesh, workdir, config_dict = run_utils.open_workdir(config, workdir, allow_config_override,
                                                         RESUMABLE_KEYS, devices, owned, "pre-training")
 
-    dataset = videos.make_video_dataset(config.data.kind, config.data.root, config.data.video_list)
+    dataset = videos.make_video_dataset(config.data.kind, config.data.root, config.data.video_list,
+                                        frame_stride=config.data.frame_stride)
     dataset.sample(np.random.default_rng([config.seed, 2**31 - 1]), 1, config.sequence_length)
     print(f"[prelar] {config.method} pre-training, preset {config.preset}: "
           f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}; "

@@ -172,6 +172,37 @@ def test_probe_rejects_what_it_cannot_probe(pretrained_dir):
         probe.read_npz_episodes(pretrained_dir[0] / "nothing")
 
 
+def test_stride_episodes_hand_case():
+    action = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)  # a_t = (2t, 2t + 1)
+    episode = {"image": np.arange(7)[:, None, None, None].astype(np.uint8) * np.ones((1, 4, 4, 3), np.uint8),
+               "action": action, "position": np.arange(7, dtype=np.float32)[:, None], "task": "t"}
+    (strided,) = probe.stride_episodes([episode], 3)
+    np.testing.assert_array_equal(strided["image"][:, 0, 0, 0], [0, 3, 6])
+    # frame 3 came from a_1 + a_2 + a_3, frame 6 from a_4 + a_5 + a_6; row 0 zeros
+    np.testing.assert_array_equal(strided["action"], [[0, 0], [2 + 4 + 6, 3 + 5 + 7], [8 + 10 + 12, 9 + 11 + 13]])
+    np.testing.assert_array_equal(strided["position"][:, 0], [0, 3, 6])
+    assert strided["task"] == "t"
+    assert probe.stride_episodes([episode], 1)[0] is episode
+    with pytest.raises(probe.ProbeError, match="stride must be >= 1"):
+        probe.stride_episodes([episode], 0)
+
+
+def test_probe_reads_pairs_at_the_models_frame_stride():
+    """A model pre-trained at data.frame_stride k is probed on pairs k frames apart with the
+    summed actions: the same result as probing pre-strided episodes with a stride-1 config."""
+    episodes = synthetic_episodes(6, 9)
+    key = jax.random.key(4, impl="unsafe_rbg")
+    strided_config = pretrain_config()
+    strided_config.data.frame_stride = 2
+    result = probe.implicit_action_probe(None, strided_config, episodes, key, chunk=16)
+    reference = probe.implicit_action_probe(None, pretrain_config(), probe.stride_episodes(episodes, 2), key, chunk=16)
+    assert result["train_pairs"] + result["eval_pairs"] == 6 * 4  # frames 0, 2, 4, 6, 8: 4 pairs each
+    np.testing.assert_allclose(result["r2"], reference["r2"], rtol=1e-6)
+    strided_config.data.frame_stride = 9
+    with pytest.raises(probe.ProbeError, match="fewer than 2 frames at the model's frame stride 9"):
+        probe.implicit_action_probe(None, strided_config, episodes, key, chunk=16)
+
+
 def test_read_npz_episodes(tmp_path):
     for task, count in (("push", 3), ("reach-wall", 1)):
         for episode in synthetic_episodes(count, 4, seed=count):

@@ -327,6 +327,32 @@ def _write_video(root: Path, video_id: str, frames: int, size: tuple[int, int], 
         Image.new("RGB", size, (10 + 20 * t, green, 128)).save(folder / f"{t + 1:06d}.jpg", quality=95)
 
 
+def test_frame_stride_samples_every_kth_frame_from_uniform_starts(episodes_dir: Path) -> None:
+    ds = make_video_dataset("npz", str(episodes_dir), frame_stride=3)
+    batch = ds.sample(np.random.default_rng(0), 200, 8)  # spans (8 - 1) * 3 + 1 = 22 of 30 frames
+    _check_batch(batch, 200, 8)
+    ids, frames = _trace(batch)
+    np.testing.assert_array_equal(frames, frames[:, :1] + 3 * np.arange(8))
+    assert set(frames[:, 0]) == set(range(30 - 22 + 1))  # every start that fits
+    for b in range(5):
+        np.testing.assert_array_equal(batch["image"][b], _episode_images(ids[b], 30)[frames[b, 0]::3][:8])
+
+
+def test_frame_stride_length_check_counts_the_span(tmp_path: Path) -> None:
+    _write_episode(tmp_path / "long.npz", _episode_images(1, 30))
+    _write_episode(tmp_path / "short.npz", _episode_images(2, 20))
+    ds = NpzEpisodeDataset(tmp_path, frame_stride=4)
+    with pytest.warns(VideoDataWarning, match="short.npz"):  # 7 frames at stride 4 span 25 > 20
+        ids, _ = _trace(ds.sample(np.random.default_rng(0), 16, 7))
+    assert set(ids) == {1}
+    # 9 frames span 33 > 30: the error names the span and the longest length that fits ((30 - 1) // 4 + 1 = 8)
+    with pytest.warns(VideoDataWarning), pytest.raises(NoVideoDataError, match=r"at least 33 frames.*at most 8"):
+        ds.sample(np.random.default_rng(0), 1, 9)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(NoVideoDataError, match="frame_stride must be a positive integer"):
+            NpzEpisodeDataset(tmp_path, frame_stride=bad)
+
+
 def test_something_something_folders(tmp_path: Path) -> None:
     root = tmp_path / "frames-64"
     _write_video(root, "101", 10, (64, 64), green=50)
@@ -350,6 +376,17 @@ def test_something_something_folders(tmp_path: Path) -> None:
     assert frame_index[long_video, 0].max() <= 4 and frame_index[~long_video, 0].max() <= 2
     stats = ds.stats()
     assert stats["files_ok"] == 2 and stats["skipped_too_short"] == 1 and stats["skipped_malformed_line"] == 1
+
+
+def test_something_something_frame_stride(tmp_path: Path) -> None:
+    root = tmp_path / "frames-64"
+    _write_video(root, "101", 10, (64, 64), green=50)
+    listing = tmp_path / "list.txt"
+    listing.write_text("101 10 93\n")
+    batch = SomethingSomethingDataset(root, listing, frame_stride=2).sample(np.random.default_rng(0), 20, 4)
+    frame_index = np.round((batch["image"].astype(int)[:, :, 32, 32, 0] - 10) / 20).astype(int)  # [B, T]
+    np.testing.assert_array_equal(frame_index, frame_index[:, :1] + 2 * np.arange(4))
+    assert set(frame_index[:, 0]) == {0, 1, 2, 3}  # 4 frames at stride 2 span 7 of 10
 
 
 def test_something_something_missing_folder_and_errors(tmp_path: Path) -> None:

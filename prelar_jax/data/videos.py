@@ -6,8 +6,9 @@ Two sources, one sampling contract (`sample(rng, batch_size, length, rows=None)`
 - `SomethingSomethingDataset`: Something-Something-V2 frame folders `<root>/<video_id>/%06d.jpg`.
 
 Each sampled sequence is `length` consecutive frames from a uniformly chosen episode/video with a
-uniform start, and `is_first[:, 0] = True` (spec section 0: every training sequence starts a new
-episode). Unusable files are skipped with a `VideoDataWarning` naming them and counted in `stats()`.
+uniform start (with `frame_stride` k > 1, every k-th frame: the video at 1/k of its frame rate),
+and `is_first[:, 0] = True` (spec section 0: every training sequence starts a new episode).
+Unusable files are skipped with a `VideoDataWarning` naming them and counted in `stats()`.
 
 Determinism: every row of a batch draws from its own generator (row b from child b of the
 generator's seed sequence, `rng.spawn`), which file is unusable is a fixed property of the data, and
@@ -79,8 +80,11 @@ class _VideoSource:
 
     _what: str = "videos"  # used in messages
 
-    def __init__(self, min_length: int, size: int) -> None:
+    def __init__(self, min_length: int, size: int, frame_stride: int = 1) -> None:
+        if int(frame_stride) != frame_stride or frame_stride < 1:
+            raise NoVideoDataError(f"frame_stride must be a positive integer (1: every frame), got {frame_stride!r}")
         self.size = size
+        self.frame_stride = int(frame_stride)
         self._lock = threading.Lock()
         self._names: list[str] = []
         self._lengths = np.zeros((0,), np.int64)
@@ -92,8 +96,13 @@ class _VideoSource:
 
     # ---------------------------------------------------------------- subclass interface
     def _load_frames(self, i: int, start: int, length: int) -> np.ndarray:
-        """Frames [length, size, size, 3] uint8 of item i from `start`; raise on unreadable data."""
+        """Frames start, start + k, ..., start + (length - 1) k (k = frame_stride) of item i,
+        [length, size, size, 3] uint8; raise on unreadable data."""
         raise NotImplementedError
+
+    def _span(self, length: int) -> int:
+        """Source frames a sequence of `length` sampled frames covers."""
+        return (length - 1) * self.frame_stride + 1
 
     def _where(self) -> str:
         raise NotImplementedError
@@ -104,6 +113,7 @@ class _VideoSource:
         self._eligible_indices(self._min_length)
 
     def _eligible_indices(self, length: int) -> np.ndarray:
+        """Items with at least `length` source frames (a span: see `_span`)."""
         with self._lock:
             if length in self._eligible:
                 ok = self._eligible[length]
@@ -119,10 +129,15 @@ class _VideoSource:
         _warn_skipped(f"fewer than {length} frames", newly_short)
         if ok.size == 0:
             longest = int(self._lengths.max()) if self._lengths.size else 0
+            k = self.frame_stride
+            strided = (f" (a sequence of T frames at frame_stride {k} spans (T - 1) * {k} + 1 of them)"
+                       if k > 1 else "")
+            most = (longest - 1) // k + 1 if longest else 0
             raise self._no_data(
-                f"none has at least {length} frames: the longest of {self._lengths.size} has {longest}, "
-                f"lengths {_length_summary(self._lengths)}; use a sequence length of at most {longest} "
-                "(pre-training: --config.sequence_length) or longer videos")
+                f"none has at least {length} frames{strided}: the longest of {self._lengths.size} has {longest}, "
+                f"lengths {_length_summary(self._lengths)}; use a sequence length of at most {most} "
+                "(pre-training: --config.sequence_length)" + (", a smaller --config.data.frame_stride" if k > 1 else "")
+                + " or longer videos")
         return ok
 
     def _no_data(self, why: str) -> NoVideoDataError:
@@ -160,7 +175,8 @@ class _VideoSource:
         rows = range(batch_size) if rows is None else [int(r) for r in rows]
         if any(not 0 <= r < batch_size for r in rows):
             raise ValueError(f"rows must lie in 0..{batch_size - 1}, got {list(rows)}")
-        eligible = self._eligible_indices(length)
+        span = self._span(length)
+        eligible = self._eligible_indices(span)
         # Row b's generator is rng.spawn(batch_size)[b] whichever rows are loaded; only the requested
         # rows' generators are built.
         children = rng.bit_generator.seed_seq.spawn(batch_size)
@@ -169,7 +185,7 @@ class _VideoSource:
             row_rng = np.random.Generator(type(rng.bit_generator)(children[row]))
             while True:
                 i = int(eligible[row_rng.integers(len(eligible))])
-                start = int(row_rng.integers(self._lengths[i] - length + 1))
+                start = int(row_rng.integers(self._lengths[i] - span + 1))
                 # A bad item is re-drawn with the same draws whether or not it was already known bad.
                 if i not in self._bad:
                     try:
@@ -178,7 +194,7 @@ class _VideoSource:
                     except Exception as exc:  # corrupt zip/JPEG, missing frame, wrong decoded shape
                         self._mark_bad(i, exc)
                 if self._all_bad(eligible):
-                    raise self._no_data(f"every item with at least {length} frames is unreadable")
+                    raise self._no_data(f"every item with at least {span} frames is unreadable")
         is_first = np.zeros((len(rows), length), bool)  # [R, T]
         is_first[:, 0] = True
         return {"image": images, "is_first": is_first}
@@ -232,8 +248,9 @@ class NpzEpisodeDataset(_VideoSource):
         min_length: int = 1,
         size: int = IMAGE_SIZE,
         cache_bytes: int = 1 << 30,
+        frame_stride: int = 1,
     ) -> None:
-        super().__init__(min_length, size)
+        super().__init__(min_length, size, frame_stride)
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self._roots = [Path(p).expanduser() for p in paths]
@@ -306,7 +323,7 @@ class NpzEpisodeDataset(_VideoSource):
         return image
 
     def _load_frames(self, i: int, start: int, length: int) -> np.ndarray:
-        return self._episode(i)[start : start + length]
+        return self._episode(i)[start : start + self._span(length) : self.frame_stride]
 
 
 class SomethingSomethingDataset(_VideoSource):
@@ -325,8 +342,9 @@ class SomethingSomethingDataset(_VideoSource):
         video_list: str | os.PathLike,
         min_length: int = 1,
         size: int = IMAGE_SIZE,
+        frame_stride: int = 1,
     ) -> None:
-        super().__init__(min_length, size)
+        super().__init__(min_length, size, frame_stride)
         self._root = Path(frames_root).expanduser()
         self._list = Path(video_list).expanduser()
         if not self._root.is_dir():
@@ -367,7 +385,7 @@ class SomethingSomethingDataset(_VideoSource):
         folder = self._root / self._ids[i]
         out = np.empty((length, self.size, self.size, 3), np.uint8)  # [T, H, W, 3]
         for t in range(length):
-            with Image.open(folder / f"{start + t + 1:06d}.jpg") as im:  # frames are 1-indexed
+            with Image.open(folder / f"{start + t * self.frame_stride + 1:06d}.jpg") as im:  # 1-indexed
                 im = im.convert("RGB")
                 if im.size != (self.size, self.size):
                     im = im.resize((self.size, self.size), Image.BICUBIC)  # ffmpeg scale's default

@@ -140,7 +140,11 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
 
     ``save_workdir``: at the end, also writes the trained state there as a pre-training workdir
     (``config.json`` + ``checkpoints/<steps>``, as ``experiments/pretrain.py`` writes them), so
-    that ``experiments/finetune.py --config.pretrained=<save_workdir>`` can fine-tune from it."""
+    that ``experiments/finetune.py --config.pretrained=<save_workdir>`` can fine-tune from it.
+
+    ``probe_episodes`` are at their own frame rate; with ``data.frame_stride`` k > 1 they are
+    evaluated (prediction and probe) at 1/k of it, as the model sees its videos
+    (``probe.stride_episodes``: each pair's target is the sum of the k actions between its frames)."""
     import json
     import os
     import time
@@ -148,6 +152,7 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
     from prelar_jax import parallel, pretrain
 
     length = length or config.sequence_length
+    probe_episodes = probe.stride_episodes(probe_episodes, config.data.get("frame_stride", 1))
     model = pretrain.PretrainModel(config, bn_axis_name=parallel.AXIS)
     eval_model = pretrain.PretrainModel(config)
     optimizer = pretrain.make_optimizer(config)

@@ -162,6 +162,31 @@ def read_npz_episodes(root: str | os.PathLike, max_per_task: int | None = None) 
     return episodes
 
 
+def stride_episodes(episodes: Sequence[dict[str, Any]], stride: int) -> list[dict[str, Any]]:
+    """The episodes at 1/``stride`` of their frame rate, as pre-training with
+    ``data.frame_stride`` = ``stride`` sees videos: frames 0, k, 2k, ... and, for each kept frame
+    after the first, the sum of the k actions that led to it from the previous kept frame (row 0
+    zeros), so that a probe of pair ``(o_{(j-1)k}, o_{jk})`` targets the whole motion between them.
+    ``position`` (synthetic videos) is kept at the same frames. ``stride`` 1 returns the episodes."""
+    stride = int(stride)
+    if stride < 1:
+        raise ProbeError(f"frame stride must be >= 1, got {stride}")
+    if stride == 1:
+        return list(episodes)
+    out = []
+    for episode in episodes:
+        action = np.asarray(episode["action"], np.float32)
+        kept = np.arange(0, len(action), stride)  # [L']
+        summed = np.zeros((len(kept), action.shape[1]), np.float32)  # [L', A]
+        for j in range(1, len(kept)):
+            summed[j] = action[kept[j - 1] + 1:kept[j] + 1].sum(axis=0)
+        strided = {**episode, "image": np.asarray(episode["image"])[kept], "action": summed}
+        if "position" in episode:
+            strided["position"] = np.asarray(episode["position"])[kept]
+        out.append(strided)
+    return out
+
+
 def _check_episodes(episodes: Sequence[dict[str, Any]], image_size: int) -> None:
     for index, episode in enumerate(episodes):
         image, action = np.asarray(episode["image"]), np.asarray(episode["action"])
@@ -265,7 +290,8 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     initialisation always uses the code network's original output initialisation
     (``random_features_config``). ``episodes``: dicts with
     ``image`` ``[L, H, W, 3]`` uint8 and ``action`` ``[L, A]`` (``action[t]`` produced
-    ``image[t]``). ``key`` seeds the episode split (``fold_in(key, 0)``; the same key gives the
+    ``image[t]``), at their own frame rate: they are strided like the pre-training videos
+    (``data.frame_stride`` of the config, ``stride_episodes``). ``key`` seeds the episode split (``fold_in(key, 0)``; the same key gives the
     pre-trained and the random model the same split) and the random init (``fold_in(key, 1)``).
 
     Returns ``r2`` (per action dimension, NaN where the held-out actions are constant),
@@ -284,6 +310,12 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     if len(episodes) < 2:
         raise ProbeError(f"the probe needs at least 2 episodes (one to fit, one to evaluate), got {len(episodes)}")
     _check_episodes(episodes, config.image_size)
+    stride = config.get("data", {}).get("frame_stride", 1)
+    episodes = stride_episodes(episodes, stride)
+    short = [i for i, episode in enumerate(episodes) if len(episode["image"]) < 2]
+    if short:
+        raise ProbeError(f"episodes {short} have fewer than 2 frames at the model's frame stride {stride} "
+                         f"(data.frame_stride): probe with episodes longer than {stride} frames")
     split_key, init_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(split_key)).ravel().tolist())
     train, held_out = split_episodes(len(episodes), train_fraction, rng)
