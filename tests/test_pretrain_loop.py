@@ -107,6 +107,10 @@ def test_clear_errors_before_any_work(squares, tmp_path):
     empty.mkdir()
     with pytest.raises(videos.NoVideoDataError, match="generate_videos"):
         pretrain_loop.run(tiny_config(empty), str(tmp_path / "b"), devices=jax.devices()[:1])
+    # the loop samples at data.frame_stride: 8 frames at stride 10 span 71, more than any episode has
+    with pytest.raises(videos.NoVideoDataError, match=r"at least 71 frames.*data.frame_stride"):
+        pretrain_loop.run(tiny_config(squares, **{"data.frame_stride": 10}), str(tmp_path / "s"),
+                          devices=jax.devices()[:1])
     with pytest.raises(config_lib.ConfigError, match="data.root"):
         pretrain_loop.run(tiny_config(""), str(tmp_path / "c"))
     with pytest.raises(config_lib.ConfigError, match="steps"):

@@ -349,7 +349,7 @@ def test_frame_stride_length_check_counts_the_span(tmp_path: Path) -> None:
     with pytest.warns(VideoDataWarning), pytest.raises(NoVideoDataError, match=r"at least 33 frames.*at most 8"):
         ds.sample(np.random.default_rng(0), 1, 9)
     for bad in (0, -1, 1.5):
-        with pytest.raises(NoVideoDataError, match="frame_stride must be a positive integer"):
+        with pytest.raises(NoVideoDataError, match=r"\(--config.data.frame_stride\) must be a positive integer"):
             NpzEpisodeDataset(tmp_path, frame_stride=bad)
 
 

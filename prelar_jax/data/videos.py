@@ -82,7 +82,8 @@ class _VideoSource:
 
     def __init__(self, min_length: int, size: int, frame_stride: int = 1) -> None:
         if int(frame_stride) != frame_stride or frame_stride < 1:
-            raise NoVideoDataError(f"frame_stride must be a positive integer (1: every frame), got {frame_stride!r}")
+            raise NoVideoDataError(f"frame_stride (--config.data.frame_stride) must be a positive integer (1: every "
+                                   f"frame), got {frame_stride!r}")
         self.size = size
         self.frame_stride = int(frame_stride)
         self._lock = threading.Lock()
