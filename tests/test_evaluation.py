@@ -354,6 +354,28 @@ def test_per_task_plot_marks_reference_points():
     assert not [c for axes in by_title.values() for c in axes.collections if "original" in c.get_label()]
 
 
+def test_per_task_mean_stops_where_a_seed_stops():
+    """A seed that ended earlier (here alpha's seed 1 at 20k) must not make the mean jump to the
+    remaining seed's values: the mean line ends at the shortest run, longer seeds go on dotted."""
+    rows = [r for r in synthetic_rows() if not (r[0] == "alpha" and r[2] == 1 and r[3] == 30000)]
+    figure = report.per_task_figure(report.group_results(report.ResultRow(*r[:4], r[4], r[5]) for r in rows))
+    axes = next(a for a in figure.axes if a.get_title() == "drawer_open")
+    mean = next(line for line in axes.get_lines() if line.get_label() == "alpha")
+    assert list(mean.get_xdata()) == [10000, 20000]
+    value = {(r[2], r[3]): r[4] for r in rows if r[0] == "alpha" and r[1] == "drawer_open"}
+    np.testing.assert_allclose(mean.get_ydata(), [(value[0, s] + value[1, s]) / 2 for s in (10000, 20000)])
+    dotted = [line for line in axes.get_lines() if line.get_linestyle() == ":"]
+    assert [line.get_label() for line in dotted] == ["_alpha seed 0"]
+    assert list(dotted[0].get_xdata()) == [20000, 30000]
+    assert list(dotted[0].get_ydata()) == [value[0, 20000], value[0, 30000]]
+    beta = next(line for line in axes.get_lines() if line.get_label() == "beta")
+    assert list(beta.get_xdata()) == [10000, 20000, 30000]  # complete runs: unchanged
+    assert "dotted: single seeds" in figure._suptitle.get_text()
+    full = report.per_task_figure(
+        report.group_results(report.ResultRow(*r[:4], r[4], r[5]) for r in synthetic_rows()))
+    assert "dotted" not in full._suptitle.get_text()
+
+
 def test_reference_values_match_the_spec_table():
     if not os.path.exists(SPEC):
         pytest.skip("the spec is not in this checkout")

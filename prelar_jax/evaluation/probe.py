@@ -291,8 +291,9 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     (``random_features_config``). ``episodes``: dicts with
     ``image`` ``[L, H, W, 3]`` uint8 and ``action`` ``[L, A]`` (``action[t]`` produced
     ``image[t]``), at their own frame rate: they are strided like the pre-training videos
-    (``data.frame_stride`` of the config, ``stride_episodes``). ``key`` seeds the episode split (``fold_in(key, 0)``; the same key gives the
-    pre-trained and the random model the same split) and the random init (``fold_in(key, 1)``).
+    (``data.frame_stride`` of the config, ``stride_episodes``). ``key`` seeds the episode split
+    (``fold_in(key, 0)``; the same key gives the pre-trained and the random model the same split)
+    and the random init (``fold_in(key, 1)``).
 
     Returns ``r2`` (per action dimension, NaN where the held-out actions are constant),
     ``r2_mean``, ``train_r2``, ``train_pairs``/``eval_pairs``, ``train_episodes``/``eval_episodes``

@@ -436,21 +436,34 @@ def per_task_figure(table: Table, reference: bool = True,
     FigureCanvasAgg(figure)
     axes_grid = figure.subplots(rows, columns, squeeze=False)
     handles: dict[str, Line2D] = {}
+    partial = False  # some seed went on beyond a shorter one
     for index, task in enumerate(tasks):
         axes = axes_grid[index // columns][index % columns]
         for method in methods:
             runs = table[method].get(task)
             if not runs:
                 continue
-            seeds_by_step = _seeds_by_step(runs)
-            steps = np.array(list(seeds_by_step))  # [steps]
-            values = [np.array([runs[s][step].success_rate if metric == "success_rate" else runs[s][step].return_
-                                for s in seeds]) for step, seeds in seeds_by_step.items()]
-            mean = np.array([v.mean() for v in values])  # [steps]
-            line = axes.plot(steps, mean, color=colors[method], marker="o", markersize=3, label=method)[0]
-            if max(len(seeds) for seeds in seeds_by_step.values()) > 1:
-                low, high = [v.min() for v in values], [v.max() for v in values]
-                axes.fill_between(steps, low, high, color=colors[method], alpha=0.2, linewidth=0)
+            def value(seed: int, step: int) -> float:
+                row = runs[seed][step]
+                return row.success_rate if metric == "success_rate" else row.return_
+
+            # The mean and band only where every seed has a result: beyond the shortest run a mean
+            # over the remaining seeds would jump with the seed set. Longer seeds go on dotted.
+            complete = [step for step, seeds in _seeds_by_step(runs).items() if len(seeds) == len(runs)]
+            values = [np.array([value(seed, step) for seed in runs]) for step in complete]  # [steps][seeds]
+            line = axes.plot(complete, [v.mean() for v in values], color=colors[method], marker="o", markersize=3,
+                             label=method)[0]
+            if len(runs) > 1 and complete:
+                axes.fill_between(complete, [v.min() for v in values], [v.max() for v in values],
+                                  color=colors[method], alpha=0.2, linewidth=0)
+            last = complete[-1] if complete else -1
+            for seed, by_step in runs.items():
+                beyond = [step for step in sorted(by_step) if step > last]
+                if beyond:
+                    start = [last] if complete else []
+                    axes.plot(start + beyond, [value(seed, step) for step in start + beyond], color=colors[method],
+                              linestyle=":", linewidth=1.2, label=f"_{method} seed {seed}")
+                    partial = True
             handles.setdefault(method, line)
         baseline = (baselines or {}).get(normalise_task(task))
         if baseline is not None:
@@ -481,7 +494,8 @@ def per_task_figure(table: Table, reference: bool = True,
         ncol=min(2 if any(len(label) > 30 for label in handles) else 4, len(handles)), fontsize="small"
     )
     figure.suptitle(f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task\n"
-                    "(line: mean over seeds, band: min to max over seeds)")
+                    "(line: mean over seeds, band: min to max over seeds"
+                    + ("; dotted: single seeds past the shortest run)" if partial else ")"))
     return figure
 
 
