@@ -495,7 +495,7 @@ def per_task_figure(table: Table, reference: bool = True,
     )
     figure.suptitle(f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task\n"
                     "(line: mean over seeds, band: min to max over seeds"
-                    + ("; dotted: single seeds past the shortest run)" if partial else ")"))
+                    + (";\ndotted: single seeds past the shortest run)" if partial else ")"))
     return figure
 
 
