@@ -48,7 +48,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
     dataset.sample(np.random.default_rng([config.seed, 2**31 - 1]), 1, config.sequence_length)
     print(f"[prelar] {config.method} pre-training, preset {config.preset}: "
           f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}; "
-          f"data {config.data.kind} at {config.data.root} ({dataset.stats()})", flush=True)
+          f"data {config.data.kind} at {config.data.root}"
+          + (f", frame stride {config.data.frame_stride}" if config.data.frame_stride > 1 else "")
+          + f" ({dataset.stats()})", flush=True)
     rows = parallel.process_rows(mesh, config.batch_size)  # all of them with one process
     if jax.process_count() > 1:
         shown = f"{rows.start}..{rows.stop - 1}" if isinstance(rows, range) else str(rows)
