@@ -551,6 +551,8 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
         "ignored": sorted((set(_flat(pre_params, "params")) | set(_flat(pre_stats, "batch_stats")))
                           - set(used)),
         "step": step,
+        # The pre-training's video frame stride: its dynamics ran at this many environment steps.
+        "frame_stride": int(pre_config.get("data", {}).get("frame_stride", 1)),
     }
     return new_params, new_stats, report
 
@@ -656,9 +658,12 @@ def summarise_report(report: dict[str, Any]) -> str:
             module = "/".join(path.split("/")[:2])
             counts[module] = counts.get(module, 0) + 1
         return ", ".join(f"{m} ({n})" for m, n in sorted(counts.items())) or "none"
+    stride = report.get("frame_stride", 1)
+    note = (f"\nnote: pre-trained with data.frame_stride={stride}: one step of its dynamics spanned {stride} "
+            "video frames, while fine-tuning steps the environment one action at a time") if stride > 1 else ""
     return (f"loaded from pre-training step {report['step']}: {by_module(report['loaded'])}\n"
             f"newly initialised: {by_module(report['initialised'])}\n"
-            f"ignored (not used by fine-tuning): {by_module(report['ignored'])}")
+            f"ignored (not used by fine-tuning): {by_module(report['ignored'])}" + note)
 
 
 def _apply_if_finite(state: AgentState, metrics: Metrics, checked: tuple, **updated: Any) -> AgentState:

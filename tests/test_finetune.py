@@ -101,6 +101,9 @@ def test_load_pretrained_copies_the_world_model_and_reports(pretrained_dir):
     assert any(p.startswith("params/implicit_action/") for p in report["ignored"])
     assert not any("implicit_action" in p for p in report["loaded"])
     assert "params/encoder" in agent_lib.summarise_report(report)
+    assert report["frame_stride"] == 1 and "note:" not in agent_lib.summarise_report(report)
+    # a pre-training on every 4th frame is named: the agent steps the environment one action at a time
+    assert "data.frame_stride=4" in agent_lib.summarise_report({**report, "frame_stride": 4})
 
 
 def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir):
