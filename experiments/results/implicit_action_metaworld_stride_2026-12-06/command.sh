@@ -15,6 +15,9 @@ $PY experiments/pretrain_study.py --config=configs/prelar_pretrain.py:cpu --step
 $PY experiments/pretrain_study.py --config=configs/prelar_pretrain.py:cpu --steps=800 --eval_every=400 \
   --videos=data/videos --probe_videos=data/probe $FM --set loss.code_forward_scale=0.0 \
   --set optimizer.lr=0.001 --set data.frame_stride=4 --out=$OUT/K4_no_forward_model
+# The original PreLAR losses (stochastic code, its KL, tanh consistency, no forward model) at stride 4
+$PY experiments/pretrain_study.py --config=configs/prelar_pretrain.py:cpu --steps=800 --eval_every=400 \
+  --videos=data/videos --probe_videos=data/probe --set data.frame_stride=4 --out=$OUT/K4_original_losses
 # New episodes of 8 pre-training tasks, probed at the model's stride (random features as baseline)
 $PY experiments/diagnostics.py --pretrained=runs/prelar_fm_k4_pre --out=$OUT/seen_tasks_probe \
   --probe_videos=data/probe_seen --skip_transfer
@@ -22,7 +25,8 @@ $PY experiments/diagnostics.py --pretrained=runs/prelar_fm_k4_pre --out=$OUT/see
 for k in 1 4 8; do for m in "" "--in_domain"; do echo "== k=$k $m"
   $PY $OUT/supervised_ceiling_stride.py data/videos data/probe $k 800 1e-3 $m; done; done > $OUT/supervised_ceiling.log
 $PY experiments/study_report.py --plot $OUT/curves.png \
-  experiments/results/implicit_action_metaworld_2026-12-06/M2 $OUT/K4 $OUT/K4_no_forward_model > $OUT/table.md
+  experiments/results/implicit_action_metaworld_2026-12-06/M2 $OUT/K4 $OUT/K4_no_forward_model \
+  $OUT/K4_original_losses > $OUT/table.md
 # Extra ceilings (extra/): 3x the pre-training videos (8 more episodes per task, seed 3), and DrQ shifts
 PROBE=reach-wall,push,faucet-open,sweep-into,pick-place,button-press-wall,plate-slide,coffee-push
 $PY experiments/generate_videos.py --out data/videos_more --exclude door-close,window-close,$PROBE \
