@@ -27,7 +27,7 @@ for k in 1 4 8; do for m in "" "--in_domain"; do echo "== k=$k $m"
 $PY experiments/study_report.py --plot $OUT/curves.png \
   experiments/results/implicit_action_metaworld_2026-12-06/M2 $OUT/K4 $OUT/K4_no_forward_model \
   $OUT/K4_original_losses > $OUT/table.md
-# Extra ceilings (extra/): 3x the pre-training videos (8 more episodes per task, seed 3), and DrQ shifts
+# Extra ceilings (extra/): 3x the pre-training videos (8 more episodes per task, seed 3), DrQ shifts
 PROBE=reach-wall,push,faucet-open,sweep-into,pick-place,button-press-wall,plate-slide,coffee-push
 $PY experiments/generate_videos.py --out data/videos_more --exclude door-close,window-close,$PROBE \
   --episodes 8 --max-steps 150 --noise-std 0.2 --seed 3 --workers 1
@@ -35,6 +35,9 @@ for d in data/videos/* data/videos_more/*; do mkdir -p data/videos_all/$(basenam
   for f in $d/*.npz; do ln -sf $(realpath $f) data/videos_all/$(basename $d)/; done; done
 $PY $OUT/supervised_ceiling_stride.py data/videos_all data/probe 4 1200 1e-3 > $OUT/extra/supervised_ceiling_k4_3x_videos.log
 $PY $OUT/supervised_ceiling_stride.py data/videos data/probe 4 1200 1e-3 --shift 4 > $OUT/extra/supervised_ceiling_k4_shift4.log
+# ... and a code network of twice the width (conv depth 32, hidden 512)
+$PY $OUT/supervised_ceiling_stride.py data/videos data/probe 4 800 1e-3 --set model.depth=32 \
+  --set implicit_action.hidden=512 > $OUT/extra/supervised_ceiling_k4_wider.log
 # S4_prestrided: K4's setting for 800 updates, run first through files that were already strided
 # (frame_stride 1 on them): each pre-training episode written as 4 files (frames o, o+4, ... for
 # o = 0..3, the 4 actions between kept frames summed), each probe episode as one (o = 0)

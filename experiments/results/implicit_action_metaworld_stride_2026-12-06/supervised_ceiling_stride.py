@@ -8,6 +8,7 @@ show the action at all), else on the pre-training videos (does it carry over to 
 Run from the repository root:
 
     python supervised_ceiling_stride.py TRAIN_DIR PROBE_DIR K [UPDATES] [LR] [--in_domain] [--shift N]
+        [--set KEY=VALUE ...]   (config overrides, e.g. --set model.depth=32)
 """
 import os
 import sys
@@ -24,13 +25,15 @@ from prelar_jax.evaluation import pretrain_eval, probe  # noqa: E402
 from prelar_jax.nets.common import preprocess_image  # noqa: E402
 
 shift = int(sys.argv[sys.argv.index("--shift") + 1]) if "--shift" in sys.argv else 0
-args = [a for i, a in enumerate(sys.argv[1:], 1) if not a.startswith("--") and sys.argv[i - 1] != "--shift"]
+sets = dict(sys.argv[i + 1].split("=", 1) for i, a in enumerate(sys.argv) if a == "--set")
+args = [a for i, a in enumerate(sys.argv[1:], 1)
+        if not a.startswith("--") and sys.argv[i - 1] not in ("--shift", "--set")]
 train_dir, probe_dir, k = args[0], args[1], int(args[2])
 updates = int(args[3]) if len(args) > 3 else 800
 lr = float(args[4]) if len(args) > 4 else 1e-3
 in_domain = "--in_domain" in sys.argv
-cfg = config_lib.load_config("configs/prelar_pretrain.py:cpu", {"data.root": train_dir,
-                                                                "implicit_action.code_type": "deter"})
+cfg = config_lib.load_config("configs/prelar_pretrain.py:cpu", {
+    "data.root": train_dir, "implicit_action.code_type": "deter", **{k: int(v) for k, v in sets.items()}})
 model = pretrain.PretrainModel(cfg)
 params, stats = model.init(jax.random.key(0))
 raw = probe.read_npz_episodes(probe_dir)
@@ -43,7 +46,8 @@ train = probe.stride_episodes([{"image": ep["image"][o:], "action": ep["action"]
 pairs = np.concatenate([np.stack([ep["image"][:-1], ep["image"][1:]], 1) for ep in train])
 acts = np.concatenate([ep["action"][1:, :3] for ep in train]).astype(np.float32)
 scale = acts.std(axis=0) + 1e-6
-print(f"k={k} in_domain={in_domain} shift={shift} pairs {pairs.shape} action std {acts.std(axis=0).round(3)}", flush=True)
+print(f"k={k} in_domain={in_domain} shift={shift} overrides={sets} pairs {pairs.shape} "
+      f"action std {acts.std(axis=0).round(3)}", flush=True)
 net = model.implicit_action
 opt = optax.adam(lr)
 p, s = params["implicit_action"], stats.get("implicit_action", {})
