@@ -38,6 +38,13 @@ $PY $OUT/supervised_ceiling_stride.py data/videos data/probe 4 1200 1e-3 --shift
 # ... and a code network of twice the width (conv depth 32, hidden 512)
 $PY $OUT/supervised_ceiling_stride.py data/videos data/probe 4 800 1e-3 --set model.depth=32 \
   --set implicit_action.hidden=512 > $OUT/extra/supervised_ceiling_k4_wider.log
+# ... and 40 tasks: the 10 Meta-World tasks in neither set (4 episodes each) added to the 30
+$PY experiments/generate_videos.py --out data/videos_extra10 --tasks button-press,button-press-topdown-wall,dial-turn,\
+door-lock,door-open,drawer-open,hammer,lever-pull,reach,window-open --episodes 4 --max-steps 150 --noise-std 0.2 \
+  --seed 0 --workers 2
+for d in data/videos/* data/videos_extra10/*; do mkdir -p data/videos_40/$(basename $d)
+  for f in $d/*.npz; do ln -sf $(realpath $f) data/videos_40/$(basename $d)/; done; done
+$PY $OUT/supervised_ceiling_stride.py data/videos_40 data/probe 4 800 1e-3 > $OUT/extra/supervised_ceiling_k4_40_tasks.log
 # S4_prestrided: K4's setting for 800 updates, run first through files that were already strided
 # (frame_stride 1 on them): each pre-training episode written as 4 files (frames o, o+4, ... for
 # o = 0..3, the 4 actions between kept frames summed), each probe episode as one (o = 0)
