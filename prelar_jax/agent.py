@@ -513,6 +513,8 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     that differ) when the pre-trained modules do not fit, and ``FileNotFoundError`` with what to
     do when the workdir has no config or checkpoint (``PretrainedNotFoundError``).
     """
+    from prelar_jax import config as config_lib  # local: config imports nets only
+
     workdir = os.path.abspath(pretrained_workdir)
     pre_config, pre_params, pre_stats, step = restore_pretrain_state(workdir)
     differences = [f"model.{k}: pre-training {pre_config.model[k]!r}, fine-tuning {finetune_model_config[k]!r}"
@@ -552,7 +554,7 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
                           - set(used)),
         "step": step,
         # The pre-training's video frame stride: its dynamics ran at this many environment steps.
-        "frame_stride": int(pre_config.get("data", {}).get("frame_stride", 1)),
+        "frame_stride": config_lib.frame_stride(pre_config),
     }
     return new_params, new_stats, report
 

@@ -193,6 +193,12 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(handle))
 
 
+def frame_stride(c: ml_collections.ConfigDict) -> int:
+    """A pre-training config's ``data.frame_stride`` (every k-th video frame); 1 for configs saved
+    before the key existed."""
+    return int(c.get("data", {}).get("frame_stride", 1))
+
+
 def _positive_ints(c: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
     for key in keys:
         value = c

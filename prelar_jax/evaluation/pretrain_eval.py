@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prelar_jax import config as config_lib
 from prelar_jax.evaluation import probe, transfer
 
 
@@ -152,7 +153,7 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
     from prelar_jax import parallel, pretrain
 
     length = length or config.sequence_length
-    probe_episodes = probe.stride_episodes(probe_episodes, config.data.get("frame_stride", 1))
+    probe_episodes = probe.stride_episodes(probe_episodes, config_lib.frame_stride(config))
     model = pretrain.PretrainModel(config, bn_axis_name=parallel.AXIS)
     eval_model = pretrain.PretrainModel(config)
     optimizer = pretrain.make_optimizer(config)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prelar_jax import config as config_lib
 from prelar_jax.agent import read_pretrain_config, restore_pretrain_state  # noqa: F401 (re-exported)
 from prelar_jax.errors import UserError
 
@@ -311,7 +312,7 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     if len(episodes) < 2:
         raise ProbeError(f"the probe needs at least 2 episodes (one to fit, one to evaluate), got {len(episodes)}")
     _check_episodes(episodes, config.image_size)
-    stride = config.get("data", {}).get("frame_stride", 1)
+    stride = config_lib.frame_stride(config)
     episodes = stride_episodes(episodes, stride)
     short = [i for i, episode in enumerate(episodes) if len(episode["image"]) < 2]
     if short:
