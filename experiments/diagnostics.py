@@ -105,6 +105,15 @@ def format_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(_number(v, 3) for v in res["r2"])
                          + f" | {_number(res['r2_mean'], 3)} | {res['train_pairs']} / {res['eval_pairs']} |")
         lines.append("")
+        if all("hand" in res for res in probe.values()):
+            lines += ["## The same probe to the hand's measured displacement between the pair's frames", "",
+                      "(the motion the frames show; the commanded action differs from it where the arm lags, "
+                      "touches something or the command is clipped)", "",
+                      "| encoder | R² dx | R² dy | R² dz | mean R² |", "|---|---|---|---|---|"]
+            for name, res in probe.items():
+                lines.append(f"| {name} | " + " | ".join(_number(v, 3) for v in res["hand"]["r2"])
+                             + f" | {_number(res['hand']['r2_mean'], 3)} |")
+            lines.append("")
     transfer = results.get("transfer")
     if transfer:
         first = next(iter(transfer.values()))
@@ -177,8 +186,9 @@ def _measure(args: argparse.Namespace, out: str, task: str, preset: str, prelar_
         for name, workdir, config in (("PreLAR pre-trained", args.pretrained, None),
                                       ("random init", None, prelar_pre)):
             res = probe.implicit_action_probe(workdir, config, episodes, probe_key, args.train_fraction)
-            print(f"[diagnostics] probe {name}: R² {[round(v, 3) for v in res['r2']]}, mean {res['r2_mean']:.3f}",
-                  flush=True)
+            hand = f"; hand displacement R² mean {res['hand']['r2_mean']:.3f}" if "hand" in res else ""
+            print(f"[diagnostics] probe {name}: R² {[round(v, 3) for v in res['r2']]}, mean {res['r2_mean']:.3f}"
+                  f"{hand}", flush=True)
             results["probe"][name] = res
 
     if not args.skip_transfer:

@@ -40,12 +40,13 @@ def plot(directories: list[str], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(14, 4.2))
+    studies = [(directory, read_study(directory)[1]) for directory in directories]
+    with_hand = any(rows and "probe_hand_r2_mean" in rows[-1] for _, rows in studies)
+    figure = Figure(figsize=(18.5 if with_hand else 14, 4.2))
     FigureCanvasAgg(figure)
-    mse_axes, recon_axes, probe_axes = figure.subplots(1, 3)
+    mse_axes, recon_axes, probe_axes, *hand_axes = figure.subplots(1, 4 if with_hand else 3)
     colors = ["C%d" % i for i in range(10)]
-    for index, directory in enumerate(directories):
-        _, rows = read_study(directory)
+    for index, (directory, rows) in enumerate(studies):
         if not rows:
             continue
         name, color = os.path.basename(os.path.normpath(directory)), colors[index % len(colors)]
@@ -58,12 +59,22 @@ def plot(directories: list[str], path: str) -> None:
             probe_axes.plot(steps, [row["probe_r2_mean"] for row in rows], color=color, marker="o", label=name)
             if "probe_r2_random_encoder_mean" in rows[0]:
                 probe_axes.axhline(rows[0]["probe_r2_random_encoder_mean"], color=color, linestyle="--", linewidth=1)
+        if hand_axes and "probe_hand_r2_mean" in rows[-1]:
+            hand_axes[0].plot(steps, [row.get("probe_hand_r2_mean", float("nan")) for row in rows], color=color,
+                              marker="o", label=name)
+            if "probe_hand_r2_random_encoder_mean" in rows[0]:
+                hand_axes[0].axhline(rows[0]["probe_hand_r2_random_encoder_mean"], color=color, linestyle="--",
+                                     linewidth=1)
     mse_axes.set_title("open-loop MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
     recon_axes.set_title("reconstruction MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
     probe_axes.set_title("held-out probe R² of the codes\n(step 0: the initialisation; dashed: random features)",
                          fontsize=10)
     probe_axes.axhline(0.0, color="grey", linewidth=0.8)
-    for axes in (mse_axes, recon_axes, probe_axes):
+    for axes in hand_axes:
+        axes.set_title("held-out probe R² to the hand's measured motion\n(dashed: random features)", fontsize=10)
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+        axes.legend(fontsize=7)
+    for axes in (mse_axes, recon_axes, probe_axes, *hand_axes):
         axes.set_xlabel("updates")
         axes.grid(alpha=0.3)
     mse_axes.set_yscale("log")
@@ -75,8 +86,9 @@ def plot(directories: list[str], path: str) -> None:
 
 def table(directories: list[str]) -> str:
     lines = ["| run | overrides | step | implicit KL | probe R² action: init → trained | probe R² random features | "
-             "probe R² position: init → trained | open-loop MSE | recon MSE | mean-frame MSE | last-frame MSE |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "probe R² position: init → trained | probe R² hand motion: trained (random features) | "
+             "open-loop MSE | recon MSE | mean-frame MSE | last-frame MSE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for directory in directories:
         if not os.path.exists(os.path.join(directory, "study.jsonl")):
             print(f"skipped {directory}: no study.jsonl", file=sys.stderr)
@@ -92,6 +104,7 @@ def table(directories: list[str]) -> str:
             f"{_fmt(first.get('probe_r2_mean'), 2)} → {_fmt(last.get('probe_r2_mean'), 2)} | "
             f"{_fmt(first.get('probe_r2_random_encoder_mean'), 2)} | "
             f"{_fmt(first.get('probe_position_r2_mean'), 2)} → {_fmt(last.get('probe_position_r2_mean'), 2)} | "
+            f"{_fmt(last.get('probe_hand_r2_mean'), 2)} ({_fmt(first.get('probe_hand_r2_random_encoder_mean'), 2)}) | "
             f"{_fmt(last['open_loop_mse'])} | {_fmt(last['recon_mse'])} | {_fmt(last['mean_frame_mse'])} | "
             f"{_fmt(last['last_frame_mse'])} |")
     return "\n".join(lines)

@@ -175,12 +175,14 @@ def test_probe_rejects_what_it_cannot_probe(pretrained_dir):
 def test_stride_episodes_hand_case():
     action = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)  # a_t = (2t, 2t + 1)
     episode = {"image": np.arange(7)[:, None, None, None].astype(np.uint8) * np.ones((1, 4, 4, 3), np.uint8),
-               "action": action, "position": np.arange(7, dtype=np.float32)[:, None], "task": "t"}
+               "action": action, "position": np.arange(7, dtype=np.float32)[:, None], "task": "t",
+               "hand": np.arange(7 * 3, dtype=np.float32).reshape(7, 3)}
     (strided,) = probe.stride_episodes([episode], 3)
     np.testing.assert_array_equal(strided["image"][:, 0, 0, 0], [0, 3, 6])
     # frame 3 came from a_1 + a_2 + a_3, frame 6 from a_4 + a_5 + a_6; row 0 zeros
     np.testing.assert_array_equal(strided["action"], [[0, 0], [2 + 4 + 6, 3 + 5 + 7], [8 + 10 + 12, 9 + 11 + 13]])
     np.testing.assert_array_equal(strided["position"][:, 0], [0, 3, 6])
+    np.testing.assert_array_equal(strided["hand"][:, 0], [0, 9, 18])
     assert strided["task"] == "t"
     assert probe.stride_episodes([episode], 1)[0] is episode
     with pytest.raises(probe.ProbeError, match="stride must be >= 1"):
@@ -203,11 +205,38 @@ def test_probe_reads_pairs_at_the_models_frame_stride():
         probe.implicit_action_probe(None, strided_config, episodes, key, chunk=16)
 
 
+def test_hand_target_pairs_each_code_with_the_motion_between_its_frames():
+    """Episodes whose hand moves exactly by the (x, y, z) action: the hand probe (the hand's
+    measured displacement between a pair's frames) equals the action probe on those dimensions,
+    at stride 1 and at a model's frame stride (displacement over k frames = the summed actions);
+    a hand that moves by the next action instead scores differently."""
+    key = jax.random.key(4, impl="unsafe_rbg")
+    episodes = synthetic_episodes(6, 9)
+    for episode in episodes:
+        episode["hand"] = np.cumsum(episode["action"][:, :3], axis=0)  # hand[t] - hand[t-1] = a_t
+    for stride in (1, 2):
+        config = pretrain_config()
+        config.data.frame_stride = stride
+        result = probe.implicit_action_probe(None, config, episodes, key, chunk=16)
+        np.testing.assert_allclose(result["hand"]["r2"], result["r2"][:3], rtol=1e-5, atol=1e-6)
+    shifted = [dict(ep, hand=np.cumsum(np.roll(ep["action"][:, :3], -1, axis=0), axis=0)) for ep in episodes]
+    result = probe.implicit_action_probe(None, pretrain_config(), shifted, key, chunk=16)
+    assert not np.allclose(result["hand"]["r2"], result["r2"][:3], atol=1e-3)
+    # The study's probe (pretrain_eval.probe_scores) reads it the same way.
+    from prelar_jax.evaluation import pretrain_eval
+    model = PretrainModel(probe.random_features_config(pretrain_config()))
+    params, stats = jax.jit(model.init)(key)
+    scores = pretrain_eval.probe_scores(probe.make_code_fn(model), params, stats, episodes, [0, 1, 2, 3], [4, 5])
+    np.testing.assert_allclose(scores["hand"]["r2"], scores["r2"], rtol=1e-5, atol=1e-6)
+
+
 def test_read_npz_episodes(tmp_path):
     for task, count in (("push", 3), ("reach-wall", 1)):
         for episode in synthetic_episodes(count, 4, seed=count):
-            save_episode(tmp_path / task, {**episode, "is_first": np.arange(4) == 0})
+            hand = {"hand": np.ones((4, 3), np.float64)} if task == "push" else {}
+            save_episode(tmp_path / task, {**episode, "is_first": np.arange(4) == 0, **hand})
     episodes = probe.read_npz_episodes(tmp_path)
+    assert episodes[0]["hand"].dtype == np.float32 and "hand" not in episodes[-1]
     assert [e["task"] for e in episodes] == ["push"] * 3 + ["reach-wall"]
     assert episodes[0]["image"].shape == (4, 64, 64, 3) and episodes[0]["action"].dtype == np.float32
     assert [e["task"] for e in probe.read_npz_episodes(tmp_path, max_per_task=2)] == ["push"] * 2 + ["reach-wall"]
@@ -320,6 +349,10 @@ def test_cli_table_and_bad_workdir(tmp_path, capsys):
                                 "transfer": {"PreLAR": transfer_result}})
     assert "| PreLAR pre-trained | 0.500 | n/a | 0.250 | 0.000 | 0.250 | 10 / 5 |" in text
     assert "| PreLAR | configs/prelar_finetune.py:tiny | 0.02000 | 0.01000 | 16.99 | 20.00 |" in text
+    assert "hand's measured displacement" not in text  # probe episodes without the hand's position
+    with_hand = cli.format_markdown({"probe": {"PreLAR pre-trained": {
+        **probe_result, "hand": {"r2": [0.7, 0.6, 0.8], "r2_mean": 0.7}}}})
+    assert "| PreLAR pre-trained | 0.700 | 0.600 | 0.800 | 0.700 |" in with_hand
     assert cli.json_safe({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
     with pytest.raises(SystemExit) as exit_info:
         cli.main([f"--pretrained={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}"])

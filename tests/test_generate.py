@@ -115,7 +115,7 @@ def test_generate_tiny_run_loads_and_is_worker_independent(tmp_path: Path) -> No
     assert set(episodes) == {"reach", "push"}
     for task, ep in episodes.items():
         n = len(ep["image"])
-        assert set(ep) == {"image", "action", "reward", "success", "is_first", "is_last", "is_terminal"}
+        assert set(ep) == {"image", "action", "reward", "success", "is_first", "is_last", "is_terminal", "hand"}
         assert ep["image"].shape == (n, 64, 64, 3) and ep["image"].dtype == np.uint8
         assert ep["image"].mean() > 40
         assert ep["action"].shape == (n, 4) and ep["action"].dtype == np.float32
@@ -124,6 +124,11 @@ def test_generate_tiny_run_loads_and_is_worker_independent(tmp_path: Path) -> No
         assert ep["is_first"].tolist() == [True] + [False] * (n - 1)
         assert ep["is_last"].tolist() == [False] * (n - 1) + [True]
         assert not ep["is_terminal"].any()
+        # The hand's measured position: it moves the way the (x, y, z) actions push it.
+        assert ep["hand"].shape == (n, 3) and ep["hand"].dtype == np.float32
+        moved, pushed = np.diff(ep["hand"], axis=0), ep["action"][1:, :3]
+        assert np.abs(moved).max() > 1e-3
+        assert all(np.corrcoef(moved[:, d], pushed[:, d])[0, 1] > 0.3 for d in range(3) if pushed[:, d].std() > 0.1)
         hits = np.flatnonzero(ep["success"])
         if hits.size:  # cut 2 steps after the first success
             assert n - 1 == hits[0] + 2

@@ -36,3 +36,13 @@ def test_table_and_curves(tmp_path, capsys):
     assert "skipped" in out.err
     image = Image.open(png)
     assert image.size[0] > 1000 and len(set(image.convert("L").getdata())) > 10  # drawn, not blank
+    assert "| – (–) |" in lines[0]  # no hand-motion probe in these studies
+
+    # Studies whose probe videos have the hand's position: its column and a fourth panel.
+    c = _study(tmp_path / "D", {}, [dict(_row(0, 0.0, 0.03), probe_hand_r2_mean=0.0, probe_hand_r2_random_encoder_mean=0.1),
+                                    dict(_row(500, 0.3, 0.004), probe_hand_r2_mean=0.7)])
+    wide = tmp_path / "wide.png"
+    report.main(["--plot", str(wide), a, c])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| D")]
+    assert "| 0.70 (0.10) |" in line
+    assert Image.open(wide).size[0] > image.size[0]

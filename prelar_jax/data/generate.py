@@ -116,6 +116,7 @@ class _EpisodeRunner:
         policy = ENV_POLICY_MAP[f"{task}-v3"]()
         obs = env.reset(seed=env_seed)
         images = [obs["image"]]
+        hands = [obs["state"][:3]]
         actions = [np.zeros(4, np.float32)]
         rewards = [0.0]
         successes = [False]
@@ -129,6 +130,7 @@ class _EpisodeRunner:
             action = action.astype(np.float32)
             obs = env.step(action)
             images.append(obs["image"])
+            hands.append(obs["state"][:3])
             actions.append(action)
             rewards.append(obs["reward"])
             successes.append(obs["success"])
@@ -151,6 +153,9 @@ class _EpisodeRunner:
             "is_first": np.arange(n) == 0,  # [L+1]
             "is_last": np.arange(n) == n - 1,  # [L+1]
             "is_terminal": np.zeros(n, bool),  # [L+1]
+            # The hand's measured position (Meta-World state[:3], metres) in each frame: what the
+            # frames show moving, as against the commanded action (the probe's `hand` target).
+            "hand": np.stack(hands).astype(np.float32),  # [L+1, 3]
         }
         path = save_episode(Path(cfg.out_dir) / task, episode_data)
         return {

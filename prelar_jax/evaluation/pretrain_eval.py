@@ -106,7 +106,12 @@ def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], tra
 
     Where episodes carry ``position`` (synthetic videos) the result also has ``position``: the
     same probe to the object's position in the pair's second frame. A code that scores there but
-    not on the action carries the frame, not the change between frames."""
+    not on the action carries the frame, not the change between frames.
+
+    Where episodes carry ``hand`` (Meta-World videos generated with it) the result also has
+    ``hand``: the same probe to the hand's measured displacement between the pair's frames
+    (``hand[t] - hand[t-1]``), the motion the frames show, as against the commanded action (which
+    the arm's controller lag, contacts and clipping separate from it)."""
     codes = probe.episode_codes(code_fn, params, stats, episodes)
     actions = [np.asarray(ep["action"], np.float64)[1:, :action_dims] for ep in episodes]
     result = probe.linear_probe(codes, actions, train, held_out)
@@ -115,6 +120,10 @@ def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], tra
         positions = [np.asarray(ep["position"], np.float64)[1:] for ep in episodes]
         result["position"] = probe.linear_probe(codes, positions, train, held_out)
         result["position"]["knn_r2_mean"] = knn_probe(codes, positions, train, held_out)
+    if all("hand" in ep for ep in episodes):
+        moves = [np.diff(np.asarray(ep["hand"], np.float64), axis=0) for ep in episodes]
+        result["hand"] = probe.linear_probe(codes, moves, train, held_out)
+        result["hand"]["knn_r2_mean"] = knn_probe(codes, moves, train, held_out)
     return result
 
 
@@ -186,11 +195,15 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
             if "position" in scores:
                 row["probe_position_r2_mean"] = scores["position"]["r2_mean"]
                 row["probe_position_knn_r2_mean"] = scores["position"]["knn_r2_mean"]
+            if "hand" in scores:
+                row["probe_hand_r2"] = scores["hand"]["r2"]
+                row["probe_hand_r2_mean"] = scores["hand"]["r2_mean"]
         rows.append(row)
         shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
                  if k in ("step", "loss", "image_loss", "kl", "implicit_kl", "consistency", "code_forward_loss", "open_loop_mse",
                           "recon_mse", "mean_frame_mse", "last_frame_mse", "probe_r2_mean", "probe_r2_random_encoder_mean",
-                          "probe_knn_r2_mean", "probe_position_r2_mean",
+                          "probe_hand_r2_random_encoder_mean",
+                          "probe_knn_r2_mean", "probe_position_r2_mean", "probe_hand_r2_mean",
                           "seconds")}
         log(json.dumps(shown))
         if out:
@@ -198,8 +211,13 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
                 f.write(json.dumps(row) + "\n")
 
     start = time.perf_counter()
-    evaluate(0, {} if code_fn is None else {"probe_r2_random_encoder_mean": random_encoder_probe(
-        config, probe_episodes, train_eps, held_out)["r2_mean"]})
+    baseline = {}
+    if code_fn is not None:
+        random_scores = random_encoder_probe(config, probe_episodes, train_eps, held_out)
+        baseline["probe_r2_random_encoder_mean"] = random_scores["r2_mean"]
+        if "hand" in random_scores:
+            baseline["probe_hand_r2_random_encoder_mean"] = random_scores["hand"]["r2_mean"]
+    evaluate(0, baseline)
     metrics = {}
     for step in range(1, steps + 1):
         batch = dataset.sample(np.random.default_rng([config.seed, step]), config.batch_size, config.sequence_length)

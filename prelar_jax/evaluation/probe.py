@@ -154,6 +154,8 @@ def read_npz_episodes(root: str | os.PathLike, max_per_task: int | None = None) 
                 episode = {"image": data["image"], "action": data["action"].astype(np.float32), "task": task}
                 if "position" in data:  # synthetic videos: the object's position in each frame
                     episode["position"] = data["position"].astype(np.float32)
+                if "hand" in data:  # Meta-World videos: the hand's measured position in each frame
+                    episode["hand"] = data["hand"].astype(np.float32)
         except (OSError, ValueError) as error:
             if isinstance(error, ProbeError):
                 raise
@@ -168,7 +170,8 @@ def stride_episodes(episodes: Sequence[dict[str, Any]], stride: int) -> list[dic
     ``data.frame_stride`` = ``stride`` sees videos: frames 0, k, 2k, ... and, for each kept frame
     after the first, the sum of the k actions that led to it from the previous kept frame (row 0
     zeros), so that a probe of pair ``(o_{(j-1)k}, o_{jk})`` targets the whole motion between them.
-    ``position`` (synthetic videos) is kept at the same frames. ``stride`` 1 returns the episodes."""
+    ``position`` (synthetic videos) and ``hand`` (Meta-World) are kept at the same frames.
+    ``stride`` 1 returns the episodes."""
     stride = int(stride)
     if stride < 1:
         raise ProbeError(f"frame stride must be >= 1, got {stride}")
@@ -182,8 +185,9 @@ def stride_episodes(episodes: Sequence[dict[str, Any]], stride: int) -> list[dic
         for j in range(1, len(kept)):
             summed[j] = action[kept[j - 1] + 1:kept[j] + 1].sum(axis=0)
         strided = {**episode, "image": np.asarray(episode["image"])[kept], "action": summed}
-        if "position" in episode:
-            strided["position"] = np.asarray(episode["position"])[kept]
+        for key in ("position", "hand"):
+            if key in episode:
+                strided[key] = np.asarray(episode[key])[kept]
         out.append(strided)
     return out
 
@@ -297,6 +301,7 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     and the random init (``fold_in(key, 1)``).
 
     Returns ``r2`` (per action dimension, NaN where the held-out actions are constant),
+    ``hand`` (where every episode has ``hand``: the same probe to the hand's measured displacement),
     ``r2_mean``, ``train_r2``, ``train_pairs``/``eval_pairs``, ``train_episodes``/``eval_episodes``
     (indices into ``episodes``), ``code_type``, ``code_dim``, ``source`` ('pretrained' or
     'random_init'), ``workdir`` and ``step`` (the checkpoint step; None for a random init).
@@ -333,6 +338,9 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     if not all(np.all(np.isfinite(c)) for c in codes):
         raise ProbeError("the implicit-action codes contain NaN or inf: the model's parameters are not finite")
     result = linear_probe(codes, actions, train, held_out)
+    if all("hand" in episode for episode in episodes):  # the hand's measured displacement per pair
+        moves = [np.diff(np.asarray(episode["hand"], np.float64), axis=0) for episode in episodes]
+        result["hand"] = linear_probe(codes, moves, train, held_out)
     result.update({
         "train_episodes": [int(i) for i in train],
         "eval_episodes": [int(i) for i in held_out],
