@@ -49,8 +49,8 @@ import jax.numpy as jnp
 from prelar_jax.distributions import truncated_normal_entropy, truncated_normal_sample
 from prelar_jax.errors import UserError
 from prelar_jax.nets.rssm import State, feature
+from prelar_jax.types import Params
 
-Params = Any
 PolicyFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]  # feat [N, F] -> (mean, std) [N, A]
 StepFn = Callable[[State, jax.Array, jax.Array], State]  # (state [N], action [N, A], keys [N]) -> state
 FeatureFn = Callable[[State], jax.Array]  # state -> feat [..., F]

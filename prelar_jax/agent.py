@@ -42,10 +42,11 @@ from prelar_jax.nets.common import MLP
 from prelar_jax.nets.heads import Actor, ScalarHead
 from prelar_jax.nets.rssm import RSSM, State, feature
 from prelar_jax.parallel import AXIS
-from prelar_jax.pretrain import PretrainModel, adam, make_optimizer
+from prelar_jax.learners import optim
+from prelar_jax.learners.optim import adam
+from prelar_jax.pretrain import PretrainModel, make_optimizer
+from prelar_jax.types import Metrics, Params
 
-Params = Any
-Metrics = dict[str, jax.Array]
 sg = jax.lax.stop_gradient
 
 ACTOR_CRITIC_MODULES = ("actor", "critic")
@@ -326,8 +327,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         (_, (new_stats, post, bonus, wm_metrics)), wm_grads = grad_fn(
             wm_params, state.batch_stats, state.intrinsic, batch, key, example_index)
         wm_grads = mean(wm_grads)
-        updates, model_opt_state = self.model_optimizer.update(wm_grads, state.model_opt_state, wm_params)
-        wm_params = optax.apply_updates(wm_params, updates)
+        wm_params, model_opt_state = optim.apply_update(self.model_optimizer, wm_grads, state.model_opt_state,
+                                                        wm_params)
         return wm_params, model_opt_state, new_stats, post, bonus, wm_metrics, wm_grads
 
     def imagination_start(self, post: State, key: jax.Array,
@@ -358,9 +359,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         (_, ac_metrics), ac_grads = jax.value_and_grad(self.actor_critic_loss, has_aux=True)(
             ac_params, wm_params, state.slow_critic, start, keys)
         ac_grads = mean(ac_grads)
-        updates, ac_opt_state = self.actor_critic_optimizer.update(
-            ac_grads, state.actor_critic_opt_state, ac_params)
-        ac_params = optax.apply_updates(ac_params, updates)
+        ac_params, ac_opt_state = optim.apply_update(self.actor_critic_optimizer, ac_grads,
+                                                     state.actor_critic_opt_state, ac_params)
         slow = actor_critic.update_slow_critic(state.slow_critic, ac_params["critic"], state.step,
                                                self.ac_config.slow_update_every)
         return ac_params, ac_opt_state, slow, ac_metrics, ac_grads
@@ -672,10 +672,9 @@ def _apply_if_finite(state: AgentState, metrics: Metrics, checked: tuple, **upda
     """``state`` with the ``updated`` fields if every loss and gradient in ``checked`` is finite,
     else unchanged (the same decision on every device: losses and gradients are averaged);
     records ``metrics["nonfinite"]``. The callers advance the step counter either way."""
-    finite = parallel.all_finite(*checked)
-    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     kept = {name: getattr(state, name) for name in updated}
-    return state.replace(**parallel.select_finite(finite, updated, kept))
+    chosen, metrics["nonfinite"] = optim.keep_if_finite(checked, updated, kept)
+    return state.replace(**chosen)
 
 
 def _mean_over(axis_name: str | None) -> Callable[[Any], Any]:

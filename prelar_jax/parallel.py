@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prelar_jax.errors import UserError
+from prelar_jax.learners import optim
 
 AXIS = "data"
 
@@ -262,18 +263,6 @@ def data_parallel(per_device: Callable, mesh: Mesh, out_specs: tuple = (P(), P()
     return jax.jit(sharded, donate_argnums=0)
 
 
-def all_finite(*trees: Any) -> jax.Array:
-    """True when every floating-point leaf of every tree is finite (a scalar bool)."""
-    leaves = [x for tree in trees for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
-
-
-def select_finite(finite: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where the update was finite, else ``old``, leaf by leaf: a non-finite loss or
-    gradient skips the update instead of writing NaN into parameters or optimiser moments."""
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
                     seed: int) -> Callable:
     """``step(state, batch) -> (state, metrics)``: one jitted, donated, data-parallel update.
@@ -297,16 +286,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                                                         {**batch, "step": state.step}, key, example_index)
         grads = jax.lax.pmean(grads, AXIS)
         metrics = jax.lax.pmean(metrics, AXIS)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = optim.apply_update(optimizer, grads, state.opt_state, state.params)
         # Modules without BatchNorm keep their (empty) statistics.
         batch_stats = {**state.batch_stats, **batch_stats}
         # The same decision on every device: gradients are averaged, the loss is averaged here.
-        finite = all_finite(jax.lax.pmean(loss, AXIS), grads)
-        params, batch_stats, opt_state = select_finite(
-            finite, (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                       nonfinite=1.0 - finite.astype(jnp.float32))
+        (params, batch_stats, opt_state), nonfinite = optim.keep_if_finite(
+            (jax.lax.pmean(loss, AXIS), grads), (params, batch_stats, opt_state),
+            (state.params, state.batch_stats, state.opt_state))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), nonfinite=nonfinite)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, metrics

@@ -13,8 +13,6 @@ differentiates it and shards it over devices is built in ``prelar_jax.parallel``
 
 from __future__ import annotations
 
-from typing import Any
-
 import chex
 import flax
 import jax
@@ -25,10 +23,10 @@ import optax
 from prelar_jax import consistency, distributions, world_model
 from prelar_jax.nets.implicit_action import (CodeForwardModel, ImplicitActionEncoder, PixelForwardModel,
                                             code_from_params)
+from prelar_jax.learners.optim import adam
 from prelar_jax.nets.rssm import RSSM, feature, mask_reset
+from prelar_jax.types import Metrics, Params
 
-Params = Any
-Metrics = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -39,23 +37,6 @@ class TrainState:
     params: Params  # {'encoder', 'decoder', 'rssm', 'implicit_action'?}
     batch_stats: Params  # BatchNorm running statistics, same keys where a module has BatchNorm
     opt_state: optax.OptState
-
-
-def adam(optimizer_config: ml_collections.ConfigDict,
-         learning_rate: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
-    """The original torch Adam: clip first, then coupled L2 (``wd * p`` added to the gradient).
-
-    ``optimizer_config`` has ``lr``, ``eps``, ``clip`` and ``weight_decay``; ``learning_rate``
-    (a number or a schedule) replaces ``lr`` when given. Every optimiser of every method is one
-    of these, one per parameter group (each group clipped by its own global norm).
-    """
-    opt = optimizer_config
-    return optax.chain(
-        optax.clip_by_global_norm(opt.clip),
-        optax.add_decayed_weights(opt.weight_decay),
-        optax.scale_by_adam(b1=0.9, b2=0.999, eps=opt.eps),
-        optax.scale_by_learning_rate(opt.lr if learning_rate is None else learning_rate),
-    )
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -59,7 +59,7 @@ class NonFiniteMonitor:
     update just dispatched), logs every skipped update with its step, and raises
     ``NonFiniteError`` naming the last checkpoint after ``limit`` skipped updates in a row.
 
-    Skipped updates never change the parameters (see ``parallel.select_finite``), so the
+    Skipped updates never change the parameters (see ``learners.optim.keep_if_finite``), so the
     checkpoints written before and during a streak are good.
     """
 

@@ -30,8 +30,8 @@ import numpy as np
 from prelar_jax import config as config_lib
 from prelar_jax.agent import read_pretrain_config, restore_pretrain_state  # noqa: F401 (re-exported)
 from prelar_jax.errors import UserError
+from prelar_jax.types import Params
 
-Params = Any
 
 # Below this total sum of squares (per held-out pair) an action dimension counts as constant and its
 # R² is undefined (reported as NaN, left out of the mean).

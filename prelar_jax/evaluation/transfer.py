@@ -35,11 +35,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from prelar_jax.errors import UserError
 
-Params = Any
 
 
 class TransferError(UserError, ValueError):
@@ -149,30 +147,15 @@ def evaluation_windows(episodes: Sequence[dict[str, Any]], length: int) -> list[
 
 def make_world_model_step(agent):
     """``step(state, batch, key) -> (state, metrics)``: the world-model half of
-    ``FinetuneAgent.update`` on one device (no mesh, no ``pmean``), jitted with the state donated.
-    A non-finite loss or gradient keeps the state (the step counter still advances), as the full
-    update does."""
-    from prelar_jax import parallel
-
-    modules = agent.world_model_modules()
+    ``FinetuneAgent.update`` (``update_world_model``) on one device (no mesh, no ``pmean``), jitted
+    with the state donated; advances the step counter. A non-finite loss or gradient keeps the
+    state (the step counter still advances), as the full update does."""
 
     def step(state, batch, key):
-        key = jax.random.fold_in(key, state.step)
-        wm_params = {k: state.params[k] for k in modules}
         example_index = jnp.arange(batch["image"].shape[0])
-        grad_fn = jax.value_and_grad(agent.world_model_loss, has_aux=True)
-        (loss, (new_stats, _, bonus, metrics)), grads = grad_fn(
-            wm_params, state.batch_stats, state.intrinsic, batch, key, example_index)
-        updates, opt_state = agent.model_optimizer.update(grads, state.model_opt_state, wm_params)
-        new_wm = optax.apply_updates(wm_params, updates)
-        finite = parallel.all_finite(loss, grads)
-        updated = ({**state.params, **new_wm}, {**state.batch_stats, **new_stats}, opt_state, bonus)
-        kept = (state.params, state.batch_stats, state.model_opt_state, state.intrinsic)
-        params, stats, opt_state, bonus = parallel.select_finite(finite, updated, kept)
-        metrics = {**metrics, "model_grad_norm": optax.tree.norm(grads),
-                   "nonfinite": 1.0 - finite.astype(jnp.float32)}
-        return state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                             model_opt_state=opt_state, intrinsic=bonus), metrics
+        state, metrics, _ = agent.update_world_model(state, batch, jax.random.fold_in(key, state.step),
+                                                     example_index, axis_name=None)
+        return state.replace(step=state.step + 1), metrics
 
     return jax.jit(step, donate_argnums=0)
 

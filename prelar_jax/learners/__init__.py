@@ -1,0 +1,1 @@
+"""Learning rules shared by every method: optimisers and the guarded parameter update."""
