@@ -9,7 +9,8 @@ pre-training configuration once (``<workdir>/pretrain/<name>``), run the two pre
 diagnostics (``<workdir>/diagnostics``: implicit-action probe and world-model transfer, see
 ``experiments/diagnostics.py``), fine-tune every (method, task, seed)
 (``<workdir>/runs/<method>/<task>/seed_<n>``), then write ``results.csv``, ``summary.md`` (with the
-diagnostics at the end) and the plots into ``<workdir>``. Runs go through ``prelar_jax.evaluation.runner``: finished runs
+diagnostics at the end) and the plots into ``<workdir>``. Runs go through
+``prelar_jax.evaluation.runner``: finished runs
 are skipped, unfinished ones resume, a failing run is recorded in ``runs.json`` without stopping
 the others. ``--report`` only aggregates whatever has finished so far; ``--print`` prints the
 command line of every run (for a cluster scheduler) and exits.

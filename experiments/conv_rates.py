@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
 
     rows = []
-    header = f"{'shape':22s} {'GFLOP':>6s} " + " ".join(f"{p + ' ms':>9s} {'GFLOP/s':>8s}" for p in ("fwd", "dgrad", "wgrad"))
+    header = f"{'shape':22s} {'GFLOP':>6s} " + " ".join(
+        f"{p + ' ms':>9s} {'GFLOP/s':>8s}" for p in ("fwd", "dgrad", "wgrad"))
     print(header + "\n" + "-" * len(header))
     for side, cin, cout in PAPER_SHAPES:
         row = measure(args.batch, side, cin, cout, args.repeats)

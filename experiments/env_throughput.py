@@ -38,7 +38,7 @@ def _worker_counts(text: str) -> list[int]:
     try:
         counts = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"error: --workers must be comma-separated integers, got {text!r}")
+        raise SystemExit(f"error: --workers must be comma-separated integers, got {text!r}") from None
     if not counts or min(counts) < 1:
         raise SystemExit(f"error: --workers needs positive worker counts, got {text!r}")
     return counts

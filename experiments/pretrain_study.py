@@ -7,7 +7,8 @@ last-frame baselines, and the implicit-action probe R² against a random encoder
 
 Same model, loss and compiled step as ``experiments/pretrain.py`` (one device); it keeps no
 checkpoints (``--save_workdir`` saves the final state as a pre-training workdir that
-``experiments/finetune.py`` can start from) and writes one JSON line per evaluation to ``<out>/study.jsonl`` (plus ``config.json``).
+``experiments/finetune.py`` can start from) and writes one JSON line per evaluation to
+``<out>/study.jsonl`` (plus ``config.json``).
 ``--probe_videos``: scripted episodes with their recorded actions, of tasks the pre-training videos
 do not contain (``experiments/generate_videos.py --tasks ...``). Used to compare settings quickly
 (README "Learning"); the loop is ``prelar_jax.evaluation.pretrain_eval.study``, which the learning
@@ -46,7 +47,8 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=3)
     p.add_argument("--out", required=True)
     p.add_argument("--save_workdir", default="",
-                   help="also save the trained state there as a pre-training workdir (for finetune.py --config.pretrained)")
+                   help="also save the trained state there as a pre-training workdir "
+                        "(for finetune.py --config.pretrained)")
     args = p.parse_args(argv)
 
     from prelar_jax import config as config_lib

@@ -65,7 +65,7 @@ def _device_counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise SystemExit(f"error: --devices must be comma-separated integers, got {text!r}")
+        raise SystemExit(f"error: --devices must be comma-separated integers, got {text!r}") from None
     if not counts or min(counts) < 1:
         raise SystemExit(f"error: --devices needs positive device counts, got {text!r}")
     return counts

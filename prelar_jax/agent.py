@@ -532,9 +532,11 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
             wanted = _flat(new_tree.get(target, {}), f"{label}/{target}")
             for path in sorted(set(saved) | set(wanted)):
                 if path not in saved or path not in wanted:
-                    problems.append(f"  {path}: {'missing in the pre-trained model' if path not in saved else 'not in the agent'}")
+                    where = "missing in the pre-trained model" if path not in saved else "not in the agent"
+                    problems.append(f"  {path}: {where}")
                 elif saved[path].shape != wanted[path].shape:
-                    problems.append(f"  {path}: pre-trained {tuple(saved[path].shape)}, agent {tuple(wanted[path].shape)}")
+                    problems.append(
+                        f"  {path}: pre-trained {tuple(saved[path].shape)}, agent {tuple(wanted[path].shape)}")
             if not problems and source in tree:
                 new_tree[target] = jax.tree.map(np.asarray, tree[source])
                 loaded.extend(saved)

@@ -226,7 +226,8 @@ class _Loop:
         self.kept_names, self.mesh, self.workdir = kept_names, mesh, workdir
         self.pending = None  # (step, metrics) of the last update, read one update late
         self.next_batch = None
-        self.last_time, self.last_env_step, self.last_updates = time.perf_counter(), counters["env_step"], counters["updates"]
+        self.last_time = time.perf_counter()
+        self.last_env_step, self.last_updates = counters["env_step"], counters["updates"]
         self.train_episodes: list[tuple[float, bool, int]] = []
         self.monitor = run_utils.NonFiniteMonitor(config.nonfinite_limit, logger, ckpt.directory, ckpt.latest_step)
 
@@ -262,7 +263,8 @@ class _Loop:
                     self.replay.discard(i)
                     counters["worker_restarts"] += 1
                     counters["dropped_episodes"] += 1
-                finished = self.replay.add_batch(obs, np.where(obs["is_first"][:, None], 0.0, action).astype(np.float32))
+                stored_action = np.where(obs["is_first"][:, None], 0.0, action).astype(np.float32)
+                finished = self.replay.add_batch(obs, stored_action)
                 if self.device_replay is not None:  # one host->device copy per finished episode
                     for name in finished:
                         self.device_replay.add_episode(self.replay.get_episode(name))
@@ -337,7 +339,8 @@ class _Loop:
                      "updates/s": (self.counters["updates"] - self.last_updates) / elapsed,
                      "replay/episodes": self.replay.num_episodes, "replay/steps": self.replay.num_steps,
                      "env/worker_restarts": self.counters["worker_restarts"]}
-            self.last_time, self.last_env_step, self.last_updates = now, self.counters["env_step"], self.counters["updates"]
+            self.last_time = now
+            self.last_env_step, self.last_updates = self.counters["env_step"], self.counters["updates"]
             self.logger.log(step, {**metrics, **extra})
 
     def _log_train(self, step: int) -> None:

@@ -42,7 +42,8 @@ def _plain_value(key: str, value: Any) -> bool | int | float | str:
     array = np.asarray(value)
     if array.size != 1:
         raise TypeError(
-            f"metric {key!r} must be a scalar, got an array of shape {array.shape}; reduce it (e.g. mean) before logging."
+            f"metric {key!r} must be a scalar, got an array of shape {array.shape}; reduce it (e.g. mean) "
+            "before logging."
         )
     item = array.reshape(()).item()
     if not isinstance(item, (bool, int, float)):
@@ -213,7 +214,8 @@ class MetricsLogger:
             if step > self._last_step:
                 self._bar.update(step - self._last_step)
             if shown:
-                self._bar.set_postfix({key: f"{value:.4g}" if isinstance(value, float) else value for key, value in shown})
+                self._bar.set_postfix(
+                    {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in shown})
         elif step - self._last_print_step >= self.console_every or (step >= self.total_steps > self._last_print_step):
             now = time.monotonic()
             rate = (step - self._last_print_step) / max(now - self._last_print_time, 1e-9)
@@ -361,7 +363,8 @@ def check_config_matches(
     if not allow_override:
         raise ConfigMismatchError(
             f"workdir {os.fspath(workdir)} was created with a different config; these keys differ:\n{listing}\n"
-            f"Pass a new --workdir to start a separate run, or pass {override_flag} to resume this one with the new values."
+            f"Pass a new --workdir to start a separate run, or pass {override_flag} to resume this one with the "
+            "new values."
         )
     warnings.warn(f"resuming {os.fspath(workdir)} with config changes:\n{listing}", RuntimeWarning, stacklevel=2)
     return list(differences)

@@ -287,7 +287,7 @@ def test_imagine_matches_a_per_row_python_loop():
         "logit": (HOR + 1, N, S, C), "stoch": (HOR + 1, N, S, C), "deter": (HOR + 1, N, D)}
     policy, step, feature_jit = jax.jit(toy_policy), jax.jit(step_fn), jax.jit(feature)
     for i in range(N):
-        state = jax.tree.map(lambda x: x[i:i + 1], START)
+        state = jax.tree.map(lambda x, i=i: x[i:i + 1], START)
         stream = jax.random.split(keys[i], 2 * HOR + 1)
         for k in range(HOR + 1):
             for name in state:

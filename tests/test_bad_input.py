@@ -89,7 +89,7 @@ def test_exit_on_user_error_prints_one_line_for_user_errors_and_a_full_disk(caps
     assert "/runs/a/metrics.jsonl" in err and "No space left on device" in err and "re-run" in err
     for bug in (OSError(errno.EACCES, "Permission denied"), ValueError("a bug")):  # keep their traceback
         with pytest.raises(type(bug)):
-            errors.exit_on_user_error(lambda: _raise(bug))
+            errors.exit_on_user_error(lambda bug=bug: _raise(bug))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +304,8 @@ def test_resuming_with_another_config_is_refused_unless_overridden(tmp_path):
                           devices=jax.devices()[:1])
     logger_lib.write_config(ft_dir, finetune_config().to_dict())
     changed = finetune_config(seed=5, pretrained=str(tmp_path / "no-pretraining-here"))
-    with pytest.raises(logger_lib.ConfigMismatchError, match=r"(?s)seed: 0 \(saved\) -> 5 \(now\).*--allow_config_override"):
+    with pytest.raises(logger_lib.ConfigMismatchError,
+                       match=r"(?s)seed: 0 \(saved\) -> 5 \(now\).*--allow_config_override"):
         finetune_loop.run(changed, str(ft_dir), devices=jax.devices()[:1])
     # With the flag it goes on (and then stops at the missing pre-training workdir).
     with warnings.catch_warnings():

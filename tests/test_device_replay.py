@@ -91,7 +91,8 @@ def test_ring_overwrite_keeps_the_newest_episodes_like_the_host_replay():
     # Episode 6 straddles the ring's end (rows 19, 0..5): its windows still come out whole.
     replay.add_episode(make_episode(7, 9))  # evicts 4 (9 steps) only: 4 + 7 + 9 = 20
     assert replay.lengths() == [4, 7, 9]
-    ids, _ = assert_exact_windows(host(replay.sample(jax.random.key(4), 256, T)), {**episodes, 7: make_episode(7, 9)}, T)
+    ids, _ = assert_exact_windows(host(replay.sample(jax.random.key(4), 256, T)),
+                                  {**episodes, 7: make_episode(7, 9)}, T)
     assert set(ids.tolist()) == {5, 6, 7}
 
 

@@ -481,7 +481,8 @@ def test_compare_runs_reports_labelled_workdirs(tmp_path, capsys):
         run.mkdir()
         (run / "config.json").write_text(json.dumps({"method": "whatever", "task": "door-close", "seed": seed}))
         lines = [{"step": 10, "train/return": 1.0}]  # not an evaluation
-        lines += [{"step": 1000 * (i + 1), "eval/success_rate": s, "eval/return": 100.0 * s} for i, s in enumerate(successes)]
+        lines += [{"step": 1000 * (i + 1), "eval/success_rate": s, "eval/return": 100.0 * s}
+                  for i, s in enumerate(successes)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
         dirs[label] = run
     out = tmp_path / "out"

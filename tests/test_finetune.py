@@ -324,5 +324,6 @@ def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
     batch = random_batch(config)
     loss, (_, post, _, metrics) = jax.jit(agent.world_model_loss)(
         new_params, new_stats, bonus, batch, jax.random.key(1), np.arange(config.batch_size))
-    assert np.isfinite(float(loss)) and post["deter"].shape == (config.batch_size, config.sequence_length, config.model.deter)
+    assert np.isfinite(float(loss))
+    assert post["deter"].shape == (config.batch_size, config.sequence_length, config.model.deter)
     assert np.isfinite(float(metrics["intr_mean"]))

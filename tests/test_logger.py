@@ -74,7 +74,8 @@ def test_console_lines_when_not_a_terminal(tmp_path):
         for step in range(1, 13):
             logger.log(step, {"loss": 1.0 / step, "hidden": 3.0})
     lines = stream.getvalue().splitlines()
-    assert [line.split(" | ")[0] for line in lines] == ["step 5/12 (41.7%)", "step 10/12 (83.3%)", "step 12/12 (100.0%)"]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "step 5/12 (41.7%)", "step 10/12 (83.3%)", "step 12/12 (100.0%)"]
     assert "loss 0.2 |" in lines[0] and "hidden" not in lines[0]
     assert "steps/s" in lines[0] and "ETA" in lines[0]
 
@@ -201,7 +202,8 @@ def test_config_mismatch_lists_the_keys_that_matter(tmp_path):
     assert "--workdir" in message and "--allow_config_override" in message
 
     with pytest.warns(RuntimeWarning, match="model.deter"):
-        assert check_config_matches(tmp_path, changed, allow_override=True, ignore=ignore) == ["model.deter", "new_flag"]
+        changed_keys = check_config_matches(tmp_path, changed, allow_override=True, ignore=ignore)
+        assert changed_keys == ["model.deter", "new_flag"]
     assert config_differences(CONFIG, changed, ignore=["*.deter", "new_flag", "steps", "wandb"]) == {}
     assert check_config_matches(tmp_path / "fresh", changed, allow_override=False) == []
 

@@ -353,8 +353,8 @@ def test_straight_through_gradient_is_softmax_gradient():
     logits = jnp.asarray(rng.standard_normal((6, 4, 5)), jnp.float32)
     weights = jnp.asarray(rng.standard_normal((6, 4, 5)), jnp.float32)
     key = jax.random.key(6)
-    grad_st = jax.grad(lambda l: jnp.sum(weights * distributions.straight_through_sample(key, l)))(logits)
-    grad_soft = jax.grad(lambda l: jnp.sum(weights * jax.nn.softmax(l, -1)))(logits)
+    grad_st = jax.grad(lambda z: jnp.sum(weights * distributions.straight_through_sample(key, z)))(logits)
+    grad_soft = jax.grad(lambda z: jnp.sum(weights * jax.nn.softmax(z, -1)))(logits)
     np.testing.assert_allclose(grad_st, grad_soft, rtol=1e-5, atol=1e-7)
     assert np.abs(np.asarray(grad_st)).max() > 1e-3
 
@@ -491,7 +491,7 @@ def test_subpixel_transposed_conv_equals_flax_conv_transpose(kernel, size):
     outputs, grads = {}, {}
     for name, module in [("flax", reference)] + [(impl, StridedConvTranspose(3, (kernel, kernel), impl=impl))
                                                  for impl in ("subpixel", "lax")]:
-        loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+        loss = lambda p, x, module=module: jnp.sum(jnp.sin(module.apply(p, x)))
         outputs[name] = module.apply(params, x)
         grads[name] = jax.grad(loss, argnums=(0, 1))(params, x)
     assert outputs["flax"].shape == (2, (size - 1) * 2 + kernel, (size - 1) * 2 + kernel, 3)

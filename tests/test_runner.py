@@ -181,7 +181,8 @@ def test_collect_results_dedups_steps_and_writes_csv(tmp_path):
     _write_summary(first.workdir, True)
     _write_summary(second.workdir, True)
     _write_summary(unfinished.workdir, False)
-    json.dump({"method": "dreamerv2", "task": "push", "seed": 2}, open(os.path.join(second.workdir, "config.json"), "w"))
+    with open(os.path.join(second.workdir, "config.json"), "w") as f:
+        json.dump({"method": "dreamerv2", "task": "push", "seed": 2}, f)
 
     rows = runner.collect_results([first, second, unfinished], finished_only=True)
     expected = [(m, t, s, step, sr, ret) for m, t, s in (("prelar", "reach", 1), ("dreamerv2", "push", 2))

@@ -31,7 +31,8 @@ def test_table_and_curves(tmp_path, capsys):
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if line.startswith("| A") or line.startswith("| B")]
     assert len(lines) == 2
-    assert "-0.01 → 0.90 | 0.16 |" in lines[0] and "loss.code_forward_scale=30.0" in lines[0] and "data.root" not in lines[0]
+    assert "-0.01 → 0.90 | 0.16 |" in lines[0] and "loss.code_forward_scale=30.0" in lines[0]
+    assert "data.root" not in lines[0]
     assert "0.02 → -0.05 | – |" in lines[1] and "(preset)" in lines[1]
     assert "skipped" in out.err
     image = Image.open(png)
@@ -39,8 +40,9 @@ def test_table_and_curves(tmp_path, capsys):
     assert "| – (–) |" in lines[0]  # no hand-motion probe in these studies
 
     # Studies whose probe videos have the hand's position: its column and a fourth panel.
-    c = _study(tmp_path / "D", {}, [dict(_row(0, 0.0, 0.03), probe_hand_r2_mean=0.0, probe_hand_r2_random_encoder_mean=0.1),
-                                    dict(_row(500, 0.3, 0.004), probe_hand_r2_mean=0.7)])
+    c = _study(tmp_path / "D", {}, [
+        dict(_row(0, 0.0, 0.03), probe_hand_r2_mean=0.0, probe_hand_r2_random_encoder_mean=0.1),
+        dict(_row(500, 0.3, 0.004), probe_hand_r2_mean=0.7)])
     wide = tmp_path / "wide.png"
     report.main(["--plot", str(wide), a, c])
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| D")]

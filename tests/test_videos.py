@@ -283,7 +283,8 @@ class _FailingDataset:
         if rng.bit_generator.seed_seq.entropy[1] == self.fail_step:  # type: ignore[attr-defined]
             raise RuntimeError("boom at the failing step")
         time.sleep(self.slow_steps)
-        return {"image": np.zeros((batch_size, length, 64, 64, 3), np.uint8), "is_first": np.zeros((batch_size, length), bool)}
+        return {"image": np.zeros((batch_size, length, 64, 64, 3), np.uint8),
+                "is_first": np.zeros((batch_size, length), bool)}
 
 
 def test_prefetcher_reraises_worker_exceptions_in_the_consumer() -> None:

@@ -28,15 +28,12 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from prelar_jax.envs.rendering import LEAN, RenderSettings, resolve_render_settings
 from prelar_jax.errors import UserError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import mujoco
 
 # All 50 Meta-World v3 tasks, without the `-v3` suffix (tests check this against metaworld.env_dict).
 TASK_NAMES: tuple[str, ...] = (

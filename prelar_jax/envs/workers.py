@@ -178,7 +178,8 @@ class ParallelEnvs:
         if any(s < 0 for s in seeds):
             raise ValueError(f"seeds must be non-negative integers, got {seeds}")
         if step_timeout <= 0 or start_timeout <= 0:
-            raise ValueError(f"timeouts must be positive, got step_timeout={step_timeout}, start_timeout={start_timeout}")
+            raise ValueError(
+                f"timeouts must be positive, got step_timeout={step_timeout}, start_timeout={start_timeout}")
         self._make_env = make_env
         self._seeds = seeds
         self._step_timeout = float(step_timeout)

@@ -200,8 +200,9 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
                 row["probe_hand_r2_mean"] = scores["hand"]["r2_mean"]
         rows.append(row)
         shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
-                 if k in ("step", "loss", "image_loss", "kl", "implicit_kl", "consistency", "code_forward_loss", "open_loop_mse",
-                          "recon_mse", "mean_frame_mse", "last_frame_mse", "probe_r2_mean", "probe_r2_random_encoder_mean",
+                 if k in ("step", "loss", "image_loss", "kl", "implicit_kl", "consistency", "code_forward_loss",
+                          "open_loop_mse", "recon_mse", "mean_frame_mse", "last_frame_mse", "probe_r2_mean",
+                          "probe_r2_random_encoder_mean",
                           "probe_hand_r2_random_encoder_mean",
                           "probe_knn_r2_mean", "probe_position_r2_mean", "probe_hand_r2_mean",
                           "seconds")}

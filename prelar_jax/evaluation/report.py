@@ -443,7 +443,7 @@ def per_task_figure(table: Table, reference: bool = True,
             runs = table[method].get(task)
             if not runs:
                 continue
-            def value(seed: int, step: int) -> float:
+            def value(seed: int, step: int, runs=runs) -> float:
                 row = runs[seed][step]
                 return row.success_rate if metric == "success_rate" else row.return_
 

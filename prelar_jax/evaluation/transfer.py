@@ -231,7 +231,8 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     ``context_mse``/``initial_context_mse`` (the error of the posterior reconstructions of the
     observed frames, which separates decoding from predicting), ``baseline_mse`` (predicting the
     mean training frame; ``mean_frame_mse``), ``updates``, ``loss_first``/``loss_last`` (the
-    world-model loss of the first and last update), ``nonfinite_updates``, ``pretrained`` (the workdir or None), ``loaded`` (number of arrays
+    world-model loss of the first and last update), ``nonfinite_updates``, ``pretrained`` (the workdir or
+    None), ``loaded`` (number of arrays
     loaded from it), ``method``, ``context``, ``eval_windows`` and ``seconds``.
     """
     from prelar_jax import agent as agent_lib

@@ -121,7 +121,7 @@ class ResNetDecoder(nn.Module):
         side = self.image_size // 2 ** (self.stages + 1)
         x = Dense(side * side * width, dtype=self.dtype)(feat.astype(self.dtype))
         x = x.reshape(feat.shape[0], side, side, width)
-        for stage in range(self.stages):
+        for _ in range(self.stages):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             width //= 2
             x = ResidualStack(width, decoder=True, layers=self.layers_per_stage,
