@@ -85,7 +85,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
         if kind == "mlp":
             code = config.action_encoder.code_size
             # In the model's compute dtype like every other layer (its output is cast to float32
-            # in encode_action); without it the MLP silently ran in float32 under bfloat16.
+            # in encode_action).
             self.action_encoder = MLP([config.action_encoder.hidden], out=code,
                                       dtype=jnp.dtype(config.model.compute_dtype))
         elif kind == "none":

@@ -1,10 +1,8 @@
 """Default XLA flags that make this project's steps faster, applied before JAX starts a backend.
 
-jaxlib 0.10 hands every CPU convolution to YNNPACK, which runs the weight-gradient convolutions
-of the ResNets (a 32x32 window producing a 3x3 output) at about 11 GFLOP/s; XLA's own Eigen
-kernels are about twice as fast there. Excluding convolutions from YNNPACK takes the paper
-pre-training step from 33.9 s to 18.0 s on a 2-core CPU with results equal up to float
-summation order (experiments/BENCHMARKS.md). The flag only affects the CPU backend.
+On jaxlib 0.10 the CPU convolutions are kept away from YNNPACK, whose weight-gradient
+convolutions are slow at this project's shapes (measurements: experiments/BENCHMARKS.md). The
+flag only affects the CPU backend.
 
 An unknown flag aborts XLA, so flags are only added for jaxlib versions where they were
 checked. ``PRELAR_XLA_DEFAULTS=0`` turns this off; flags already in ``XLA_FLAGS`` win.

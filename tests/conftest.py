@@ -18,8 +18,7 @@ os.environ["WANDB_MODE"] = "disabled"
 import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "prelar_jax_xla_cache"))
-# Cache every compilation, not only those over JAX's default 1 s: the lighter test files alone
-# compile ~1,700 small functions (initialisers, jitted helpers, eager ops), and reading them back
-# costs far less than compiling them again (those files: 163 s of CPU instead of 254 s once the
-# cache is warm; experiments/BENCHMARKS.md). The CLI subprocesses inherit the setting.
+# Cache every compilation, not only those over JAX's default 1 s: the tests compile many small
+# functions, and reading them back costs less than compiling them again (experiments/BENCHMARKS.md).
+# The CLI subprocesses inherit the setting.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
