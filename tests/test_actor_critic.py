@@ -382,6 +382,7 @@ def _tree_allclose(a, b, rtol, atol):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
+@pytest.mark.slow
 def test_gradient_routing_and_values_match_reference():
     config = ac.ActorCriticConfig(horizon=3, discount=0.9, lambda_=0.8, actor_ent=0.1)
     params, reward_params = _networks()
@@ -422,6 +423,7 @@ def test_gradient_routing_and_values_match_reference():
         assert np.isfinite(metrics[name]), name
 
 
+@pytest.mark.slow
 def test_actor_gradient_flows_only_through_the_actions():
     """With no entropy bonus and a reward of the state only, the actor's only path into the loss
     is its actions through the dynamics: non-zero with action-driven dynamics, zero when the

@@ -295,6 +295,7 @@ def test_no_loader_in_the_package_can_unpickle():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resuming_with_another_config_is_refused_unless_overridden(tmp_path):
     pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
     logger_lib.write_config(pre_dir, pretrain_config(tmp_path).to_dict())
@@ -342,6 +343,7 @@ def other_architecture_pretraining(tmp_path_factory):
     ("pretrain.py", ["--config=configs/prelar_pretrain.py:tiny", "--config.data.root={data}", "--workdir={file}"],
      ["is a file, not a directory"]),
 ])
+@pytest.mark.slow
 def test_cli_prints_one_error_and_exits_2(script, flags, needles, tmp_path, request):
     if any("{pretrained}" in flag for flag in flags):
         pretrained = request.getfixturevalue("other_architecture_pretraining")
@@ -375,6 +377,7 @@ def env_without_rendering(seed: int, **kwargs):
     return make_metaworld_env(seed, **kwargs)
 
 
+@pytest.mark.slow
 def test_worker_without_rendering_backend_names_the_packages():
     # The factory finetune_loop.run builds its workers with, with rendering made impossible.
     make_env = functools.partial(env_without_rendering, task="reach", size=64, camera="corner",
@@ -521,6 +524,7 @@ _REAL_DISK_FULL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_real_full_disk_via_a_tiny_tmpfs(tmp_path):
     """A real ENOSPC from tensorstore on a 1 MiB tmpfs (needs unprivileged user namespaces)."""
     if not shutil.which("unshare") or subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode:

@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
-
 
 from prelar_jax import config as config_lib
 from tests.model_helpers import benchmark_modules as modules
+
+pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "not slow"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

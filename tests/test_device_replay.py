@@ -123,6 +123,7 @@ def test_bad_device_replay_config_is_one_config_error(key, value):
     config_lib.validate_finetune_config(tiny(**{"replay.on_device": True, "replay.device_capacity": 51}))
 
 
+@pytest.mark.slow
 def test_tiny_finetune_with_the_replay_on_device(tmp_path, capsys):
     """A 2-device run samples from a 200-step device ring (it overwrites: 51-step episodes); the
     ring a resumed run rebuilds from the checkpoint's host episodes holds the newest of them."""

@@ -113,6 +113,7 @@ def test_split_is_by_episode_and_covers_all():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_probe_on_a_pretrained_checkpoint_matches_a_reference(pretrained_dir):
     """Codes of the restored model, paired with a_t for (o_{t-1}, o_t), split by episode: the
     result equals an independent computation with the module applied directly and scipy's fit."""
@@ -205,6 +206,7 @@ def test_probe_reads_pairs_at_the_models_frame_stride():
         probe.implicit_action_probe(None, strided_config, episodes, key, chunk=16)
 
 
+@pytest.mark.slow
 def test_hand_target_pairs_each_code_with_the_motion_between_its_frames():
     """Episodes whose hand moves exactly by the (x, y, z) action: the hand probe (the hand's
     measured displacement between a pair's frames) equals the action probe on those dimensions,
@@ -266,6 +268,7 @@ def _check_result(res, config, windows):
     json.dumps(res)  # plain Python numbers only
 
 
+@pytest.mark.slow
 def test_transfer_with_and_without_pretrained_modules(pretrained_dir):
     """PreLAR's agent from the checkpoint (encoder, decoder and RSSM loaded; two updates through
     its optimiser groups and the intrinsic bonus) and from scratch; both finite, the loaded model
@@ -286,6 +289,7 @@ def test_transfer_with_and_without_pretrained_modules(pretrained_dir):
     assert pretrained["baseline_mse"] == pytest.approx(((90 - 60) / 255) ** 2, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_transfer_updates_lower_the_error_on_the_data_they_see():
     """DreamerV2 from scratch (no BatchNorm, whose running statistics make the first tens of
     updates of the ResNet models a poor test): ten updates at a raised learning rate on the

@@ -11,6 +11,8 @@ from prelar_jax import checkpoint, finetune_loop
 from prelar_jax.envs import workers
 from tests.test_finetune import finetune_config
 
+pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "not slow"
+
 CRASH_AT_STEP = 30
 
 

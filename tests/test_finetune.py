@@ -171,6 +171,7 @@ def _changed(a, b):
     return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_update_groups_and_device_count_independence():
     """Spec 5.2: encoder and RSSM stay put for the first `pretrain` updates while the new modules
     learn; a 4-device update equals the 1-device update."""
@@ -220,6 +221,7 @@ def _metrics(workdir):
         return [json.loads(line) for line in handle]
 
 
+@pytest.mark.slow
 def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     pre_workdir, saved_params, _ = pretrained_dir
     workdir = tmp_path / "finetune"

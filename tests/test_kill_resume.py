@@ -47,7 +47,8 @@ EVENT_TIMEOUT = 300.0
 # Metrics that measure time, not computation: they legitimately differ between runs.
 TIMING_KEYS = re.compile(r"^(perf/.*|fps/.*|updates/s|compile_seconds|eval/seconds)$")
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="process checks read /proc (Linux)")
+pytestmark = [pytest.mark.slow,  # subprocesses: skipped by -m "not slow"
+              pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="process checks read /proc (Linux)")]
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -9,6 +9,8 @@ from prelar_jax import agent as agent_lib
 from prelar_jax import config as config_lib, parallel
 from prelar_jax.data import synthetic
 
+pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "not slow"
+
 
 def _square_replay(count: int, length: int, seed: int):
     """Square videos moved by action dims 0-1 (dims 2-3 random, no effect); reward_t = a_t[0]."""

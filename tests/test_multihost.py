@@ -14,6 +14,8 @@ import pytest
 from prelar_jax import config as config_lib, parallel, pretrain_loop
 from test_pretrain_loop import read_metrics, restore_state, tiny_config, write_moving_squares
 
+pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "not slow"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 # The same overrides on the command line (two processes) and in-process (the reference run).

@@ -457,6 +457,7 @@ def test_gaussian_kl_between_two_gaussians():
     np.testing.assert_allclose(distributions.gaussian_kl(mu_a, sd_a, mu_a, sd_a), 0.0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module_class, shape", [(ResNetEncoder, (6, 32, 32, 3)), (ResNetDecoder, (6, 40))])
 def test_remat_resnet_same_parameters_gradients_and_statistics(module_class, shape):
     """``remat`` only trades memory for compute: same parameter tree, outputs, gradients and

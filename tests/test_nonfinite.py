@@ -49,6 +49,7 @@ def test_nonfinite_update_is_skipped_on_every_device():
     assert float(metrics["nonfinite"]) == 0.0 and float(state.params["w"]) < 1.0
 
 
+@pytest.mark.slow
 def test_finetune_update_skips_a_nan_reward_batch():
     config = finetune_config()
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -86,6 +87,7 @@ def test_monitor_counts_streaks_and_names_the_last_checkpoint():
         monitor.check()
 
 
+@pytest.mark.slow
 def test_pretraining_with_nan_loss_stops_and_never_writes_nan(tmp_path):
     squares = write_moving_squares(tmp_path / "videos", episodes=3, length=12)
     config = tiny_config(squares, **{"loss.kl_scale": float("nan"), "nonfinite_limit": 4, "steps": 20,

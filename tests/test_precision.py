@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend import core as jax_core
 
 from prelar_jax import agent as agent_lib, config as config_lib, parallel
@@ -191,6 +192,7 @@ def _pretrain_jaxprs(dtype: str):
     return jax.make_jaxpr(loss)(params, stats), jax.make_jaxpr(jax.value_and_grad(loss, has_aux=True))(params, stats)
 
 
+@pytest.mark.slow
 def test_pretrain_loss_jaxpr_uses_bf16_layers_and_float32_numerics():
     """bfloat16 mode: every convolution and matmul (forward and backward) is bfloat16, and no
     sensitive op or recurrent carry is; float32 mode has no bfloat16 at all. The loss and every
@@ -250,6 +252,7 @@ def test_finetune_losses_jaxpr_float32_numerics():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_pretrain_step_keeps_float32_state_and_metrics():
     """After one bfloat16 step, parameters, Adam moments and BatchNorm statistics are float32
     (a leak would make optax keep bfloat16 moments and round every update), as are the metrics."""
@@ -264,6 +267,7 @@ def test_bf16_pretrain_step_keeps_float32_state_and_metrics():
     assert history[0]["nonfinite"] == 0
 
 
+@pytest.mark.slow
 def test_pretrain_loss_parity():
     """Same parameters, keys and batch in float32 and bfloat16.
 
@@ -298,6 +302,7 @@ def test_pretrain_loss_parity():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_update_parity_and_float32_state():
     """A few fine-tuning updates (world model, then actor-critic in the updated world model)
     from the same initial parameters: the state stays float32 and the first update's losses agree.

@@ -56,6 +56,7 @@ def squares(tmp_path_factory):
     return write_moving_squares(str(tmp_path_factory.mktemp("videos")))
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_writes_workdir(squares, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(squares, steps=60, **{"log.media_every": 60})
@@ -71,6 +72,7 @@ def test_short_run_lowers_loss_and_writes_workdir(squares, tmp_path):
     assert json.load(open(os.path.join(workdir, "summary.json")))["finished"] is True
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(squares, tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     devices = jax.devices()[:1]
@@ -91,6 +93,7 @@ def test_resumed_run_equals_uninterrupted_run(squares, tmp_path):
     assert again["step"] == 20
 
 
+@pytest.mark.slow
 def test_resume_with_different_model_config_is_refused(squares, tmp_path):
     workdir = str(tmp_path / "run")
     pretrain_loop.run(tiny_config(squares, steps=1, **{"log.checkpoint_every": 1}), workdir,
@@ -138,6 +141,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, flag, message):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_rerun_finishes(squares, tmp_path):
     import signal
     import subprocess

@@ -37,6 +37,7 @@ def _assert_finite(tree):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_loss_metrics_and_consistency_gradient_routing():
     """Default config (consistency 'tanh'). The gradient of the consistency term alone (what the
     loss's gradient is with the kl/image/implicit_kl scales at 0) reaches only the implicit-action
@@ -192,6 +193,7 @@ def _seed_with_fixed_point(batch_size: int) -> int:
     raise AssertionError("no permutation with a fixed point found")
 
 
+@pytest.mark.slow
 def test_four_device_step_equals_one_device_step():
     assert len(jax.devices()) >= 4, "tests/conftest.py forces 4 CPU devices"
     config = load_config("tiny")
@@ -291,6 +293,7 @@ def test_random_code_ablation_draws_prior_codes_unrelated_to_the_frames():
     assert abs(std - config.implicit_action.prior_std) < 0.05 * config.implicit_action.prior_std
 
 
+@pytest.mark.slow
 def test_implicit_kl_free_nats_and_prior_image_loss():
     """``loss.implicit_kl_free``: below it the implicit-action KL costs its free value and has no
     gradient (above it, the usual one). ``loss.prior_image_scale``: the one-step prior's image
@@ -330,6 +333,7 @@ def test_implicit_kl_free_nats_and_prior_image_loss():
         assert _global_norm(prior_only[name]) > 0, name
 
 
+@pytest.mark.slow
 def test_implicit_kl_warmup_ramps_the_scale_with_the_update_count():
     """``loss.implicit_kl_warmup``: the code KL's scale is step / warmup, capped at 1, with the
     step that ``make_train_step`` passes in the batch; without a step (direct calls) it is 1."""
@@ -347,6 +351,7 @@ def test_implicit_kl_warmup_ramps_the_scale_with_the_update_count():
     np.testing.assert_allclose(total, metrics["implicit_kl"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_code_forward_loss_trains_only_the_code_network_and_its_forward_model(space="pixels"):
     """``loss.code_forward_scale``: a forward model predicts ``x_t`` (frame or embedding) from
     ``x_{t-1}`` and the code; its loss is the fraction of the change left unexplained, so a model

@@ -54,6 +54,7 @@ def _check_fit(fit, x, y, tolerance):  # a rate fit (higher is faster)
     return drift
 
 
+@pytest.mark.slow
 def test_pretrain_run_windows_and_fit_are_the_logged_rates(tmp_path):
     videos = write_moving_squares(str(tmp_path / "videos"))
     out, workdir = tmp_path / "steady.json", tmp_path / "runs"
@@ -113,6 +114,7 @@ def _write_finetune_run(directory, rate_of_replay):
     return [line for line in lines if "updates/s" in line]
 
 
+@pytest.mark.slow
 def test_finetune_analysis_fits_rate_against_replay_and_reports_a_slowdown(tmp_path):
     slowing, flat = str(tmp_path / "slowing"), str(tmp_path / "flat")
     logged = _write_finetune_run(slowing, lambda replay: 5.0 * (1.0 - replay / 4000.0))

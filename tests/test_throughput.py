@@ -43,6 +43,7 @@ def _check_rows(record, names):
     return rows
 
 
+@pytest.mark.slow
 def test_pretrain_step_table_and_record(tmp_path):
     record, stdout = _run(tmp_path, "configs/prelar_pretrain.py:tiny", "--reference_matmul=64")
     rows = _check_rows(record, ("pretrain_step",))
@@ -56,6 +57,7 @@ def test_pretrain_step_table_and_record(tmp_path):
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_finetune_parts_equal_the_whole_update(tmp_path):
     record, stdout = _run(tmp_path, "configs/prelar_finetune.py:tiny", "--num_envs=3", "--env_workers=1",
                           "--env_steps=5")
