@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from prelar_jax import agent as agent_lib
+    from prelar_jax import pretrained as pretrained_lib
     from prelar_jax.envs.metaworld import canonical_task_name
     from prelar_jax.errors import UserError
     from prelar_jax.evaluation import transfer
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     results, episodes_by_task = [], {}
     try:
         for workdir in args.workdir:
-            config = agent_lib.read_finetune_config(workdir)
+            config = pretrained_lib.read_finetune_config(workdir)
             task = canonical_task_name(config.task)
             if task not in episodes_by_task:
                 print(f"[wm-error] collecting {args.episodes} random-action episodes of {task} "

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from prelar_jax import agent as agent_lib
+from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
 from prelar_jax import checkpoint, config as config_lib, logger as logger_lib, media, parallel, run_utils
 from prelar_jax.data.device_replay import DeviceReplay, bytes_per_step
 from prelar_jax.data.replay import Replay
@@ -122,9 +122,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
     params = stats = None
     if not resuming and config.pretrained:
         fresh_params, fresh_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(jax.random.split(key)[0]))
-        params, stats, report = agent_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
+        params, stats, report = pretrained_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
                                                           config.model, agent_lib.pretrained_module_map(config))
-        print("[prelar] " + agent_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
+        print("[prelar] " + pretrained_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
         report_path = os.path.join(workdir, "pretrained_load.json")
         with open(report_path, "w", encoding="utf-8") as handle:
             json.dump({"pretrained": os.path.abspath(config.pretrained), **report}, handle, indent=1)

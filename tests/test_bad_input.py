@@ -28,7 +28,7 @@ import pytest
 
 from prelar_jax import checkpoint, config as config_lib, errors, finetune_loop, logger as logger_lib, parallel
 from prelar_jax import pretrain, pretrain_loop
-from prelar_jax.agent import PretrainedNotFoundError
+from prelar_jax.pretrained import PretrainedNotFoundError
 from prelar_jax.data import videos
 from prelar_jax.envs import metaworld as mw
 from prelar_jax.envs.workers import EnvWorkerError, ParallelEnvs, make_metaworld_env

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import agent as agent_lib
+from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
 from prelar_jax import checkpoint, config as config_lib, finetune_loop, logger as logger_lib, parallel
 from tests.model_helpers import write_pretrain_checkpoint
 
@@ -88,7 +88,7 @@ def test_load_pretrained_copies_the_world_model_and_reports(pretrained_dir):
     config = finetune_config()
     agent = agent_lib.FinetuneAgent(config)
     params, stats = host_zeros(agent)
-    new_params, new_stats, report = agent_lib.load_pretrained(str(workdir), params, stats, config.model)
+    new_params, new_stats, report = pretrained_lib.load_pretrained(str(workdir), params, stats, config.model)
     for name in ("encoder", "decoder", "rssm"):
         jax.tree.map(np.testing.assert_array_equal, new_params[name], saved_params[name])
     for name in ("encoder", "decoder"):
@@ -100,10 +100,10 @@ def test_load_pretrained_copies_the_world_model_and_reports(pretrained_dir):
     assert any(p.startswith("params/actor/") for p in report["initialised"])
     assert any(p.startswith("params/implicit_action/") for p in report["ignored"])
     assert not any("implicit_action" in p for p in report["loaded"])
-    assert "params/encoder" in agent_lib.summarise_report(report)
-    assert report["frame_stride"] == 1 and "note:" not in agent_lib.summarise_report(report)
+    assert "params/encoder" in pretrained_lib.summarise_report(report)
+    assert report["frame_stride"] == 1 and "note:" not in pretrained_lib.summarise_report(report)
     # a pre-training on every 4th frame is named: the agent steps the environment one action at a time
-    assert "data.frame_stride=4" in agent_lib.summarise_report({**report, "frame_stride": 4})
+    assert "data.frame_stride=4" in pretrained_lib.summarise_report({**report, "frame_stride": 4})
 
 
 def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir):
@@ -112,7 +112,7 @@ def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir)
     from prelar_jax.pretrain import PretrainModel, make_optimizer
 
     workdir, saved_params, saved_stats = pretrained_dir
-    config, params, stats, step = agent_lib.restore_pretrain_state(workdir)
+    config, params, stats, step = pretrained_lib.restore_pretrain_state(workdir)
     model = PretrainModel(config)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
@@ -130,19 +130,19 @@ def test_load_pretrained_errors(pretrained_dir, tmp_path):
     config = finetune_config(**{"model.deter": 16, "model.hidden": 16})
     agent = agent_lib.FinetuneAgent(config)
     params, stats = host_zeros(agent)
-    with pytest.raises(agent_lib.PretrainedMismatchError) as error:
-        agent_lib.load_pretrained(str(workdir), params, stats, config.model)
+    with pytest.raises(pretrained_lib.PretrainedMismatchError) as error:
+        pretrained_lib.load_pretrained(str(workdir), params, stats, config.model)
     message = str(error.value)
     assert "params/rssm/" in message and "model.deter: pre-training 32, fine-tuning 16" in message
-    with pytest.raises(agent_lib.PretrainedNotFoundError, match="pre-training run"):
-        agent_lib.load_pretrained(str(tmp_path / "nowhere"), params, stats, config.model)
+    with pytest.raises(pretrained_lib.PretrainedNotFoundError, match="pre-training run"):
+        pretrained_lib.load_pretrained(str(tmp_path / "nowhere"), params, stats, config.model)
     finetune_dir = tmp_path / "a_finetuning_run"
     logger_lib.write_config(finetune_dir, config.to_dict())
-    with pytest.raises(agent_lib.PretrainedNotFoundError, match="not a pre-training workdir"):
-        agent_lib.load_pretrained(str(finetune_dir), params, stats, config.model)
+    with pytest.raises(pretrained_lib.PretrainedNotFoundError, match="not a pre-training workdir"):
+        pretrained_lib.load_pretrained(str(finetune_dir), params, stats, config.model)
     (finetune_dir / "config.json").write_text("{ not json")
-    with pytest.raises(agent_lib.PretrainedNotFoundError, match="cannot read"):
-        agent_lib.load_pretrained(str(finetune_dir), params, stats, config.model)
+    with pytest.raises(pretrained_lib.PretrainedNotFoundError, match="cannot read"):
+        pretrained_lib.load_pretrained(str(finetune_dir), params, stats, config.model)
 
 
 def random_batch(config, seed=0):
@@ -271,7 +271,7 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     # The fine-tuned world model read back for analysis: the latest checkpoint's parameters, and
     # its open-loop error beside the mean-frame and last-frame baselines (numpy, float64).
     from prelar_jax.evaluation import transfer
-    restored_config, params, _, env_step = agent_lib.restore_finetune_state(workdir)
+    restored_config, params, _, env_step = pretrained_lib.restore_finetune_state(workdir)
     assert env_step == 500 and restored_config.steps == 500
     full, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(
         agent_lib.FinetuneAgent(longer).init_state(jax.random.key(0)))
@@ -290,8 +290,8 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
                                rtol=1e-9)
     assert 0.0 < result["mse"] < 1.0 and len(result["mse_by_step"]) == 5 and result["env_step"] == 500
     assert result["ratio_to_mean_frame"] == pytest.approx(result["mse"] / result["baseline_mse"])
-    with pytest.raises(agent_lib.PretrainedNotFoundError, match="not a fine-tuning workdir"):
-        agent_lib.restore_finetune_state(pre_workdir)
+    with pytest.raises(pretrained_lib.PretrainedNotFoundError, match="not a fine-tuning workdir"):
+        pretrained_lib.restore_finetune_state(pre_workdir)
 
 
 def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
@@ -310,7 +310,7 @@ def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
     params, stats = host_zeros(agent)
     feat_dim = config.model.stoch * config.model.classes + config.model.deter
     assert params["rssm"]["obs_out"]["kernel"].shape[0] == config.model.deter + feat_dim
-    new_params, new_stats, report = agent_lib.load_pretrained(
+    new_params, new_stats, report = pretrained_lib.load_pretrained(
         str(tmp_path), params, stats, config.model, agent_lib.pretrained_module_map(config))
     jax.tree.map(np.testing.assert_array_equal, new_params["af_rssm"], saved_params["rssm"])
     jax.tree.map(np.testing.assert_array_equal, new_params["rssm"], params["rssm"])  # new

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import agent as agent_lib
+from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
 from prelar_jax import config as config_lib, parallel
 from prelar_jax.data import synthetic
 
@@ -139,7 +139,7 @@ def test_study_saves_a_pretraining_workdir_finetuning_can_read(square_pretrainin
     config and the trained parameters (not the initial ones) at the last step."""
     from prelar_jax import pretrain
 
-    config, params, _, step = agent_lib.restore_pretrain_state(square_pretraining["saved"])
+    config, params, _, step = pretrained_lib.restore_pretrain_state(square_pretraining["saved"])
     assert step == 500
     assert config.loss.code_forward_scale == square_pretraining["config"].loss.code_forward_scale
     init = pretrain.PretrainModel(config).init_state(jax.random.key(config.seed), pretrain.make_optimizer(config))

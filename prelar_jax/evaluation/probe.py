@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from prelar_jax import config as config_lib
-from prelar_jax.agent import read_pretrain_config, restore_pretrain_state  # noqa: F401 (re-exported)
+from prelar_jax.pretrained import read_pretrain_config, restore_pretrain_state  # noqa: F401 (re-exported)
 from prelar_jax.errors import UserError
 from prelar_jax.types import Params
 

@@ -235,7 +235,7 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     None), ``loaded`` (number of arrays
     loaded from it), ``method``, ``context``, ``eval_windows`` and ``seconds``.
     """
-    from prelar_jax import agent as agent_lib
+    from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
 
     if updates < 0:
         raise TransferError(f"updates must be >= 0, got {updates}")
@@ -255,7 +255,7 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     params, stats = jax.tree.map(np.asarray, jax.jit(agent.init)(init_key))
     loaded = 0
     if pretrained_workdir:
-        params, stats, report = agent_lib.load_pretrained(pretrained_workdir, params, stats, config.model,
+        params, stats, report = pretrained_lib.load_pretrained(pretrained_workdir, params, stats, config.model,
                                                           agent_lib.pretrained_module_map(config))
         loaded = len(report["loaded"])
     state = agent.init_state(state_key, params, stats)
@@ -331,9 +331,9 @@ def finetuned_prediction_error(workdir: str, eval_episodes: Sequence[dict[str, A
     data), ``last_frame_mse`` (repeating the last observed frame), ``ratio_to_mean_frame``,
     ``mse_by_step``, ``env_step`` (of the checkpoint), ``replay_frames``, ``method``, ``task``,
     ``eval_windows``, ``context``, ``eval_length``."""
-    from prelar_jax import agent as agent_lib
+    from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
 
-    config, params, stats, env_step = agent_lib.restore_finetune_state(workdir)
+    config, params, stats, env_step = pretrained_lib.restore_finetune_state(workdir)
     eval_length = config.sequence_length if eval_length is None else eval_length
     context = config.log.media_context if context is None else context
     if not 1 <= context < eval_length:
