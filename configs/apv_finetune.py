@@ -16,15 +16,12 @@ import ml_collections
 
 from prelar_jax.config import config_module
 
-PRESETS = ("paper", "small", "cpu", "tiny", "original", "original_tiny")
+_APV_PRETRAIN = config_module("apv_pretrain.py", relative_to=__file__)
+PRESETS = _APV_PRETRAIN.PRESETS
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-    preset = preset or "paper"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for APV fine-tuning; choose one of {PRESETS}")
-    original = preset.startswith("original")
-    sizes = {"original": "paper", "original_tiny": "tiny"}.get(preset, preset)
+    preset, original, sizes = _APV_PRETRAIN.resolve_preset(preset, "fine-tuning")
     finetune = config_module("prelar_finetune.py", relative_to=__file__)
     c = finetune.base_config()
     if original:

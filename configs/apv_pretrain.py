@@ -17,12 +17,17 @@ from prelar_jax.config import config_module
 PRESETS = ("paper", "small", "cpu", "tiny", "original", "original_tiny")
 
 
-def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+def resolve_preset(preset: str, stage: str) -> tuple[str, bool, str]:
+    """``(preset, original, sizes)`` for an APV preset name (shared with ``apv_finetune.py``):
+    ``original`` for the original TF APV's presets, ``sizes`` the PreLAR preset whose sizes it uses."""
     preset = preset or "paper"
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for APV pre-training; choose one of {PRESETS}")
-    original = preset.startswith("original")
-    sizes = {"original": "paper", "original_tiny": "tiny"}.get(preset, preset)
+        raise ValueError(f"unknown preset {preset!r} for APV {stage}; choose one of {PRESETS}")
+    return preset, preset.startswith("original"), {"original": "paper", "original_tiny": "tiny"}.get(preset, preset)
+
+
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+    preset, original, sizes = resolve_preset(preset, "pre-training")
     prelar = config_module("prelar_pretrain.py", relative_to=__file__)
     c = prelar.apply_preset(prelar.base_config(), sizes)
     c.method = "apv"
