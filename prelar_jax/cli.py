@@ -2,25 +2,26 @@
 ``--config=FILE:PRESET`` with ``--config.a.b=value`` overrides, ``--workdir`` and
 ``--allow_config_override``; bad input ends in one ``error:`` line (exit status 2).
 
-Import this only from a script's ``if __name__ == "__main__":`` block: the flags are defined
-when ``training_cli`` runs, so spawned environment workers, which re-import the main script,
-define nothing.
+Import this first, and only from a script's ``if __name__ == "__main__":`` block: importing it
+sets the environment that JAX and MuJoCo read when they load (so import the loop after it), and
+the flags are defined when ``training_cli`` runs, so spawned environment workers, which re-import
+the main script, define nothing.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
+from typing import Callable
+
+# Re-runs (resumes) reuse compiled steps; set JAX_COMPILATION_CACHE_DIR="" to turn this off.
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
 
 
-def training_cli(default_config: str, loop_module: str) -> None:
-    """Parses the flags and calls ``prelar_jax.<loop_module>.run(config, workdir, ...)``."""
-    # Re-runs (resumes) reuse compiled steps; set JAX_COMPILATION_CACHE_DIR="" to turn this off.
-    # Set before JAX is imported (absl and ml_collections below do not import it).
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                          os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
+def training_cli(default_config: str, run: Callable[..., object]) -> None:
+    """Parses the flags and calls ``run(config, workdir, allow_config_override=...)`` (a loop's
+    ``run``: ``pretrain_loop.run`` or ``finetune_loop.run``)."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -41,8 +42,6 @@ def training_cli(default_config: str, loop_module: str) -> None:
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        loop = importlib.import_module(f"prelar_jax.{loop_module}")
-        errors.exit_on_user_error(lambda: loop.run(config.value, workdir.value,
-                                                   allow_config_override=override.value))
+        errors.exit_on_user_error(lambda: run(config.value, workdir.value, allow_config_override=override.value))
 
     app.run(main)
