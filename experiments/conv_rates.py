@@ -30,7 +30,7 @@ apply_default_xla_flags()  # the project's default XLA flags, before JAX starts 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from throughput_report import matmul_rate, time_calls  # noqa: E402  (experiments/, this script's directory)
+from prelar_jax.perf.throughput_report import matmul_rate, time_calls  # noqa: E402
 
 # (side, input channels, output channels) of the paper ResNets' 3x3 convolutions (depth 48).
 PAPER_SHAPES = ((32, 48, 48), (16, 96, 96), (8, 192, 192))

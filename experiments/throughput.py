@@ -6,45 +6,7 @@ every compiled step of pre-training or fine-tuning, on 1, 2, 4, ... devices in o
     python experiments/throughput.py --config=configs/prelar_finetune.py:paper --config.model.remat=true \\
         --steps=2 --warmup=1 --env_workers=1,2,4
 
-What is measured (one table row per measurement x device count):
-
-* a pre-training config (``prelar_pretrain.py``, ``apv_pretrain.py``): ``pretrain_step``;
-* a fine-tuning config (``prelar_finetune.py``, ``dreamerv2.py``, ``apv_finetune.py``):
-  ``world_model`` (the world-model half of an update alone), ``actor_critic`` (the actor-critic
-  half alone, from the world-model half's posteriors), ``update`` (both, one program: what
-  training runs), ``imagination`` (the ``lax.scan`` rollout of ``prelar_jax.actor_critic`` from
-  all B*T posterior states, forward only) and ``policy`` (``FinetuneAgent.policy`` for
-  ``--num_envs`` environments, default ``config.env.num_envs``, with the parameters replicated
-  over the mesh as the training loop has them);
-* with ``--env_workers=1,2,4``: Meta-World frames/s per worker count with the config's rendering
-  settings (``experiments/env_throughput.py``; off by default), and for a fine-tuning config an
-  estimate of the whole protocol's wall time per worker count (``protocol_estimate``: updates x
-  update time + training and evaluation frames / frames/s + policy calls x policy time);
-* with ``--reference_matmul=N``: an N x N x N matmul in the config's compute dtype on the first
-  device, the reference FLOP rate each row's FLOP/s is shown against ("% of ref").
-
-``--devices=1,2,4`` repeats every measurement on the first 1, 2 and 4 devices (fake CPU devices
-on a CPU host: ``max(devices)`` are requested before JAX starts). The *global* batch stays
-``config.batch_size`` at every device count, so each device gets ``batch_size / n`` rows and a
-row's extra time over the 1-device row is what data parallelism adds (collectives, and on fake
-CPU devices the devices sharing the same cores). The fine-tuning halves are checked against the
-whole update: the first call of each on the same fresh state and batch records its metrics
-(``first_metrics``), and the world-model / actor-critic losses must equal the update's.
-
-Numbers: random uint8 batches (no data loading), so a row is the device step alone. Compile time
-is ``lower().compile()`` (``parallel.compile_ahead``), with the persistent compilation cache off
-unless ``--compile_cache`` (then it is the time to load a cached executable). Each measured call
-is synchronised with ``jax.block_until_ready``; the median over ``--steps`` calls after
-``--warmup`` calls is reported. FLOP and the compiled memory are XLA's cost and memory analysis
-of the executable *per device program*: with the global batch fixed, a data-parallel row's FLOP
-halves from 1 to 2 devices (the policy's does not: it is replicated); FLOP/s is FLOP / median,
-one device's rate. Runtime peak memory is
-``device.memory_stats()['peak_bytes_in_use']`` (maximum over the mesh) where the backend has it
-(GPU, TPU), else None; on CPU the host's max RSS (``getrusage``) is reported too. Both are
-high-water marks of the whole process, so they only grow down the table.
-
-With ``--env_workers`` the spawned workers re-import this script, so each pays about 1 s and
-140 MB for JAX and Flax (``prelar_jax/envs/workers.py``).
+What each row measures and how (batches, compile time, FLOP, memory): README, "Performance".
 """
 
 from __future__ import annotations
@@ -92,8 +54,8 @@ from ml_collections import config_flags  # noqa: E402
 import env_throughput  # noqa: E402  (experiments/, this script's directory)
 from prelar_jax import agent as agent_lib, parallel, pretrain  # noqa: E402
 from prelar_jax.envs.rendering import RenderSettings  # noqa: E402
-from throughput_report import (format_estimates, format_table, matmul_rate, protocol_estimate,  # noqa: E402
-                               time_calls)
+from prelar_jax.perf.throughput_report import (format_estimates, format_table, matmul_rate,  # noqa: E402
+                                               protocol_estimate, time_calls)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/prelar_pretrain.py:tiny", "Config and preset.")
 _DEVICES = flags.DEFINE_string("devices", "1", "Comma-separated device counts, e.g. 1,2,4 (fake CPU devices on CPU).")

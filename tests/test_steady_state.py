@@ -157,7 +157,7 @@ def test_paired_comparison_uses_the_same_wall_clock_interval(tmp_path):
     main = [{"time": 5.0 + 10 * i, "step": 10 * (5.0 + 10 * i), "cpu_seconds": 0.5 * (5.0 + 10 * i)}
             for i in range(11)]  # t = 5 ... 105
     control = [{"time": 30.0 + 10 * i, "step": 125 * i, "cpu_seconds": 4.0 * i} for i in range(12)]  # t = 30 ... 140
-    code = ("import json, sys; sys.path.insert(0, 'experiments'); import steady_state; "
+    code = ("import json, sys; from prelar_jax.perf import steady_state; "
             "args = json.load(sys.stdin); print(json.dumps(steady_state.paired_comparison(*args)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=json.dumps([main, control, 100, 10.0]),
                             capture_output=True, text=True, timeout=120)

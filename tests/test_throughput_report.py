@@ -1,19 +1,15 @@
-"""The throughput suite's derived figures (experiments/throughput_report.py): the whole-protocol
+"""The throughput suite's derived figures (prelar_jax/perf/throughput_report.py): the whole-protocol
 estimate and the reference column.
 
 Hand-computed cases against these pure functions (the measurements
 themselves are exercised end to end in tests/test_throughput.py).
 """
 
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import throughput_report as throughput  # noqa: E402
+from prelar_jax.perf import throughput_report as throughput
 
 
 def _config(steps=1000, prefill=100, eval_every=300):
@@ -87,7 +83,9 @@ def test_estimate_table_in_minutes_and_hours():
 def test_conv_rates_record(tmp_path):
     import json
 
-    import conv_rates
+    from prelar_jax.config import config_module
+
+    conv_rates = config_module("experiments/conv_rates.py")  # a script: loaded from its file
     out = tmp_path / "conv.json"
     conv_rates.main(["--batch", "2", "--matmul", "64", "--repeats", "1", "--out", str(out)])
     record = json.loads(out.read_text())

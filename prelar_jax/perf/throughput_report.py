@@ -1,8 +1,7 @@
 """The throughput suite's timing and reporting helpers, without command-line flags.
 
-`experiments/throughput.py` (the suite) and `experiments/conv_rates.py` use them; they live here so
-that tests and other scripts can import them without defining the suite's absl flags (two modules
-defining ``--config`` in one process clash).
+`experiments/throughput.py` (the suite) and `experiments/conv_rates.py` use them; they live in the
+package so that tests and other scripts can import them without defining the suite's absl flags.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Measurement libraries used by the benchmark scripts in ``experiments/`` (throughput, steady state)."""
