@@ -35,9 +35,9 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from prelar_jax import actor_critic, distributions, intrinsic, parallel, world_model
+from prelar_jax.action_encoders import make_action_encoder
 from prelar_jax.learners import optim
 from prelar_jax.learners.optim import adam
-from prelar_jax.nets.common import MLP
 from prelar_jax.nets.heads import Actor, ScalarHead
 from prelar_jax.nets.rssm import RSSM, State, feature
 from prelar_jax.parallel import AXIS
@@ -77,24 +77,9 @@ class FinetuneAgent(world_model.ImageWorldModel):
 
     def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
         self.config = config
-        kind = config.action_encoder.kind
-        if kind == "mlp":
-            code = config.action_encoder.code_size
-            # In the model's compute dtype like every other layer (its output is cast to float32
-            # in encode_action).
-            self.action_encoder = MLP([config.action_encoder.hidden], out=code,
-                                      dtype=jnp.dtype(config.model.compute_dtype))
-        elif kind == "none":
-            code = config.action_dim
-            self.action_encoder = None
-        elif kind == "pad":
-            code = config.action_encoder.code_size
-            self.action_encoder = None
-        else:
-            raise ValueError(f"action_encoder.kind={kind!r}: expected 'mlp', 'none' or 'pad'")
-        self.action_kind = kind
+        self.action_encoder = make_action_encoder(config)
         self.stacked = bool(config.stacked)
-        super().__init__(config.model, config.image_size, code, bn_axis_name)
+        super().__init__(config.model, config.image_size, self.action_encoder.code_size, bn_axis_name)
         heads = config.heads
         self.reward_head = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
         self.aux_reward_head = (ScalarHead(heads.layers, heads.units, dtype=self.dtype)
@@ -120,8 +105,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         names = ["encoder", "decoder", "rssm", "reward"]
         if self.stacked:
             names.append("af_rssm")
-        if self.action_encoder is not None:
-            names.append("action_encoder")
+        if self.action_encoder.module is not None:
+            names.append(self.action_encoder.module)
         if self.aux_reward_head is not None:
             names.append("aux_reward")
         return tuple(sorted(names))
@@ -160,9 +145,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
             params["af_rssm"] = params.pop("rssm")
             params["rssm"] = self.rssm.init(keys[1], self.rssm.initial(2), jnp.zeros((2, self.action_dim)),
                                             feat, jnp.ones((2,), bool))["params"]
-        if self.action_encoder is not None:
-            params["action_encoder"] = self.action_encoder.init(
-                keys[3], jnp.zeros((2, self.config.action_dim)))["params"]
+        if self.action_encoder.module is not None:
+            params[self.action_encoder.module] = self.action_encoder.init(keys[3], self.config.action_dim)
         params["reward"] = self.reward_head.init(keys[4], feat)["params"]
         if self.aux_reward_head is not None:
             params["aux_reward"] = self.aux_reward_head.init(keys[5], feat)["params"]
@@ -212,12 +196,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
 
     def encode_action(self, params: Params, action: jax.Array) -> jax.Array:
         """Real actions ``[..., 4]`` -> the RSSM's action input ``[..., action_dim]``."""
-        if self.action_kind == "pad":  # APV's fill_action: zero-padded to the RSSM's width
-            pad = [(0, 0)] * (action.ndim - 1) + [(0, self.action_dim - action.shape[-1])]
-            return jnp.pad(action.astype(jnp.float32), pad)
-        if self.action_encoder is None:
-            return action.astype(jnp.float32)
-        return self.action_encoder.apply({"params": params["action_encoder"]}, action).astype(jnp.float32)
+        return self.action_encoder(params, action)
 
     def _action_free_features(self, params: Params, embed: jax.Array, is_first: jax.Array,
                               keys: jax.Array) -> jax.Array:
