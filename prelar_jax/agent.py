@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from prelar_jax import actor_critic, distributions, intrinsic, parallel, world_model
 from prelar_jax.action_encoders import make_action_encoder
 from prelar_jax.learners import optim
+from prelar_jax.learners.losses import weighted_sum
 from prelar_jax.learners.optim import adam
 from prelar_jax.nets.heads import Actor, ScalarHead
 from prelar_jax.nets.rssm import RSSM, State, feature
@@ -254,12 +255,14 @@ class FinetuneAgent(world_model.ImageWorldModel):
             target = reward
             predicted = self.reward_head.apply({"params": params["reward"]}, feat)
         reward_loss = jnp.mean(0.5 * jnp.square(predicted - sg(target)))
-        total = cfg.kl_scale * kl_loss + cfg.image_scale * image_loss + cfg.reward_scale * reward_loss
+        losses = {"kl": kl_loss, "image": image_loss, "reward": reward_loss}
+        scales = {"kl": cfg.kl_scale, "image": cfg.image_scale, "reward": cfg.reward_scale}
         if self.aux_reward_head is not None:
             aux = self.aux_reward_head.apply({"params": params["aux_reward"]}, feat)
             aux_loss = jnp.mean(0.5 * jnp.square(aux - reward))
-            total = total + cfg.aux_reward_scale * aux_loss
+            losses["aux_reward"], scales["aux_reward"] = aux_loss, cfg.aux_reward_scale
             metrics["aux_reward_loss"] = aux_loss
+        total = weighted_sum(losses, scales)
         metrics.update({
             "model_loss": total, "kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
             "reward_loss": reward_loss, "reward_target": target.mean(),

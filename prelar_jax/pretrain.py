@@ -23,6 +23,7 @@ import optax
 from prelar_jax import consistency, distributions, world_model
 from prelar_jax.nets.implicit_action import (CodeForwardModel, ImplicitActionEncoder, PixelForwardModel,
                                             code_from_params)
+from prelar_jax.learners.losses import weighted_sum
 from prelar_jax.learners.optim import adam
 from prelar_jax.nets.rssm import RSSM, feature, mask_reset
 from prelar_jax.types import Metrics, Params
@@ -172,7 +173,8 @@ class PretrainModel(world_model.ImageWorldModel):
         metrics: Metrics = {"kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
                             "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
                             "post_entropy": distributions.categorical_entropy(post["logit"]).mean()}
-        total = cfg.kl_scale * kl_loss + cfg.image_scale * image_loss
+        losses = {"kl": kl_loss, "image": image_loss}
+        scales = {"kl": cfg.kl_scale, "image": cfg.image_scale}
         prior_image_scale = cfg.get("prior_image_scale", 0.0)
         if prior_image_scale:
             # One-step prediction in pixels: decode the prior of o_t (from the posterior of o_{t-1}
@@ -180,7 +182,7 @@ class PretrainModel(world_model.ImageWorldModel):
             # change between frames directly, not only through the KL of the latent state.
             prior_recon = self._decode_features(params, stats, {}, feature(prior)[:, 1:], train=True)
             prior_image_loss = -world_model.image_log_likelihood(prior_recon, frames[:, 1:]).mean()
-            total = total + prior_image_scale * prior_image_loss
+            losses["prior_image"], scales["prior_image"] = prior_image_loss, prior_image_scale
             metrics["prior_image_loss"] = prior_image_loss
 
         if "mean" in code_params:
@@ -193,13 +195,14 @@ class PretrainModel(world_model.ImageWorldModel):
                 scale = scale * jnp.minimum(1.0, batch["step"].astype(jnp.float32) / warmup)
             # Free nats (0 in the original): below `implicit_kl_free` the code's KL costs nothing,
             # so the code is not pushed onto its prior before the dynamics can use it.
-            total = total + scale * jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
+            losses["implicit_kl"] = jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
+            scales["implicit_kl"] = scale
             metrics["implicit_kl"] = implicit_kl
             metrics["implicit_std"] = code_params["std"].mean()
         if self.code_forward is not None:
             space = frames if isinstance(self.code_forward, PixelForwardModel) else embed
             forward_loss = self._code_forward_loss(params["code_forward"], space, actions)
-            total = total + cfg.code_forward_scale * forward_loss
+            losses["code_forward"], scales["code_forward"] = forward_loss, cfg.code_forward_scale
             metrics["code_forward_loss"] = forward_loss
         if code_params:
             metrics["code_norm"] = jnp.linalg.norm(actions[:, 1:], axis=-1).mean()
@@ -208,12 +211,13 @@ class PretrainModel(world_model.ImageWorldModel):
                 params["rssm"], post, prior, code_params, actions, is_first, perm_key, example_index)
             cons = consistency.consistency_loss(state_dist, action_dist, cfg.consistency,
                                                 cfg.consistency_temperature)
-            total = total + cfg.consistency_scale * cons
+            losses["consistency"], scales["consistency"] = cons, cfg.consistency_scale
             metrics["consistency"] = cons
             if cfg.consistency != "sign":  # the released code's metric, for comparison
                 metrics["consistency_sign"] = consistency.consistency_loss(state_dist, action_dist, "sign")
             metrics["state_distance"] = state_dist.mean()
             metrics["action_distance"] = action_dist.mean()
+        total = weighted_sum(losses, scales)
         metrics["loss"] = total
         return total, (new_stats, metrics)
 
