@@ -96,26 +96,49 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
     return new_params, new_stats, report
 
 
-def read_pretrain_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config (``config.json``) of a pre-training workdir; raises
-    ``PretrainedNotFoundError`` saying what to pass instead when it is missing, unreadable or
-    written by a fine-tuning run."""
+def _read_config(workdir: str | os.PathLike, stage: str, script: str, block: str) -> ml_collections.ConfigDict:
+    """The resolved ``config.json`` of a ``stage`` workdir (one that ``script`` writes, whose
+    config has the ``block`` key); ``PretrainedNotFoundError`` saying what to pass instead."""
     from prelar_jax import config as config_lib  # local: config imports nets only
 
     workdir = os.path.abspath(os.fspath(workdir))
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
-        raise PretrainedNotFoundError(f"pre-training workdir {workdir}: {config_path} does not exist. Pass the "
-                                      "--workdir of a pre-training run (experiments/pretrain.py).")
+        raise PretrainedNotFoundError(f"{stage} workdir {workdir}: {config_path} does not exist. Pass the "
+                                      f"--workdir of a {stage} run ({script}).")
     try:
         config = config_lib.config_from_json(config_path)
     except (OSError, ValueError) as error:
-        raise PretrainedNotFoundError(f"cannot read {config_path} ({error}); pass a pre-training workdir whose "
+        raise PretrainedNotFoundError(f"cannot read {config_path} ({error}); pass a {stage} workdir whose "
                                       "config.json is intact.") from error
-    if "implicit_action" not in config:
-        raise PretrainedNotFoundError(f"{workdir} is not a pre-training workdir (its config.json has method "
-                                      f"{config.get('method')!r} and no implicit_action block).")
+    if block not in config:
+        raise PretrainedNotFoundError(f"{workdir} is not a {stage} workdir (its config.json has method "
+                                      f"{config.get('method')!r} and no {block} block).")
     return config
+
+
+def _restore_latest(workdir: str, stage: str, abstract: Any, only: tuple[str, ...]) -> tuple[Any, int]:
+    """The fields ``only`` of the latest checkpoint under ``<workdir>/checkpoints``, shaped like
+    ``abstract``, on the host CPU device, and its step (from the checkpoint's metadata)."""
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise PretrainedNotFoundError(f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
+                                          f"{stage} save one (log.checkpoint_every) first.")
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+        restored, metadata = ckpt.restore(target, only=only)
+    finally:
+        ckpt.close()
+    return restored, int(metadata.get("step", latest))
+
+
+def read_pretrain_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config (``config.json``) of a pre-training workdir; raises
+    ``PretrainedNotFoundError`` saying what to pass instead when it is missing, unreadable or
+    written by a fine-tuning run."""
+    return _read_config(workdir, "pre-training", "experiments/pretrain.py", "implicit_action")
 
 
 def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Params, Params, int]:
@@ -131,38 +154,14 @@ def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
     config = read_pretrain_config(workdir)
     model = PretrainModel(config)
     abstract = jax.eval_shape(lambda k: model.init_state(k, make_optimizer(config)), jax.random.key(0))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise PretrainedNotFoundError(f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
-                                          "pre-training save one (log.checkpoint_every) first.")
-        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
-        restored, metadata = ckpt.restore(target, only=("step", "params", "batch_stats"))
-    finally:
-        ckpt.close()
-    return config, restored.params, restored.batch_stats, int(metadata.get("step", restored.step))
+    restored, step = _restore_latest(workdir, "pre-training", abstract, ("step", "params", "batch_stats"))
+    return config, restored.params, restored.batch_stats, step
 
 
 def read_finetune_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The resolved config (``config.json``) of a fine-tuning workdir; ``PretrainedNotFoundError``
     saying what to pass instead when it is missing, unreadable or written by pre-training."""
-    from prelar_jax import config as config_lib  # local: config imports nets only
-
-    workdir = os.path.abspath(os.fspath(workdir))
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise PretrainedNotFoundError(f"fine-tuning workdir {workdir}: {config_path} does not exist. Pass the "
-                                      "--workdir of a fine-tuning run (experiments/finetune.py).")
-    try:
-        config = config_lib.config_from_json(config_path)
-    except (OSError, ValueError) as error:
-        raise PretrainedNotFoundError(f"cannot read {config_path} ({error}); pass a fine-tuning workdir whose "
-                                      "config.json is intact.") from error
-    if "actor_critic" not in config:
-        raise PretrainedNotFoundError(f"{workdir} is not a fine-tuning workdir (its config.json has method "
-                                      f"{config.get('method')!r} and no actor_critic block).")
-    return config
+    return _read_config(workdir, "fine-tuning", "experiments/finetune.py", "actor_critic")
 
 
 def restore_finetune_state(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Params, Params, int]:
@@ -173,19 +172,9 @@ def restore_finetune_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
     config = read_finetune_config(workdir)
     agent = FinetuneAgent(config)
     abstract = jax.eval_shape(lambda k: agent.init_state(k), jax.random.key(0))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise PretrainedNotFoundError(f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
-                                          "fine-tuning save one (log.checkpoint_every) first.")
-        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
-        # A model without BatchNorm (the plain CNN) has empty statistics: nothing to read there.
-        only = ("params", "batch_stats") if jax.tree.leaves(abstract.batch_stats) else ("params",)
-        restored, metadata = ckpt.restore(target, only=only)
-        step = int(metadata.get("step", ckpt.latest_step()))
-    finally:
-        ckpt.close()
+    # A model without BatchNorm (the plain CNN) has empty statistics: nothing to read there.
+    only = ("params", "batch_stats") if jax.tree.leaves(abstract.batch_stats) else ("params",)
+    restored, step = _restore_latest(workdir, "fine-tuning", abstract, only)
     return config, restored.params, restored.batch_stats, step
 
 
