@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
+import os
 import signal
+import socket
+import subprocess
 from typing import Any
 
 import jax
@@ -104,13 +109,55 @@ class NonFiniteMonitor:
                 "or raise --config.nonfinite_limit; re-running resumes from that checkpoint.")
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATTEMPTS = "attempts.jsonl"  # one line per start or resume of a run: the code it ran
+
+
+def code_version(root: str = REPO_ROOT) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the git checkout at ``root``."""
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def record_attempt(workdir: str) -> dict[str, Any]:
+    """Appends this start (or resume) of the run to ``<workdir>/attempts.jsonl``: the time, the
+    host and the code version of the checkout now, when the run's modules are loaded (a commit
+    read when the run ends would name whatever the checkout held by then)."""
+    attempt = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "host": socket.gethostname(), **code_version()}
+    with open(os.path.join(workdir, ATTEMPTS), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(attempt) + "\n")
+    return attempt
+
+
+def last_attempt(workdir: str) -> dict[str, Any] | None:
+    """The last line of ``<workdir>/attempts.jsonl`` (the attempt that finished a finished run),
+    or None when the run has no readable record."""
+    try:
+        with open(os.path.join(workdir, ATTEMPTS), encoding="utf-8") as handle:
+            lines = [line for line in handle if line.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+
 def open_workdir(config, workdir: str, allow_config_override: bool, resumable_keys: tuple[str, ...],
                  devices: list | None, owned: contextlib.ExitStack, purpose: str):
     """The start of every run, after its config is validated: multi-host start-up, the device
     mesh (the batch must split over it), the workdir and its lock (held in ``owned`` until the
     caller closes it: a second run on the workdir is refused; process 0 holds it for a multi-host
     job), and the config check (a resumed workdir must have been created with the same config, up
-    to ``resumable_keys``) and write. Returns ``(mesh, absolute workdir, config as a dict)``."""
+    to ``resumable_keys``) and write, and the attempt's code version (``record_attempt``).
+    Returns ``(mesh, absolute workdir, config as a dict)``."""
     from prelar_jax import logger as logger_lib, parallel
 
     parallel.initialize_distributed()
@@ -121,4 +168,5 @@ def open_workdir(config, workdir: str, allow_config_override: bool, resumable_ke
     logger_lib.check_config_matches(workdir, config_dict, allow_config_override, ignore=resumable_keys)
     if jax.process_index() == 0:  # the workdir is shared: concurrent writers would race on config.json.tmp
         logger_lib.write_config(workdir, config_dict)
+        record_attempt(workdir)
     return mesh, workdir, config_dict

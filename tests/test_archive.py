@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from prelar_jax import config as config_lib
+from prelar_jax import config as config_lib, run_utils
 from prelar_jax.evaluation import archive, runner
 from tests.model_helpers import benchmark_modules as modules
 
@@ -46,6 +46,27 @@ def test_cpu_preset_plans_the_issue_grid(tmp_path):
     assert config.results == "experiments/results/benchmark_cpu"
     assert all("--config.steps=30000" in s.command for s in runs.finetune)
     assert all(any(a.endswith(":cpu") for a in s.command) for s in runs.pretrain + runs.finetune)
+
+
+def test_provenance_names_the_code_the_run_started_with(tmp_path):
+    """A run records its code version when it starts (attempts.jsonl); the archive reports that
+    one, not the checkout's at export time, which may have moved on meanwhile."""
+    work, results = tmp_path / "machine1", str(tmp_path / "results")
+    _, runs = _plan(work)
+    with_record, without = runs.finetune[:2]
+    for spec in (with_record, without):
+        _finish(spec)
+    with open(os.path.join(with_record.workdir, "attempts.jsonl"), "w") as handle:
+        for commit in ("a" * 40, "b" * 40):  # a first attempt, then the resumed one that finished
+            handle.write(json.dumps({"started": "t", "host": "h", "commit": commit, "dirty": False}) + "\n")
+    for spec in (with_record, without):
+        assert archive.export(spec, str(work), results, ROOT)
+    recorded = json.load(open(os.path.join(archive.archived_dir(with_record, str(work), results), "provenance.json")))
+    assert recorded["commit"] == "b" * 40 and recorded["code_version_from"] == "run start"
+    assert os.path.exists(os.path.join(archive.archived_dir(with_record, str(work), results), "attempts.jsonl"))
+    fallback = json.load(open(os.path.join(archive.archived_dir(without, str(work), results), "provenance.json")))
+    assert fallback["code_version_from"] == "export"
+    assert fallback["commit"] == run_utils.code_version(ROOT)["commit"]
 
 
 def test_archived_runs_are_not_run_again_and_the_report_reads_the_archive(tmp_path):

@@ -81,6 +81,11 @@ def test_resumed_run_equals_uninterrupted_run(squares, tmp_path):
     assert first["step"] == 10
     second = pretrain_loop.run(tiny_config(squares, steps=20), split, devices=devices)
     assert second["step"] == 20 and second["finished"]
+    # Each start records the code it loaded: two attempts, each a commit of this checkout (or None
+    # outside git), the same for both here.
+    attempts = [json.loads(line) for line in open(os.path.join(split, "attempts.jsonl"))]
+    assert len(attempts) == 2 and attempts[0]["commit"] == attempts[1]["commit"]
+    assert attempts[0]["commit"] is None or len(attempts[0]["commit"]) == 40
     steps = [r["step"] for r in read_metrics(split)]
     assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
     a, b = restore_state(tiny_config(squares), straight), restore_state(tiny_config(squares), split)

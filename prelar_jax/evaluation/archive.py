@@ -6,10 +6,12 @@ results are copied into a results directory meant to be committed (e.g.
 ``experiments/results/benchmark_cpu``), under the run's own relative path (``runs/<method>/<task>/
 seed_<n>``, ``pretrain/<name>``, ``diagnostics``):
 
-* ``metrics.jsonl``, ``config.json``, ``summary.json`` (and ``diagnostics.md``/``diagnostics.json``
-  for the diagnostics), never checkpoints, replay or media;
+* ``metrics.jsonl``, ``config.json``, ``summary.json``, ``attempts.jsonl`` (and
+  ``diagnostics.md``/``diagnostics.json`` for the diagnostics), never checkpoints, replay or media;
 * ``provenance.json``: the run's command line, the code version (git commit, and whether the
-  tree had uncommitted changes), the host, the wall time of the attempt that finished it, the
+  tree had uncommitted changes) that the attempt which finished the run loaded when it started
+  (``code_version_from: "run start"``; for runs without ``attempts.jsonl``, the checkout at export:
+  ``"export"``), the host, the wall time of the attempt that finished it, the
   settings fingerprint (``settings``, below) and when it was archived.
 
 A run found in the archive is done: the benchmark does not run it again on another machine, and
@@ -27,14 +29,15 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 from typing import Any, Mapping, Sequence
 
+from prelar_jax import run_utils
 from prelar_jax.errors import UserError
 from prelar_jax.evaluation import runner
 
 PROVENANCE = "provenance.json"
-SMALL_FILES = ("metrics.jsonl", "config.json", "summary.json", "diagnostics.md", "diagnostics.json")
+SMALL_FILES = ("metrics.jsonl", "config.json", "summary.json", "diagnostics.md", "diagnostics.json",
+               run_utils.ATTEMPTS)
 # Flags that differ between the runs of one method by design; everything else must match.
 PER_RUN_FLAGS = ("--config.seed", "--config.task", "--workdir", "--config.pretrained", "--config.data.root",
                  "--pretrained", "--apv_pretrained", "--out", "--task")
@@ -62,19 +65,14 @@ def settings(command: Sequence[str]) -> list[str]:
     return kept
 
 
-def code_version(root: str) -> dict[str, Any]:
-    """``{"commit": sha or None, "dirty": bool or None}`` of the git checkout at ``root``."""
-    def git(*args):
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return {"commit": None, "dirty": None}
-        status = git("status", "--porcelain", "--untracked-files=no")
-        return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+def _code_version(run_workdir: str, root: str) -> dict[str, Any]:
+    """The code the run's finishing attempt ran (its ``attempts.jsonl``, written when it started),
+    else, for runs made before that record existed, the checkout at ``root`` now; ``code_version_from``
+    says which."""
+    attempt = run_utils.last_attempt(run_workdir)
+    if attempt is not None and "commit" in attempt:
+        return {"commit": attempt["commit"], "dirty": attempt.get("dirty"), "code_version_from": "run start"}
+    return {**run_utils.code_version(root), "code_version_from": "export"}
 
 
 def _relative(spec: runner.RunSpec, workdir: str) -> str:
@@ -123,7 +121,7 @@ def export(spec: runner.RunSpec, workdir: str, archive: str, root: str, seconds:
             shutil.copy2(source, os.path.join(partial, name))
     provenance = {
         "name": spec.name, "labels": dict(spec.labels), "command": list(spec.command),
-        "settings": settings(spec.command), **code_version(root), "host": socket.gethostname(),
+        "settings": settings(spec.command), **_code_version(spec.workdir, root), "host": socket.gethostname(),
         "wall_seconds": seconds,
         "archived_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
