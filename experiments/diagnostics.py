@@ -5,8 +5,9 @@
     from scratch (DreamerV2); the open-loop prediction error (MSE per pixel in [0, 1], PSNR) on
     other episodes of the task, before and after.
 (b) Implicit-action probe: a linear regression from PreLAR's implicit-action codes to the true
-    actions of held-out scripted videos (R² per action dimension), against a randomly initialised
-    model of the same config.
+    actions of held-out scripted videos (R² per action dimension), and, where the videos store the
+    hand's position, to the hand's measured displacement; against a randomly initialised model of
+    the same config.
 
     python experiments/diagnostics.py --pretrained=runs/prelar_tiny --apv_pretrained=runs/apv_tiny \
         --task=drawer-open --out=runs/diagnostics_tiny
