@@ -29,7 +29,6 @@ from prelar_jax.nets.rssm import RSSM, feature, mask_reset
 from prelar_jax.types import Metrics, Params
 
 
-
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during pre-training; jitted, sharded and checkpointed as a whole."""

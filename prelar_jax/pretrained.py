@@ -19,8 +19,6 @@ from prelar_jax.pretrain import PretrainModel, make_optimizer
 from prelar_jax.types import Params
 
 
-
-
 class PretrainedMismatchError(checkpoint.CheckpointMismatchError):
     """The pre-trained modules do not fit the fine-tuning agent (another architecture or preset)."""
 

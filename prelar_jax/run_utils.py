@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from prelar_jax import workdir_lock
+from prelar_jax.config import REPO_ROOT
 from prelar_jax.errors import UserError
 
 
@@ -109,7 +110,6 @@ class NonFiniteMonitor:
                 "or raise --config.nonfinite_limit; re-running resumes from that checkpoint.")
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTEMPTS = "attempts.jsonl"  # one line per start or resume of a run: the code it ran
 
 

@@ -120,8 +120,8 @@ def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], tra
         positions = [np.asarray(ep["position"], np.float64)[1:] for ep in episodes]
         result["position"] = probe.linear_probe(codes, positions, train, held_out)
         result["position"]["knn_r2_mean"] = knn_probe(codes, positions, train, held_out)
-    if all("hand" in ep for ep in episodes):
-        moves = [np.diff(np.asarray(ep["hand"], np.float64), axis=0) for ep in episodes]
+    moves = probe.hand_displacements(episodes)
+    if moves is not None:
         result["hand"] = probe.linear_probe(codes, moves, train, held_out)
         result["hand"]["knn_r2_mean"] = knn_probe(codes, moves, train, held_out)
     return result

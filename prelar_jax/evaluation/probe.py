@@ -192,6 +192,15 @@ def stride_episodes(episodes: Sequence[dict[str, Any]], stride: int) -> list[dic
     return out
 
 
+def hand_displacements(episodes: Sequence[dict[str, Any]]) -> list[np.ndarray] | None:
+    """Per episode, the hand's measured displacement between consecutive frames,
+    ``hand[t] - hand[t-1]`` ``[L-1, 3]`` float64 (paired like the actions: with the frame pair
+    ``(o_{t-1}, o_t)``), or None unless every episode has ``hand``."""
+    if not all("hand" in episode for episode in episodes):
+        return None
+    return [np.diff(np.asarray(episode["hand"], np.float64), axis=0) for episode in episodes]
+
+
 def _check_episodes(episodes: Sequence[dict[str, Any]], image_size: int) -> None:
     for index, episode in enumerate(episodes):
         image, action = np.asarray(episode["image"]), np.asarray(episode["action"])
@@ -338,8 +347,8 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     if not all(np.all(np.isfinite(c)) for c in codes):
         raise ProbeError("the implicit-action codes contain NaN or inf: the model's parameters are not finite")
     result = linear_probe(codes, actions, train, held_out)
-    if all("hand" in episode for episode in episodes):  # the hand's measured displacement per pair
-        moves = [np.diff(np.asarray(episode["hand"], np.float64), axis=0) for episode in episodes]
+    moves = hand_displacements(episodes)
+    if moves is not None:
         result["hand"] = linear_probe(codes, moves, train, held_out)
     result.update({
         "train_episodes": [int(i) for i in train],

@@ -39,7 +39,6 @@ import numpy as np
 from prelar_jax.errors import UserError
 
 
-
 class TransferError(UserError, ValueError):
     """Episodes or settings the transfer diagnostic cannot work with."""
 
@@ -231,9 +230,9 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     ``context_mse``/``initial_context_mse`` (the error of the posterior reconstructions of the
     observed frames, which separates decoding from predicting), ``baseline_mse`` (predicting the
     mean training frame; ``mean_frame_mse``), ``updates``, ``loss_first``/``loss_last`` (the
-    world-model loss of the first and last update), ``nonfinite_updates``, ``pretrained`` (the workdir or
-    None), ``loaded`` (number of arrays
-    loaded from it), ``method``, ``context``, ``eval_windows`` and ``seconds``.
+    world-model loss of the first and last update), ``nonfinite_updates``, ``pretrained`` (the
+    workdir or None), ``loaded`` (number of arrays loaded from it), ``method``, ``context``,
+    ``eval_windows`` and ``seconds``.
     """
     from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
 
@@ -256,7 +255,7 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     loaded = 0
     if pretrained_workdir:
         params, stats, report = pretrained_lib.load_pretrained(pretrained_workdir, params, stats, config.model,
-                                                          agent_lib.pretrained_module_map(config))
+                                                               agent_lib.pretrained_module_map(config))
         loaded = len(report["loaded"])
     state = agent.init_state(state_key, params, stats)
 

@@ -256,7 +256,6 @@ def report(record: dict[str, Any], max_rows: int) -> None:
     print(format_fits(record), flush=True)
 
 
-
 def loadavg() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
