@@ -14,7 +14,7 @@ CNN, no auxiliary head).
 
 import ml_collections
 
-from prelar_jax.config import config_module
+from prelar_jax.runtime.config import config_module
 
 _APV_PRETRAIN = config_module("apv_pretrain.py", relative_to=__file__)
 PRESETS = _APV_PRETRAIN.PRESETS

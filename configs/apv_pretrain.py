@@ -12,7 +12,7 @@ The sizes of ``paper``/``original`` are the paper's; the ``tiny`` ones are CPU s
 
 import ml_collections
 
-from prelar_jax.config import config_module
+from prelar_jax.runtime.config import config_module
 
 PRESETS = ("paper", "small", "cpu", "tiny", "original", "original_tiny")
 

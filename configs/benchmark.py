@@ -65,7 +65,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Results directory to commit (e.g. experiments/results/benchmark_cpu; relative paths are from
     # the repository root): each finished run's small files are archived there as it ends, runs
     # found there are not run again on any machine, and the report is built from it
-    # (prelar_jax/evaluation/archive.py). '' = report from the workdir only.
+    # (prelar_jax/launch/archive.py). '' = report from the workdir only.
     c.results = ""
     # experiments/random_policy.py output whose success rate (at episodes of the fine-tuning
     # time limit, random_policy_steps) is drawn and listed beside each task's curves; '' = none.

@@ -8,7 +8,7 @@ no auxiliary reward head, one optimiser group over the whole world model.
 
 import ml_collections
 
-from prelar_jax.config import config_module
+from prelar_jax.runtime.config import config_module
 
 PRESETS = ("paper", "small", "cpu", "tiny")
 

@@ -15,7 +15,7 @@ DreamerV2 from scratch is ``configs/dreamerv2.py``, a configuration of the same 
 
 import ml_collections
 
-from prelar_jax import config as config_lib
+from prelar_jax.runtime import config as config_lib
 from prelar_jax.envs import rendering
 
 PRESETS = config_lib.MODEL_PRESETS
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.replay.capacity = 1_000_000  # environment steps
     c.replay.prioritize_ends = True
     # Keep a copy of the replay on the accelerator(s) and draw every batch there
-    # (prelar_jax/data/device_replay.py): no host gather and no host->device batch copy per update.
+    # (prelar_jax/runtime/device_replay.py): no host gather and no host->device batch copy per update.
     # The host replay still writes the episode files and checkpoints. The device ring is replicated:
     # device_capacity steps (0 = replay.capacity) x ~12.3 kB per 64x64 step on every device.
     c.replay.on_device = False

@@ -12,7 +12,7 @@ smoke tests, about 0.1 s per step).
 
 import ml_collections
 
-from prelar_jax import config as config_lib
+from prelar_jax.runtime import config as config_lib
 
 PRESETS = ("paper", "small", "cpu", "tiny")
 

@@ -10,7 +10,7 @@ diagnostics (``<workdir>/diagnostics``: implicit-action probe and world-model tr
 ``experiments/diagnostics.py``), fine-tune every (method, task, seed)
 (``<workdir>/runs/<method>/<task>/seed_<n>``), then write ``results.csv``, ``summary.md`` (with the
 diagnostics at the end) and the plots into ``<workdir>``. Runs go through
-``prelar_jax.evaluation.runner``: finished runs
+``prelar_jax.launch.runner``: finished runs
 are skipped, unfinished ones resume, a failing run is recorded in ``runs.json`` without stopping
 the others. ``--report`` only aggregates whatever has finished so far; ``--print`` prints the
 command line of every run (for a cluster scheduler) and exits.
@@ -36,7 +36,7 @@ _PRINT = flags.DEFINE_bool("print", False, "Print one command line per run and e
 
 
 def _methods_table(config_path: str):
-    from prelar_jax.config import config_module
+    from prelar_jax.runtime.config import config_module
 
     module = config_module(config_path)
     return module.METHODS, getattr(module, "ORIGINAL_PRESETS", {})
@@ -64,9 +64,9 @@ class Plan(NamedTuple):
 
 def plan(config, workdir: str, methods_table, original_presets) -> Plan:
     """The runs of the benchmark ``config`` under ``workdir``; no side effects."""
-    from prelar_jax.config import ConfigError
-    from prelar_jax.evaluation.runner import RunSpec
-    from prelar_jax.evaluation.sweep import flag_value
+    from prelar_jax.runtime.config import ConfigError
+    from prelar_jax.launch.runner import RunSpec
+    from prelar_jax.launch.sweep import flag_value
 
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
@@ -127,7 +127,7 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
 
 def _diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
     """The diagnostics run: PreLAR's pre-training (and APV's, when benchmarked) on one task."""
-    from prelar_jax.evaluation.runner import RunSpec
+    from prelar_jax.launch.runner import RunSpec
 
     d = config.diagnostics
     if not d.enabled or "prelar" not in pretrain_of_method:
@@ -147,7 +147,7 @@ def _diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
 def random_policy_baselines(config):
     """The random policy's results to draw beside the curves (``config.random_policy``), read
     before anything runs so that a wrong path fails at once; None when not configured."""
-    from prelar_jax.evaluation import report as report_lib
+    from prelar_jax.analysis import report as report_lib
 
     if not config.random_policy:
         return None
@@ -158,8 +158,9 @@ def random_policy_baselines(config):
 def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> dict:
     """The report of every finished evaluation: with an archive, of the archived runs (all
     machines' work so far) and written into the archive; else of the runs under ``workdir``."""
-    from prelar_jax.evaluation import archive as archive_lib, report as report_lib
-    from prelar_jax.evaluation.runner import collect_results, write_results_csv
+    from prelar_jax.launch import archive as archive_lib
+    from prelar_jax.analysis import report as report_lib
+    from prelar_jax.launch.runner import collect_results, write_results_csv
 
     out = archive or workdir
     if archive:
@@ -185,7 +186,7 @@ def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> d
 
 def _cost_section(archive: str, counts) -> str:
     """Markdown: archived runs and their recorded wall time per method / pre-training."""
-    from prelar_jax.evaluation import archive as archive_lib
+    from prelar_jax.launch import archive as archive_lib
 
     seconds = archive_lib.wall_seconds(archive)
     lines = ["# Runs and their cost", "",
@@ -220,7 +221,7 @@ def _main():
     archive = _archive_dir(config)
     finetune_specs = runs.finetune
     if archive:
-        from prelar_jax.evaluation import archive as archive_lib
+        from prelar_jax.launch import archive as archive_lib
 
         archive_lib.check_archive(archive)
         archive_lib.check_settings(runs.pretrain + runs.diagnostics + runs.finetune, workdir, archive)
@@ -231,7 +232,7 @@ def _main():
             print(shlex.join(spec.command))
         return
     if not _REPORT.value:
-        from prelar_jax import workdir_lock
+        from prelar_jax.runtime import workdir_lock
 
         with workdir_lock.hold(workdir, "benchmark"):  # one benchmark per directory
             _run_grid(config, workdir, runs, archive)
@@ -249,7 +250,7 @@ def video_tasks(config, default_tasks) -> list:
 def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
     """The plan less what the archive already holds: archived fine-tuning runs and diagnostics,
     and the pre-trainings no remaining run needs."""
-    from prelar_jax.evaluation import archive as archive_lib
+    from prelar_jax.launch import archive as archive_lib
 
     finetune = [s for s in runs.finetune if not archive_lib.is_archived(s, workdir, archive)]
     diagnostics = [s for s in runs.diagnostics if not archive_lib.is_archived(s, workdir, archive)]
@@ -261,7 +262,7 @@ def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
 
 def _run_grid(config, workdir: str, runs, archive: str = "") -> None:
     from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
-    from prelar_jax.evaluation.runner import FINISHED, SKIPPED, run_all
+    from prelar_jax.launch.runner import FINISHED, SKIPPED, run_all
 
     def archived(spec, result=None):  # copy a finished run's small results into the archive now
         if archive and archive_lib.export(spec, workdir, archive, ROOT, result.seconds if result else None):
@@ -269,7 +270,7 @@ def _run_grid(config, workdir: str, runs, archive: str = "") -> None:
                   flush=True)
 
     if archive:
-        from prelar_jax.evaluation import archive as archive_lib
+        from prelar_jax.launch import archive as archive_lib
 
         for spec in runs.pretrain + runs.diagnostics + runs.finetune:  # finished here before, not archived yet
             archived(spec)
@@ -297,7 +298,8 @@ def _run_grid(config, workdir: str, runs, archive: str = "") -> None:
 
 
 if __name__ == "__main__":
-    from prelar_jax import config as config_lib, errors
+    from prelar_jax.runtime import config as config_lib
+    from prelar_jax import errors
 
     errors.exit_on_user_error(lambda: config_lib.check_override_flags(sys.argv, DEFAULT_CONFIG))
     app.run(main)

@@ -1,5 +1,5 @@
 """Report of a few fine-tuning runs side by side, e.g. two methods on one task outside the benchmark
-driver: results.csv, summary.md and the success / return plots of ``prelar_jax.evaluation.report``.
+driver: results.csv, summary.md and the success / return plots of ``prelar_jax.analysis.report``.
 
     python experiments/compare_runs.py --run dreamerv2=runs/dv2_door_close --run prelar_fm=runs/fm_door_close \
         --random_policy=experiments/results/random_policy_2026-12-05/random_policy.json --random_policy_steps=150 \
@@ -27,7 +27,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from prelar_jax import errors
-    from prelar_jax.evaluation import report, runner
+    from prelar_jax.analysis import report
+    from prelar_jax.launch import runner
 
     def run() -> dict:
         specs = []

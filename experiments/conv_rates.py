@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from prelar_jax.xla_setup import apply_default_xla_flags  # noqa: E402
+from prelar_jax.runtime.xla_setup import apply_default_xla_flags  # noqa: E402
 
 apply_default_xla_flags()  # the project's default XLA flags, before JAX starts a backend
 

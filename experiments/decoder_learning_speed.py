@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from prelar_jax.data import synthetic  # noqa: E402
-from prelar_jax.nets.plaincnn import PlainDecoder  # noqa: E402
-from prelar_jax.nets.resnet import ResNetDecoder  # noqa: E402
+from prelar_jax.model.nets.plaincnn import PlainDecoder  # noqa: E402
+from prelar_jax.model.nets.resnet import ResNetDecoder  # noqa: E402
 
 
 def main() -> None:

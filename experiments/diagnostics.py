@@ -140,7 +140,7 @@ def probe_summary(probe: dict[str, Any]) -> str:
 
 def _probe_episodes(args, out: str):
     from prelar_jax.data.generate import generate_videos
-    from prelar_jax.evaluation import probe
+    from prelar_jax.analysis import probe
 
     root = args.probe_videos or os.path.join(out, "probe_videos")
     if not args.probe_videos and not any(name.endswith(".npz") for _, _, files in os.walk(root) for name in files):
@@ -153,9 +153,9 @@ def _probe_episodes(args, out: str):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from prelar_jax import config as config_lib, workdir_lock
+    from prelar_jax.runtime import config as config_lib, workdir_lock
     from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
-    from prelar_jax.evaluation import probe
+    from prelar_jax.analysis import probe
 
     if args.updates < 0:
         raise config_lib.ConfigError(f"--updates must be >= 0, got {args.updates}")
@@ -172,9 +172,9 @@ def _measure(args: argparse.Namespace, out: str, task: str, preset: str, prelar_
              apv_pre: dict[str, Any] | None) -> dict[str, Any]:
     import jax
 
-    from prelar_jax import config as config_lib
-    from prelar_jax.evaluation import probe, transfer
-    from prelar_jax.logger import atomic_write_json
+    from prelar_jax.runtime import config as config_lib
+    from prelar_jax.analysis import probe, transfer
+    from prelar_jax.runtime.logger import atomic_write_json
 
     key = jax.random.key(args.seed)
     results: dict[str, Any] = {"task": task, "preset": preset, "args": vars(args)}
@@ -227,7 +227,7 @@ def _measure(args: argparse.Namespace, out: str, task: str, preset: str, prelar_
         json.dump(json_safe(results), handle, indent=1)
     with open(os.path.join(out, "diagnostics.md"), "w", encoding="utf-8") as handle:
         handle.write(format_markdown(results))
-    # For the benchmark runner (prelar_jax.evaluation.runner): this output is complete.
+    # For the benchmark runner (prelar_jax.launch.runner): this output is complete.
     atomic_write_json(os.path.join(out, "summary.json"), {"finished": True, "seconds": results["seconds"]})
     print(f"[diagnostics] wrote {out}/diagnostics.json and diagnostics.md", flush=True)
     return results

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    from prelar_jax import cli  # first: sets the environment JAX and MuJoCo read when they load
-    from prelar_jax import finetune_loop
+    from prelar_jax.runtime import cli  # first: sets the environment JAX and MuJoCo read when they load
+    from prelar_jax.runtime import finetune_loop
 
     cli.training_cli("configs/prelar_finetune.py:paper", finetune_loop.run)

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    from prelar_jax import cli  # first: sets the environment JAX and MuJoCo read when they load
-    from prelar_jax import pretrain_loop
+    from prelar_jax.runtime import cli  # first: sets the environment JAX and MuJoCo read when they load
+    from prelar_jax.runtime import pretrain_loop
 
     cli.training_cli("configs/prelar_pretrain.py:paper", pretrain_loop.run)

@@ -11,7 +11,7 @@ checkpoints (``--save_workdir`` saves the final state as a pre-training workdir 
 ``<out>/study.jsonl`` (plus ``config.json``).
 ``--probe_videos``: scripted episodes with their recorded actions, of tasks the pre-training videos
 do not contain (``experiments/generate_videos.py --tasks ...``). Used to compare settings quickly
-(README "Learning"); the loop is ``prelar_jax.evaluation.pretrain_eval.study``, which the learning
+(README "Learning"); the loop is ``prelar_jax.analysis.pretrain_eval.study``, which the learning
 regression tests also run on synthetic videos.
 """
 
@@ -51,9 +51,9 @@ def main(argv=None) -> None:
                         "(for finetune.py --config.pretrained)")
     args = p.parse_args(argv)
 
-    from prelar_jax import config as config_lib
+    from prelar_jax.runtime import config as config_lib
     from prelar_jax.data import videos
-    from prelar_jax.evaluation import pretrain_eval, probe
+    from prelar_jax.analysis import pretrain_eval, probe
 
     overrides = {"data.root": args.videos, **dict(item.split("=", 1) for item in args.set)}
     config = config_lib.load_config(args.config, {k: parse_value(v) for k, v in overrides.items()})

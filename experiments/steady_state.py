@@ -131,7 +131,8 @@ def _measured_run(command: list[str], run_dir: str, kind: str) -> dict[str, Any]
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from prelar_jax import config as config_lib, errors
+    from prelar_jax.runtime import config as config_lib
+    from prelar_jax import errors
 
     def check():
         config_lib.check_override_flags(sys.argv, PRETRAIN_DEFAULT, "config")

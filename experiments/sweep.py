@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prelar_jax import errors  # noqa: E402
-from prelar_jax.evaluation import runner, sweep as sweep_lib  # noqa: E402
+from prelar_jax.launch import runner, sweep as sweep_lib  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

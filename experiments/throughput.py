@@ -52,7 +52,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import env_throughput  # noqa: E402  (experiments/, this script's directory)
-from prelar_jax import agent as agent_lib, parallel, pretrain  # noqa: E402
+from prelar_jax.learners import finetune as agent_lib, pretrain  # noqa: E402
+from prelar_jax.runtime import parallel, steps  # noqa: E402
 from prelar_jax.envs.rendering import RenderSettings  # noqa: E402
 from prelar_jax.perf.throughput_report import (format_estimates, format_table, matmul_rate,  # noqa: E402
                                                protocol_estimate, time_calls)
@@ -147,7 +148,7 @@ def pretrain_rows(config, devices: list, host_batch) -> list[dict[str, Any]]:
     optimizer = pretrain.make_optimizer(config)
     holder = {"state": parallel.put_replicated(model.init_state(jax.random.key(0), optimizer), mesh)}
     batch = parallel.put_batch(host_batch, mesh)
-    compiled, info = parallel.compile_ahead(parallel.make_train_step(model.loss, optimizer, mesh, seed=0),
+    compiled, info = parallel.compile_ahead(steps.make_pretrain_step(model.loss, optimizer, mesh, seed=0),
                                             holder["state"], batch)
 
     def call():
@@ -186,7 +187,7 @@ def finetune_rows(config, devices: list, host_batch, num_envs: int) -> list[dict
     # World-model half; its first call's state and posteriors feed the actor-critic half, so
     # that (world model, then actor-critic) is exactly one update from the fresh state.
     wm = {"state": fresh()}
-    wm_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0, part="world_model"),
+    wm_step, info = parallel.compile_ahead(steps.make_finetune_step(agent, mesh, 0, part="world_model"),
                                            wm["state"], batch)
     handoff = {}
 
@@ -206,7 +207,7 @@ def finetune_rows(config, devices: list, host_batch, num_envs: int) -> list[dict
     wm.clear()  # frees the world-model half's state before the next measurement
 
     ac = {"state": handoff.pop("state")}
-    ac_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0, part="actor_critic"),
+    ac_step, info = parallel.compile_ahead(steps.make_finetune_step(agent, mesh, 0, part="actor_critic"),
                                            ac["state"], post)
 
     def ac_call():
@@ -218,7 +219,7 @@ def finetune_rows(config, devices: list, host_batch, num_envs: int) -> list[dict
     ac.clear()
 
     full = {"state": fresh()}
-    full_step, info = parallel.compile_ahead(agent_lib.make_update_step(agent, mesh, 0), full["state"], batch)
+    full_step, info = parallel.compile_ahead(steps.make_finetune_step(agent, mesh, 0), full["state"], batch)
 
     def full_call():
         full["state"], metrics = full_step(full["state"], batch)

@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from prelar_jax import pretrained as pretrained_lib
+    from prelar_jax.runtime import pretrained as pretrained_lib
     from prelar_jax.envs.metaworld import canonical_task_name
     from prelar_jax.errors import UserError
-    from prelar_jax.evaluation import transfer
+    from prelar_jax.analysis import transfer
 
     results, episodes_by_task = [], {}
     try:

@@ -16,8 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from prelar_jax.config import config_module
-from prelar_jax.pretrain import PretrainModel
+from prelar_jax.runtime.config import config_module
+from prelar_jax.learners.pretrain import PretrainModel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_PATH = REPO / "configs" / "prelar_pretrain.py"
@@ -105,8 +105,8 @@ def write_pretrain_checkpoint(workdir, config: ml_collections.ConfigDict, seed: 
     """A pre-training workdir as ``experiments/pretrain.py`` leaves it (``config.json`` and one
     checkpoint at ``step``), holding ``glorot_params`` of ``config``'s model without compiling
     anything; returns ``(params, batch_stats)``."""
-    from prelar_jax import checkpoint, logger as logger_lib
-    from prelar_jax.pretrain import TrainState, make_optimizer
+    from prelar_jax.runtime import checkpoint, logger as logger_lib
+    from prelar_jax.learners.pretrain import TrainState, make_optimizer
 
     params, stats = glorot_params(PretrainModel(config), seed=seed)
     state = TrainState(step=np.int32(step), params=params, batch_stats=stats,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prelar_jax import actor_critic as ac
-from prelar_jax import distributions as dist
+from prelar_jax.learners import actor_critic as ac
+from prelar_jax.model import distributions as dist
 from prelar_jax.errors import UserError
-from prelar_jax.nets.heads import Actor, ScalarHead
-from prelar_jax.nets.rssm import feature
+from prelar_jax.model.nets.heads import Actor, ScalarHead
+from prelar_jax.model.nets.rssm import feature
 
 F32_EPS = float(np.finfo(np.float32).eps)
 # Compiled once each: eager op-by-op dispatch would compile every small op separately.

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from prelar_jax import config as config_lib, run_utils
-from prelar_jax.evaluation import archive, runner
+from prelar_jax.runtime import config as config_lib, run_utils
+from prelar_jax.launch import archive, runner
 from tests.model_helpers import benchmark_modules as modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

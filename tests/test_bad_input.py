@@ -26,9 +26,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from prelar_jax import checkpoint, config as config_lib, errors, finetune_loop, logger as logger_lib, parallel
-from prelar_jax import pretrain, pretrain_loop
-from prelar_jax.pretrained import PretrainedNotFoundError
+from prelar_jax.runtime import checkpoint, config as config_lib, finetune_loop, logger as logger_lib, parallel
+from prelar_jax import errors
+from prelar_jax.learners import pretrain
+from prelar_jax.runtime import pretrain_loop
+from prelar_jax.runtime.pretrained import PretrainedNotFoundError
 from prelar_jax.data import videos
 from prelar_jax.envs import metaworld as mw
 from prelar_jax.envs.workers import EnvWorkerError, ParallelEnvs, make_metaworld_env
@@ -505,7 +507,8 @@ _REAL_DISK_FULL = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, jax.numpy as jnp
     from absl import logging
-    from prelar_jax import checkpoint, errors
+    from prelar_jax.runtime import checkpoint
+    from prelar_jax import errors
     logging.set_verbosity(logging.WARNING)  # as the training loops do: orbax's errors would show
     directory = os.path.join({mount!r}, "ckpt")
     if sys.argv[1] == "fill":

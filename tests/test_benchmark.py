@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prelar_jax import config as config_lib
+from prelar_jax.runtime import config as config_lib
 from tests.model_helpers import benchmark_modules as modules
 
 pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "not slow"

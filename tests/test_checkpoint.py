@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prelar_jax.checkpoint import CheckpointMismatchError, Checkpointer, read_metadata
+from prelar_jax.runtime.checkpoint import CheckpointMismatchError, Checkpointer, read_metadata
 
 
 @flax.struct.dataclass

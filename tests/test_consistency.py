@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from prelar_jax.consistency import VARIANTS, consistency_loss
+from prelar_jax.learners.consistency import VARIANTS, consistency_loss
 
 DIFFERENTIABLE = ('tanh', 'ranknet', 'soft_spearman')
 

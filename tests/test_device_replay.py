@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import checkpoint, config as config_lib, finetune_loop, parallel
-from prelar_jax.data.device_replay import DeviceReplay
+from prelar_jax.runtime import checkpoint, config as config_lib, finetune_loop, parallel
+from prelar_jax.runtime.device_replay import DeviceReplay
 from prelar_jax.data.replay import SAMPLE_KEYS, Replay, ReplayTooSmallError
 from tests.test_replay import A, H, W, assert_start_distribution, make_episode, trace
 

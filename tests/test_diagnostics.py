@@ -11,10 +11,10 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from prelar_jax import config as config_lib
+from prelar_jax.runtime import config as config_lib
 from prelar_jax.data.generate import save_episode
-from prelar_jax.evaluation import probe, transfer
-from prelar_jax.pretrain import PretrainModel
+from prelar_jax.analysis import probe, transfer
+from prelar_jax.learners.pretrain import PretrainModel
 from tests.model_helpers import write_pretrain_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def test_hand_target_pairs_each_code_with_the_motion_between_its_frames():
     result = probe.implicit_action_probe(None, pretrain_config(), shifted, key, chunk=16)
     assert not np.allclose(result["hand"]["r2"], result["r2"][:3], atol=1e-3)
     # The study's probe (pretrain_eval.probe_scores) reads it the same way.
-    from prelar_jax.evaluation import pretrain_eval
+    from prelar_jax.analysis import pretrain_eval
     model = PretrainModel(probe.random_features_config(pretrain_config()))
     params, stats = jax.jit(model.init)(key)
     scores = pretrain_eval.probe_scores(probe.make_code_fn(model), params, stats, episodes, [0, 1, 2, 3], [4, 5])

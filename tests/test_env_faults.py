@@ -7,7 +7,7 @@ import os
 import jax
 import pytest
 
-from prelar_jax import checkpoint, finetune_loop
+from prelar_jax.runtime import checkpoint, finetune_loop
 from prelar_jax.envs import workers
 from tests.test_finetune import finetune_config
 

@@ -17,7 +17,7 @@ from PIL import Image
 from rliable import metrics as rliable_metrics
 
 from prelar_jax.errors import UserError
-from prelar_jax.evaluation import report, stats
+from prelar_jax.analysis import report, stats
 
 SPEC = "/work/shared/reference/prelar_spec.md"
 
@@ -472,7 +472,7 @@ def test_random_policy_baseline_is_drawn_and_listed(tmp_path):
 
 
 def test_compare_runs_reports_labelled_workdirs(tmp_path, capsys):
-    from prelar_jax.config import config_module
+    from prelar_jax.runtime.config import config_module
 
     compare = config_module("experiments/compare_runs.py")
     dirs = {}

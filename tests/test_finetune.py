@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
-from prelar_jax import checkpoint, config as config_lib, finetune_loop, logger as logger_lib, parallel
+from prelar_jax.learners import finetune as agent_lib
+from prelar_jax.runtime import pretrained as pretrained_lib
+from prelar_jax.runtime import checkpoint, config as config_lib, finetune_loop, logger as logger_lib, parallel, steps
 from tests.model_helpers import write_pretrain_checkpoint
 
 
@@ -109,7 +110,7 @@ def test_load_pretrained_copies_the_world_model_and_reports(pretrained_dir):
 def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir):
     """The pre-trained state is read without its Adam moments (``Checkpointer.restore(only=...)``);
     step, parameters and BatchNorm statistics equal those of restoring the whole TrainState."""
-    from prelar_jax.pretrain import PretrainModel, make_optimizer
+    from prelar_jax.learners.pretrain import PretrainModel, make_optimizer
 
     workdir, saved_params, saved_stats = pretrained_dir
     config, params, stats, step = pretrained_lib.restore_pretrain_state(workdir)
@@ -159,7 +160,7 @@ def _run_updates(config, devices, count, batch):
     mesh = parallel.make_mesh(devices)
     agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
     state = parallel.put_replicated(agent.init_state(jax.random.key(1)), mesh)
-    step = agent_lib.make_update_step(agent, mesh, seed=0)
+    step = steps.make_finetune_step(agent, mesh, seed=0)
     history = [jax.tree.map(np.asarray, state.params)]
     for _ in range(count):
         state, metrics = step(state, parallel.put_batch(batch, mesh))
@@ -270,7 +271,7 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
 
     # The fine-tuned world model read back for analysis: the latest checkpoint's parameters, and
     # its open-loop error beside the mean-frame and last-frame baselines (numpy, float64).
-    from prelar_jax.evaluation import transfer
+    from prelar_jax.analysis import transfer
     restored_config, params, _, env_step = pretrained_lib.restore_finetune_state(workdir)
     assert env_step == 500 and restored_config.steps == 500
     full, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(

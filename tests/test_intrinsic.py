@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from prelar_jax.intrinsic import (IntrinsicConfigError, init_intrinsic, intrinsic_reward,
+from prelar_jax.learners.intrinsic import (IntrinsicConfigError, init_intrinsic, intrinsic_reward,
                                   knn_distances, push)
 
 

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import checkpoint, config as config_lib, workdir_lock
+from prelar_jax.runtime import checkpoint, config as config_lib, workdir_lock
 from tests.test_pretrain_loop import restore_state, tiny_config, write_moving_squares
 
 ROOT = Path(__file__).resolve().parent.parent

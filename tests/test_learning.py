@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import agent as agent_lib, pretrained as pretrained_lib
-from prelar_jax import config as config_lib, parallel
+from prelar_jax.learners import finetune as agent_lib
+from prelar_jax.runtime import pretrained as pretrained_lib
+from prelar_jax.runtime import config as config_lib, parallel, steps
 from prelar_jax.data import synthetic
 
 pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "not slow"
@@ -47,7 +48,7 @@ def test_actor_learns_the_rewarded_action():
     mesh = parallel.make_mesh(jax.devices()[:1])
     agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
     state = parallel.put_replicated(agent.init_state(jax.random.key(0)), mesh)
-    update = agent_lib.make_update_step(agent, mesh, seed=0)
+    update = steps.make_finetune_step(agent, mesh, seed=0)
     policy = jax.jit(agent.policy, static_argnames="explore")
 
     def mean_first_action(state):
@@ -79,7 +80,7 @@ def test_probe_reads_true_actions_and_not_shuffled_ones():
     """The probe itself: features that are the true actions score R² ~ 1, the square's measured
     displacement between the two frames of each pair scores high (the pairing is right), and
     actions of other episodes score ~ 0 (split by episode, no leakage)."""
-    from prelar_jax.evaluation import probe
+    from prelar_jax.analysis import probe
 
     episodes = synthetic.moving_square_episodes(12, 60, seed=3)
     actions = [ep["action"][1:].astype(np.float64) for ep in episodes]
@@ -105,7 +106,7 @@ def forward_model_codes() -> dict:
     """The pre-training overrides of the benchmark method ``prelar_fm`` (code network's output at
     zero, deterministic code, pixel forward model, no consistency loss): the setting in which the
     implicit actions carry the action (implicit-action study, follow-up 2)."""
-    from prelar_jax.config import config_module
+    from prelar_jax.runtime.config import config_module
 
     (_, pretrain_overrides), _ = config_module("configs/benchmark.py").METHODS["prelar_fm"]
     return dict(pretrain_overrides)
@@ -120,7 +121,7 @@ def square_pretraining(tmp_path_factory):
     (``implicit_action.head_init_scale=1``) gives probe R2 0.29, no forward model -0.05; zero codes
     fed to the RSSM (training and prediction) give open-loop 0.90x the last-frame error."""
     from prelar_jax.data import videos
-    from prelar_jax.evaluation import pretrain_eval
+    from prelar_jax.analysis import pretrain_eval
 
     root = tmp_path_factory.mktemp("squares")
     synthetic.write_moving_square_videos(root / "train", 40, 32, seed=0, smoothness=0.0, square=12, speed=3.0)
@@ -137,7 +138,7 @@ def square_pretraining(tmp_path_factory):
 def test_study_saves_a_pretraining_workdir_finetuning_can_read(square_pretraining):
     """``study(save_workdir=...)`` leaves a pre-training workdir: fine-tuning's reader restores its
     config and the trained parameters (not the initial ones) at the last step."""
-    from prelar_jax import pretrain
+    from prelar_jax.learners import pretrain
 
     config, params, _, step = pretrained_lib.restore_pretrain_state(square_pretraining["saved"])
     assert step == 500

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prelar_jax.logger import (
+from prelar_jax.runtime.logger import (
     ConfigMismatchError,
     MetricsLogger,
     check_config_matches,
     config_differences,
     write_config,
 )
-from prelar_jax.media import prediction_grid, save_gif, save_png
+from prelar_jax.runtime.media import prediction_grid, save_gif, save_png
 
 
 def read_jsonl(path):

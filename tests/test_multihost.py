@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import config as config_lib, parallel, pretrain_loop
+from prelar_jax.runtime import config as config_lib, parallel, pretrain_loop
 from test_pretrain_loop import read_metrics, restore_state, tiny_config, write_moving_squares
 
 pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "not slow"
@@ -89,7 +89,7 @@ def test_finetuning_refuses_several_processes_before_starting_anything(no_cluste
     no_cluster_env.setattr(jax.distributed, "initialize", must_not_start)
     for key, value in slurm_env(2, 0).items():
         no_cluster_env.setenv(key, value)
-    from prelar_jax import finetune_loop
+    from prelar_jax.runtime import finetune_loop
 
     config = config_lib.load_config("configs/dreamerv2.py:tiny", {})
     with pytest.raises(parallel.MultiProcessNotSupportedError, match="fine-tuning runs in one process only"):
@@ -129,7 +129,7 @@ ROWS_SCRIPT = """
 import sys
 import jax
 import numpy as np
-from prelar_jax import parallel
+from prelar_jax.runtime import parallel
 parallel.initialize_distributed()
 mesh = parallel.make_mesh()
 index = jax.process_index()

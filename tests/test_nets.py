@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from prelar_jax import distributions
-from prelar_jax.nets.implicit_action import ImplicitActionEncoder, code_from_params
-from prelar_jax.nets.plaincnn import PlainDecoder, PlainEncoder
-from prelar_jax.nets.resnet import ResNetDecoder, ResNetEncoder
-from prelar_jax.nets.rssm import RSSM, LayerNormGRUCell, feature
-from prelar_jax.pretrain import PretrainModel
+from prelar_jax.model import distributions
+from prelar_jax.model.nets.implicit_action import ImplicitActionEncoder, code_from_params
+from prelar_jax.model.nets.plaincnn import PlainDecoder, PlainEncoder
+from prelar_jax.model.nets.resnet import ResNetDecoder, ResNetEncoder
+from prelar_jax.model.nets.rssm import RSSM, LayerNormGRUCell, feature
+from prelar_jax.learners.pretrain import PretrainModel
 from tests.model_helpers import init_params, load_config
 
 # Parameter initialisation only; an RBG key compiles Flax's initialisers much faster on CPU.
@@ -483,7 +483,7 @@ def test_remat_resnet_same_parameters_gradients_and_statistics(module_class, sha
 def test_subpixel_transposed_conv_equals_flax_conv_transpose(kernel, size):
     """The CPU implementation of the plain decoder's stride-2 VALID transposed convolutions gives
     flax's values and gradients (same parameters), for odd and even kernels."""
-    from prelar_jax.nets.common import StridedConvTranspose
+    from prelar_jax.model.nets.common import StridedConvTranspose
 
     x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
     reference = nn.ConvTranspose(3, (kernel, kernel), strides=(2, 2), padding="VALID")

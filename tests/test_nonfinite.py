@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from prelar_jax import agent as agent_lib, checkpoint, parallel, pretrain_loop, run_utils
+from prelar_jax.learners import finetune as agent_lib
+from prelar_jax.runtime import checkpoint, parallel, pretrain_loop, run_utils, steps
 from tests.test_finetune import finetune_config, random_batch
 from tests.test_pretrain_loop import tiny_config, write_moving_squares
 
@@ -36,7 +37,7 @@ def test_nonfinite_update_is_skipped_on_every_device():
     optimizer = optax.adam(0.1)
     params = {"w": jnp.ones(())}
     state = parallel.put_replicated(ToyState(jnp.zeros((), jnp.int32), params, {}, optimizer.init(params)), mesh)
-    step = parallel.make_train_step(_toy_loss, optimizer, mesh, seed=0)
+    step = steps.make_pretrain_step(_toy_loss, optimizer, mesh, seed=0)
     image = np.ones((8, 2, 2, 2, 3), np.uint8)
     bad = {"image": image, "target": np.array([0, 0, 0, 0, 0, np.nan, 0, 0], np.float32)}
     good = {"image": image, "target": np.zeros(8, np.float32)}
@@ -56,7 +57,7 @@ def test_finetune_update_skips_a_nan_reward_batch():
     agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
     state = parallel.put_replicated(agent.init_state(jax.random.key(1)), mesh)
     before = jax.tree.map(np.asarray, state)
-    step = agent_lib.make_update_step(agent, mesh, seed=0)
+    step = steps.make_finetune_step(agent, mesh, seed=0)
     batch = random_batch(config)
     batch["reward"][1, 3] = np.nan
     state, metrics = step(state, parallel.put_batch(batch, mesh))

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from prelar_jax import agent as agent_lib, config as config_lib, parallel
-from prelar_jax.pretrain import PretrainModel, TrainState, make_optimizer
+from prelar_jax.learners import finetune as agent_lib
+from prelar_jax.runtime import config as config_lib, parallel, steps
+from prelar_jax.learners.pretrain import PretrainModel, TrainState, make_optimizer
 from tests.model_helpers import init_params, load_config
 
 U_BF16 = 2.0 ** -9  # unit roundoff of bfloat16 (8 significand bits, round to nearest)
@@ -149,7 +150,7 @@ def pretrain_run(dtype: str):
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = parallel.put_replicated(state, mesh)
     batch = parallel.put_batch({"image": moving_squares(B, T), "is_first": first_flags(B, T)}, mesh)
-    step = parallel.make_train_step(model.loss, optimizer, mesh, seed=0)
+    step = steps.make_pretrain_step(model.loss, optimizer, mesh, seed=0)
     history, first_state = [], None
     for i in range(PRETRAIN_STEPS):
         state, metrics = step(state, batch)
@@ -170,7 +171,7 @@ def finetune_run(dtype: str):
     initial = jax.tree.map(np.asarray, state.params)
     state = parallel.put_replicated(state, mesh)
     batch = parallel.put_batch(finetune_batch(config), mesh)
-    step = agent_lib.make_update_step(agent, mesh, seed=0)
+    step = steps.make_finetune_step(agent, mesh, seed=0)
     history = []
     for _ in range(FINETUNE_UPDATES):
         state, metrics = step(state, batch)

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from prelar_jax import checkpoint, config as config_lib, pretrain, pretrain_loop
+from prelar_jax.runtime import checkpoint, config as config_lib, pretrain_loop
+from prelar_jax.learners import pretrain
 from prelar_jax.data import videos
 
 

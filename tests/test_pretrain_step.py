@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from prelar_jax import parallel
-from prelar_jax.pretrain import PretrainModel, TrainState, make_optimizer
+from prelar_jax.runtime import parallel, steps
+from prelar_jax.learners.pretrain import PretrainModel, TrainState, make_optimizer
 from tests.model_helpers import glorot_params, init_params, load_config, random_batch
 
 B, T = 4, 5
@@ -177,7 +177,7 @@ def _one_step(config, mesh, state_host, batch_host):
     optimizer = make_optimizer(config)
     parallel.check_batch_divides(batch_host["image"].shape[0], mesh)
     state = parallel.put_replicated(state_host, mesh)  # fresh buffers: the step donates them
-    step = parallel.make_train_step(model.loss, optimizer, mesh, seed=config.seed)
+    step = steps.make_pretrain_step(model.loss, optimizer, mesh, seed=config.seed)
     new_state, metrics = step(state, parallel.put_batch(batch_host, mesh))
     return jax.tree.map(np.asarray, new_state), jax.tree.map(np.asarray, metrics)
 
@@ -185,7 +185,7 @@ def _one_step(config, mesh, state_host, batch_host):
 def _seed_with_fixed_point(batch_size: int) -> int:
     """A seed whose first-step permutation pairs some example with itself: the case where float
     noise in d_s used to make the consistency value depend on the device count. It re-derives
-    the key as ``make_train_step`` (fold in step 0) and ``PretrainModel.loss`` (third split) do."""
+    the key as ``make_pretrain_step`` (fold in step 0) and ``PretrainModel.loss`` (third split) do."""
     for seed in range(100):
         key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0), 3)[2]
         if np.any(np.asarray(jax.random.permutation(key, batch_size)) == np.arange(batch_size)):
@@ -336,7 +336,7 @@ def test_implicit_kl_free_nats_and_prior_image_loss():
 @pytest.mark.slow
 def test_implicit_kl_warmup_ramps_the_scale_with_the_update_count():
     """``loss.implicit_kl_warmup``: the code KL's scale is step / warmup, capped at 1, with the
-    step that ``make_train_step`` passes in the batch; without a step (direct calls) it is 1."""
+    step that ``make_pretrain_step`` passes in the batch; without a step (direct calls) it is 1."""
     params, stats = init_params("tiny")
     config = load_config("tiny", **{"loss.consistency": "off", "loss.kl_scale": 0.0, "loss.image_scale": 0.0,
                                     "loss.implicit_kl_warmup": 100})

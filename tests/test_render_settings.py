@@ -14,7 +14,7 @@ import mujoco
 import numpy as np
 import pytest
 
-from prelar_jax import config as config_lib
+from prelar_jax.runtime import config as config_lib
 from prelar_jax.envs.metaworld import MetaWorldTask
 from prelar_jax.envs.rendering import (
     LEAN,

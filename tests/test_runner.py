@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from prelar_jax.evaluation import runner
-from prelar_jax.evaluation import sweep as sweep_lib
-from prelar_jax.evaluation.runner import RunSpec
+from prelar_jax.launch import runner
+from prelar_jax.launch import sweep as sweep_lib
+from prelar_jax.launch.runner import RunSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def test_interrupt_terminates_children_once_then_kills(fake, tmp_path):
     code = textwrap.dedent(f'''
         import json, sys
         sys.path.insert(0, {REPO!r})
-        from prelar_jax.evaluation.runner import RunSpec, run_all
+        from prelar_jax.launch.runner import RunSpec, run_all
         specs = [RunSpec(*entry) for entry in json.loads(sys.argv[1])]
         run_all(specs, 2, {str(tmp_path / "logs")!r}, grace_seconds=1.0)
     ''')

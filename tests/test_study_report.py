@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from prelar_jax.config import config_module
+from prelar_jax.runtime.config import config_module
 
 
 def _study(directory, overrides, rows):

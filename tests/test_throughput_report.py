@@ -83,7 +83,7 @@ def test_estimate_table_in_minutes_and_hours():
 def test_conv_rates_record(tmp_path):
     import json
 
-    from prelar_jax.config import config_module
+    from prelar_jax.runtime.config import config_module
 
     conv_rates = config_module("experiments/conv_rates.py")  # a script: loaded from its file
     out = tmp_path / "conv.json"

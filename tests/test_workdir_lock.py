@@ -1,4 +1,4 @@
-"""A run owns its workdir (``prelar_jax.workdir_lock``; README "Reliability").
+"""A run owns its workdir (``prelar_jax.runtime.workdir_lock``; README "Reliability").
 
 The holder is a real second process (the lock is a kernel ``flock``: only another process shows
 whether it excludes, and only a real SIGKILL shows that a dead holder's lock does not block).
@@ -16,15 +16,15 @@ import sys
 
 import pytest
 
-from prelar_jax import workdir_lock
-from prelar_jax.evaluation import runner
+from prelar_jax.runtime import workdir_lock
+from prelar_jax.launch import runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from prelar_jax import workdir_lock
+from prelar_jax.runtime import workdir_lock
 workdir_lock.acquire({path!r}, "test holder")
 print("locked", flush=True)
 time.sleep(600)
@@ -85,7 +85,7 @@ def test_the_lock_is_reentrant_in_one_process_and_released_by_the_last_hold(tmp_
             pass
         # Still held by the outer block: another process is refused.
         probe = subprocess.run([sys.executable, "-c", (
-            f"import sys; sys.path.insert(0, {ROOT!r}); from prelar_jax import workdir_lock as w\n"
+            f"import sys; sys.path.insert(0, {ROOT!r}); from prelar_jax.runtime import workdir_lock as w\n"
             f"try:\n    w.acquire({work!r})\nexcept w.WorkdirBusyError as e:\n    print('busy', e)")],
             capture_output=True, text=True, timeout=60)
         assert probe.stdout.startswith("busy") and f"pid {os.getpid()}" in probe.stdout, probe

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prelar_jax import world_model
-from prelar_jax.distributions import straight_through_sample
-from prelar_jax.nets.rssm import RSSM
+from prelar_jax.model import world_model
+from prelar_jax.model.distributions import straight_through_sample
+from prelar_jax.model.nets.rssm import RSSM
 
 B, T, A, E = 4, 6, 3, 7  # batch, length, action dim, embed dim
 RSSM_MODULE = RSSM(deter=16, hidden=12, stoch=4, classes=5)

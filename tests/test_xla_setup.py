@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from prelar_jax import xla_setup
+from prelar_jax.runtime import xla_setup
 
 
 def test_flags_only_for_checked_jaxlib_versions():

@@ -3,7 +3,7 @@
 ``adam`` is the original torch Adam (one per parameter group). ``apply_update`` applies an
 optimiser's update; ``keep_if_finite`` then keeps the old values where the loss or gradient was not
 finite, so that one bad batch skips an update instead of writing NaN into parameters or optimiser
-moments. Pre-training (``parallel.make_train_step``), fine-tuning (``agent``) and the transfer
+moments. Pre-training (``steps.make_pretrain_step``), fine-tuning (``agent``) and the transfer
 diagnostic all update through these two functions.
 """
 

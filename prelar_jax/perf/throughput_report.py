@@ -68,7 +68,7 @@ def protocol_estimate(config, rows: list[dict[str, Any]], env_results: list[dict
     """Wall time of the config's whole fine-tuning protocol from the measured parts, one estimate
     per measured worker count W (``env.num_envs = env.eval_envs = W``), on 1 device.
 
-    Counts follow ``prelar_jax.finetune_loop``: ``pretrain + (steps - prefill) // train_every *
+    Counts follow ``prelar_jax.runtime.finetune_loop``: ``pretrain + (steps - prefill) // train_every *
     train_steps`` updates; ``steps`` training frames; evaluations at ``prefill`` and every
     ``eval_every`` steps after it and at the last step, ``eval_eps`` episodes of ``env.time_limit``
     frames each; one policy call per ``W`` frames after the prefill (training) and in evaluation

@@ -1,0 +1,429 @@
+"""The fine-tuning run (spec section 7): environments, replay, compiled updates, evaluation,
+checkpoints, metrics and media in one host-side loop.
+
+``run(config, workdir)`` is what ``experiments/finetune.py`` calls. The loop, in environment steps
+(all workers together; prefill counts, as in the original):
+
+1. ``prefill`` steps with uniform random actions;
+2. once they are done, ``pretrain`` world-model + actor-critic updates on the prefill data;
+3. then the policy acts (one jitted call for all workers per step) and ``train_steps`` updates
+   run every ``train_every`` environment steps;
+4. evaluation (``eval_eps`` episodes, policy mode = the actor's mean) at ``prefill``, then every
+   ``eval_every`` steps, and at the end;
+5. checkpoints every ``log.checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT.
+
+Re-running on the same workdir resumes: the agent state (parameters, optimisers, BatchNorm
+statistics, intrinsic-bonus queue and normaliser), the counters and the replay (the episodes the
+checkpoint names, read back from ``<workdir>/replay``) are restored. Episodes that were still
+running when the checkpoint was written are lost; the environments start new ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging as absl_logging
+
+from prelar_jax.learners import finetune as agent_lib
+from prelar_jax.runtime import pretrained as pretrained_lib
+from prelar_jax.runtime import checkpoint, config as config_lib, logger as logger_lib, media, parallel, run_utils, steps
+from prelar_jax.runtime.device_replay import DeviceReplay, bytes_per_step
+from prelar_jax.data.replay import Replay
+from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
+from prelar_jax.envs.rendering import RenderSettings
+from prelar_jax.envs.workers import ParallelEnvs, make_metaworld_env
+
+# Keys that may change when a run is resumed (run length, logging, worker time-outs).
+RESUMABLE_KEYS = ("steps", "log", "env.step_timeout", "env.eval_envs", "pretrained", "nonfinite_limit",
+                  "replay.on_device", "replay.device_capacity")
+
+
+# What an update reads of a replay batch (host or device replay).
+UPDATE_KEYS = ("image", "action", "reward", "is_first")
+
+
+def _seeds(*parts: int, count: int) -> list[int]:
+    """``count`` worker seeds from a SeedSequence over ``parts`` (run seed, role, resume point)."""
+    return [int(s % (2**31)) for s in np.random.SeedSequence(list(parts)).generate_state(count)]
+
+
+class _EpisodeStats:
+    """Return and success of the episodes running in N environments."""
+
+    def __init__(self, count: int):
+        self.returns = np.zeros(count, np.float64)
+        self.success = np.zeros(count, bool)
+        self.length = np.zeros(count, np.int64)
+
+    def observe(self, obs: dict[str, np.ndarray], dropped: np.ndarray) -> list[tuple[float, bool, int]]:
+        """Adds one step; returns ``(return, success, length)`` of the episodes it finished."""
+        first = obs["is_first"] | dropped
+        self.returns[first], self.success[first], self.length[first] = 0.0, False, 0
+        self.returns += np.where(first, 0.0, obs["reward"])
+        self.success |= obs["success"] & ~first
+        self.length += ~first
+        return [(float(self.returns[i]), bool(self.success[i]), int(self.length[i]))
+                for i in np.flatnonzero(obs["is_last"])]
+
+
+def _device_replay(config: ml_collections.ConfigDict, mesh, replay: Replay) -> DeviceReplay:
+    """``replay.on_device``: the device copy, filled with the host replay's episodes (on resume,
+    those the checkpoint named), oldest first, so it holds what the host holds (or the newest part)."""
+    capacity = config.replay.device_capacity or config.replay.capacity
+    image_shape = (config.image_size, config.image_size, 3)
+    device_replay = DeviceReplay(capacity, config.env.time_limit + 1, image_shape, config.action_dim, mesh,
+                                 config.replay.prioritize_ends, UPDATE_KEYS)
+    for name in replay.episode_names():
+        device_replay.add_episode(replay.get_episode(name))
+    print(f"[prelar] replay on device: {capacity} steps, "
+          f"{capacity * bytes_per_step(image_shape, config.action_dim, UPDATE_KEYS) / 2**30:.2f} GiB per device, "
+          f"it holds {device_replay.num_episodes} of the host replay's {replay.num_episodes} episode(s)", flush=True)
+    return device_replay
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False,
+        devices: list | None = None) -> dict[str, Any]:
+    """Fine-tunes to ``config.steps`` environment steps in ``workdir``; returns a summary dict.
+    The run owns ``workdir`` while it runs (``prelar_jax.runtime.workdir_lock``)."""
+    # Environments, replay and the agent's acting run per process: one process only, refused
+    # before it would connect to a coordinator and wait for peers.
+    parallel.require_single_process("fine-tuning")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    config_lib.validate_finetune_config(config)
+    # Before anything slow: no offscreen rendering means one clear error naming the packages (and
+    # an OSMesa fallback, set here, is inherited by the spawned environment workers).
+    check_rendering_backend()
+    with contextlib.ExitStack() as owned:  # holds the workdir lock until the run returns
+        return _run(config, workdir, allow_config_override, devices, owned)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool,
+         devices: list | None, owned: contextlib.ExitStack) -> dict[str, Any]:
+    mesh, workdir, config_dict = run_utils.open_workdir(config, workdir, allow_config_override,
+                                                        RESUMABLE_KEYS, devices, owned, "fine-tuning")
+    task = canonical_task_name(config.task)
+    print(f"[prelar] {config.method} fine-tuning on {task}, preset {config.preset}: "
+          f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}",
+          flush=True)
+
+    # ---------------------------------------------------------------- agent state
+    agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.log.keep_checkpoints)
+    key = jax.random.key(config.seed)
+    resuming = ckpt.latest_step() is not None
+    params = stats = None
+    if not resuming and config.pretrained:
+        fresh_params, fresh_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(jax.random.split(key)[0]))
+        params, stats, report = pretrained_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
+                                                          config.model, agent_lib.pretrained_module_map(config))
+        print("[prelar] " + pretrained_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
+        report_path = os.path.join(workdir, "pretrained_load.json")
+        with open(report_path, "w", encoding="utf-8") as handle:
+            json.dump({"pretrained": os.path.abspath(config.pretrained), **report}, handle, indent=1)
+        print(f"[prelar] every loaded, new and ignored array: {report_path}", flush=True)
+    state = agent.init_state(key, params, stats)
+    state = parallel.put_replicated(state, mesh)
+    counters = {"env_step": 0, "updates": 0, "episodes": 0, "train_credit": 0, "evals": 0,
+                "worker_restarts": 0, "dropped_episodes": 0, "warmed_up": 0,
+                "last_eval_step": -1}
+    replay_dir = os.path.join(workdir, "replay")
+    if resuming:
+        state, metadata = ckpt.restore(state)
+        counters.update({k: int(v) for k, v in metadata.get("counters", {}).items()})
+        replay = Replay.restore(replay_dir, metadata["replay"], config.replay.capacity,
+                                config.replay.prioritize_ends)
+        kept_names = list(metadata["replay"]["episodes"])
+        print(f"[prelar] resumed at environment step {counters['env_step']} ({counters['updates']} "
+              f"updates, {replay.num_episodes} episodes in the replay)", flush=True)
+    else:
+        replay = Replay(config.replay.capacity, replay_dir, config.replay.prioritize_ends)
+        kept_names = []
+    sizes = {k: run_utils.count_params(v) for k, v in state.params.items()}
+    print("[prelar] parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
+          + f", total {sum(sizes.values()) / 1e6:.2f}M", flush=True)
+
+    # ---------------------------------------------------------------- compiled functions
+    B, T, size = config.batch_size, config.sequence_length, config.image_size
+    sharding = parallel.batch_sharding(mesh)
+    batch_spec = {
+        "image": jax.ShapeDtypeStruct((B, T, size, size, 3), np.uint8, sharding=sharding),
+        "action": jax.ShapeDtypeStruct((B, T, config.action_dim), np.float32, sharding=sharding),
+        "reward": jax.ShapeDtypeStruct((B, T), np.float32, sharding=sharding),
+        "is_first": jax.ShapeDtypeStruct((B, T), np.bool_, sharding=sharding),
+    }
+    update_step, info = parallel.compile_ahead(steps.make_finetune_step(agent, mesh, config.seed),
+                                               state, batch_spec)
+    print(f"[prelar] update step {info.describe()}", flush=True)
+    device_replay = _device_replay(config, mesh, replay) if config.replay.on_device else None
+    policy = jax.jit(agent.policy, static_argnames="explore")
+    open_loop = jax.jit(agent.open_loop, static_argnames="context")
+
+    # ---------------------------------------------------------------- environments
+    make_env = functools.partial(make_metaworld_env, task=task, size=size, camera=config.env.camera,
+                                 render=RenderSettings.from_mapping(dict(config.env.render)),
+                                 time_limit=config.env.time_limit)
+    start_step = counters["env_step"]
+    num_envs, num_eval = config.env.num_envs, min(config.env.eval_envs, config.eval_eps)
+    envs = ParallelEnvs(make_env, _seeds(config.seed, 0, start_step, count=num_envs),
+                        step_timeout=config.env.step_timeout)
+    eval_envs = None
+    logger = None
+    try:
+        eval_envs = ParallelEnvs(make_env, _seeds(config.seed, 1, start_step, count=num_eval),
+                                 step_timeout=config.env.step_timeout)
+        print(f"[prelar] {num_envs} training and {num_eval} evaluation environment worker(s) "
+              f"started in {envs.start_seconds + eval_envs.start_seconds:.1f}s", flush=True)
+        logger = logger_lib.MetricsLogger(
+            workdir, total_steps=config.steps, start_step=start_step, wandb_mode=config.log.wandb_mode,
+            wandb_project=config.log.wandb_project, run_name=os.path.basename(workdir),
+            config=config_dict, console_every=max(1, config.log.every * config.train_every),
+            console_keys=("eval/success_rate", "train/return", "model_loss", "fps/env"))
+        if start_step == 0:
+            logger.log(0, {"compile_seconds": info.seconds, "flops_per_update": info.flops or 0.0,
+                           **{f"params/{k}": v for k, v in sizes.items()}})
+        loop = _Loop(config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
+                     logger, ckpt, counters, kept_names, mesh, workdir, device_replay)
+        loop.run()
+        state = loop.state
+    finally:
+        envs.close()
+        if eval_envs is not None:
+            eval_envs.close()
+        ckpt.close()
+        if logger is not None:
+            logger.close()
+    finished = counters["env_step"] >= config.steps
+    summary = {"workdir": workdir, "env_step": counters["env_step"], "updates": counters["updates"],
+               "finished": finished, "metrics": os.path.join(workdir, "metrics.jsonl"),
+               "checkpoints": os.path.join(workdir, "checkpoints"), "media": os.path.join(workdir, "media")}
+    if jax.process_index() == 0:  # for tools (the benchmark runner): did this run finish?
+        logger_lib.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    print(f"[prelar] {'finished' if finished else 'stopped'} at environment step "
+          f"{counters['env_step']}/{config.steps} ({counters['updates']} updates). Results in {workdir}: "
+          "metrics.jsonl (eval/success_rate, eval/return), config.json, checkpoints/, replay/, media/",
+          flush=True)
+    return summary
+
+
+class _Loop:
+    """The mutable host side of one run (counters, pending metrics); the device side is ``state``."""
+
+    def __init__(self, config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
+                 logger, ckpt, counters, kept_names, mesh, workdir, device_replay=None):
+        self.config, self.agent, self.state = config, agent, state
+        self.device_replay = device_replay  # replay.on_device: batches come from it
+        self.update_step, self.policy, self.open_loop = update_step, policy, open_loop
+        self.replay, self.envs, self.eval_envs = replay, envs, eval_envs
+        self.logger, self.ckpt, self.counters = logger, ckpt, counters
+        self.kept_names, self.mesh, self.workdir = kept_names, mesh, workdir
+        self.pending = None  # (step, metrics) of the last update, read one update late
+        self.next_batch = None
+        self.last_time = time.perf_counter()
+        self.last_env_step, self.last_updates = counters["env_step"], counters["updates"]
+        self.train_episodes: list[tuple[float, bool, int]] = []
+        self.monitor = run_utils.NonFiniteMonitor(config.nonfinite_limit, logger, ckpt.directory, ckpt.latest_step)
+
+    # ------------------------------------------------------------------ schedule
+    def _eval_due(self, step: int) -> bool:
+        c = self.config
+        return step >= c.prefill and (step - c.prefill) // c.eval_every >= self.counters["evals"]
+
+    def run(self) -> None:
+        """Steps, updates, evaluations and checkpoints. Everything logged at an environment step
+        happens before the checkpoint of that step, so a run resumed from it never logs that
+        step again, and lines are written in step order."""
+        c, counters = self.config, self.counters
+        rng = np.random.default_rng([c.seed, 7, counters["env_step"]])
+        n = self.envs.num_envs
+        obs = self.envs.reset()
+        stats = _EpisodeStats(n)
+        stats.observe(obs, np.zeros(n, bool))
+        self.replay.add_batch(obs, np.zeros((n, c.action_dim), np.float32))
+        carry = self.agent.initial_carry(n)
+        with run_utils.StopRequest() as stop:
+            while counters["env_step"] < c.steps and not stop.requested:
+                step = counters["env_step"]
+                if step < c.prefill:
+                    action = rng.uniform(-1.0, 1.0, (n, c.action_dim)).astype(np.float32)
+                else:
+                    key = jax.random.fold_in(jax.random.key(c.seed + 1), step)
+                    action, carry = self.policy(self.state.params, self.state.batch_stats, carry,
+                                                obs["image"], obs["is_first"], key, explore=True)
+                    action = np.asarray(action)
+                obs, dropped = self.envs.step(action)
+                for i in np.flatnonzero(dropped):
+                    self.replay.discard(i)
+                    counters["worker_restarts"] += 1
+                    counters["dropped_episodes"] += 1
+                stored_action = np.where(obs["is_first"][:, None], 0.0, action).astype(np.float32)
+                finished = self.replay.add_batch(obs, stored_action)
+                if self.device_replay is not None:  # one host->device copy per finished episode
+                    for name in finished:
+                        self.device_replay.add_episode(self.replay.get_episode(name))
+                for episode in stats.observe(obs, dropped):
+                    self.train_episodes.append(episode)
+                    counters["episodes"] += 1
+                # A reset (the call after is_last) is not an environment step, as in Dreamer's driver.
+                stepped = int(np.sum(~obs["is_first"]))
+                previous, counters["env_step"] = step, step + stepped
+                step = counters["env_step"]
+                if not counters["warmed_up"]:
+                    if step >= c.prefill:
+                        self.train(c.pretrain, step)  # world-model warm-up on the prefill data
+                        counters["warmed_up"] = 1
+                else:
+                    counters["train_credit"] += stepped
+                    due = counters["train_credit"] // c.train_every
+                    counters["train_credit"] -= due * c.train_every
+                    self.train(due * c.train_steps, step)
+                self._log_train(step)
+                if self._eval_due(step):
+                    self.evaluate(step)
+                    counters["evals"] += 1
+                if step // c.log.media_every > previous // c.log.media_every and counters["updates"] > 0:
+                    self.save_media(step)
+                crossed = step // c.log.checkpoint_every > previous // c.log.checkpoint_every
+                if (crossed and step < c.steps) or stop.requested:  # the last one comes after the final eval
+                    self.save(step)
+            step = counters["env_step"]
+            if step >= c.steps and not stop.requested:
+                if counters["last_eval_step"] != step:
+                    self.evaluate(step)
+                self.save(step)
+            elif stop.requested:
+                self.save(step)
+        self._flush()
+        self.monitor.check()
+
+    # ------------------------------------------------------------------ updates
+    def _sample(self) -> dict[str, jax.Array]:
+        c = self.config
+        if self.device_replay is not None:  # drawn on the devices, already sharded like put_batch's
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), 11), self.counters["updates"])
+            return self.device_replay.sample(key, c.batch_size, c.sequence_length)
+        rng = np.random.default_rng([c.seed, 11, self.counters["updates"]])
+        batch = self.replay.sample(rng, c.batch_size, c.sequence_length)
+        batch = {k: batch[k] for k in UPDATE_KEYS}
+        return parallel.put_batch(batch, self.mesh)
+
+    def train(self, count: int, env_step: int) -> None:
+        for _ in range(count):
+            batch = self.next_batch if self.next_batch is not None else self._sample()
+            self.state, metrics = self.update_step(self.state, batch)
+            self.counters["updates"] += 1
+            self._flush()  # the previous update's metrics are ready by now (or soon)
+            self.monitor.observe(env_step, metrics["nonfinite"])
+            if self.counters["updates"] % self.config.log.every == 0:
+                metrics = {k: run_utils.local_value(v) for k, v in metrics.items()}
+                for value in metrics.values():
+                    value.copy_to_host_async()
+                self.pending = (env_step, metrics)
+            # Sample and transfer the next batch while the device computes this update.
+            self.next_batch = self._sample()
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            step, metrics = self.pending
+            self.pending = None
+            now = time.perf_counter()
+            elapsed = max(now - self.last_time, 1e-9)
+            extra = {"fps/env": (self.counters["env_step"] - self.last_env_step) / elapsed,
+                     "updates/s": (self.counters["updates"] - self.last_updates) / elapsed,
+                     "replay/episodes": self.replay.num_episodes, "replay/steps": self.replay.num_steps,
+                     "env/worker_restarts": self.counters["worker_restarts"]}
+            self.last_time = now
+            self.last_env_step, self.last_updates = self.counters["env_step"], self.counters["updates"]
+            self.logger.log(step, {**metrics, **extra})
+
+    def _log_train(self, step: int) -> None:
+        if not self.train_episodes:
+            return
+        self._flush()  # pending update metrics carry an earlier step: write them first
+        returns, success, length = zip(*self.train_episodes)
+        self.train_episodes = []
+        self.logger.log(step, {"train/return": float(np.mean(returns)),
+                               "train/success": float(np.mean(success)),
+                               "train/length": float(np.mean(length)),
+                               "train/episodes": self.counters["episodes"]})
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int) -> None:
+        """``eval_eps`` episodes with the policy's mode on the evaluation workers."""
+        c, envs = self.config, self.eval_envs
+        start = time.perf_counter()
+        n = envs.num_envs
+        obs = envs.reset()
+        stats = _EpisodeStats(n)
+        stats.observe(obs, np.zeros(n, bool))
+        carry = self.agent.initial_carry(n)
+        finished: list[tuple[float, bool, int]] = []
+        frames = 0
+        # The first evaluation episode of worker 0, frame by frame (reset frame included).
+        video = [obs["image"][0]] if c.log.eval_video else None
+        while len(finished) < c.eval_eps:
+            key = jax.random.fold_in(jax.random.key(c.seed + 2), step * 1000 + frames)
+            action, carry = self.policy(self.state.params, self.state.batch_stats, carry, obs["image"],
+                                        obs["is_first"], key, explore=False)
+            obs, dropped = envs.step(np.asarray(action))
+            self.counters["worker_restarts"] += int(dropped.sum())
+            finished.extend(stats.observe(obs, dropped))
+            if video is not None:
+                if dropped[0]:  # worker 0 restarted: its episode is gone, record its next one
+                    video = [obs["image"][0]]
+                else:
+                    video.append(obs["image"][0])
+                    if obs["is_last"][0]:
+                        self.save_eval_video(step, np.stack(video), stats.success[0])
+                        video = None
+            frames += n
+        finished = finished[:c.eval_eps]
+        returns, success, length = zip(*finished)
+        self.counters["last_eval_step"] = step
+        self._flush()  # pending update metrics carry an earlier step: write them first
+        self.logger.log(step, {"eval/success_rate": float(np.mean(success)),
+                               "eval/return": float(np.mean(returns)),
+                               "eval/episodes": len(finished),
+                               "eval/seconds": time.perf_counter() - start})
+
+    # ------------------------------------------------------------------ media and checkpoints
+    def save_eval_video(self, step: int, frames: np.ndarray, success: bool) -> None:
+        """``media/eval_<step>.gif``: one evaluation episode (``[L, H, W, 3]`` uint8), also to W&B."""
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(self.workdir, "media", f"eval_{step:08d}.gif")
+        media.save_gif(path, frames, fps=self.config.log.eval_video_fps)
+        self.logger.log_video(step, "eval/video", path, caption=f"step {step}, success {bool(success)}")
+
+    def save_media(self, step: int) -> None:
+        c = self.config
+        batch = self.replay.sample(np.random.default_rng([c.seed, 13, step]), c.log.media_examples,
+                                   c.sequence_length)
+        predicted = np.asarray(run_utils.local_value(self.open_loop(
+            self.state.params, self.state.batch_stats,
+            {k: batch[k] for k in ("image", "action", "is_first")}, jax.random.key(step),
+            context=c.log.media_context)))
+        if jax.process_index() == 0:
+            path = os.path.join(self.workdir, "media", f"open_loop_{step:08d}.png")
+            media.save_png(path, media.prediction_grid(batch["image"], predicted))
+            self.logger.log_media(step, "open_loop", path)
+
+    def save(self, step: int) -> None:
+        self._flush()  # never lose the metrics of a checkpointed step
+        # The previous save is complete once this returns; only then may files it does not name go.
+        self.ckpt.wait_until_finished()
+        if jax.process_index() == 0:
+            self.replay.prune_files(self.kept_names)
+        replay_state = self.replay.state_dict()
+        self.ckpt.save(step, self.state, {"step": step, "method": self.config.method,
+                                          "task": self.config.task, "counters": dict(self.counters),
+                                          "replay": replay_state})
+        self.kept_names = list(replay_state["episodes"])
