@@ -35,6 +35,7 @@ import optax
 
 from prelar_jax.learners import actor_critic, intrinsic
 from prelar_jax.model import distributions, world_model
+from prelar_jax.model.dynamics import DYNAMICS
 from prelar_jax.model.action_encoders import make_action_encoder
 from prelar_jax.learners import optim
 from prelar_jax.learners.losses import weighted_sum
@@ -52,10 +53,7 @@ PRETRAINED_MODULES = ("encoder", "decoder", "rssm")  # what load_pretrained copi
 def pretrained_module_map(config: ml_collections.ConfigDict) -> dict[str, str]:
     """Pre-training module -> fine-tuning module: APV's stacked agent takes the pre-trained RSSM
     as its action-free RSSM."""
-    mapping = {name: name for name in PRETRAINED_MODULES}
-    if config.get("stacked", False):
-        mapping["rssm"] = "af_rssm"
-    return mapping
+    return DYNAMICS[bool(config.get("stacked", False))].pretrained_map(PRETRAINED_MODULES)
 
 
 @flax.struct.dataclass
@@ -78,8 +76,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
     def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
         self.config = config
         self.action_encoder = make_action_encoder(config)
-        self.stacked = bool(config.stacked)
         super().__init__(config.model, config.image_size, self.action_encoder.code_size, bn_axis_name)
+        self.dynamics = DYNAMICS[bool(config.stacked)](self.rssm, self.action_dim, self.feat_dim)
         heads = config.heads
         self.reward_head = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
         self.aux_reward_head = (ScalarHead(heads.layers, heads.units, dtype=self.dtype)
@@ -102,9 +100,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
     # ------------------------------------------------------------------------------------------
 
     def world_model_modules(self) -> tuple[str, ...]:
-        names = ["encoder", "decoder", "rssm", "reward"]
-        if self.stacked:
-            names.append("af_rssm")
+        names = ["encoder", "decoder", "rssm", "reward", *self.dynamics.extra_modules]
         if self.action_encoder.module is not None:
             names.append(self.action_encoder.module)
         if self.aux_reward_head is not None:
@@ -139,12 +135,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
         params, stats = {}, {}
         self._init_world_model(keys[:3], params, stats)
         feat = jnp.zeros((2, self.feat_dim))
-        if self.stacked:
-            # The RSSM the base class built (zeros action of the same width, encoder embedding)
-            # is the action-free one; the action-conditional RSSM reads its features.
-            params["af_rssm"] = params.pop("rssm")
-            params["rssm"] = self.rssm.init(keys[1], self.rssm.initial(2), jnp.zeros((2, self.action_dim)),
-                                            feat, jnp.ones((2,), bool))["params"]
+        self.dynamics.init(params, keys[1], self.config.action_dim)
         if self.action_encoder.module is not None:
             params[self.action_encoder.module] = self.action_encoder.init(keys[3], self.config.action_dim)
         params["reward"] = self.reward_head.init(keys[4], feat)["params"]
@@ -157,8 +148,9 @@ class FinetuneAgent(world_model.ImageWorldModel):
     def bonus_feature_dim(self) -> int:
         """Width of the intrinsic bonus's features: the encoder embedding, or the action-free
         RSSM's feature when stacked (APV)."""
-        if self.stacked:
-            return self.feat_dim
+        width = self.dynamics.bonus_features_dim()
+        if width is not None:
+            return width
         frames = jax.ShapeDtypeStruct((1, 1, self.image_size, self.image_size, 3), jnp.uint8)
         params, stats = jax.eval_shape(self.init, jax.random.key(0))
         return jax.eval_shape(lambda p, s, f: self._encode_frames(p, s, {}, f, False)[1],
@@ -198,14 +190,6 @@ class FinetuneAgent(world_model.ImageWorldModel):
         """Real actions ``[..., 4]`` -> the RSSM's action input ``[..., action_dim]``."""
         return self.action_encoder(params, action)
 
-    def _action_free_features(self, params: Params, embed: jax.Array, is_first: jax.Array,
-                              keys: jax.Array) -> jax.Array:
-        """APV's stacked model: the action-free RSSM's posterior features ``[B, T, F]`` (it is
-        fed zeros, as in pre-training), which the action-conditional RSSM reads as its input."""
-        zeros = jnp.zeros(embed.shape[:2] + (self.action_dim,), jnp.float32)
-        post, _ = world_model.observe(self.rssm, params["af_rssm"], embed, zeros, is_first, keys)
-        return feature(post)
-
     def world_model_loss(self, params: Params, stats: Params, bonus: Any, batch: dict[str, jax.Array],
                          key: jax.Array, example_index: jax.Array):
         """Spec 5.3: ``L = kl*L_KL + image*L_image + reward*L_reward + aux*L_aux``.
@@ -230,9 +214,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         frames, embed = self._encode_frames(params, stats, new_stats, image, train=True)
         codes = self.encode_action(params, action)
         keys = world_model.example_keys(key, example_index, length)
-        if self.stacked:
-            af_keys = world_model.example_keys(jax.random.fold_in(key, 1), example_index, length)
-            embed = self._action_free_features(params, embed, is_first, af_keys)  # [B, T, F]
+        action_free_keys = world_model.example_keys(jax.random.fold_in(key, 1), example_index, length)
+        embed = self.dynamics.observe_input(params, embed, is_first, action_free_keys)
         post, prior = world_model.observe(self.rssm, params["rssm"], embed, codes, is_first, keys)
         kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
                                                            cfg.kl_balance, cfg.kl_free)
@@ -414,11 +397,9 @@ class FinetuneAgent(world_model.ImageWorldModel):
     def initial_carry(self, num_envs: int) -> dict[str, Any]:
         """The policy's recurrent state for ``num_envs`` environments: the latent(s) and the
         previous action (all zero; ``is_first`` masks them anyway)."""
-        carry = {"latent": self.rssm.initial(num_envs),
-                 "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32)}
-        if self.stacked:
-            carry["af_latent"] = self.rssm.initial(num_envs)
-        return carry
+        return {"latent": self.rssm.initial(num_envs),
+                "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32),
+                **self.dynamics.initial_carry(num_envs)}
 
     def policy(self, params: Params, stats: Params, carry: dict[str, Any], image: jax.Array,
                is_first: jax.Array, key: jax.Array, explore: bool) -> tuple[jax.Array, dict[str, Any]]:
@@ -429,13 +410,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         num_envs = image.shape[0]
         _, embed = self._encode_frames(params, stats, {}, image[:, None], train=False)
         code = self.encode_action(params, carry["action"])
-        latent_key, action_key, af_key = jax.random.split(key, 3)
-        embed, new_carry = embed[:, 0], {}
-        if self.stacked:
-            zeros = jnp.zeros((num_envs, self.action_dim), jnp.float32)
-            af_latent, _ = self.rssm.apply({"params": params["af_rssm"]}, carry["af_latent"], zeros, embed,
-                                           is_first, jax.random.split(af_key, num_envs), method=RSSM.obs_step)
-            embed, new_carry = feature(af_latent), {"af_latent": af_latent}
+        latent_key, action_key, action_free_key = jax.random.split(key, 3)
+        embed, new_carry = self.dynamics.observe_step(params, carry, embed[:, 0], is_first, action_free_key)
         latent, _ = self.rssm.apply({"params": params["rssm"]}, carry["latent"], code, embed,
                                     is_first, jax.random.split(latent_key, num_envs),
                                     method=RSSM.obs_step)
@@ -452,9 +428,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         """Open-loop prediction ``[B, T, H, W, 3]`` uint8 under the real actions of ``batch``."""
         _, embed = self._encode_frames(params, stats, {}, batch["image"], train=False)
         codes = self.encode_action(params, batch["action"])
-        if self.stacked:
-            keys = world_model.example_keys(jax.random.fold_in(key, 2), jnp.arange(embed.shape[0]), embed.shape[1])
-            embed = self._action_free_features(params, embed, batch["is_first"], keys)
+        keys = world_model.example_keys(jax.random.fold_in(key, 2), jnp.arange(embed.shape[0]), embed.shape[1])
+        embed = self.dynamics.observe_input(params, embed, batch["is_first"], keys)
         return self._open_loop(params, stats, embed, codes, batch["is_first"], key, context)
 
 

@@ -22,8 +22,8 @@ import optax
 
 from prelar_jax.learners import consistency
 from prelar_jax.model import distributions, world_model
-from prelar_jax.model.nets.implicit_action import (CodeForwardModel, ImplicitActionEncoder, PixelForwardModel,
-                                            code_from_params)
+from prelar_jax.learners.action_sources import ACTION_SOURCES
+from prelar_jax.model.nets.implicit_action import CodeForwardModel, PixelForwardModel
 from prelar_jax.learners.losses import weighted_sum
 from prelar_jax.learners.optim import adam
 from prelar_jax.model.nets.rssm import RSSM, feature, mask_reset
@@ -51,21 +51,10 @@ class PretrainModel(world_model.ImageWorldModel):
     def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
         self.config = config
         model, ia = config.model, config.implicit_action
-        if ia.code_type == "none":
-            implicit_action = None
-            action_dim = ia.action_dim
-        elif ia.code_type == "random":
-            implicit_action = None
-            action_dim = ia.stoch
-        else:
-            implicit_action = ImplicitActionEncoder(
-                code_type=ia.code_type, stoch=ia.stoch, deter=ia.deter, hidden=ia.hidden,
-                input=ia.input, embed_layers=ia.embed_layers, depth=model.depth,
-                stages=model.stages, bn_axis_name=bn_axis_name, dtype=jnp.dtype(model.compute_dtype),
-                head_init_scale=ia.get("head_init_scale", 1.0))
-            action_dim = implicit_action.code_size
-        super().__init__(model, config.image_size, action_dim, bn_axis_name)
-        self.implicit_action = implicit_action
+        # Chosen once: zeros (APV), random codes (ablation) or the implicit-action network (PreLAR).
+        self.action_source = ACTION_SOURCES[ia.code_type](config, bn_axis_name, jnp.dtype(model.compute_dtype))
+        super().__init__(model, config.image_size, self.action_source.action_dim, bn_axis_name)
+        implicit_action = self.implicit_action = self.action_source.network
         self.code_forward = None
         if implicit_action is not None and config.loss.get("code_forward_scale", 0.0) > 0:
             dtype = jnp.dtype(model.compute_dtype)
@@ -86,7 +75,7 @@ class PretrainModel(world_model.ImageWorldModel):
         if self.implicit_action is not None:
             size = self.config.image_size
             frames = jnp.zeros((2, size, size, 3), jnp.float32)
-            pair = frames if self.implicit_action.input == "pixels" else jnp.zeros((2, embed_dim))
+            pair = self.action_source.pair_inputs(frames, jnp.zeros((2, embed_dim)))
             variables = self.implicit_action.init(keys[3], pair, pair, train=False)
             params["implicit_action"] = variables["params"]
             if "batch_stats" in variables:
@@ -116,26 +105,9 @@ class PretrainModel(world_model.ImageWorldModel):
         The RSSM action sequence is ``[0, a~_1, ..., a~_{T-1}]``: the code inferred from
         ``(o_{t-1}, o_t)`` is ``a_t``, the action that produced ``o_t`` (Dreamer convention).
         """
-        batch, length = embed.shape[:2]
-        if self.config.implicit_action.code_type == "random" and keys is not None:
-            # The ablation: codes from the prior, one per frame pair, unrelated to the frames.
-            noise = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (self.action_dim,))))(keys)
-            codes = self.config.implicit_action.prior_std * noise  # [B, T-1, A]
-            return {}, jnp.concatenate([jnp.zeros_like(codes[:, :1]), codes], axis=1)
-        if self.implicit_action is None:
-            return {}, jnp.zeros((batch, length, self.action_dim), jnp.float32)
-        if self.implicit_action.input == "pixels":
-            prev, curr = frames[:, :-1], frames[:, 1:]
-        else:
-            prev, curr = embed[:, :-1], embed[:, 1:]
-        flat = lambda x: x.reshape((batch * (length - 1),) + x.shape[2:])
-        code_params = self._apply("implicit_action", self.implicit_action, params, stats, new_stats,
-                                  flat(prev), flat(curr), train=train)
-        flat_keys = None if keys is None else keys.reshape(-1)
-        codes = code_from_params(code_params, flat_keys).reshape(batch, length - 1, -1)
-        code_params = jax.tree.map(lambda x: x.reshape((batch, length - 1) + x.shape[1:]), code_params)
-        actions = jnp.concatenate([jnp.zeros_like(codes[:, :1]), codes], axis=1)
-        return code_params, actions
+        apply_network = lambda prev, curr: self._apply(  # noqa: E731
+            "implicit_action", self.implicit_action, params, stats, new_stats, prev, curr, train=train)
+        return self.action_source.codes(apply_network, frames, embed, keys)
 
     # ------------------------------------------------------------------------------------------
     # Loss
@@ -185,20 +157,10 @@ class PretrainModel(world_model.ImageWorldModel):
             losses["prior_image"], scales["prior_image"] = prior_image_loss, prior_image_scale
             metrics["prior_image_loss"] = prior_image_loss
 
-        if "mean" in code_params:
-            prior_std = self.config.implicit_action.prior_std
-            implicit_kl = distributions.gaussian_kl(code_params["mean"], code_params["std"], 0.0,
-                                                    prior_std).mean()
-            scale = cfg.implicit_kl_scale
-            warmup = cfg.get("implicit_kl_warmup", 0)
-            if warmup and "step" in batch:  # KL annealing: the scale ramps from 0 over `warmup` updates
-                scale = scale * jnp.minimum(1.0, batch["step"].astype(jnp.float32) / warmup)
-            # Free nats (0 in the original): below `implicit_kl_free` the code's KL costs nothing,
-            # so the code is not pushed onto its prior before the dynamics can use it.
-            losses["implicit_kl"] = jnp.maximum(implicit_kl, cfg.get("implicit_kl_free", 0.0))
-            scales["implicit_kl"] = scale
-            metrics["implicit_kl"] = implicit_kl
-            metrics["implicit_std"] = code_params["std"].mean()
+        code_losses, code_scales, code_metrics = self.action_source.code_losses(code_params, batch.get("step"))
+        losses.update(code_losses)
+        scales.update(code_scales)
+        metrics.update(code_metrics)
         if self.code_forward is not None:
             space = frames if isinstance(self.code_forward, PixelForwardModel) else embed
             forward_loss = self._code_forward_loss(params["code_forward"], space, actions)
@@ -264,12 +226,7 @@ class PretrainModel(world_model.ImageWorldModel):
 
         global_code = jax.tree.map(gather, code_params)
         partner_code = jax.tree.map(lambda v: v[partner], global_code)
-        action_dist = jnp.zeros((batch_size, length - 1), jnp.float32)
-        if "mean" in code_params:
-            action_dist += distributions.gaussian_kl(code_params["mean"], code_params["std"],
-                                                     partner_code["mean"], partner_code["std"])
-        if "deter" in code_params:
-            action_dist += jnp.sum(jnp.square(code_params["deter"] - partner_code["deter"]), -1)
+        action_dist = self.action_source.code_distance(code_params, partner_code)
         # An example paired with itself is an exact tie (both priors are one computation in
         # exact arithmetic; in float32 they differ by rounding noise that would read as an order).
         own = (partner == example_index)[:, None]
