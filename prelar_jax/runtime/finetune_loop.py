@@ -34,7 +34,7 @@ from absl import logging as absl_logging
 
 from prelar_jax.learners import finetune as agent_lib
 from prelar_jax.runtime import pretrained as pretrained_lib
-from prelar_jax.runtime import checkpoint, config as config_lib, logger as logger_lib, media, parallel, run_utils, steps
+from prelar_jax.runtime import config as config_lib, media, parallel, run_utils, scaffold, steps
 from prelar_jax.runtime.device_replay import DeviceReplay, bytes_per_step
 from prelar_jax.data.replay import Replay
 from prelar_jax.envs.metaworld import canonical_task_name, check_rendering_backend
@@ -55,7 +55,7 @@ def _seeds(*parts: int, count: int) -> list[int]:
     return [int(s % (2**31)) for s in np.random.SeedSequence(list(parts)).generate_state(count)]
 
 
-class _EpisodeStats:
+class EpisodeTracker:
     """Return and success of the episodes running in N environments."""
 
     def __init__(self, count: int):
@@ -116,21 +116,20 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
 
     # ---------------------------------------------------------------- agent state
     agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=config.log.keep_checkpoints)
+    ckpt = scaffold.open_checkpointer(config, workdir)
     key = jax.random.key(config.seed)
     resuming = ckpt.latest_step() is not None
-    params = stats = None
+    params = batch_stats = None
     if not resuming and config.pretrained:
         fresh_params, fresh_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(jax.random.split(key)[0]))
-        params, stats, report = pretrained_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
+        params, batch_stats, report = pretrained_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
                                                           config.model, agent_lib.pretrained_module_map(config))
         print("[prelar] " + pretrained_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
         report_path = os.path.join(workdir, "pretrained_load.json")
         with open(report_path, "w", encoding="utf-8") as handle:
             json.dump({"pretrained": os.path.abspath(config.pretrained), **report}, handle, indent=1)
         print(f"[prelar] every loaded, new and ignored array: {report_path}", flush=True)
-    state = agent.init_state(key, params, stats)
+    state = agent.init_state(key, params, batch_stats)
     state = parallel.put_replicated(state, mesh)
     counters = {"env_step": 0, "updates": 0, "episodes": 0, "train_credit": 0, "evals": 0,
                 "worker_restarts": 0, "dropped_episodes": 0, "warmed_up": 0,
@@ -147,22 +146,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
     else:
         replay = Replay(config.replay.capacity, replay_dir, config.replay.prioritize_ends)
         kept_names = []
-    sizes = {k: run_utils.count_params(v) for k, v in state.params.items()}
-    print("[prelar] parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
-          + f", total {sum(sizes.values()) / 1e6:.2f}M", flush=True)
+    sizes = scaffold.report_params(state.params)
 
     # ---------------------------------------------------------------- compiled functions
     B, T, size = config.batch_size, config.sequence_length, config.image_size
-    sharding = parallel.batch_sharding(mesh)
-    batch_spec = {
-        "image": jax.ShapeDtypeStruct((B, T, size, size, 3), np.uint8, sharding=sharding),
-        "action": jax.ShapeDtypeStruct((B, T, config.action_dim), np.float32, sharding=sharding),
-        "reward": jax.ShapeDtypeStruct((B, T), np.float32, sharding=sharding),
-        "is_first": jax.ShapeDtypeStruct((B, T), np.bool_, sharding=sharding),
-    }
-    update_step, info = parallel.compile_ahead(steps.make_finetune_step(agent, mesh, config.seed),
-                                               state, batch_spec)
-    print(f"[prelar] update step {info.describe()}", flush=True)
+    spec = scaffold.batch_spec(mesh, {"image": ((B, T, size, size, 3), np.uint8),
+                                      "action": ((B, T, config.action_dim), np.float32),
+                                      "reward": ((B, T), np.float32), "is_first": ((B, T), np.bool_)})
+    update_step, info = scaffold.compile_step("update step", steps.make_finetune_step(agent, mesh, config.seed),
+                                              state, spec)
     device_replay = _device_replay(config, mesh, replay) if config.replay.on_device else None
     policy = jax.jit(agent.policy, static_argnames="explore")
     open_loop = jax.jit(agent.open_loop, static_argnames="context")
@@ -182,15 +174,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
                                  step_timeout=config.env.step_timeout)
         print(f"[prelar] {num_envs} training and {num_eval} evaluation environment worker(s) "
               f"started in {envs.start_seconds + eval_envs.start_seconds:.1f}s", flush=True)
-        logger = logger_lib.MetricsLogger(
-            workdir, total_steps=config.steps, start_step=start_step, wandb_mode=config.log.wandb_mode,
-            wandb_project=config.log.wandb_project, run_name=os.path.basename(workdir),
-            config=config_dict, console_every=max(1, config.log.every * config.train_every),
-            console_keys=("eval/success_rate", "train/return", "model_loss", "fps/env"))
+        logger = scaffold.make_logger(config, workdir, config_dict, start_step,
+                                      console_every=max(1, config.log.every * config.train_every),
+                                      console_keys=("eval/success_rate", "train/return", "model_loss", "fps/env"))
         if start_step == 0:
-            logger.log(0, {"compile_seconds": info.seconds, "flops_per_update": info.flops or 0.0,
-                           **{f"params/{k}": v for k, v in sizes.items()}})
-        loop = _Loop(config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
+            scaffold.log_start(logger, info, sizes, "flops_per_update")
+        loop = FinetuneLoop(config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
                      logger, ckpt, counters, kept_names, mesh, workdir, device_replay)
         loop.run()
         state = loop.state
@@ -202,11 +191,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
         if logger is not None:
             logger.close()
     finished = counters["env_step"] >= config.steps
-    summary = {"workdir": workdir, "env_step": counters["env_step"], "updates": counters["updates"],
-               "finished": finished, "metrics": os.path.join(workdir, "metrics.jsonl"),
-               "checkpoints": os.path.join(workdir, "checkpoints"), "media": os.path.join(workdir, "media")}
-    if jax.process_index() == 0:  # for tools (the benchmark runner): did this run finish?
-        logger_lib.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    summary = scaffold.write_summary(workdir, {"env_step": counters["env_step"], "updates": counters["updates"],
+                                               "finished": finished})
     print(f"[prelar] {'finished' if finished else 'stopped'} at environment step "
           f"{counters['env_step']}/{config.steps} ({counters['updates']} updates). Results in {workdir}: "
           "metrics.jsonl (eval/success_rate, eval/return), config.json, checkpoints/, replay/, media/",
@@ -214,8 +200,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
     return summary
 
 
-class _Loop:
-    """The mutable host side of one run (counters, pending metrics); the device side is ``state``."""
+class FinetuneLoop:
+    """The mutable host side of one run (counters, pending metrics); the device side is ``state``.
+    One iteration of ``run``: collect one step of every environment, train when due, evaluate
+    when due, save media when due, checkpoint when due."""
 
     def __init__(self, config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
                  logger, ckpt, counters, kept_names, mesh, workdir, device_replay=None):
@@ -225,74 +213,42 @@ class _Loop:
         self.replay, self.envs, self.eval_envs = replay, envs, eval_envs
         self.logger, self.ckpt, self.counters = logger, ckpt, counters
         self.kept_names, self.mesh, self.workdir = kept_names, mesh, workdir
-        self.pending = None  # (step, metrics) of the last update, read one update late
+        self.rate = scaffold.Rate(env=counters["env_step"], updates=counters["updates"])
+        self.late = scaffold.LateMetrics(logger, self._rates)  # the last logged update's metrics
         self.next_batch = None
-        self.last_time = time.perf_counter()
-        self.last_env_step, self.last_updates = counters["env_step"], counters["updates"]
         self.train_episodes: list[tuple[float, bool, int]] = []
         self.monitor = run_utils.NonFiniteMonitor(config.nonfinite_limit, logger, ckpt.directory, ckpt.latest_step)
 
-    # ------------------------------------------------------------------ schedule
-    def _eval_due(self, step: int) -> bool:
-        c = self.config
-        return step >= c.prefill and (step - c.prefill) // c.eval_every >= self.counters["evals"]
+    def _rates(self) -> dict[str, float]:
+        rates = self.rate(env=self.counters["env_step"], updates=self.counters["updates"])
+        return {"fps/env": rates["env"], "updates/s": rates["updates"],
+                "replay/episodes": self.replay.num_episodes, "replay/steps": self.replay.num_steps,
+                "env/worker_restarts": self.counters["worker_restarts"]}
 
     def run(self) -> None:
         """Steps, updates, evaluations and checkpoints. Everything logged at an environment step
         happens before the checkpoint of that step, so a run resumed from it never logs that
         step again, and lines are written in step order."""
         c, counters = self.config, self.counters
-        rng = np.random.default_rng([c.seed, 7, counters["env_step"]])
+        self.rng = np.random.default_rng([c.seed, 7, counters["env_step"]])
         n = self.envs.num_envs
-        obs = self.envs.reset()
-        stats = _EpisodeStats(n)
-        stats.observe(obs, np.zeros(n, bool))
-        self.replay.add_batch(obs, np.zeros((n, c.action_dim), np.float32))
-        carry = self.agent.initial_carry(n)
+        self.obs = self.envs.reset()
+        self.episodes = EpisodeTracker(n)
+        self.episodes.observe(self.obs, np.zeros(n, bool))
+        self.replay.add_batch(self.obs, np.zeros((n, c.action_dim), np.float32))
+        self.carry = self.agent.initial_carry(n)
         with run_utils.StopRequest() as stop:
             while counters["env_step"] < c.steps and not stop.requested:
-                step = counters["env_step"]
-                if step < c.prefill:
-                    action = rng.uniform(-1.0, 1.0, (n, c.action_dim)).astype(np.float32)
-                else:
-                    key = jax.random.fold_in(jax.random.key(c.seed + 1), step)
-                    action, carry = self.policy(self.state.params, self.state.batch_stats, carry,
-                                                obs["image"], obs["is_first"], key, explore=True)
-                    action = np.asarray(action)
-                obs, dropped = self.envs.step(action)
-                for i in np.flatnonzero(dropped):
-                    self.replay.discard(i)
-                    counters["worker_restarts"] += 1
-                    counters["dropped_episodes"] += 1
-                stored_action = np.where(obs["is_first"][:, None], 0.0, action).astype(np.float32)
-                finished = self.replay.add_batch(obs, stored_action)
-                if self.device_replay is not None:  # one host->device copy per finished episode
-                    for name in finished:
-                        self.device_replay.add_episode(self.replay.get_episode(name))
-                for episode in stats.observe(obs, dropped):
-                    self.train_episodes.append(episode)
-                    counters["episodes"] += 1
-                # A reset (the call after is_last) is not an environment step, as in Dreamer's driver.
-                stepped = int(np.sum(~obs["is_first"]))
-                previous, counters["env_step"] = step, step + stepped
-                step = counters["env_step"]
-                if not counters["warmed_up"]:
-                    if step >= c.prefill:
-                        self.train(c.pretrain, step)  # world-model warm-up on the prefill data
-                        counters["warmed_up"] = 1
-                else:
-                    counters["train_credit"] += stepped
-                    due = counters["train_credit"] // c.train_every
-                    counters["train_credit"] -= due * c.train_every
-                    self.train(due * c.train_steps, step)
+                previous, step, stepped = self.collect()
+                self.train_when_due(step, stepped)
                 self._log_train(step)
                 if self._eval_due(step):
                     self.evaluate(step)
                     counters["evals"] += 1
-                if step // c.log.media_every > previous // c.log.media_every and counters["updates"] > 0:
+                if scaffold.crossed(step, previous, c.log.media_every) and counters["updates"] > 0:
                     self.save_media(step)
-                crossed = step // c.log.checkpoint_every > previous // c.log.checkpoint_every
-                if (crossed and step < c.steps) or stop.requested:  # the last one comes after the final eval
+                # The last checkpoint comes after the final evaluation, below.
+                if (scaffold.crossed(step, previous, c.log.checkpoint_every) and step < c.steps) or stop.requested:
                     self.save(step)
             step = counters["env_step"]
             if step >= c.steps and not stop.requested:
@@ -301,8 +257,60 @@ class _Loop:
                 self.save(step)
             elif stop.requested:
                 self.save(step)
-        self._flush()
+        self.late.flush()
         self.monitor.check()
+
+    # ------------------------------------------------------------------ collect
+    def collect(self) -> tuple[int, int, int]:
+        """One step of every training environment (uniform random actions during ``prefill``,
+        then the policy exploring), into the replay; returns ``(previous env step, env step,
+        steps taken)``. A reset (the call after ``is_last``) is not an environment step, as in
+        Dreamer's driver."""
+        c, counters, n = self.config, self.counters, self.envs.num_envs
+        step = counters["env_step"]
+        if step < c.prefill:
+            action = self.rng.uniform(-1.0, 1.0, (n, c.action_dim)).astype(np.float32)
+        else:
+            key = jax.random.fold_in(jax.random.key(c.seed + 1), step)
+            action, self.carry = self.policy(self.state.params, self.state.batch_stats, self.carry,
+                                             self.obs["image"], self.obs["is_first"], key, explore=True)
+            action = np.asarray(action)
+        obs, dropped = self.envs.step(action)
+        self.obs = obs
+        for i in np.flatnonzero(dropped):
+            self.replay.discard(i)
+            counters["worker_restarts"] += 1
+            counters["dropped_episodes"] += 1
+        stored_action = np.where(obs["is_first"][:, None], 0.0, action).astype(np.float32)
+        finished = self.replay.add_batch(obs, stored_action)
+        if self.device_replay is not None:  # one host->device copy per finished episode
+            for name in finished:
+                self.device_replay.add_episode(self.replay.get_episode(name))
+        for episode in self.episodes.observe(obs, dropped):
+            self.train_episodes.append(episode)
+            counters["episodes"] += 1
+        stepped = int(np.sum(~obs["is_first"]))
+        counters["env_step"] = step + stepped
+        return step, counters["env_step"], stepped
+
+    # ------------------------------------------------------------------ schedule
+    def train_when_due(self, step: int, stepped: int) -> None:
+        """The world-model warm-up (``pretrain`` updates) once the prefill is done, then
+        ``train_steps`` updates per ``train_every`` environment steps (credit carries over)."""
+        c, counters = self.config, self.counters
+        if not counters["warmed_up"]:
+            if step >= c.prefill:
+                self.train(c.pretrain, step)  # world-model warm-up on the prefill data
+                counters["warmed_up"] = 1
+            return
+        counters["train_credit"] += stepped
+        due = counters["train_credit"] // c.train_every
+        counters["train_credit"] -= due * c.train_every
+        self.train(due * c.train_steps, step)
+
+    def _eval_due(self, step: int) -> bool:
+        c = self.config
+        return step >= c.prefill and (step - c.prefill) // c.eval_every >= self.counters["evals"]
 
     # ------------------------------------------------------------------ updates
     def _sample(self) -> dict[str, jax.Array]:
@@ -320,34 +328,17 @@ class _Loop:
             batch = self.next_batch if self.next_batch is not None else self._sample()
             self.state, metrics = self.update_step(self.state, batch)
             self.counters["updates"] += 1
-            self._flush()  # the previous update's metrics are ready by now (or soon)
+            self.late.flush()  # the previous update's metrics are ready by now (or soon)
             self.monitor.observe(env_step, metrics["nonfinite"])
             if self.counters["updates"] % self.config.log.every == 0:
-                metrics = {k: run_utils.local_value(v) for k, v in metrics.items()}
-                for value in metrics.values():
-                    value.copy_to_host_async()
-                self.pending = (env_step, metrics)
+                self.late.hold(env_step, metrics)
             # Sample and transfer the next batch while the device computes this update.
             self.next_batch = self._sample()
-
-    def _flush(self) -> None:
-        if self.pending is not None:
-            step, metrics = self.pending
-            self.pending = None
-            now = time.perf_counter()
-            elapsed = max(now - self.last_time, 1e-9)
-            extra = {"fps/env": (self.counters["env_step"] - self.last_env_step) / elapsed,
-                     "updates/s": (self.counters["updates"] - self.last_updates) / elapsed,
-                     "replay/episodes": self.replay.num_episodes, "replay/steps": self.replay.num_steps,
-                     "env/worker_restarts": self.counters["worker_restarts"]}
-            self.last_time = now
-            self.last_env_step, self.last_updates = self.counters["env_step"], self.counters["updates"]
-            self.logger.log(step, {**metrics, **extra})
 
     def _log_train(self, step: int) -> None:
         if not self.train_episodes:
             return
-        self._flush()  # pending update metrics carry an earlier step: write them first
+        self.late.flush()  # pending update metrics carry an earlier step: write them first
         returns, success, length = zip(*self.train_episodes)
         self.train_episodes = []
         self.logger.log(step, {"train/return": float(np.mean(returns)),
@@ -362,8 +353,8 @@ class _Loop:
         start = time.perf_counter()
         n = envs.num_envs
         obs = envs.reset()
-        stats = _EpisodeStats(n)
-        stats.observe(obs, np.zeros(n, bool))
+        episodes = EpisodeTracker(n)
+        episodes.observe(obs, np.zeros(n, bool))
         carry = self.agent.initial_carry(n)
         finished: list[tuple[float, bool, int]] = []
         frames = 0
@@ -375,20 +366,20 @@ class _Loop:
                                         obs["is_first"], key, explore=False)
             obs, dropped = envs.step(np.asarray(action))
             self.counters["worker_restarts"] += int(dropped.sum())
-            finished.extend(stats.observe(obs, dropped))
+            finished.extend(episodes.observe(obs, dropped))
             if video is not None:
                 if dropped[0]:  # worker 0 restarted: its episode is gone, record its next one
                     video = [obs["image"][0]]
                 else:
                     video.append(obs["image"][0])
                     if obs["is_last"][0]:
-                        self.save_eval_video(step, np.stack(video), stats.success[0])
+                        self.save_eval_video(step, np.stack(video), episodes.success[0])
                         video = None
             frames += n
         finished = finished[:c.eval_eps]
         returns, success, length = zip(*finished)
         self.counters["last_eval_step"] = step
-        self._flush()  # pending update metrics carry an earlier step: write them first
+        self.late.flush()  # pending update metrics carry an earlier step: write them first
         self.logger.log(step, {"eval/success_rate": float(np.mean(success)),
                                "eval/return": float(np.mean(returns)),
                                "eval/episodes": len(finished),
@@ -407,17 +398,13 @@ class _Loop:
         c = self.config
         batch = self.replay.sample(np.random.default_rng([c.seed, 13, step]), c.log.media_examples,
                                    c.sequence_length)
-        predicted = np.asarray(run_utils.local_value(self.open_loop(
-            self.state.params, self.state.batch_stats,
-            {k: batch[k] for k in ("image", "action", "is_first")}, jax.random.key(step),
-            context=c.log.media_context)))
-        if jax.process_index() == 0:
-            path = os.path.join(self.workdir, "media", f"open_loop_{step:08d}.png")
-            media.save_png(path, media.prediction_grid(batch["image"], predicted))
-            self.logger.log_media(step, "open_loop", path)
+        predicted = self.open_loop(self.state.params, self.state.batch_stats,
+                                   {k: batch[k] for k in ("image", "action", "is_first")}, jax.random.key(step),
+                                   context=c.log.media_context)
+        scaffold.save_open_loop(self.workdir, self.logger, step, batch["image"], predicted)
 
     def save(self, step: int) -> None:
-        self._flush()  # never lose the metrics of a checkpointed step
+        self.late.flush()  # never lose the metrics of a checkpointed step
         # The previous save is complete once this returns; only then may files it does not name go.
         self.ckpt.wait_until_finished()
         if jax.process_index() == 0:

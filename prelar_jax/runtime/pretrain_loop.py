@@ -10,8 +10,6 @@ together they are the one-process batch.
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 from typing import Any
 
 import jax
@@ -20,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from prelar_jax.runtime import checkpoint, config as config_lib, logger as logger_lib, media, parallel, run_utils, steps
+from prelar_jax.runtime import config as config_lib, parallel, run_utils, scaffold, steps
 from prelar_jax.learners import pretrain
 from prelar_jax.data import videos
 
@@ -51,7 +49,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
           f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}; "
           f"data {config.data.kind} at {config.data.root}"
           + (f", frame stride {config.data.frame_stride}" if config.data.frame_stride > 1 else "")
-          + f" ({dataset.stats()})", flush=True)
+          + f" ({dataset.file_counts()})", flush=True)
     rows = parallel.process_rows(mesh, config.batch_size)  # all of them with one process
     if jax.process_count() > 1:
         shown = f"{rows.start}..{rows.stop - 1}" if isinstance(rows, range) else str(rows)
@@ -60,62 +58,37 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
 
     model = pretrain.PretrainModel(config, bn_axis_name=parallel.AXIS)
     optimizer = pretrain.make_optimizer(config)
-    state = model.init_state(jax.random.key(config.seed), optimizer)
-    state = parallel.put_replicated(state, mesh)
-    sizes = {k: run_utils.count_params(v) for k, v in state.params.items()}
-    print("[prelar] parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
-          + f", total {sum(sizes.values()) / 1e6:.2f}M", flush=True)
-
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=config.log.keep_checkpoints)
+    state = parallel.put_replicated(model.init_state(jax.random.key(config.seed), optimizer), mesh)
+    sizes = scaffold.report_params(state.params)
+    ckpt = scaffold.open_checkpointer(config, workdir)
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
         print(f"[prelar] resumed from checkpoint at step {int(state.step)}", flush=True)
     start = int(state.step)
 
-    batch_spec = {
-        "image": jax.ShapeDtypeStruct((config.batch_size, config.sequence_length, config.image_size,
-                                       config.image_size, 3), jnp.uint8,
-                                      sharding=parallel.batch_sharding(mesh)),
-        "is_first": jax.ShapeDtypeStruct((config.batch_size, config.sequence_length), jnp.bool_,
-                                         sharding=parallel.batch_sharding(mesh)),
-    }
-    step_fn = steps.make_pretrain_step(model.loss, optimizer, mesh, config.seed)
-    train_step, info = parallel.compile_ahead(step_fn, state, batch_spec)
-    print(f"[prelar] train step {info.describe()}", flush=True)
+    B, T, size = config.batch_size, config.sequence_length, config.image_size
+    spec = scaffold.batch_spec(mesh, {"image": ((B, T, size, size, 3), jnp.uint8), "is_first": ((B, T), jnp.bool_)})
+    train_step, info = scaffold.compile_step(
+        "train step", steps.make_pretrain_step(model.loss, optimizer, mesh, config.seed), state, spec)
     parallel.sync_processes("train step compiled")  # the first step's collectives need every process
 
     open_loop = jax.jit(model.open_loop, static_argnames="context")
     media_batch = dataset.sample(np.random.default_rng([config.seed, 2**31 - 2]),
                                  config.log.media_examples, config.sequence_length)
 
-    logger = logger_lib.MetricsLogger(
-        workdir, total_steps=config.steps, start_step=start, wandb_mode=config.log.wandb_mode,
-        wandb_project=config.log.wandb_project, run_name=os.path.basename(workdir),
-        config=config_dict, console_every=config.log.every,
-        console_keys=("loss", "image_loss", "kl", "consistency"))
+    logger = scaffold.make_logger(config, workdir, config_dict, start, console_every=config.log.every,
+                                  console_keys=("loss", "image_loss", "kl", "consistency"))
     if start == 0:
-        logger.log(0, {"compile_seconds": info.seconds, "flops_per_step": info.flops or 0.0,
-                       **{f"params/{k}": v for k, v in sizes.items()}})
+        scaffold.log_start(logger, info, sizes, "flops_per_step")
 
     def save_media(step: int) -> None:  # every process computes (the step is global), one writes
-        predicted = np.asarray(run_utils.local_value(open_loop(state.params, state.batch_stats, media_batch,
-                                                jax.random.key(step), context=config.log.media_context)))
-        if jax.process_index() == 0:
-            path = os.path.join(workdir, "media", f"open_loop_{step:08d}.png")
-            media.save_png(path, media.prediction_grid(media_batch["image"], predicted))
-            logger.log_media(step, "open_loop", path)
+        predicted = open_loop(state.params, state.batch_stats, media_batch, jax.random.key(step),
+                              context=config.log.media_context)
+        scaffold.save_open_loop(workdir, logger, step, media_batch["image"], predicted)
 
-    pending = None  # metrics of the last logged step, fetched asynchronously one step late
-
-    def flush_metrics() -> None:
-        nonlocal pending
-        if pending is not None:
-            logger.log(*pending)
-            pending = None
-
+    late = scaffold.LateMetrics(logger)  # metrics of the last logged step, written one step late
     monitor = run_utils.NonFiniteMonitor(config.nonfinite_limit, logger, ckpt.directory, ckpt.latest_step)
-    last_time, last_step = time.perf_counter(), start
+    rate = scaffold.Rate(steps=start)
     step = start
     try:
         with run_utils.StopRequest() as stop, videos.BatchPrefetcher(
@@ -124,39 +97,31 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
                 buffer=config.data.prefetch_buffer, rows=rows) as batches:
             for index, batch in batches:
                 state, metrics = train_step(state, parallel.put_local_batch(batch, mesh))
-                step = index + 1
-                flush_metrics()
+                previous, step = index, index + 1
+                late.flush()
                 monitor.observe(step, metrics["nonfinite"])  # the previous update's flag
-                if step % config.log.every == 0 or step == config.steps:
-                    metrics = {k: run_utils.local_value(v) for k, v in metrics.items()}
-                    for value in metrics.values():
-                        value.copy_to_host_async()
-                    now = time.perf_counter()
-                    rate = (step - last_step) / max(now - last_time, 1e-9)
-                    last_time, last_step = now, step
-                    extra = {"perf/steps_per_second": rate,
-                             "perf/frames_per_second": rate * config.batch_size * config.sequence_length,
-                             # this process's count (of the bad files its own rows came across)
-                             **{f"data/{k}": v for k, v in dataset.stats().items()}}
-                    pending = (step, {**metrics, **extra})
-                if step % config.log.media_every == 0 or step == config.steps:
+                last = step == config.steps
+                if scaffold.crossed(step, previous, config.log.every) or last:
+                    per_second = rate(steps=step)["steps"]
+                    late.hold(step, metrics, **{
+                        "perf/steps_per_second": per_second,
+                        "perf/frames_per_second": per_second * config.batch_size * config.sequence_length,
+                        # this process's count (of the bad files its own rows came across)
+                        **{f"data/{k}": v for k, v in dataset.file_counts().items()}})
+                if scaffold.crossed(step, previous, config.log.media_every) or last:
                     save_media(step)
-                if step % config.log.checkpoint_every == 0 or step == config.steps or stop.requested:
-                    flush_metrics()  # never lose the metrics of a checkpointed step
+                if scaffold.crossed(step, previous, config.log.checkpoint_every) or last or stop.requested:
+                    late.flush()  # never lose the metrics of a checkpointed step
                     ckpt.save(step, state, {"step": step, "method": config.method, "preset": config.preset})
                 if stop.requested:
                     break
-        flush_metrics()
+        late.flush()
         monitor.check()
     finally:
         ckpt.close()
         logger.close()
     finished = step >= config.steps
-    summary = {"workdir": workdir, "step": step, "finished": finished,
-               "checkpoints": os.path.join(workdir, "checkpoints"),
-               "metrics": os.path.join(workdir, "metrics.jsonl"), "media": os.path.join(workdir, "media")}
-    if jax.process_index() == 0:  # for tools (the benchmark runner): did this run finish?
-        logger_lib.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    summary = scaffold.write_summary(workdir, {"step": step, "finished": finished})
     print(f"[prelar] {'finished' if finished else 'stopped'} at step {step}/{config.steps}. "
           f"Results in {workdir}: metrics.jsonl, config.json, checkpoints/, media/", flush=True)
     return summary
