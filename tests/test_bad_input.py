@@ -254,7 +254,7 @@ def test_pickled_object_arrays_in_videos_are_never_loaded(tmp_path):
     np.savez(pickled, image=np.array([_Payload()] * 9, dtype=object))
     with pytest.warns(videos.VideoDataWarning, match=r"pickled object array.*never loaded.*pickled\.npz"):
         dataset = videos.NpzEpisodeDataset(tmp_path)
-    assert dataset.stats()["files_ok"] == 1 and dataset.stats()["skipped_bad_format"] == 1
+    assert dataset.file_counts()["files_ok"] == 1 and dataset.file_counts()["skipped_bad_format"] == 1
     batch = dataset.sample(np.random.default_rng(0), 4, 5)  # reads good.npz's image, not its action
     with np.load(good, allow_pickle=False) as data:
         frames = data["image"]

@@ -74,8 +74,8 @@ def test_npz_sample_is_a_contiguous_slice_of_a_source_episode(episodes_dir: Path
         start = frames[b, 0]
         assert 0 <= start <= 30 - 10
         np.testing.assert_array_equal(batch["image"][b], _episode_images(ids[b], 30)[start : start + 10])
-    assert ds.stats()["files_ok"] == 3 and ds.stats()["files_skipped"] == 0
-    assert ds.stats()["frames_ok"] == 90
+    assert ds.file_counts()["files_ok"] == 3 and ds.file_counts()["files_skipped"] == 0
+    assert ds.file_counts()["frames_ok"] == 90
 
 
 def test_sampling_covers_files_and_start_positions(episodes_dir: Path) -> None:
@@ -123,7 +123,7 @@ def test_bad_files_are_skipped_named_and_counted(tmp_path: Path) -> None:
     for path in (garbage, wrong_dtype, wrong_shape, short, no_image):
         assert str(path) in text
     assert str(good) not in text
-    stats = ds.stats()
+    stats = ds.file_counts()
     assert stats["files_ok"] == 1
     assert stats["files_skipped"] == 5
     assert stats["skipped_corrupt"] == 1
@@ -140,14 +140,14 @@ def test_too_short_for_a_longer_request_is_skipped_later(tmp_path: Path) -> None
     _write_episode(tmp_path / "long.npz", _episode_images(1, 30))
     _write_episode(tmp_path / "short.npz", _episode_images(2, 12))
     ds = NpzEpisodeDataset(tmp_path)
-    assert ds.stats()["files_ok"] == 2
+    assert ds.file_counts()["files_ok"] == 2
     with pytest.warns(VideoDataWarning, match="short.npz"):
         ids, _ = _trace(ds.sample(np.random.default_rng(0), 32, 20))
     assert set(ids) == {1}
-    assert ds.stats()["skipped_too_short"] == 1 and ds.stats()["files_ok"] == 1
+    assert ds.file_counts()["skipped_too_short"] == 1 and ds.file_counts()["files_ok"] == 1
     with pytest.warns(VideoDataWarning, match="long.npz"), pytest.raises(NoVideoDataError, match="at least 31"):
         ds.sample(np.random.default_rng(0), 1, 31)
-    assert ds.stats()["files_ok"] == 0 and ds.stats()["skipped_too_short"] == 2
+    assert ds.file_counts()["files_ok"] == 0 and ds.file_counts()["skipped_too_short"] == 2
 
 
 def test_corrupt_data_behind_a_valid_header_is_skipped_deterministically(tmp_path: Path) -> None:
@@ -158,14 +158,14 @@ def test_corrupt_data_behind_a_valid_header_is_skipped_deterministically(tmp_pat
     raw[mid : mid + 64] = bytes(64)
     bad.write_bytes(bytes(raw))
     fresh = NpzEpisodeDataset(tmp_path)  # the header still reads fine
-    assert fresh.stats()["files_ok"] == 2
+    assert fresh.file_counts()["files_ok"] == 2
     with pytest.warns(VideoDataWarning, match="bad.npz"):
         first = fresh.sample(np.random.default_rng(3), 12, 10)
     assert set(_trace(first)[0]) == {1}
-    assert fresh.stats()["skipped_unreadable"] == 1 and fresh.stats()["files_ok"] == 1
+    assert fresh.file_counts()["skipped_unreadable"] == 1 and fresh.file_counts()["files_ok"] == 1
     with pytest.warns(VideoDataWarning, match="good.npz"), pytest.raises(NoVideoDataError):
         fresh.sample(np.random.default_rng(0), 1, 31)  # now both are too short: bad.npz counted once
-    assert fresh.stats()["files_skipped"] == 2 and fresh.stats()["skipped_too_short"] == 2
+    assert fresh.file_counts()["files_skipped"] == 2 and fresh.file_counts()["skipped_too_short"] == 2
     # Same draws whether the bad file is already known (fresh) or found now (other): same batch.
     other = NpzEpisodeDataset(tmp_path)
     with warnings.catch_warnings():
@@ -200,7 +200,7 @@ def test_blocks_of_rows_concatenate_to_the_whole_batch_also_with_an_unreadable_i
             whole = whole_ds.sample(np.random.default_rng([5, step]), batch_size, length)
             parts = [NpzEpisodeDataset(tmp_path).sample(np.random.default_rng([5, step]), batch_size, length,
                                                         rows=rows) for rows in blocks]
-        found_bad += whole_ds.stats()["skipped_unreadable"]
+        found_bad += whole_ds.file_counts()["skipped_unreadable"]
         for key in ("image", "is_first"):
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
         assert 9 not in set(_trace(whole)[0])  # the bad episode never appears
@@ -375,7 +375,7 @@ def test_something_something_folders(tmp_path: Path) -> None:
     frame_index = np.round((red - 10) / 20).astype(int)
     np.testing.assert_array_equal(frame_index, frame_index[:, :1] + np.arange(6))  # consecutive frames
     assert frame_index[long_video, 0].max() <= 4 and frame_index[~long_video, 0].max() <= 2
-    stats = ds.stats()
+    stats = ds.file_counts()
     assert stats["files_ok"] == 2 and stats["skipped_too_short"] == 1 and stats["skipped_malformed_line"] == 1
 
 
@@ -399,7 +399,7 @@ def test_something_something_missing_folder_and_errors(tmp_path: Path) -> None:
     with pytest.warns(VideoDataWarning, match="FileNotFoundError"):
         for s in range(4):
             ds.sample(np.random.default_rng(s), 4, 6)
-    assert ds.stats()["skipped_unreadable"] == 1 and ds.stats()["files_ok"] == 1
+    assert ds.file_counts()["skipped_unreadable"] == 1 and ds.file_counts()["files_ok"] == 1
     with pytest.raises(NoVideoDataError, match="generate_videos.py"):
         SomethingSomethingDataset(tmp_path / "absent", listing)
     listing.write_text("2 6 0\n")

@@ -42,11 +42,12 @@ def episode_windows(episodes: Sequence[dict[str, Any]], length: int, per_episode
 
 
 def make_open_loop_fn(model, context: int):
-    """Jitted ``fn(params, stats, batch, key) -> uint8 [B, T, H, W, 3]`` (BatchNorm in eval mode)."""
-    return jax.jit(lambda params, stats, batch, key: model.open_loop(params, stats, batch, key, context=context))
+    """Jitted ``fn(params, batch_stats, batch, key) -> uint8 [B, T, H, W, 3]`` (BatchNorm in eval mode)."""
+    return jax.jit(lambda params, batch_stats, batch, key: model.open_loop(params, batch_stats, batch, key,
+                                                                            context=context))
 
 
-def prediction_errors(open_loop_fn, params, stats, episodes: Sequence[dict[str, Any]],
+def prediction_errors(open_loop_fn, params, batch_stats, episodes: Sequence[dict[str, Any]],
                       windows: Sequence[tuple[int, int]], length: int, context: int,
                       train_mean_frame: np.ndarray, key: jax.Array, batch_size: int = 8) -> dict[str, float]:
     """Open-loop and reconstruction MSE over ``windows`` against the two model-free baselines.
@@ -65,7 +66,7 @@ def prediction_errors(open_loop_fn, params, stats, episodes: Sequence[dict[str, 
         image = np.stack([episodes[e]["image"][s:s + length] for e, s in chunk])  # [B, T, H, W, 3]
         is_first = np.zeros(image.shape[:2], bool)
         is_first[:, 0] = True
-        predicted = np.asarray(open_loop_fn(params, stats, {"image": jnp.asarray(image),
+        predicted = np.asarray(open_loop_fn(params, batch_stats, {"image": jnp.asarray(image),
                                                             "is_first": jnp.asarray(is_first)},
                                             jax.random.fold_in(key, start)))[:real]
         truth = image[:real].astype(np.float64) / 255.0
@@ -99,7 +100,7 @@ def knn_probe(codes: Sequence[np.ndarray], targets: Sequence[np.ndarray], train:
     return float(np.nanmean(r2))
 
 
-def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], train: Sequence[int],
+def probe_scores(code_fn, params, batch_stats, episodes: Sequence[dict[str, Any]], train: Sequence[int],
                  held_out: Sequence[int], action_dims: int = 3) -> dict[str, Any]:
     """Held-out R² of codes -> the first ``action_dims`` action dimensions (Meta-World: dx, dy, dz;
     the gripper effort often has no visible effect), fit on the pairs of ``train`` episodes.
@@ -112,7 +113,7 @@ def probe_scores(code_fn, params, stats, episodes: Sequence[dict[str, Any]], tra
     ``hand``: the same probe to the hand's measured displacement between the pair's frames
     (``hand[t] - hand[t-1]``), the motion the frames show, as against the commanded action (which
     the arm's controller lag, contacts and clipping separate from it)."""
-    codes = probe.episode_codes(code_fn, params, stats, episodes)
+    codes = probe.episode_codes(code_fn, params, batch_stats, episodes)
     actions = [np.asarray(ep["action"], np.float64)[1:, :action_dims] for ep in episodes]
     result = probe.linear_probe(codes, actions, train, held_out)
     result["knn_r2_mean"] = knn_probe(codes, actions, train, held_out)
@@ -133,8 +134,8 @@ def random_encoder_probe(config, probe_episodes, train: Sequence[int], held_out:
     from prelar_jax.learners import pretrain
 
     model = pretrain.PretrainModel(probe.random_features_config(config))
-    params, stats = jax.device_get(jax.jit(model.init)(jax.random.key(config.seed)))
-    return probe_scores(probe.make_code_fn(model), params, stats, probe_episodes, train, held_out)
+    params, batch_stats = jax.device_get(jax.jit(model.init)(jax.random.key(config.seed)))
+    return probe_scores(probe.make_code_fn(model), params, batch_stats, probe_episodes, train, held_out)
 
 
 def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str | None = None,
@@ -183,13 +184,13 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
     rows = []
 
     def evaluate(step: int, metrics: dict) -> None:
-        params, stats = jax.device_get((state.params, state.batch_stats))
+        params, batch_stats = jax.device_get((state.params, state.batch_stats))
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        row.update(prediction_errors(open_loop, params, stats, probe_episodes, windows, length, context,
+        row.update(prediction_errors(open_loop, params, batch_stats, probe_episodes, windows, length, context,
                                      train_mean, jax.random.key(0)))
         row["open_loop_vs_mean_frame"] = row["open_loop_mse"] / row["mean_frame_mse"]
         if code_fn is not None:
-            scores = probe_scores(code_fn, params, stats, probe_episodes, train_eps, held_out)
+            scores = probe_scores(code_fn, params, batch_stats, probe_episodes, train_eps, held_out)
             row["probe_r2"], row["probe_r2_mean"] = scores["r2"], scores["r2_mean"]
             row["probe_train_r2"] = scores["train_r2"]
             row["probe_knn_r2_mean"] = scores["knn_r2_mean"]

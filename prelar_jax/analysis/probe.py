@@ -229,25 +229,25 @@ def code_features(code_params: dict[str, jax.Array]) -> jax.Array:
 
 
 def make_code_fn(model):
-    """``codes(params, stats, pairs) -> [N, D]`` for frame pairs ``[N, 2, H, W, 3]`` uint8, jitted;
+    """``codes(params, batch_stats, pairs) -> [N, D]`` for frame pairs ``[N, 2, H, W, 3]`` uint8, jitted;
     BatchNorm in evaluation mode (running statistics), so each pair's code is independent of
     the others in its chunk (padding rows change nothing)."""
     from prelar_jax.model.nets.common import preprocess_image
 
-    def codes(params, stats, pairs):
+    def codes(params, batch_stats, pairs):
         chex.assert_rank(pairs, 5)
         if model.implicit_action.input == "pixels":  # the pair network reads pixels: skip the encoder
             frames = preprocess_image(pairs)
             embed = jnp.zeros(pairs.shape[:2] + (0,), jnp.float32)
         else:
-            frames, embed = model._encode_frames(params, stats, {}, pairs, train=False)
-        code_params, _ = model._codes(params, stats, {}, frames, embed, None, False)
+            frames, embed = model._encode_frames(params, batch_stats, {}, pairs, train=False)
+        code_params, _ = model._codes(params, batch_stats, {}, frames, embed, None, False)
         return code_features(code_params)[:, 0]  # [N, D]
 
     return jax.jit(codes)
 
 
-def episode_codes(code_fn, params: Params, stats: Params, episodes: Sequence[dict[str, Any]],
+def episode_codes(code_fn, params: Params, batch_stats: Params, episodes: Sequence[dict[str, Any]],
                   chunk: int = 256) -> list[np.ndarray]:
     """Codes of every adjacent pair of every episode, ``[L_e - 1, D]`` float32 each (pair ``t-1``
     is ``(o_{t-1}, o_t)``). Pairs go through ``code_fn`` in fixed chunks of ``chunk`` (the last one
@@ -260,23 +260,23 @@ def episode_codes(code_fn, params: Params, stats: Params, episodes: Sequence[dic
         pairs = np.zeros((chunk, 2) + shape, np.uint8)  # [chunk, 2, H, W, 3]
         for row, (e, t) in enumerate(rows):
             pairs[row] = episodes[e]["image"][t - 1:t + 1]
-        out.append(np.asarray(code_fn(params, stats, pairs))[:len(rows)])
+        out.append(np.asarray(code_fn(params, batch_stats, pairs))[:len(rows)])
     flat = np.concatenate(out)
     bounds = np.cumsum([0] + [len(ep["image"]) - 1 for ep in episodes])
     return [flat[bounds[i]:bounds[i + 1]] for i in range(len(episodes))]
 
 
 def _probe_config(pretrain_workdir, config):
-    """The model config and (params, stats, step) when restoring; a random init needs ``config``."""
+    """The model config and (params, batch_stats, step) when restoring; a random init needs ``config``."""
     if pretrain_workdir:
-        saved, params, stats, step = restore_pretrain_state(pretrain_workdir)
+        saved, params, batch_stats, step = restore_pretrain_state(pretrain_workdir)
         if config is not None:
             differing = [f"{block}.{k}" for block in ("model", "implicit_action") for k in saved[block]
                          if k in config[block] and k != "compute_dtype" and saved[block][k] != config[block][k]]
             if differing:
                 raise ProbeError(f"the config passed to the probe differs from the one {pretrain_workdir} was "
                                  f"pre-trained with in {differing}; pass config=None to use the saved one")
-        return saved, (params, stats, step)
+        return saved, (params, batch_stats, step)
     if config is None:
         raise ProbeError("implicit_action_probe: pass a pre-training workdir or a config to initialise randomly")
     return config, None
@@ -318,9 +318,10 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     from prelar_jax.learners.pretrain import PretrainModel
 
     config, restored = _probe_config(pretrain_workdir, config)
-    ia = config.implicit_action
-    if ia.code_type not in ("stoch", "deter", "mix"):
-        raise ProbeError(f"implicit_action.code_type={ia.code_type!r} has no implicit-action encoder to probe "
+    implicit_cfg = config.implicit_action
+    if implicit_cfg.code_type not in ("stoch", "deter", "mix"):
+        raise ProbeError(f"implicit_action.code_type={implicit_cfg.code_type!r} has no implicit-action encoder to "
+                         "probe "
                          "(APV and the random-code ablation feed the RSSM codes that do not depend on the frames)")
     episodes = list(episodes)
     if len(episodes) < 2:
@@ -338,11 +339,11 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
 
     model = PretrainModel(config if restored is not None else random_features_config(config))
     if restored is None:
-        params, stats = jax.jit(model.init)(init_key)
+        params, batch_stats = jax.jit(model.init)(init_key)
         step = None
     else:
-        params, stats, step = restored
-    codes = episode_codes(make_code_fn(model), params, stats, episodes, chunk)
+        params, batch_stats, step = restored
+    codes = episode_codes(make_code_fn(model), params, batch_stats, episodes, chunk)
     actions = [np.asarray(episode["action"], np.float64)[1:] for episode in episodes]  # a_t for (o_{t-1}, o_t)
     if not all(np.all(np.isfinite(c)) for c in codes):
         raise ProbeError("the implicit-action codes contain NaN or inf: the model's parameters are not finite")
@@ -353,7 +354,7 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     result.update({
         "train_episodes": [int(i) for i in train],
         "eval_episodes": [int(i) for i in held_out],
-        "code_type": ia.code_type,
+        "code_type": implicit_cfg.code_type,
         "code_dim": int(codes[0].shape[-1]),
         "code_std": float(np.concatenate(codes).std(axis=0).mean()),
         "source": "random_init" if restored is None else "pretrained",

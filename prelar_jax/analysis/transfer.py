@@ -160,12 +160,12 @@ def make_world_model_step(agent):
 
 
 def make_prediction_error_fn(agent, context: int):
-    """``errors(params, stats, batch, key) -> [B, T]``: the mean squared error per pixel (in
+    """``errors(params, batch_stats, batch, key) -> [B, T]``: the mean squared error per pixel (in
     [0, 1] units) of each frame of ``agent.open_loop``: posterior reconstructions of the first
     ``context`` frames, then frames imagined under the batch's actions."""
 
-    def errors(params, stats, batch, key):
-        predicted = agent.open_loop(params, stats, batch, key, context)  # [B, T, H, W, 3] uint8
+    def errors(params, batch_stats, batch, key):
+        predicted = agent.open_loop(params, batch_stats, batch, key, context)  # [B, T, H, W, 3] uint8
         diff = (predicted.astype(jnp.float32) - batch["image"].astype(jnp.float32)) / 255.0
         return jnp.mean(jnp.square(diff), axis=(-3, -2, -1))  # [B, T]
 
@@ -177,7 +177,7 @@ def psnr(mse: float) -> float:
     return float(10.0 * np.log10(1.0 / mse)) if mse > 0 else float("inf")
 
 
-def _prediction_error(error_fn, params, stats, episodes, windows, length, batch_size, key) -> np.ndarray:
+def _prediction_error(error_fn, params, batch_stats, episodes, windows, length, batch_size, key) -> np.ndarray:
     """``[N_windows, T]`` errors, the windows taken in fixed-size chunks (one
     compilation; the last chunk padded by repeating its first window, padded rows dropped).
     The latent samples of a window depend on ``key``, its chunk and its row, so the same windows
@@ -188,7 +188,7 @@ def _prediction_error(error_fn, params, stats, episodes, windows, length, batch_
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
         batch = _stack([_window(episodes[e], s, length) for e, s in padded])
         # open_loop draws per-row samples from one key; folding in the chunk start makes chunks differ.
-        out = np.asarray(error_fn(params, stats, batch, jax.random.fold_in(key, start)))
+        out = np.asarray(error_fn(params, batch_stats, batch, jax.random.fold_in(key, start)))
         rows.append(out[:len(chunk)])
     return np.concatenate(rows)
 
@@ -252,13 +252,13 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
 
     agent = agent_lib.FinetuneAgent(config)
     init_key, state_key, data_key, update_key, eval_key = jax.random.split(key, 5)
-    params, stats = jax.tree.map(np.asarray, jax.jit(agent.init)(init_key))
+    params, batch_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(init_key))
     loaded = 0
     if pretrained_workdir:
-        params, stats, report = pretrained_lib.load_pretrained(pretrained_workdir, params, stats, config.model,
-                                                               agent_lib.pretrained_module_map(config))
+        params, batch_stats, report = pretrained_lib.load_pretrained(
+            pretrained_workdir, params, batch_stats, config.model, agent_lib.pretrained_module_map(config))
         loaded = len(report["loaded"])
-    state = agent.init_state(state_key, params, stats)
+    state = agent.init_state(state_key, params, batch_stats)
 
     error_fn = make_prediction_error_fn(agent, context)
     windows = evaluation_windows(eval_episodes, eval_length)
@@ -334,7 +334,7 @@ def finetuned_prediction_error(workdir: str, eval_episodes: Sequence[dict[str, A
     from prelar_jax.learners import finetune as agent_lib
     from prelar_jax.runtime import pretrained as pretrained_lib
 
-    config, params, stats, env_step = pretrained_lib.restore_finetune_state(workdir)
+    config, params, batch_stats, env_step = pretrained_lib.restore_finetune_state(workdir)
     eval_length = config.sequence_length if eval_length is None else eval_length
     context = config.log.media_context if context is None else context
     if not 1 <= context < eval_length:
@@ -342,7 +342,7 @@ def finetuned_prediction_error(workdir: str, eval_episodes: Sequence[dict[str, A
     _check_episodes(eval_episodes, config, eval_length, "evaluation")
     agent = agent_lib.FinetuneAgent(config)
     windows = evaluation_windows(eval_episodes, eval_length)
-    errors = _prediction_error(make_prediction_error_fn(agent, context), params, stats, eval_episodes,
+    errors = _prediction_error(make_prediction_error_fn(agent, context), params, batch_stats, eval_episodes,
                                windows, eval_length, config.batch_size, key)
     mean, frames = replay_mean_frame(os.path.join(workdir, "replay"))
     baseline, last = [], []

@@ -142,7 +142,7 @@ class _VideoSource:
         return ok
 
     def _no_data(self, why: str) -> NoVideoDataError:
-        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.stats().items()))
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.file_counts().items()))
         return NoVideoDataError(
             f"No usable {self._what} in {self._where()} ({why}; {counts}). {_HOW_TO_MAKE_DATA}"
         )
@@ -200,7 +200,7 @@ class _VideoSource:
         is_first[:, 0] = True
         return {"image": images, "is_first": is_first}
 
-    def stats(self) -> dict[str, int]:
+    def file_counts(self) -> dict[str, int]:
         """Counts for logging: usable files and frames, and skipped files (total and by reason)."""
         with self._lock:
             long_enough = self._lengths >= max(self._max_length, 1)  # [N]

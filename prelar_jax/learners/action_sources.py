@@ -72,17 +72,17 @@ class ImplicitCodes(ZeroActions):
     """PreLAR: codes inferred by the implicit-action network from each adjacent frame pair."""
 
     def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None, dtype):
-        ia, model = config.implicit_action, config.model
+        implicit_cfg, model = config.implicit_action, config.model
         self.network = ImplicitActionEncoder(
-            code_type=ia.code_type, stoch=ia.stoch, deter=ia.deter, hidden=ia.hidden,
-            input=ia.input, embed_layers=ia.embed_layers, depth=model.depth,
-            stages=model.stages, bn_axis_name=bn_axis_name, dtype=dtype,
-            head_init_scale=ia.get("head_init_scale", 1.0))
+            code_type=implicit_cfg.code_type, stoch=implicit_cfg.stoch, deter=implicit_cfg.deter,
+            hidden=implicit_cfg.hidden, input=implicit_cfg.input, embed_layers=implicit_cfg.embed_layers,
+            depth=model.depth, stages=model.stages, bn_axis_name=bn_axis_name, dtype=dtype,
+            head_init_scale=implicit_cfg.get("head_init_scale", 1.0))
         super().__init__(config)
         self.action_dim = self.network.code_size
         self.loss_config = config.loss
-        self.stochastic = ia.code_type in ("stoch", "mix")
-        self.deterministic = ia.code_type in ("deter", "mix")
+        self.stochastic = implicit_cfg.code_type in ("stoch", "mix")
+        self.deterministic = implicit_cfg.code_type in ("deter", "mix")
 
     def pair_inputs(self, frames: jax.Array, embed: jax.Array) -> jax.Array:
         """What the network reads from each frame: the preprocessed pixels or the embedding."""

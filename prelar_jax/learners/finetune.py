@@ -85,14 +85,14 @@ class FinetuneAgent(world_model.ImageWorldModel):
         self.actor = Actor(heads.layers, heads.units, config.action_dim,
                            min_std=config.actor_critic.min_std, dtype=self.dtype)
         self.critic = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
-        ac = config.actor_critic
+        ac_cfg = config.actor_critic
         self.ac_config = actor_critic.ActorCriticConfig(
-            horizon=ac.horizon, discount=ac.discount, lambda_=ac.lambda_, actor_ent=ac.actor_ent,
-            slow_update_every=ac.slow_update_every)
+            horizon=ac_cfg.horizon, discount=ac_cfg.discount, lambda_=ac_cfg.lambda_, actor_ent=ac_cfg.actor_ent,
+            slow_update_every=ac_cfg.slow_update_every)
         self.use_intrinsic = config.intrinsic.beta > 0
         self.model_optimizer = self._make_model_optimizer()
         self.actor_critic_optimizer = optax.multi_transform(
-            {"actor": adam(config.optimizer, ac.actor_lr), "critic": adam(config.optimizer, ac.critic_lr)},
+            {"actor": adam(config.optimizer, ac_cfg.actor_lr), "critic": adam(config.optimizer, ac_cfg.critic_lr)},
             {"actor": "actor", "critic": "critic"})
 
     # ------------------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
     def init(self, key: jax.Array) -> tuple[Params, Params]:
         """Fresh ``(params, batch_stats)``; shapes do not depend on the batch."""
         keys = jax.random.split(key, 8)
-        params, stats = {}, {}
-        self._init_world_model(keys[:3], params, stats)
+        params, batch_stats = {}, {}
+        self._init_world_model(keys[:3], params, batch_stats)
         feat = jnp.zeros((2, self.feat_dim))
         self.dynamics.init(params, keys[1], self.config.action_dim)
         if self.action_encoder.module is not None:
@@ -143,7 +143,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
             params["aux_reward"] = self.aux_reward_head.init(keys[5], feat)["params"]
         params["actor"] = self.actor.init(keys[6], feat)["params"]
         params["critic"] = self.critic.init(keys[7], feat)["params"]
-        return params, stats
+        return params, batch_stats
 
     def bonus_feature_dim(self) -> int:
         """Width of the intrinsic bonus's features: the encoder embedding, or the action-free
@@ -152,9 +152,9 @@ class FinetuneAgent(world_model.ImageWorldModel):
         if width is not None:
             return width
         frames = jax.ShapeDtypeStruct((1, 1, self.image_size, self.image_size, 3), jnp.uint8)
-        params, stats = jax.eval_shape(self.init, jax.random.key(0))
+        params, batch_stats = jax.eval_shape(self.init, jax.random.key(0))
         return jax.eval_shape(lambda p, s, f: self._encode_frames(p, s, {}, f, False)[1],
-                              params, stats, frames).shape[-1]
+                              params, batch_stats, frames).shape[-1]
 
     def init_state(self, key: jax.Array, params: Params | None = None,
                    batch_stats: Params | None = None) -> AgentState:
@@ -168,17 +168,17 @@ class FinetuneAgent(world_model.ImageWorldModel):
             params = fresh_params if params is None else params
             batch_stats = fresh_stats if batch_stats is None else batch_stats
             wm = {k: params[k] for k in self.world_model_modules()}
-            ac = {k: params[k] for k in ACTOR_CRITIC_MODULES}
-            bonus = {}
+            ac_params = {k: params[k] for k in ACTOR_CRITIC_MODULES}
+            intrinsic_state = {}
             if self.use_intrinsic:
                 cfg = self.config.intrinsic
-                bonus = intrinsic.init_intrinsic(intrinsic_key, embed_dim, cfg.queue_dim, cfg.capacity)
+                intrinsic_state = intrinsic.init_intrinsic(intrinsic_key, embed_dim, cfg.queue_dim, cfg.capacity)
             return AgentState(step=jnp.zeros((), jnp.int32), params=params,
                               slow_critic=jax.tree.map(jnp.copy, params["critic"]),
                               batch_stats=batch_stats,
                               model_opt_state=self.model_optimizer.init(wm),
-                              actor_critic_opt_state=self.actor_critic_optimizer.init(ac),
-                              intrinsic=bonus)
+                              actor_critic_opt_state=self.actor_critic_optimizer.init(ac_params),
+                              intrinsic=intrinsic_state)
 
         return jax.jit(build)(key, params, batch_stats)
 
@@ -190,7 +190,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
         """Real actions ``[..., 4]`` -> the RSSM's action input ``[..., action_dim]``."""
         return self.action_encoder(params, action)
 
-    def world_model_loss(self, params: Params, stats: Params, bonus: Any, batch: dict[str, jax.Array],
+    def world_model_loss(self, params: Params, batch_stats: Params, intrinsic_state: Any, batch: dict[str, jax.Array],
                          key: jax.Array, example_index: jax.Array):
         """Spec 5.3: ``L = kl*L_KL + image*L_image + reward*L_reward + aux*L_aux``.
 
@@ -209,9 +209,9 @@ class FinetuneAgent(world_model.ImageWorldModel):
         batch_size, length = image.shape[:2]
         chex.assert_shape([reward, is_first], (batch_size, length))
         chex.assert_shape(action, (batch_size, length, self.config.action_dim))
-        new_stats: Params = {}
+        new_batch_stats: Params = {}
 
-        frames, embed = self._encode_frames(params, stats, new_stats, image, train=True)
+        frames, embed = self._encode_frames(params, batch_stats, new_batch_stats, image, train=True)
         codes = self.encode_action(params, action)
         keys = world_model.example_keys(key, example_index, length)
         action_free_keys = world_model.example_keys(jax.random.fold_in(key, 1), example_index, length)
@@ -220,19 +220,20 @@ class FinetuneAgent(world_model.ImageWorldModel):
         kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
                                                            cfg.kl_balance, cfg.kl_free)
         feat = feature(post)
-        recon = self._decode_features(params, stats, new_stats, feat, train=True)
+        recon = self._decode_features(params, batch_stats, new_batch_stats, feat, train=True)
         image_loss = -world_model.image_log_likelihood(recon, frames).mean()
 
         reward = reward.astype(jnp.float32)
         metrics: Metrics = {}
         if self.use_intrinsic:
-            icfg = self.config.intrinsic
-            bonus_reward, bonus, bonus_metrics = intrinsic.intrinsic_reward(
-                bonus, embed, icfg.window, icfg.k, icfg.momentum, axis_name=self.axis_name)
-            steps = bonus_reward.shape[1]
-            target = reward[:, :steps] + icfg.beta * bonus_reward
+            intrinsic_cfg = self.config.intrinsic
+            intrinsic_reward_t, intrinsic_state, intrinsic_metrics = intrinsic.intrinsic_reward(
+                intrinsic_state, embed, intrinsic_cfg.window, intrinsic_cfg.k, intrinsic_cfg.momentum,
+                axis_name=self.axis_name)
+            steps = intrinsic_reward_t.shape[1]
+            target = reward[:, :steps] + intrinsic_cfg.beta * intrinsic_reward_t
             predicted = self.reward_head.apply({"params": params["reward"]}, feat[:, :steps])
-            metrics.update(bonus_metrics)
+            metrics.update(intrinsic_metrics)
         else:
             target = reward
             predicted = self.reward_head.apply({"params": params["reward"]}, feat)
@@ -250,7 +251,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
             "reward_loss": reward_loss, "reward_target": target.mean(),
             "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
             "post_entropy": distributions.categorical_entropy(post["logit"]).mean()})
-        return total, (new_stats, post, bonus, metrics)
+        return total, (new_batch_stats, post, intrinsic_state, metrics)
 
     # ------------------------------------------------------------------------------------------
     # Actor-critic
@@ -284,12 +285,12 @@ class FinetuneAgent(world_model.ImageWorldModel):
         ``mean``), the optimiser step, and the detached-to-be posteriors ``[B, T, ...]``."""
         wm_params = {k: state.params[k] for k in self.world_model_modules()}
         grad_fn = jax.value_and_grad(self.world_model_loss, has_aux=True)
-        (_, (new_stats, post, bonus, wm_metrics)), wm_grads = grad_fn(
+        (_, (new_batch_stats, post, intrinsic_state, wm_metrics)), wm_grads = grad_fn(
             wm_params, state.batch_stats, state.intrinsic, batch, key, example_index)
         wm_grads = mean(wm_grads)
         wm_params, model_opt_state = optim.apply_update(self.model_optimizer, wm_grads, state.model_opt_state,
                                                         wm_params)
-        return wm_params, model_opt_state, new_stats, post, bonus, wm_metrics, wm_grads
+        return wm_params, model_opt_state, new_batch_stats, post, intrinsic_state, wm_metrics, wm_grads
 
     def imagination_start(self, post: State, key: jax.Array,
                           example_index: jax.Array) -> tuple[State, jax.Array]:
@@ -333,8 +334,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         ``axis_name`` (None: a single device without a mesh)."""
         mean = _mean_over(axis_name)
         wm_key, ac_key = jax.random.split(key)
-        wm_params, model_opt_state, new_stats, post, bonus, wm_metrics, wm_grads = self._world_model_step(
-            state, batch, wm_key, example_index, mean)
+        wm_params, model_opt_state, new_batch_stats, post, intrinsic_state, wm_metrics, wm_grads = (
+            self._world_model_step(state, batch, wm_key, example_index, mean))
         # Imagination from every posterior state of the batch, in the *updated* world model.
         ac_params, ac_opt_state, slow, ac_metrics, ac_grads = self._actor_critic_step(
             state, wm_params, post, ac_key, example_index, mean)
@@ -347,8 +348,8 @@ class FinetuneAgent(world_model.ImageWorldModel):
         # device: gradients and metrics are averaged); the step counter still advances.
         new_state = _apply_if_finite(
             state, metrics, (metrics["model_loss"], metrics["actor_loss"], metrics["critic_loss"], wm_grads, ac_grads),
-            params={**wm_params, **ac_params}, slow_critic=slow, batch_stats={**state.batch_stats, **new_stats},
-            model_opt_state=model_opt_state, actor_critic_opt_state=ac_opt_state, intrinsic=bonus)
+            params={**wm_params, **ac_params}, slow_critic=slow, batch_stats={**state.batch_stats, **new_batch_stats},
+            model_opt_state=model_opt_state, actor_critic_opt_state=ac_opt_state, intrinsic=intrinsic_state)
         return new_state.replace(step=state.step + 1), metrics
 
     def update_world_model(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
@@ -361,13 +362,14 @@ class FinetuneAgent(world_model.ImageWorldModel):
         gradient skips this half only."""
         mean = _mean_over(axis_name)
         wm_key, _ = jax.random.split(key)
-        wm_params, model_opt_state, new_stats, post, bonus, wm_metrics, wm_grads = self._world_model_step(
-            state, batch, wm_key, example_index, mean)
+        wm_params, model_opt_state, new_batch_stats, post, intrinsic_state, wm_metrics, wm_grads = (
+            self._world_model_step(state, batch, wm_key, example_index, mean))
         metrics = mean(wm_metrics)
         metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
         new_state = _apply_if_finite(
             state, metrics, (metrics["model_loss"], wm_grads), params={**state.params, **wm_params},
-            batch_stats={**state.batch_stats, **new_stats}, model_opt_state=model_opt_state, intrinsic=bonus)
+            batch_stats={**state.batch_stats, **new_batch_stats}, model_opt_state=model_opt_state,
+            intrinsic=intrinsic_state)
         return new_state, metrics, sg(post)
 
     def update_actor_critic(self, state: AgentState, post: State, key: jax.Array, example_index: jax.Array,
@@ -401,14 +403,14 @@ class FinetuneAgent(world_model.ImageWorldModel):
                 "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32),
                 **self.dynamics.initial_carry(num_envs)}
 
-    def policy(self, params: Params, stats: Params, carry: dict[str, Any], image: jax.Array,
+    def policy(self, params: Params, batch_stats: Params, carry: dict[str, Any], image: jax.Array,
                is_first: jax.Array, key: jax.Array, explore: bool) -> tuple[jax.Array, dict[str, Any]]:
         """One action per environment (spec 5.5). ``image`` ``[N, H, W, 3]`` uint8, ``is_first``
         ``[N]``. The posterior step sees the previous action through the action encoder (zeroed
         by the reset mask on the first step); the latent is sampled in both modes; the action is
         a truncated-normal sample (``explore``) or its mode, the mean (evaluation)."""
         num_envs = image.shape[0]
-        _, embed = self._encode_frames(params, stats, {}, image[:, None], train=False)
+        _, embed = self._encode_frames(params, batch_stats, {}, image[:, None], train=False)
         code = self.encode_action(params, carry["action"])
         latent_key, action_key, action_free_key = jax.random.split(key, 3)
         embed, new_carry = self.dynamics.observe_step(params, carry, embed[:, 0], is_first, action_free_key)
@@ -423,14 +425,14 @@ class FinetuneAgent(world_model.ImageWorldModel):
             action = mean
         return action, {"latent": latent, "action": action, **new_carry}
 
-    def open_loop(self, params: Params, stats: Params, batch: dict[str, jax.Array], key: jax.Array,
+    def open_loop(self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array,
                   context: int) -> jax.Array:
         """Open-loop prediction ``[B, T, H, W, 3]`` uint8 under the real actions of ``batch``."""
-        _, embed = self._encode_frames(params, stats, {}, batch["image"], train=False)
+        _, embed = self._encode_frames(params, batch_stats, {}, batch["image"], train=False)
         codes = self.encode_action(params, batch["action"])
         keys = world_model.example_keys(jax.random.fold_in(key, 2), jnp.arange(embed.shape[0]), embed.shape[1])
         embed = self.dynamics.observe_input(params, embed, batch["is_first"], keys)
-        return self._open_loop(params, stats, embed, codes, batch["is_first"], key, context)
+        return self._open_loop(params, batch_stats, embed, codes, batch["is_first"], key, context)
 
 
 def _apply_if_finite(state: AgentState, metrics: Metrics, checked: tuple, **updated: Any) -> AgentState:

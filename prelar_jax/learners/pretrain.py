@@ -50,9 +50,10 @@ class PretrainModel(world_model.ImageWorldModel):
 
     def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
         self.config = config
-        model, ia = config.model, config.implicit_action
+        model, implicit_cfg = config.model, config.implicit_action
         # Chosen once: zeros (APV), random codes (ablation) or the implicit-action network (PreLAR).
-        self.action_source = ACTION_SOURCES[ia.code_type](config, bn_axis_name, jnp.dtype(model.compute_dtype))
+        source = ACTION_SOURCES[implicit_cfg.code_type]
+        self.action_source = source(config, bn_axis_name, jnp.dtype(model.compute_dtype))
         super().__init__(model, config.image_size, self.action_source.action_dim, bn_axis_name)
         implicit_action = self.implicit_action = self.action_source.network
         self.code_forward = None
@@ -61,7 +62,7 @@ class PretrainModel(world_model.ImageWorldModel):
             if config.loss.code_forward_space == "pixels":
                 self.code_forward = PixelForwardModel(depth=model.depth, dtype=dtype)
             else:
-                self.code_forward = CodeForwardModel(hidden=ia.hidden, dtype=dtype)
+                self.code_forward = CodeForwardModel(hidden=implicit_cfg.hidden, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------
     # Initialisation
@@ -70,8 +71,8 @@ class PretrainModel(world_model.ImageWorldModel):
     def init(self, key: jax.Array) -> tuple[Params, Params]:
         """Fresh ``(params, batch_stats)`` for a 2-frame dummy batch (shapes do not depend on B, T)."""
         keys = jax.random.split(key, 4)
-        params, stats = {}, {}
-        embed_dim = self._init_world_model(keys[:3], params, stats)
+        params, batch_stats = {}, {}
+        embed_dim = self._init_world_model(keys[:3], params, batch_stats)
         if self.implicit_action is not None:
             size = self.config.image_size
             frames = jnp.zeros((2, size, size, 3), jnp.float32)
@@ -79,41 +80,41 @@ class PretrainModel(world_model.ImageWorldModel):
             variables = self.implicit_action.init(keys[3], pair, pair, train=False)
             params["implicit_action"] = variables["params"]
             if "batch_stats" in variables:
-                stats["implicit_action"] = variables["batch_stats"]
+                batch_stats["implicit_action"] = variables["batch_stats"]
         if self.code_forward is not None:
             size = self.config.image_size
             before = (jnp.zeros((2, size, size, 3)) if isinstance(self.code_forward, PixelForwardModel)
                       else jnp.zeros((2, embed_dim)))
             params["code_forward"] = self.code_forward.init(
                 jax.random.fold_in(keys[3], 1), before, jnp.zeros((2, self.action_dim)))["params"]
-        return params, stats
+        return params, batch_stats
 
     def init_state(self, key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
         """A fresh train state, built by one compiled function (eager init dispatches hundreds of
         small ops, which takes tens of seconds on CPU the first time)."""
 
         def build(key):
-            params, stats = self.init(key)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+            params, batch_stats = self.init(key)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                               opt_state=optimizer.init(params))
 
         return jax.jit(build)(key)
 
-    def _codes(self, params, stats, new_stats, frames, embed, keys, train: bool):
+    def _codes(self, params, batch_stats, new_batch_stats, frames, embed, keys, train: bool):
         """Implicit-action code parameters ``[B, T-1, ...]`` and RSSM actions ``[B, T, A]``.
 
         The RSSM action sequence is ``[0, a~_1, ..., a~_{T-1}]``: the code inferred from
         ``(o_{t-1}, o_t)`` is ``a_t``, the action that produced ``o_t`` (Dreamer convention).
         """
         apply_network = lambda prev, curr: self._apply(  # noqa: E731
-            "implicit_action", self.implicit_action, params, stats, new_stats, prev, curr, train=train)
+            "implicit_action", self.implicit_action, params, batch_stats, new_batch_stats, prev, curr, train=train)
         return self.action_source.codes(apply_network, frames, embed, keys)
 
     # ------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------
 
-    def loss(self, params: Params, stats: Params, batch: dict[str, jax.Array], key: jax.Array,
+    def loss(self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array,
              example_index: jax.Array) -> tuple[jax.Array, tuple[Params, Metrics]]:
         """``L = kl * L_KL + implicit_kl * L_va + consistency * L_cons + image * L_image``.
 
@@ -129,17 +130,17 @@ class PretrainModel(world_model.ImageWorldModel):
         batch_size, length = image.shape[:2]
         chex.assert_shape(is_first, (batch_size, length))
         rssm_key, code_key, perm_key = jax.random.split(key, 3)
-        new_stats: Params = {}
+        new_batch_stats: Params = {}
 
-        frames, embed = self._encode_frames(params, stats, new_stats, image, train=True)
+        frames, embed = self._encode_frames(params, batch_stats, new_batch_stats, image, train=True)
         code_keys = world_model.example_keys(code_key, example_index, length - 1)
-        code_params, actions = self._codes(params, stats, new_stats, frames, embed, code_keys, True)
+        code_params, actions = self._codes(params, batch_stats, new_batch_stats, frames, embed, code_keys, True)
 
         keys = world_model.example_keys(rssm_key, example_index, length)
         post, prior = world_model.observe(self.rssm, params["rssm"], embed, actions, is_first, keys)
         kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
                                                            cfg.kl_balance, cfg.kl_free)
-        recon = self._decode_features(params, stats, new_stats, feature(post), train=True)
+        recon = self._decode_features(params, batch_stats, new_batch_stats, feature(post), train=True)
         image_loss = -world_model.image_log_likelihood(recon, frames).mean()
 
         metrics: Metrics = {"kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
@@ -152,7 +153,7 @@ class PretrainModel(world_model.ImageWorldModel):
             # One-step prediction in pixels: decode the prior of o_t (from the posterior of o_{t-1}
             # and the code a~_t) and score it on o_t, t >= 1. The code then has to explain the
             # change between frames directly, not only through the KL of the latent state.
-            prior_recon = self._decode_features(params, stats, {}, feature(prior)[:, 1:], train=True)
+            prior_recon = self._decode_features(params, batch_stats, {}, feature(prior)[:, 1:], train=True)
             prior_image_loss = -world_model.image_log_likelihood(prior_recon, frames[:, 1:]).mean()
             losses["prior_image"], scales["prior_image"] = prior_image_loss, prior_image_scale
             metrics["prior_image_loss"] = prior_image_loss
@@ -181,7 +182,7 @@ class PretrainModel(world_model.ImageWorldModel):
             metrics["action_distance"] = action_dist.mean()
         total = weighted_sum(losses, scales)
         metrics["loss"] = total
-        return total, (new_stats, metrics)
+        return total, (new_batch_stats, metrics)
 
     def _code_forward_loss(self, forward_params, seq, actions):
         """Error of the code's forward model: ``x_t`` predicted from ``x_{t-1}`` and ``a~_t``, where
@@ -245,11 +246,11 @@ class PretrainModel(world_model.ImageWorldModel):
     # Open-loop prediction (media)
     # ------------------------------------------------------------------------------------------
 
-    def open_loop(self, params: Params, stats: Params, batch: dict[str, jax.Array], key: jax.Array,
+    def open_loop(self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array,
                   context: int) -> jax.Array:
         """Predicted frames ``[B, T, H, W, 3]`` uint8: posterior reconstructions for the first
         ``context`` steps, then the prior imagined under the codes inferred from the true frames
         (their means; zeros for APV). BatchNorm in evaluation mode (running statistics)."""
-        frames, embed = self._encode_frames(params, stats, {}, batch["image"], train=False)
-        _, actions = self._codes(params, stats, {}, frames, embed, None, False)
-        return self._open_loop(params, stats, embed, actions, batch["is_first"], key, context)
+        frames, embed = self._encode_frames(params, batch_stats, {}, batch["image"], train=False)
+        _, actions = self._codes(params, batch_stats, {}, frames, embed, None, False)
+        return self._open_loop(params, batch_stats, embed, actions, batch["is_first"], key, context)

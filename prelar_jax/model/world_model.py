@@ -90,54 +90,54 @@ class ImageWorldModel:
         self.rssm = RSSM(model.deter, model.hidden, model.stoch, model.classes, dtype=self.dtype)
         self.feat_dim = model.stoch * model.classes + model.deter
 
-    def _init_world_model(self, keys: jax.Array, params: dict, stats: dict) -> int:
+    def _init_world_model(self, keys: jax.Array, params: dict, batch_stats: dict) -> int:
         """Initialises encoder (``keys[0]``), RSSM (``keys[1]``) and decoder (``keys[2]``) into
-        ``params``/``stats`` for a 2-frame dummy batch; returns the embedding width."""
+        ``params``/``batch_stats`` for a 2-frame dummy batch; returns the embedding width."""
         frames = jnp.zeros((2, self.image_size, self.image_size, 3), jnp.float32)
 
         def add(name, variables):
             params[name] = variables["params"]
             if "batch_stats" in variables:
-                stats[name] = variables["batch_stats"]
+                batch_stats[name] = variables["batch_stats"]
 
         add("encoder", self.encoder.init(keys[0], frames, train=False))
         embed_dim = jax.eval_shape(lambda v: self.encoder.apply(v, frames, train=False),
-                                   {"params": params["encoder"], **({"batch_stats": stats["encoder"]}
-                                                                    if "encoder" in stats else {})}).shape[-1]
+                                   {"params": params["encoder"], **({"batch_stats": batch_stats["encoder"]}
+                                                                    if "encoder" in batch_stats else {})}).shape[-1]
         add("rssm", self.rssm.init(keys[1], self.rssm.initial(2), jnp.zeros((2, self.action_dim)),
                                    jnp.zeros((2, embed_dim)), jnp.ones((2,), bool)))
         add("decoder", self.decoder.init(keys[2], jnp.zeros((2, self.feat_dim)), train=False))
         return embed_dim
 
-    def _apply(self, name: str, module, params, stats, new_stats, *args, train: bool):
+    def _apply(self, name: str, module, params, batch_stats, new_batch_stats, *args, train: bool):
         """``module.apply`` with its BatchNorm statistics; in training mode the updated
-        statistics are written into ``new_stats[name]``."""
+        statistics are written into ``new_batch_stats[name]``."""
         variables = {"params": params[name]}
-        if name in stats:
-            variables["batch_stats"] = stats[name]
-        if train and name in stats:
+        if name in batch_stats:
+            variables["batch_stats"] = batch_stats[name]
+        if train and name in batch_stats:
             out, updated = module.apply(variables, *args, train=True, mutable=["batch_stats"])
-            new_stats[name] = updated["batch_stats"]
+            new_batch_stats[name] = updated["batch_stats"]
             return out
         return module.apply(variables, *args, train=train)
 
-    def _encode_frames(self, params, stats, new_stats, image, train: bool):
+    def _encode_frames(self, params, batch_stats, new_batch_stats, image, train: bool):
         """uint8 ``[B, T, H, W, 3]`` -> preprocessed frames and embeddings ``[B, T, E]``; the
         encoder sees all B*T frames at once (BatchNorm statistics over the whole batch)."""
         batch_size, length = image.shape[:2]
         frames = preprocess_image(image)  # [B, T, H, W, 3] in [-0.5, 0.5]
         flat_frames = frames.reshape((batch_size * length,) + frames.shape[2:])
-        embed = self._apply("encoder", self.encoder, params, stats, new_stats, flat_frames, train=train)
+        embed = self._apply("encoder", self.encoder, params, batch_stats, new_batch_stats, flat_frames, train=train)
         return frames, embed.reshape(batch_size, length, -1)
 
-    def _decode_features(self, params, stats, new_stats, feat, train: bool):
+    def _decode_features(self, params, batch_stats, new_batch_stats, feat, train: bool):
         """Features ``[B, T, F]`` -> mean images ``[B, T, H, W, 3]`` (all B*T at once)."""
         batch_size, length = feat.shape[:2]
-        recon = self._apply("decoder", self.decoder, params, stats, new_stats,
+        recon = self._apply("decoder", self.decoder, params, batch_stats, new_batch_stats,
                             feat.reshape(batch_size * length, -1), train=train)
         return recon.reshape((batch_size, length) + recon.shape[1:])
 
-    def _open_loop(self, params, stats, embed, actions, is_first, key, context: int) -> jax.Array:
+    def _open_loop(self, params, batch_stats, embed, actions, is_first, key, context: int) -> jax.Array:
         """Predicted frames ``[B, T, H, W, 3]`` uint8: posterior reconstructions for the first
         ``context`` steps, then the prior imagined under ``actions[:, context:]`` (already in the
         RSSM's action space). BatchNorm in evaluation mode."""
@@ -150,5 +150,5 @@ class ImageWorldModel:
         img_keys = example_keys(jax.random.fold_in(key, 1), index, length - context)
         prior = imagine(self.rssm, params["rssm"], actions[:, context:], last, img_keys)
         feat = jnp.concatenate([feature(post), feature(prior)], axis=1)
-        recon = self._decode_features(params, stats, {}, feat, train=False)
+        recon = self._decode_features(params, batch_stats, {}, feat, train=False)
         return jnp.clip((recon + 0.5) * 255.0, 0, 255).astype(jnp.uint8)

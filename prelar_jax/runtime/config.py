@@ -157,15 +157,15 @@ def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
     _check(isinstance(c.sequence_length, int) and c.sequence_length >= 2, "sequence_length",
            f"must be at least 2 (implicit actions need frame pairs), got {c.sequence_length}")
     _validate_model(c)
-    ia = c.implicit_action
-    _check(ia.code_type in CODE_TYPES, "implicit_action.code_type",
-           f"{ia.code_type!r} is not one of {CODE_TYPES}")
-    _check(ia.input in INPUTS, "implicit_action.input", f"{ia.input!r} is not one of {INPUTS}")
-    _check(ia.prior_std > 0, "implicit_action.prior_std", "must be positive")
-    _check(ia.get("head_init_scale", 1.0) >= 0, "implicit_action.head_init_scale",
-           f"must be >= 0, got {ia.get('head_init_scale', 1.0)}")
+    implicit_cfg = c.implicit_action
+    _check(implicit_cfg.code_type in CODE_TYPES, "implicit_action.code_type",
+           f"{implicit_cfg.code_type!r} is not one of {CODE_TYPES}")
+    _check(implicit_cfg.input in INPUTS, "implicit_action.input", f"{implicit_cfg.input!r} is not one of {INPUTS}")
+    _check(implicit_cfg.prior_std > 0, "implicit_action.prior_std", "must be positive")
+    _check(implicit_cfg.get("head_init_scale", 1.0) >= 0, "implicit_action.head_init_scale",
+           f"must be >= 0, got {implicit_cfg.get('head_init_scale', 1.0)}")
     for key in ("stoch", "deter", "hidden", "action_dim", "embed_layers"):
-        _check(ia[key] > 0, f"implicit_action.{key}", f"must be positive, got {ia[key]}")
+        _check(implicit_cfg[key] > 0, f"implicit_action.{key}", f"must be positive, got {implicit_cfg[key]}")
     _check(c.loss.consistency in consistency.VARIANTS, "loss.consistency",
            f"{c.loss.consistency!r} is not one of {consistency.VARIANTS}")
     _check(c.loss.consistency_temperature > 0, "loss.consistency_temperature", "must be positive")
