@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-import sys
-import types
 
 import jax
 import ml_collections
@@ -29,16 +27,10 @@ def _config_module():
 
 
 def benchmark_modules():
-    """(experiments/benchmark.py, configs/benchmark.py) as modules, loaded once per process: the
-    script defines absl flags, which may be defined only once, and test files that import this
-    helper under different module names must still share one copy (hence ``sys.modules``)."""
-    key = "_prelar_tests_benchmark_modules"
-    if key not in sys.modules:
-        module = types.ModuleType(key)
-        module.pair = (config_module(str(REPO / "experiments" / "benchmark.py")),
-                       config_module(str(REPO / "configs" / "benchmark.py")))
-        sys.modules[key] = module
-    return sys.modules[key].pair
+    """(``prelar_jax.launch.benchmark``, configs/benchmark.py as a module: presets and methods table)."""
+    from prelar_jax.launch import benchmark
+
+    return benchmark, config_module(str(REPO / "configs" / "benchmark.py"))
 
 
 def load_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:

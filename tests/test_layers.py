@@ -16,7 +16,8 @@ LEVELS = {  # package (first component under prelar_jax) -> level
     "model": 1, "envs": 1,
     "data": 2, "learners": 2,
     "runtime": 3,
-    "analysis": 4, "launch": 4, "perf": 4,
+    "analysis": 4, "perf": 4,
+    "launch": 5,
 }
 
 

@@ -1,0 +1,211 @@
+"""The benchmark grid: its plan (every pre-training, diagnostics and fine-tuning run, from the
+benchmark config and its methods table), running it through the runner with each finished run
+archived at once, and the report built from the archive and the workdir.
+
+``experiments/benchmark.py`` is the command line; ``configs/benchmark.py`` holds the presets and
+the methods table (README "Benchmark and sweeps").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NamedTuple
+
+from prelar_jax.analysis import report as report_lib
+from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
+from prelar_jax.launch import archive as archive_lib
+from prelar_jax.launch.runner import FINISHED, SKIPPED, RunSpec, collect_results, run_all, write_results_csv
+from prelar_jax.launch.sweep import flag_value
+from prelar_jax.runtime.config import REPO_ROOT, ConfigError
+
+
+class Plan(NamedTuple):
+    """Every run of a benchmark, in the order they run; ``plan`` makes it without side effects."""
+
+    videos: str  # directory of the action-free pre-training videos
+    pretrain: list  # RunSpec per distinct pre-training configuration
+    finetune: list  # RunSpec per (method, task, seed)
+    pretrained: dict  # method -> pre-training workdir it fine-tunes from
+    diagnostics: list  # zero or one RunSpec of experiments/diagnostics.py
+
+
+def plan(config, workdir: str, methods_table, original_presets) -> Plan:
+    """The runs of the benchmark ``config`` under ``workdir``; no side effects."""
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    unknown = [m for m in methods if m not in methods_table]
+    if unknown:
+        raise ConfigError(f"config.methods: unknown method(s) {unknown}; known: {sorted(methods_table)}")
+    if not tasks or config.seeds < 1:
+        raise ConfigError("config.tasks must name at least one task and config.seeds be >= 1")
+    python = sys.executable
+    video_root = config.videos.root or os.path.join(workdir, "videos")
+
+    def flags_of(overrides):
+        return [f"--config.{key}={flag_value(value)}" for key, value in sorted(overrides.items())]
+
+    pretrain_specs, pretrain_of_method = {}, {}
+    for method in methods:
+        pre, _ = methods_table[method]
+        if pre is None:
+            continue
+        path, overrides = pre
+        path = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+        preset = original_presets.get(method, {}).get(config.preset, config.preset)
+        reuse = config.pretrain.get("apv" if os.path.basename(path).startswith("apv") else "prelar", "")
+        if reuse and not overrides and preset == config.preset:
+            pretrain_of_method[method] = os.path.abspath(reuse)
+            continue
+        name = os.path.basename(path)[:-3].replace("_pretrain", "") + (f"_{preset}" if preset != config.preset else "")
+        name += "".join(f"_{k.split('.')[-1]}={flag_value(v)}" for k, v in sorted(overrides.items()))
+        run_dir = os.path.join(workdir, "pretrain", name)
+        pretrain_of_method[method] = run_dir
+        pretrain_specs[name] = RunSpec(
+            name=f"pretrain/{name}", workdir=run_dir, labels={"stage": "pretrain", "name": name},
+            command=[python, os.path.join(REPO_ROOT, "experiments", "pretrain.py"), f"--config={path}:{preset}",
+                     f"--config.data.root={video_root}", f"--config.steps={config.pretrain.steps}",
+                     f"--config.log.wandb_mode={config.wandb_mode}", *flags_of(overrides), f"--workdir={run_dir}"])
+    finetune_specs = []
+    for method in methods:
+        _, (path, overrides) = methods_table[method]
+        path = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+        preset = original_presets.get(method, {}).get(config.preset, config.preset)
+        for task in tasks:
+            for seed in range(config.seeds):
+                run_dir = os.path.join(workdir, "runs", method, task, f"seed_{seed}")
+                command = [python, os.path.join(REPO_ROOT, "experiments", "finetune.py"), f"--config={path}:{preset}",
+                           f"--config.task={task}", f"--config.seed={seed}",
+                           f"--config.steps={config.finetune.steps}",
+                           f"--config.eval_every={config.finetune.eval_every}",
+                           f"--config.eval_eps={config.finetune.eval_eps}",
+                           f"--config.log.wandb_mode={config.wandb_mode}", *flags_of(overrides)]
+                if method in pretrain_of_method:
+                    command.append(f"--config.pretrained={pretrain_of_method[method]}")
+                command.append(f"--workdir={run_dir}")
+                finetune_specs.append(RunSpec(name=f"{method}/{task}/seed_{seed}", workdir=run_dir, command=command,
+                                              labels={"method": method, "task": task, "seed": seed}))
+    return Plan(video_root, list(pretrain_specs.values()), finetune_specs, pretrain_of_method,
+                diagnostics_specs(config, workdir, tasks, pretrain_of_method))
+
+
+def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
+    """The diagnostics run: PreLAR's pre-training (and APV's, when benchmarked) on one task."""
+    d = config.diagnostics
+    if not d.enabled or "prelar" not in pretrain_of_method:
+        return []
+    out = os.path.join(workdir, "diagnostics")
+    task = d.task or tasks[0]
+    command = [sys.executable, os.path.join(REPO_ROOT, "experiments", "diagnostics.py"),
+               f"--pretrained={pretrain_of_method['prelar']}", f"--task={task}", f"--out={out}",
+               f"--updates={d.updates}", f"--train_episodes={d.train_episodes}",
+               f"--eval_episodes={d.eval_episodes}", f"--probe_episodes={d.probe_episodes}",
+               f"--probe_steps={d.probe_steps}"]
+    if "apv" in pretrain_of_method:
+        command.insert(3, f"--apv_pretrained={pretrain_of_method['apv']}")
+    return [RunSpec(name="diagnostics", workdir=out, command=command, labels={"stage": "diagnostics", "task": task})]
+
+
+def random_policy_baselines(config):
+    """The random policy's results to draw beside the curves (``config.random_policy``), read
+    before anything runs so that a wrong path fails at once; None when not configured."""
+    if not config.random_policy:
+        return None
+    path = config.random_policy
+    path = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+    return report_lib.random_policy_baselines(path, config.random_policy_steps)
+
+
+def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> dict:
+    """The report of every finished evaluation: with an archive, of the archived runs (all
+    machines' work so far) and written into the archive; else of the runs under ``workdir``."""
+    out = archive or workdir
+    if archive:
+        counts = archive_lib.check_archive(archive)
+        specs = archive_lib.archived_specs(finetune_specs, workdir, archive)
+        rows = collect_results(specs, finished_only=True)
+    else:
+        rows = collect_results(finetune_specs)
+    csv_path = os.path.join(out, "results.csv")
+    write_results_csv(rows, csv_path)
+    if not rows:
+        print(f"[benchmark] no evaluations finished yet; {csv_path} has only its header", flush=True)
+        return {"results": csv_path}
+    diagnostics = os.path.join(out, "diagnostics", "diagnostics.md")
+    appendix = open(diagnostics, encoding="utf-8").read() if os.path.exists(diagnostics) else ""
+    if archive:
+        appendix = cost_section(archive, counts) + appendix
+    paths = report_lib.write_report(csv_path, out, appendix=appendix, baselines=baselines)
+    if appendix:
+        paths["diagnostics"] = diagnostics
+    return {"results": csv_path, **paths}
+
+
+def cost_section(archive: str, counts) -> str:
+    """Markdown: archived runs and their recorded wall time per method / pre-training."""
+    seconds = archive_lib.wall_seconds(archive)
+    lines = ["# Runs and their cost", "",
+             "Archived runs (the results directory), with the wall time of the attempt that finished "
+             "each (a resumed run counts its last attempt only):", "",
+             "| runs of | count | wall time (h) |", "|---|---|---|"]
+    for group, count in counts.items():
+        lines.append(f"| {group} | {count} | {seconds.get(group, 0.0) / 3600:.2f} |")
+    lines.append(f"| total | {sum(counts.values())} | {sum(seconds.values()) / 3600:.2f} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def archive_dir(config) -> str:
+    results = config.get("results", "")
+    if not results:
+        return ""
+    return os.path.abspath(results if os.path.isabs(results) else os.path.join(REPO_ROOT, results))
+
+
+def video_tasks(config, default_tasks) -> list:
+    """The tasks whose scripted videos pre-training sees: the default video tasks less the
+    benchmarked ones (fine-tuning must not see its own task's videos), up to ``videos.tasks_limit``."""
+    benchmarked = {t.strip().lower() for t in config.tasks.split(",")}
+    return [t for t in default_tasks if t not in benchmarked][: config.videos.tasks_limit or None]
+
+
+def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
+    """The plan less what the archive already holds: archived fine-tuning runs and diagnostics,
+    and the pre-trainings no remaining run needs."""
+    finetune = [s for s in runs.finetune if not archive_lib.is_archived(s, workdir, archive)]
+    diagnostics = [s for s in runs.diagnostics if not archive_lib.is_archived(s, workdir, archive)]
+    needed = {arg.split("=", 1)[1] for s in finetune + diagnostics for arg in s.command
+              if arg.startswith(("--config.pretrained=", "--pretrained=", "--apv_pretrained="))}
+    pretrain = [s for s in runs.pretrain if s.workdir in needed]
+    return runs._replace(pretrain=pretrain, finetune=finetune, diagnostics=diagnostics)
+
+
+def run_grid(config, workdir: str, runs, archive: str = "") -> None:
+    def archived(spec, result=None):  # copy a finished run's small results into the archive now
+        if archive and archive_lib.export(spec, workdir, archive, REPO_ROOT, result.seconds if result else None):
+            print(f"[benchmark] archived {spec.name} -> {archive_lib.archived_dir(spec, workdir, archive)}",
+                  flush=True)
+
+    if archive:
+        for spec in runs.pretrain + runs.diagnostics + runs.finetune:  # finished here before, not archived yet
+            archived(spec)
+
+    video_root, pretrain_specs, finetune_specs = runs.videos, runs.pretrain, runs.finetune
+    if pretrain_specs and not config.videos.root and not os.path.isdir(video_root):
+        tasks = video_tasks(config, DEFAULT_TASKS)
+        print(f"[benchmark] rendering {config.videos.episodes} scripted-expert episodes for each of "
+              f"{len(tasks)} tasks into {video_root}", flush=True)
+        generate_videos(video_root + ".partial", tasks=tasks, episodes_per_task=config.videos.episodes,
+                        max_steps=config.videos.max_steps, workers=config.videos.workers, verbose=False)
+        os.replace(video_root + ".partial", video_root)
+    results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"), on_end=archived)
+    failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
+
+    def without_failed(specs):  # the runs none of whose arguments names a failed pre-training
+        return [s for s in specs if not any(arg.split("=", 1)[-1] in failed for arg in s.command)]
+
+    run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"), on_end=archived)
+    runnable = without_failed(finetune_specs)
+    if len(runnable) < len(finetune_specs):
+        print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
+              f"pre-training failed (see {workdir}/logs/pretrain/runs.json)", flush=True)
+    run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"), on_end=archived)
