@@ -1,15 +1,10 @@
 """FLOP rate of each part of a 3x3 convolution at the paper ResNets' shapes, against a large matmul.
 
-Example:
-  python experiments/conv_rates.py --batch 400 --out /tmp/conv_rates.json
+    python experiments/conv_rates.py --batch 400 --out /tmp/conv_rates.json
 
-The paper pre-training step is almost all 3x3, stride-1 convolutions of the three BatchNorm ResNets
-(encoder, implicit-action encoder, decoder) over 400 frames at 32x32x48, 16x16x96 and 8x8x192. For
-each of those shapes this times the forward convolution, the input gradient ("dgrad") and the
-weight gradient ("wgrad") as separately jitted programs (median of --repeats calls after one
-warm-up, with `block_until_ready`), and a float32 `--matmul`-sized square matmul as the machine's
-reference rate. It answers "how fast can this device run the step's dominant work at best", which
-bounds what any change to the rest of the step can achieve (experiments/BENCHMARKS.md).
+Times the forward convolution, the input gradient and the weight gradient at 32x32x48, 16x16x96
+and 8x8x192 as separately jitted programs, and a float32 square matmul as the machine's reference
+rate: how fast this device can run the paper step's dominant work at best (experiments/BENCHMARKS.md).
 """
 
 from __future__ import annotations

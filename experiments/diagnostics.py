@@ -1,23 +1,13 @@
-"""Two cheap diagnostics of pre-training quality, without RL (issue 4, part 5).
-
-(a) World-model transfer: K world-model updates of the fine-tuning agent on random-action episodes
-    of the target task, initialised from PreLAR pre-training, from APV pre-training (optional) and
-    from scratch (DreamerV2); the open-loop prediction error (MSE per pixel in [0, 1], PSNR) on
-    other episodes of the task, before and after.
-(b) Implicit-action probe: a linear regression from PreLAR's implicit-action codes to the true
-    actions of held-out scripted videos (R² per action dimension), and, where the videos store the
-    hand's position, to the hand's measured displacement; against a randomly initialised model of
-    the same config.
+"""Two cheap diagnostics of pre-training quality, without RL: world-model transfer (K world-model
+updates on random-action episodes of the target task from PreLAR, APV and no pre-training; open-loop
+error before and after) and the implicit-action probe (codes -> true actions and hand motion, R²,
+against a random model of the same config).
 
     python experiments/diagnostics.py --pretrained=runs/prelar_tiny --apv_pretrained=runs/apv_tiny \
         --task=drawer-open --out=runs/diagnostics_tiny
 
-The preset (world-model sizes of the fine-tuning configs) defaults to the pre-training workdir's.
-Scripted probe videos are generated into <out>/probe_videos unless --probe_videos names a
-directory of .npz episodes with actions; a re-run reuses them. Writes <out>/diagnostics.json,
-<out>/diagnostics.md and, last, <out>/summary.json (``finished``: the benchmark runner skips a
-finished diagnostics run). ``experiments/benchmark.py`` runs this after pre-training and puts
-diagnostics.md into its summary.
+Writes <out>/diagnostics.json, diagnostics.md and, last, summary.json; probe videos are rendered
+into <out>/probe_videos unless --probe_videos names them. README "Benchmark and sweeps" has more.
 """
 
 from __future__ import annotations

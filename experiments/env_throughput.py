@@ -1,19 +1,12 @@
-"""Measure Meta-World frames per second with 1, 2, 4, ... parallel environment workers.
+"""Measure Meta-World frames per second with 1, 2, 4, ... parallel environment workers and each
+rendering setting (start-up and the first reset are timed apart and excluded from frames/s).
 
-Example:
-  python experiments/env_throughput.py --task drawer-open --workers 1,2,4 --steps 200 --out /tmp/env_fps.json
+    python experiments/env_throughput.py --task drawer-open --workers 1,2,4 --steps 200 --out /tmp/env_fps.json
+    python experiments/env_throughput.py --workers 1 --steps 200 --look-frames 20 \
+        --render paper,lean,lean+shadows,paper-shadows
 
-Each (rendering settings, worker count) pair builds a fresh `ParallelEnvs` (spawned processes), resets,
-then times `--steps` random-action steps of every env (uniform in [-1, 1]; auto-resets count as frames;
-each step renders a frame). Start-up (spawn, imports, env construction) and the first reset are timed
-separately and excluded from frames/s.
-
-The cost of each rendering setting, one worker, each setting toggled from both presets:
-  python experiments/env_throughput.py --workers 1 --steps 200 --look-frames 20 \\
-      --render paper,lean,lean+shadows,lean+reflections,lean+multisampling,lean+full_buffer,\\
-paper-shadows,paper-reflections,paper-multisampling,paper-full_buffer
-`--look-frames N` also renders N frames of one seeded episode with every setting, in this process,
-after the timing, and reports their mean / max absolute difference from the `paper` frames (0-255).
+``--look-frames N`` also compares N rendered frames of each setting with ``paper``'s (README
+"Rendering settings").
 """
 
 from __future__ import annotations

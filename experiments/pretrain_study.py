@@ -2,17 +2,11 @@
 last-frame baselines, and the implicit-action probe R² against a random encoder, every few steps.
 
     python experiments/pretrain_study.py --config=configs/prelar_pretrain.py:cpu \
-        --videos=data/videos --probe_videos=data/probe --steps=3000 --eval_every=500 --out=runs/study \
-        --set loss.implicit_kl_scale=0.1 --set implicit_action.input=embed
+        --videos=data/videos --probe_videos=data/probe --steps=3000 --eval_every=500 --out=runs/study
 
-Same model, loss and compiled step as ``experiments/pretrain.py`` (one device); it keeps no
-checkpoints (``--save_workdir`` saves the final state as a pre-training workdir that
-``experiments/finetune.py`` can start from) and writes one JSON line per evaluation to
-``<out>/study.jsonl`` (plus ``config.json``).
-``--probe_videos``: scripted episodes with their recorded actions, of tasks the pre-training videos
-do not contain (``experiments/generate_videos.py --tasks ...``). Used to compare settings quickly
-(README "Learning"); the loop is ``prelar_jax.analysis.pretrain_eval.study``, which the learning
-regression tests also run on synthetic videos.
+Same model, loss and compiled step as ``experiments/pretrain.py`` (one device); one JSON line per
+evaluation in ``<out>/study.jsonl``; ``--save_workdir`` keeps the final state for fine-tuning. The
+loop is ``prelar_jax.analysis.pretrain_eval.study``. README "Learning" has the details.
 """
 
 from __future__ import annotations

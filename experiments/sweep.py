@@ -1,16 +1,11 @@
 """Expand a sweep file (configs/sweeps/*.py) into runs, and run them here or print them.
 
-    # one shell command per run, for a cluster scheduler (each resumes its workdir when re-run)
     python experiments/sweep.py --sweep=configs/sweeps/example.py --out=runs/sweep_example --print
-    # run them here, two at a time; re-running skips finished runs and resumes the others
     python experiments/sweep.py --sweep=configs/sweeps/example.py --out=runs/sweep_example --max_parallel=2
 
-Outputs in --out: one workdir per run (named after its overrides, with the run's output in
-run.log), runs.json (status, exit code and last log lines of every run) and results.csv
-(method, task, seed, step, success_rate, return of every evaluation of the finished runs; add
---include_unfinished for the partial curves of the others). Ctrl-C stops the runs after they
-save a checkpoint; a second Ctrl-C kills them. Exit status: 0 if every run finished, 1 if some
-failed or are unfinished, 130 if interrupted, 2 for a bad sweep file.
+One workdir per run in --out, runs.json (status of every run) and results.csv; re-running skips
+finished runs and resumes the others. Exit status: 0 all finished, 1 some failed or unfinished, 130
+interrupted, 2 a bad sweep file. README "An example sweep" has the details.
 """
 
 from __future__ import annotations
