@@ -23,25 +23,34 @@ PRESETS = ("tiny", "cpu", "small", "paper")
 METHODS = {
     "prelar": (("configs/prelar_pretrain.py", {}), ("configs/prelar_finetune.py", {})),
     # Ablations (spec 9.4 and the issue): same code, other configuration.
-    "prelar_wo_cl": (("configs/prelar_pretrain.py", {"loss.consistency": "off"}),
-                     ("configs/prelar_finetune.py", {})),
-    "prelar_wo_al_cl": (("configs/prelar_pretrain.py", {"implicit_action.code_type": "deter",
-                                                        "loss.consistency": "off"}),
-                        ("configs/prelar_finetune.py", {})),
-    "prelar_random_codes": (("configs/prelar_pretrain.py", {"implicit_action.code_type": "random",
-                                                            "loss.consistency": "off"}),
-                            ("configs/prelar_finetune.py", {})),
-    "prelar_sign": (("configs/prelar_pretrain.py", {"loss.consistency": "sign"}),
-                    ("configs/prelar_finetune.py", {})),
+    "prelar_wo_cl": (("configs/prelar_pretrain.py", {"loss.consistency": "off"}), ("configs/prelar_finetune.py", {})),
+    "prelar_wo_al_cl": (
+        ("configs/prelar_pretrain.py", {"implicit_action.code_type": "deter", "loss.consistency": "off"}),
+        ("configs/prelar_finetune.py", {}),
+    ),
+    "prelar_random_codes": (
+        ("configs/prelar_pretrain.py", {"implicit_action.code_type": "random", "loss.consistency": "off"}),
+        ("configs/prelar_finetune.py", {}),
+    ),
+    "prelar_sign": (("configs/prelar_pretrain.py", {"loss.consistency": "sign"}), ("configs/prelar_finetune.py", {})),
     # The implicit-action study's variant whose codes carry the action (follow-up 2, P15): the
     # code starts at zero, is deterministic and is shaped by a pixel forward model; no consistency.
-    "prelar_fm": (("configs/prelar_pretrain.py", {"implicit_action.head_init_scale": 0.0,
-                                                  "implicit_action.code_type": "deter",
-                                                  "loss.code_forward_scale": 30.0,
-                                                  "loss.consistency": "off"}),
-                  ("configs/prelar_finetune.py", {})),
-    "prelar_naive": (("configs/prelar_pretrain.py", {}),
-                     ("configs/prelar_finetune.py", {"intrinsic.beta": 0.0, "loss.aux_reward_scale": 0.0})),
+    "prelar_fm": (
+        (
+            "configs/prelar_pretrain.py",
+            {
+                "implicit_action.head_init_scale": 0.0,
+                "implicit_action.code_type": "deter",
+                "loss.code_forward_scale": 30.0,
+                "loss.consistency": "off",
+            },
+        ),
+        ("configs/prelar_finetune.py", {}),
+    ),
+    "prelar_naive": (
+        ("configs/prelar_pretrain.py", {}),
+        ("configs/prelar_finetune.py", {"intrinsic.beta": 0.0, "loss.aux_reward_scale": 0.0}),
+    ),
     # Baselines.
     "apv": (("configs/apv_pretrain.py", {}), ("configs/apv_finetune.py", {})),
     "apv_original": (("configs/apv_pretrain.py", {}), ("configs/apv_finetune.py", {})),  # original presets

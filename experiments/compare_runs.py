@@ -35,11 +35,13 @@ def main(argv=None) -> dict:
         for item in args.run:
             label, sep, directory = item.partition("=")
             if not sep or not label or not os.path.isfile(os.path.join(directory, runner.METRICS_FILE)):
-                raise report.ResultsFileError(f"--run {item!r}: expected LABEL=DIR with DIR/{runner.METRICS_FILE} "
-                                              "(a fine-tuning workdir)")
+                raise report.ResultsFileError(
+                    f"--run {item!r}: expected LABEL=DIR with DIR/{runner.METRICS_FILE} (a fine-tuning workdir)"
+                )
             specs.append(runner.RunSpec(name=label, command=[], workdir=directory, labels={"method": label}))
-        baselines = (report.random_policy_baselines(args.random_policy, args.random_policy_steps)
-                     if args.random_policy else None)
+        baselines = (
+            report.random_policy_baselines(args.random_policy, args.random_policy_steps) if args.random_policy else None
+        )
         os.makedirs(args.out, exist_ok=True)
         csv_path = os.path.join(args.out, "results.csv")
         runner.write_results_csv(runner.collect_results(specs), csv_path)

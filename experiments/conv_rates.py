@@ -32,8 +32,7 @@ PAPER_SHAPES = ((32, 48, 48), (16, 96, 96), (8, 192, 192))
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def median_seconds(fn, *args, repeats: int) -> float:
@@ -74,23 +73,34 @@ def main(argv: list[str] | None = None) -> None:
 
     reference = matmul_rate(args.matmul, jnp.float32, device, warmup=1, steps=args.repeats)
     matmul_gflops = reference["flops_per_second"] / 1e9
-    print(f"reference matmul {args.matmul}^3: {reference['seconds'] * 1e3:.1f} ms, {matmul_gflops:.1f} GFLOP/s",
-          flush=True)
+    print(
+        f"reference matmul {args.matmul}^3: {reference['seconds'] * 1e3:.1f} ms, {matmul_gflops:.1f} GFLOP/s",
+        flush=True,
+    )
 
     rows = []
     header = f"{'shape':22s} {'GFLOP':>6s} " + " ".join(
-        f"{p + ' ms':>9s} {'GFLOP/s':>8s}" for p in ("fwd", "dgrad", "wgrad"))
+        f"{p + ' ms':>9s} {'GFLOP/s':>8s}" for p in ("fwd", "dgrad", "wgrad")
+    )
     print(header + "\n" + "-" * len(header))
     for side, cin, cout in PAPER_SHAPES:
         row = measure(args.batch, side, cin, cout, args.repeats)
         rows.append(row)
-        print(f"{row['shape']:22s} {row['gflop']:6.2f} "
-              + " ".join(f"{row[p + '_ms']:9.1f} {row[p + '_gflops']:8.1f}" for p in ("fwd", "dgrad", "wgrad")),
-              flush=True)
+        print(
+            f"{row['shape']:22s} {row['gflop']:6.2f} "
+            + " ".join(f"{row[p + '_ms']:9.1f} {row[p + '_gflops']:8.1f}" for p in ("fwd", "dgrad", "wgrad")),
+            flush=True,
+        )
     if args.out:
-        result = {"device": f"{device.platform} ({device.device_kind})", "host": platform.node(),
-                  "jax": jax.__version__, "batch": args.batch, "repeats": args.repeats,
-                  "matmul": {"side": args.matmul, "gflops": matmul_gflops}, "convolutions": rows}
+        result = {
+            "device": f"{device.platform} ({device.device_kind})",
+            "host": platform.node(),
+            "jax": jax.__version__,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "matmul": {"side": args.matmul, "gflops": matmul_gflops},
+            "convolutions": rows,
+        }
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
 

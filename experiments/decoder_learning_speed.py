@@ -37,8 +37,9 @@ def main() -> None:
     episodes = synthetic.moving_square_episodes(20, 20, seed=0)
     images = np.concatenate([e["image"] for e in episodes]).astype(np.float32) / 255 - 0.5  # [N, 64, 64, 3]
     mean_frame_mse = float(np.mean((images - images.mean(0)) ** 2))
-    decoder = (ResNetDecoder(args.depth, args.stages, image_size=64) if args.decoder == "resnet"
-               else PlainDecoder(args.depth))
+    decoder = (
+        ResNetDecoder(args.depth, args.stages, image_size=64) if args.decoder == "resnet" else PlainDecoder(args.depth)
+    )
     features = jax.random.normal(jax.random.key(0), (len(images), 64))
     variables = decoder.init(jax.random.key(1), jnp.zeros((2, 64)), train=False)
     params, stats = variables["params"], variables.get("batch_stats", {})
@@ -66,8 +67,11 @@ def main() -> None:
         index = rng.integers(len(images), size=32)
         params, stats, opt_state, mse = step(params, stats, opt_state, features[index], images[index])
         if i % 150 == 0:
-            print(f"{args.decoder} depth {args.depth} lr {args.lr}: step {i} mse {float(mse):.5f} "
-                  f"(mean frame {mean_frame_mse:.5f}), {time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"{args.decoder} depth {args.depth} lr {args.lr}: step {i} mse {float(mse):.5f} "
+                f"(mean frame {mean_frame_mse:.5f}), {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

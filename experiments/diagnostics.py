@@ -22,8 +22,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("MUJOCO_GL", "egl")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
 
 # Non-benchmark tasks (pre-training videos may contain them; the probe's episodes are new ones,
 # drawn with another seed) with varied motions: reaching, pushing, pressing, turning.
@@ -36,26 +35,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", required=True, help="PreLAR pre-training workdir (experiments/pretrain.py)")
     p.add_argument("--apv_pretrained", default="", help="APV pre-training workdir (optional)")
     p.add_argument("--task", default="drawer-open", help="target Meta-World task of the transfer diagnostic")
-    p.add_argument("--preset", default="", help="fine-tuning preset (paper/small/tiny); default: the "
-                   "PreLAR workdir's pre-training preset")
+    p.add_argument(
+        "--preset",
+        default="",
+        help="fine-tuning preset (paper/small/tiny); default: the PreLAR workdir's pre-training preset",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--updates", type=int, default=50, help="world-model updates K of the transfer diagnostic")
-    p.add_argument("--pretrain_warmup", type=int, default=-1,
-                   help="updates with the pre-trained encoder/RSSM at learning rate 0 (the fine-tuning config's "
-                   "`pretrain`); -1 keeps the config's value")
+    p.add_argument(
+        "--pretrain_warmup",
+        type=int,
+        default=-1,
+        help="updates with the pre-trained encoder/RSSM at learning rate 0 (the fine-tuning config's "
+        "`pretrain`); -1 keeps the config's value",
+    )
     p.add_argument("--train_episodes", type=int, default=10, help="random-action target episodes to update on")
     p.add_argument("--eval_episodes", type=int, default=4, help="random-action target episodes to evaluate on")
-    p.add_argument("--episode_length", type=int, default=0,
-                   help="steps per target episode; default: the fine-tuning config's env.time_limit")
-    p.add_argument("--context", type=int, default=0, help="observed frames before open-loop prediction; "
-                   "default: the config's log.media_context")
-    p.add_argument("--probe_videos", default="", help="directory of scripted .npz episodes (with actions); "
-                   "default: generate them into <out>/probe_videos")
+    p.add_argument(
+        "--episode_length",
+        type=int,
+        default=0,
+        help="steps per target episode; default: the fine-tuning config's env.time_limit",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="observed frames before open-loop prediction; default: the config's log.media_context",
+    )
+    p.add_argument(
+        "--probe_videos",
+        default="",
+        help="directory of scripted .npz episodes (with actions); default: generate them into <out>/probe_videos",
+    )
     p.add_argument("--probe_tasks", default=DEFAULT_PROBE_TASKS, help="tasks of the generated probe videos")
     p.add_argument("--probe_episodes", type=int, default=4, help="generated probe episodes per task")
     p.add_argument("--probe_steps", type=int, default=100, help="steps per generated probe episode")
-    p.add_argument("--probe_seed", type=int, default=1000,
-                   help="seed of the generated probe videos (not the pre-training videos' seed 0)")
+    p.add_argument(
+        "--probe_seed",
+        type=int,
+        default=1000,
+        help="seed of the generated probe videos (not the pre-training videos' seed 0)",
+    )
     p.add_argument("--train_fraction", type=float, default=0.7, help="probe episodes used to fit the regression")
     p.add_argument("--skip_probe", action="store_true")
     p.add_argument("--skip_transfer", action="store_true")
@@ -88,38 +109,60 @@ def format_markdown(results: dict[str, Any]) -> str:
     if probe:
         dims = len(next(iter(probe.values()))["r2"])
         names = list(ACTION_NAMES[:dims]) + [f"a{i}" for i in range(len(ACTION_NAMES), dims)]
-        lines += [f"## Implicit-action probe (held-out R² of a linear map code -> action; "
-                  f"{probe_summary(probe)})", "",
-                  "| encoder | " + " | ".join(f"R² {n}" for n in names) + " | mean R² | fit / held-out pairs |",
-                  "|---|" + "---|" * (dims + 2)]
+        lines += [
+            f"## Implicit-action probe (held-out R² of a linear map code -> action; {probe_summary(probe)})",
+            "",
+            "| encoder | " + " | ".join(f"R² {n}" for n in names) + " | mean R² | fit / held-out pairs |",
+            "|---|" + "---|" * (dims + 2),
+        ]
         for name, res in probe.items():
-            lines.append(f"| {name} | " + " | ".join(_number(v, 3) for v in res["r2"])
-                         + f" | {_number(res['r2_mean'], 3)} | {res['train_pairs']} / {res['eval_pairs']} |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_number(v, 3) for v in res["r2"])
+                + f" | {_number(res['r2_mean'], 3)} | {res['train_pairs']} / {res['eval_pairs']} |"
+            )
         lines.append("")
         if all("hand" in res for res in probe.values()):
-            lines += ["## The same probe to the hand's measured displacement between the pair's frames", "",
-                      "(the motion the frames show; the commanded action differs from it where the arm lags, "
-                      "touches something or the command is clipped)", "",
-                      "| encoder | R² dx | R² dy | R² dz | mean R² |", "|---|---|---|---|---|"]
+            lines += [
+                "## The same probe to the hand's measured displacement between the pair's frames",
+                "",
+                "(the motion the frames show; the commanded action differs from it where the arm lags, "
+                "touches something or the command is clipped)",
+                "",
+                "| encoder | R² dx | R² dy | R² dz | mean R² |",
+                "|---|---|---|---|---|",
+            ]
             for name, res in probe.items():
-                lines.append(f"| {name} | " + " | ".join(_number(v, 3) for v in res["hand"]["r2"])
-                             + f" | {_number(res['hand']['r2_mean'], 3)} |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(_number(v, 3) for v in res["hand"]["r2"])
+                    + f" | {_number(res['hand']['r2_mean'], 3)} |"
+                )
             lines.append("")
     transfer = results.get("transfer")
     if transfer:
         first = next(iter(transfer.values()))
-        lines += [f"## World-model transfer ({results.get('task', '?')}: {first['updates']} updates, open-loop "
-                  f"prediction after {first['context']} context frames over {first['eval_windows']} windows)", "",
-                  "| initialisation | config | MSE before | MSE after | PSNR before (dB) | PSNR after (dB) "
-                  "| reconstruction MSE after | mean-frame MSE |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## World-model transfer ({results.get('task', '?')}: {first['updates']} updates, open-loop "
+            f"prediction after {first['context']} context frames over {first['eval_windows']} windows)",
+            "",
+            "| initialisation | config | MSE before | MSE after | PSNR before (dB) | PSNR after (dB) "
+            "| reconstruction MSE after | mean-frame MSE |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, res in transfer.items():
-            lines.append(f"| {name} | {res.get('config', res['method'])} | {_number(res['initial_mse'], 5)} | "
-                         f"{_number(res['mse'], 5)} | {_number(res['initial_psnr'], 2)} | "
-                         f"{_number(res['psnr'], 2)} | {_number(res.get('context_mse'), 5)} | "
-                         f"{_number(res.get('baseline_mse'), 5)} |")
-        lines += ["", "MSE per pixel in [0, 1] over the predicted frames only; reconstruction: the observed "
-                  "context frames; mean-frame: predicting the mean training frame everywhere.", ""]
+            lines.append(
+                f"| {name} | {res.get('config', res['method'])} | {_number(res['initial_mse'], 5)} | "
+                f"{_number(res['mse'], 5)} | {_number(res['initial_psnr'], 2)} | "
+                f"{_number(res['psnr'], 2)} | {_number(res.get('context_mse'), 5)} | "
+                f"{_number(res.get('baseline_mse'), 5)} |"
+            )
+        lines += [
+            "",
+            "MSE per pixel in [0, 1] over the predicted frames only; reconstruction: the observed "
+            "context frames; mean-frame: predicting the mean training frame everywhere.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -135,10 +178,18 @@ def _probe_episodes(args, out: str):
     root = args.probe_videos or os.path.join(out, "probe_videos")
     if not args.probe_videos and not any(name.endswith(".npz") for _, _, files in os.walk(root) for name in files):
         tasks = [t.strip() for t in args.probe_tasks.split(",") if t.strip()]
-        print(f"[diagnostics] generating {args.probe_episodes} scripted episodes x {len(tasks)} tasks into {root}",
-              flush=True)
-        generate_videos(root, tasks=tasks, episodes_per_task=args.probe_episodes, max_steps=args.probe_steps,
-                        seed=args.probe_seed, verbose=False)
+        print(
+            f"[diagnostics] generating {args.probe_episodes} scripted episodes x {len(tasks)} tasks into {root}",
+            flush=True,
+        )
+        generate_videos(
+            root,
+            tasks=tasks,
+            episodes_per_task=args.probe_episodes,
+            max_steps=args.probe_steps,
+            seed=args.probe_seed,
+            verbose=False,
+        )
     return probe.read_npz_episodes(root)
 
 
@@ -158,8 +209,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return _measure(args, out, task, preset, prelar_pre, apv_pre)
 
 
-def _measure(args: argparse.Namespace, out: str, task: str, preset: str, prelar_pre: dict[str, Any],
-             apv_pre: dict[str, Any] | None) -> dict[str, Any]:
+def _measure(
+    args: argparse.Namespace,
+    out: str,
+    task: str,
+    preset: str,
+    prelar_pre: dict[str, Any],
+    apv_pre: dict[str, Any] | None,
+) -> dict[str, Any]:
     import jax
 
     from prelar_jax.runtime import config as config_lib
@@ -174,12 +231,13 @@ def _measure(args: argparse.Namespace, out: str, task: str, preset: str, prelar_
         episodes = _probe_episodes(args, out)
         probe_key = jax.random.fold_in(key, 0)  # the same episode split for both models
         results["probe"] = {}
-        for name, workdir, config in (("PreLAR pre-trained", args.pretrained, None),
-                                      ("random init", None, prelar_pre)):
+        for name, workdir, config in (("PreLAR pre-trained", args.pretrained, None), ("random init", None, prelar_pre)):
             res = probe.implicit_action_probe(workdir, config, episodes, probe_key, args.train_fraction)
             hand = f"; hand displacement R² mean {res['hand']['r2_mean']:.3f}" if "hand" in res else ""
-            print(f"[diagnostics] probe {name}: R² {[round(v, 3) for v in res['r2']]}, mean {res['r2_mean']:.3f}"
-                  f"{hand}", flush=True)
+            print(
+                f"[diagnostics] probe {name}: R² {[round(v, 3) for v in res['r2']]}, mean {res['r2_mean']:.3f}{hand}",
+                flush=True,
+            )
             results["probe"][name] = res
 
     if not args.skip_transfer:
@@ -196,20 +254,29 @@ def _measure(args: argparse.Namespace, out: str, task: str, preset: str, prelar_
         base = configs[0][3]
         length = args.episode_length or base.env.time_limit
         context = args.context or None
-        print(f"[diagnostics] collecting {args.train_episodes} + {args.eval_episodes} random-action episodes of "
-              f"{task} ({length} steps)", flush=True)
-        train = transfer.collect_random_episodes(task, args.train_episodes, length, seed=args.seed,
-                                                 size=base.image_size)
-        evaluation = transfer.collect_random_episodes(task, args.eval_episodes, length, seed=args.seed + 1,
-                                                      size=base.image_size)
+        print(
+            f"[diagnostics] collecting {args.train_episodes} + {args.eval_episodes} random-action episodes of "
+            f"{task} ({length} steps)",
+            flush=True,
+        )
+        train = transfer.collect_random_episodes(
+            task, args.train_episodes, length, seed=args.seed, size=base.image_size
+        )
+        evaluation = transfer.collect_random_episodes(
+            task, args.eval_episodes, length, seed=args.seed + 1, size=base.image_size
+        )
         transfer_key = jax.random.fold_in(key, 1)  # the same batches and evaluation samples for every run
         results["transfer"] = {}
         for name, spec, workdir, config in configs:
-            res = transfer.world_model_transfer(config, workdir, train, evaluation, args.updates, transfer_key,
-                                                context=context)
+            res = transfer.world_model_transfer(
+                config, workdir, train, evaluation, args.updates, transfer_key, context=context
+            )
             res["config"] = spec
-            print(f"[diagnostics] transfer {name}: MSE {res['initial_mse']:.5f} -> {res['mse']:.5f} "
-                  f"({res['seconds']:.0f} s)", flush=True)
+            print(
+                f"[diagnostics] transfer {name}: MSE {res['initial_mse']:.5f} -> {res['mse']:.5f} "
+                f"({res['seconds']:.0f} s)",
+                flush=True,
+            )
             results["transfer"][name] = res
 
     results["seconds"] = time.perf_counter() - start

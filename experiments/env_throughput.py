@@ -68,12 +68,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=200, help="timed steps per env")
     p.add_argument("--size", type=int, default=64, help="frame size in pixels")
     p.add_argument("--time-limit", type=int, default=MAX_EPISODE_STEPS, help="episode length (auto-reset after)")
-    p.add_argument("--render", default="lean",
-                   help="comma-separated rendering settings to measure: 'paper', 'lean', or either with "
-                   f"+SETTING/-SETTING for SETTING in {', '.join(SETTING_NAMES)} (e.g. lean+shadows)")
+    p.add_argument(
+        "--render",
+        default="lean",
+        help="comma-separated rendering settings to measure: 'paper', 'lean', or either with "
+        f"+SETTING/-SETTING for SETTING in {', '.join(SETTING_NAMES)} (e.g. lean+shadows)",
+    )
     p.add_argument("--full-rendering", action="store_true", help="the older name of --render=paper")
-    p.add_argument("--look-frames", type=int, default=0,
-                   help="also compare N frames of each setting with the paper frames (0: skip)")
+    p.add_argument(
+        "--look-frames",
+        type=int,
+        default=0,
+        help="also compare N frames of each setting with the paper frames (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the JSON record here")
     args = p.parse_args(argv)
@@ -83,17 +90,24 @@ def main(argv: list[str] | None = None) -> dict:
     settings = list(dict.fromkeys(parse_render_settings(s) for s in specs))
     counts = _worker_counts(args.workers)
     rows = []
-    print(f"{task}, {args.size}x{args.size}, {args.steps} steps per env, {os.cpu_count()} CPUs, "
-          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}", flush=True)
+    print(
+        f"{task}, {args.size}x{args.size}, {args.steps} steps per env, {os.cpu_count()} CPUs, "
+        f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}",
+        flush=True,
+    )
     print(f"{'render':>26} {'workers':>7} {'frames/s':>9} {'per worker':>10} {'start s':>8} {'reset s':>8}", flush=True)
     for render in settings:
-        make_env = functools.partial(make_metaworld_env, task=task, size=args.size, time_limit=args.time_limit,
-                                     render=render)
+        make_env = functools.partial(
+            make_metaworld_env, task=task, size=args.size, time_limit=args.time_limit, render=render
+        )
         for workers in counts:
             result = benchmark_envs(make_env, workers, args.steps, seed=args.seed)
             rows.append({"render": render.describe(), **render.to_dict(), "workers": workers, **result})
-            print(f"{render.describe():>26} {workers:>7} {result['fps']:>9.1f} {result['fps_per_worker']:>10.1f} "
-                  f"{result['start_seconds']:>8.2f} {result['reset_seconds']:>8.2f}", flush=True)
+            print(
+                f"{render.describe():>26} {workers:>7} {result['fps']:>9.1f} {result['fps_per_worker']:>10.1f} "
+                f"{result['start_seconds']:>8.2f} {result['reset_seconds']:>8.2f}",
+                flush=True,
+            )
     look = {}
     if args.look_frames > 0:
         look = _look_differences(task, settings, args.size, args.look_frames, args.seed)

@@ -22,11 +22,22 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--square", type=int, default=12, help="side of the square in pixels")
     p.add_argument("--speed", type=float, default=3.0, help="pixels per step at action 1")
-    p.add_argument("--smoothness", type=float, default=0.0,
-                   help="0: independent actions each step; towards 1: a smooth random walk")
+    p.add_argument(
+        "--smoothness",
+        type=float,
+        default=0.0,
+        help="0: independent actions each step; towards 1: a smooth random walk",
+    )
     args = p.parse_args()
-    synthetic.write_moving_square_videos(args.out, args.episodes, args.length, args.seed, square=args.square,
-                                         speed=args.speed, smoothness=args.smoothness)
+    synthetic.write_moving_square_videos(
+        args.out,
+        args.episodes,
+        args.length,
+        args.seed,
+        square=args.square,
+        speed=args.speed,
+        smoothness=args.smoothness,
+    )
     print(f"wrote {args.episodes} episodes of {args.length + 1} frames to {os.path.join(args.out, 'square')}")
 
 

@@ -43,10 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--exclude", default="", help="comma-separated task names to drop from --tasks")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--max-steps", type=int, default=500, help="steps per episode (<= 500)")
-    p.add_argument("--cut-after-success", type=int, default=None, metavar="K",
-                   help="end an episode K steps after its first success")
-    p.add_argument("--noise-std", type=float, default=0.0,
-                   help="Gaussian action noise std (actions clipped to [-1, 1])")
+    p.add_argument(
+        "--cut-after-success",
+        type=int,
+        default=None,
+        metavar="K",
+        help="end an episode K steps after its first success",
+    )
+    p.add_argument(
+        "--noise-std", type=float, default=0.0, help="Gaussian action noise std (actions clipped to [-1, 1])"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="rendering processes (one env each)")
     p.add_argument("--camera", default="corner")

@@ -19,8 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("MUJOCO_GL", "egl")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
 
 
 def parse_value(text: str):
@@ -40,9 +39,11 @@ def main(argv=None) -> None:
     p.add_argument("--eval_every", type=int, default=500)
     p.add_argument("--context", type=int, default=3)
     p.add_argument("--out", required=True)
-    p.add_argument("--save_workdir", default="",
-                   help="also save the trained state there as a pre-training workdir "
-                        "(for finetune.py --config.pretrained)")
+    p.add_argument(
+        "--save_workdir",
+        default="",
+        help="also save the trained state there as a pre-training workdir (for finetune.py --config.pretrained)",
+    )
     args = p.parse_args(argv)
 
     from prelar_jax.runtime import config as config_lib
@@ -54,13 +55,31 @@ def main(argv=None) -> None:
     config_lib.validate_pretrain_config(config)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump({"config": args.config, "overrides": overrides, "steps": args.steps,
-                   "videos": args.videos, "probe_videos": args.probe_videos, "resolved": config.to_dict()}, f, indent=1)
+        json.dump(
+            {
+                "config": args.config,
+                "overrides": overrides,
+                "steps": args.steps,
+                "videos": args.videos,
+                "probe_videos": args.probe_videos,
+                "resolved": config.to_dict(),
+            },
+            f,
+            indent=1,
+        )
     open(os.path.join(args.out, "study.jsonl"), "w").close()
     dataset = videos.make_video_dataset("npz", args.videos, frame_stride=config.data.frame_stride)
     episodes = probe.read_npz_episodes(args.probe_videos)
-    pretrain_eval.study(config, dataset, episodes, args.steps, args.eval_every, args.out, context=args.context,
-                        save_workdir=args.save_workdir or None)
+    pretrain_eval.study(
+        config,
+        dataset,
+        episodes,
+        args.steps,
+        args.eval_every,
+        args.out,
+        context=args.context,
+        save_workdir=args.save_workdir or None,
+    )
 
 
 if __name__ == "__main__":

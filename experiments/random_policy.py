@@ -42,10 +42,14 @@ def random_policy_baseline(task: str, episodes: int, time_limits: list[int], see
             first_success.append(success_at)
             rewards.append(episode_rewards)
     rewards = np.asarray(rewards)
-    return {str(limit): {"success_rate": float(np.mean([s is not None and s <= limit for s in first_success])),
-                         "return": float(rewards[:, :limit].sum(axis=1).mean()),
-                         "episodes": episodes}
-            for limit in time_limits}
+    return {
+        str(limit): {
+            "success_rate": float(np.mean([s is not None and s <= limit for s in first_success])),
+            "return": float(rewards[:, :limit].sum(axis=1).mean()),
+            "episodes": episodes,
+        }
+        for limit in time_limits
+    }
 
 
 def main(argv=None) -> None:
@@ -61,14 +65,18 @@ def main(argv=None) -> None:
     for task in args.tasks.split(","):
         start = time.perf_counter()
         results[task] = random_policy_baseline(task, args.episodes, limits, args.seed)
-        shown = ", ".join(f"T={k}: success {v['success_rate']:.2f}, return {v['return']:.1f}"
-                          for k, v in results[task].items())
+        shown = ", ".join(
+            f"T={k}: success {v['success_rate']:.2f}, return {v['return']:.1f}" for k, v in results[task].items()
+        )
         print(f"{task}: {shown} ({time.perf_counter() - start:.0f}s)", flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "episodes": args.episodes, "seed": args.seed,
-                       "results": results}, f, indent=1)
+            json.dump(
+                {"command": " ".join(sys.argv), "episodes": args.episodes, "seed": args.seed, "results": results},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -60,15 +60,22 @@ def plot(directories: list[str], path: str) -> None:
             if "probe_r2_random_encoder_mean" in rows[0]:
                 probe_axes.axhline(rows[0]["probe_r2_random_encoder_mean"], color=color, linestyle="--", linewidth=1)
         if hand_axes and "probe_hand_r2_mean" in rows[-1]:
-            hand_axes[0].plot(steps, [row.get("probe_hand_r2_mean", float("nan")) for row in rows], color=color,
-                              marker="o", label=name)
+            hand_axes[0].plot(
+                steps,
+                [row.get("probe_hand_r2_mean", float("nan")) for row in rows],
+                color=color,
+                marker="o",
+                label=name,
+            )
             if "probe_hand_r2_random_encoder_mean" in rows[0]:
-                hand_axes[0].axhline(rows[0]["probe_hand_r2_random_encoder_mean"], color=color, linestyle="--",
-                                     linewidth=1)
+                hand_axes[0].axhline(
+                    rows[0]["probe_hand_r2_random_encoder_mean"], color=color, linestyle="--", linewidth=1
+                )
     mse_axes.set_title("open-loop MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
     recon_axes.set_title("reconstruction MSE\n(dashed: mean frame, dotted: last frame)", fontsize=10)
-    probe_axes.set_title("held-out probe R² of the codes\n(step 0: the initialisation; dashed: random features)",
-                         fontsize=10)
+    probe_axes.set_title(
+        "held-out probe R² of the codes\n(step 0: the initialisation; dashed: random features)", fontsize=10
+    )
     probe_axes.axhline(0.0, color="grey", linewidth=0.8)
     for axes in hand_axes:
         axes.set_title("held-out probe R² to the hand's measured motion\n(dashed: random features)", fontsize=10)
@@ -85,10 +92,12 @@ def plot(directories: list[str], path: str) -> None:
 
 
 def table(directories: list[str]) -> str:
-    lines = ["| run | overrides | step | implicit KL | probe R² action: init → trained | probe R² random features | "
-             "probe R² position: init → trained | probe R² hand motion: trained (random features) | "
-             "open-loop MSE | recon MSE | mean-frame MSE | last-frame MSE |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | overrides | step | implicit KL | probe R² action: init → trained | probe R² random features | "
+        "probe R² position: init → trained | probe R² hand motion: trained (random features) | "
+        "open-loop MSE | recon MSE | mean-frame MSE | last-frame MSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for directory in directories:
         if not os.path.exists(os.path.join(directory, "study.jsonl")):
             print(f"skipped {directory}: no study.jsonl", file=sys.stderr)
@@ -106,7 +115,8 @@ def table(directories: list[str]) -> str:
             f"{_fmt(first.get('probe_position_r2_mean'), 2)} → {_fmt(last.get('probe_position_r2_mean'), 2)} | "
             f"{_fmt(last.get('probe_hand_r2_mean'), 2)} ({_fmt(first.get('probe_hand_r2_random_encoder_mean'), 2)}) | "
             f"{_fmt(last['open_loop_mse'])} | {_fmt(last['recon_mse'])} | {_fmt(last['mean_frame_mse'])} | "
-            f"{_fmt(last['last_frame_mse'])} |")
+            f"{_fmt(last['last_frame_mse'])} |"
+        )
     return "\n".join(lines)
 
 

@@ -6,7 +6,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/experiments/setup_env.sh"
 cd "$ROOT"
-# The linter first (ruff.toml; under a second): a finding fails the run before the tests start.
+# The formatter and the linter first (ruff.toml; under a second each): unformatted code or a finding
+# fails the run before the tests start.
+"${PRELAR_VENV:-$ROOT/.venv}/bin/ruff" format --check --quiet . \
+  || { echo "ruff format --check failed: run '.venv/bin/ruff format .' to format the files above" >&2; exit 1; }
 "${PRELAR_VENV:-$ROOT/.venv}/bin/ruff" check --quiet . \
   || { echo "ruff check failed: fix the findings above (ruff check --fix fixes some)" >&2; exit 1; }
 # Two workers (compilation is mostly single-threaded); work stealing keeps the tests of one file

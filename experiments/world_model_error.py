@@ -43,17 +43,29 @@ def main(argv: list[str] | None = None) -> int:
             config = pretrained_lib.read_finetune_config(workdir)
             task = canonical_task_name(config.task)
             if task not in episodes_by_task:
-                print(f"[wm-error] collecting {args.episodes} random-action episodes of {task} "
-                      f"({config.env.time_limit} steps, seed {args.seed})", flush=True)
+                print(
+                    f"[wm-error] collecting {args.episodes} random-action episodes of {task} "
+                    f"({config.env.time_limit} steps, seed {args.seed})",
+                    flush=True,
+                )
                 episodes_by_task[task] = transfer.collect_random_episodes(
-                    task, args.episodes, config.env.time_limit, seed=args.seed, size=config.image_size,
-                    camera=config.env.camera, render=config.env.render.to_dict())
+                    task,
+                    args.episodes,
+                    config.env.time_limit,
+                    seed=args.seed,
+                    size=config.image_size,
+                    camera=config.env.camera,
+                    render=config.env.render.to_dict(),
+                )
             res = transfer.finetuned_prediction_error(workdir, episodes_by_task[task], jax.random.key(args.seed))
             results.append(res)
-            print(f"[wm-error] {res['method']} {task} @ {res['env_step']} env steps: open-loop MSE "
-                  f"{res['mse']:.5f} = {res['ratio_to_mean_frame']:.2f} x mean frame ({res['baseline_mse']:.5f}); "
-                  f"last frame {res['last_frame_mse']:.5f}; reconstruction {res['context_mse']:.5f} "
-                  f"({res['eval_windows']} windows)", flush=True)
+            print(
+                f"[wm-error] {res['method']} {task} @ {res['env_step']} env steps: open-loop MSE "
+                f"{res['mse']:.5f} = {res['ratio_to_mean_frame']:.2f} x mean frame ({res['baseline_mse']:.5f}); "
+                f"last frame {res['last_frame_mse']:.5f}; reconstruction {res['context_mse']:.5f} "
+                f"({res['eval_windows']} windows)",
+                flush=True,
+            )
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2

@@ -22,8 +22,10 @@ class UserError(Exception):
 def disk_full_message(error: OSError) -> str:
     """What to tell the user about an ``OSError`` that says the disk (or quota) is full."""
     where = f" while writing {error.filename}" if error.filename else ""
-    return (f"the disk is full{where} ({error.strerror}). Free disk space or use a --workdir on another disk, "
-            "then re-run the same command: it resumes from the latest finished checkpoint.")
+    return (
+        f"the disk is full{where} ({error.strerror}). Free disk space or use a --workdir on another disk, "
+        "then re-run the same command: it resumes from the latest finished checkpoint."
+    )
 
 
 def _exit(message: str) -> NoReturn:

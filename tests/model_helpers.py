@@ -101,8 +101,12 @@ def write_pretrain_checkpoint(workdir, config: ml_collections.ConfigDict, seed: 
     from prelar_jax.learners.pretrain import TrainState, make_optimizer
 
     params, stats = glorot_params(PretrainModel(config), seed=seed)
-    state = TrainState(step=np.int32(step), params=params, batch_stats=stats,
-                       opt_state=jax.tree.map(np.asarray, make_optimizer(config).init(params)))
+    state = TrainState(
+        step=np.int32(step),
+        params=params,
+        batch_stats=stats,
+        opt_state=jax.tree.map(np.asarray, make_optimizer(config).init(params)),
+    )
     logger_lib.write_config(workdir, config.to_dict())
     with checkpoint.Checkpointer(os.path.join(os.fspath(workdir), "checkpoints")) as ckpt:
         ckpt.save(step, state, {"step": step})

@@ -22,8 +22,9 @@ def _every_process_writes_the_compilation_cache() -> None:
 
         original = compiler._cache_write
         signature = inspect.signature(original)
-        if not {"cache_key", "compile_time_secs", "module_name", "backend", "executable",
-                "host_callbacks"} <= set(signature.parameters):
+        if not {"cache_key", "compile_time_secs", "module_name", "backend", "executable", "host_callbacks"} <= set(
+            signature.parameters
+        ):
             return
     except (ImportError, AttributeError, ValueError, TypeError):
         return
@@ -34,10 +35,13 @@ def _every_process_writes_the_compilation_cache() -> None:
             return
         try:
             a = signature.bind(*args, **kwargs).arguments
-            if (not a["host_callbacks"]
-                    and a["compile_time_secs"] >= config.persistent_cache_min_compile_time_secs.value):
-                compilation_cache.put_executable_and_time(a["cache_key"], a["module_name"], a["executable"],
-                                                          a["backend"], int(a["compile_time_secs"]))
+            if (
+                not a["host_callbacks"]
+                and a["compile_time_secs"] >= config.persistent_cache_min_compile_time_secs.value
+            ):
+                compilation_cache.put_executable_and_time(
+                    a["cache_key"], a["module_name"], a["executable"], a["backend"], int(a["compile_time_secs"])
+                )
         except Exception as error:  # a cache that cannot be written only costs time
             print(f"[multihost_child] not cached: {type(error).__name__}: {error}", file=sys.stderr)
 

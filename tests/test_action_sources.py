@@ -25,8 +25,9 @@ def test_mixed_code_distance_is_gaussian_kl_plus_squared_distance():
     rng = np.random.default_rng(0)
     a = {"mean": rng.normal(size=(2, 3, 4)), "std": rng.uniform(0.5, 2, (2, 3, 4)), "deter": rng.normal(size=(2, 3, 5))}
     b = {"mean": rng.normal(size=(2, 3, 4)), "std": rng.uniform(0.5, 2, (2, 3, 4)), "deter": rng.normal(size=(2, 3, 5))}
-    kl = np.sum(np.log(b["std"] / a["std"]) + (a["std"] ** 2 + (a["mean"] - b["mean"]) ** 2) / (2 * b["std"] ** 2)
-                - 0.5, -1)
+    kl = np.sum(
+        np.log(b["std"] / a["std"]) + (a["std"] ** 2 + (a["mean"] - b["mean"]) ** 2) / (2 * b["std"] ** 2) - 0.5, -1
+    )
     expected = kl + np.sum((a["deter"] - b["deter"]) ** 2, -1)
     np.testing.assert_allclose(np.asarray(source.code_distance(a, b)), expected, rtol=1e-5)
     config.implicit_action.code_type = "deter"

@@ -48,8 +48,7 @@ def test_lambda_returns_match_numpy_recursion():
     for lam in (0.0, 0.3, 0.95, 1.0):
         got = ac.lambda_returns(reward, value, discount, lam)
         assert got.shape == (H, N) and got.dtype == jnp.float32
-        np.testing.assert_allclose(got, _numpy_lambda_returns(reward, value, discount, lam),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, _numpy_lambda_returns(reward, value, discount, lam), rtol=1e-5, atol=1e-5)
     # A scalar discount broadcasts; reward[H] and discount[H] are unused.
     got = ac.lambda_returns(reward, value, 0.9, 0.95)
     want = _numpy_lambda_returns(reward, value, np.full((H + 1, N), 0.9), 0.95)
@@ -64,9 +63,9 @@ def test_lambda_returns_limits_monte_carlo_and_td():
     H, N, gamma = 4, 3, 0.9
     reward, value = rng.normal(size=(2, H + 1, N))
     # lambda = 1: discounted sum of r_k..r_{H-1} plus gamma^(H-k) v_H.
-    monte_carlo = np.stack([
-        sum(gamma ** (j - k) * reward[j] for j in range(k, H)) + gamma ** (H - k) * value[H]
-        for k in range(H)])
+    monte_carlo = np.stack(
+        [sum(gamma ** (j - k) * reward[j] for j in range(k, H)) + gamma ** (H - k) * value[H] for k in range(H)]
+    )
     np.testing.assert_allclose(ac.lambda_returns(reward, value, gamma, 1.0), monte_carlo, rtol=1e-5)
     # lambda = 0: one-step TD targets r_k + gamma v_{k+1}.
     td = reward[:H] + gamma * value[1:]
@@ -84,8 +83,18 @@ def test_discount_weights_are_powers_of_gamma():
 
 # (mean, std): centred, near and at both bounds, the actor's std floor and ceiling, tiny stds,
 # and means outside [-1, 1] (where Z must come from the non-cancelling tail).
-CASES = [(0.0, 1.0), (0.99, 0.1), (-0.999, 0.1), (0.5, 2.1), (-0.95, 0.02), (0.3, 0.01),
-         (1.0, 0.1), (-1.0, 0.5), (-1.3, 0.1), (1.2, 0.05)]
+CASES = [
+    (0.0, 1.0),
+    (0.99, 0.1),
+    (-0.999, 0.1),
+    (0.5, 2.1),
+    (-0.95, 0.02),
+    (0.3, 0.01),
+    (1.0, 0.1),
+    (-1.0, 0.5),
+    (-1.3, 0.1),
+    (1.2, 0.05),
+]
 
 
 def _scipy(mean, std):
@@ -136,16 +145,14 @@ def test_truncated_normal_samples_are_inside_and_follow_the_cdf():
     # Bounds: extreme parameters, many draws.
     means = jnp.array([1.0, -1.0, 0.999, 0.0, 0.5], jnp.float32)
     stds = jnp.array([0.1, 0.1, 2.1, 0.01, 1.0], jnp.float32)
-    samples = sample_fn(key, jnp.broadcast_to(means, (20000, 5)),
-                                           jnp.broadcast_to(stds, (20000, 5)))
+    samples = sample_fn(key, jnp.broadcast_to(means, (20000, 5)), jnp.broadcast_to(stds, (20000, 5)))
     assert samples.dtype == jnp.float32
     assert float(samples.min()) >= np.float32(-1 + 1e-6)
     assert float(samples.max()) <= np.float32(1 - 1e-6)
     # Distribution: Kolmogorov-Smirnov against scipy's CDF (fixed seed), with a negative control
     # showing the test can tell the truncated from the untruncated normal.
     mean, std, n = 0.6, 0.4, 4000
-    draws = np.asarray(sample_fn(jax.random.key(1), jnp.full((n,), mean),
-                                                    jnp.full((n,), std)), np.float64)
+    draws = np.asarray(sample_fn(jax.random.key(1), jnp.full((n,), mean), jnp.full((n,), std)), np.float64)
     assert stats.kstest(draws, _scipy(mean, std).cdf).pvalue > 0.01
     assert stats.kstest(draws, stats.norm(mean, std).cdf).pvalue < 1e-6
 
@@ -177,6 +184,7 @@ def test_straight_through_clip_passes_gradients_at_the_bound():
     def at_bound(mean):
         def sample(m):
             return dist.straight_through_clip(dist.truncated_normal_icdf(u, m, 0.1), -1 + 1e-6, 1 - 1e-6)
+
         raw, raw_grad = jax.value_and_grad(lambda m: dist.truncated_normal_icdf(u, m, 0.1))(mean)
         return raw, raw_grad, *jax.value_and_grad(sample)(mean)
 
@@ -268,7 +276,7 @@ def toy_step(state, action, keys, noise=0.0):
 
 
 def toy_policy(feat):
-    mean = jnp.tanh(feat[..., :A] + 0.1 * feat[..., A:2 * A])
+    mean = jnp.tanh(feat[..., :A] + 0.1 * feat[..., A : 2 * A])
     std = 0.1 + jax.nn.sigmoid(feat[..., -A:])
     return mean, std
 
@@ -284,19 +292,22 @@ def test_imagine_matches_a_per_row_python_loop():
     assert traj["feat"].shape == (HOR + 1, N, S * C + D)
     assert traj["action"].shape == traj["mean"].shape == traj["std"].shape == (HOR + 1, N, A)
     assert {k: v.shape for k, v in traj["state"].items()} == {
-        "logit": (HOR + 1, N, S, C), "stoch": (HOR + 1, N, S, C), "deter": (HOR + 1, N, D)}
+        "logit": (HOR + 1, N, S, C),
+        "stoch": (HOR + 1, N, S, C),
+        "deter": (HOR + 1, N, D),
+    }
     policy, step, feature_jit = jax.jit(toy_policy), jax.jit(step_fn), jax.jit(feature)
     for i in range(N):
-        state = jax.tree.map(lambda x, i=i: x[i:i + 1], START)
+        state = jax.tree.map(lambda x, i=i: x[i : i + 1], START)
         stream = jax.random.split(keys[i], 2 * HOR + 1)
         for k in range(HOR + 1):
             for name in state:
-                np.testing.assert_allclose(traj["state"][name][k, i:i + 1], state[name], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(traj["state"][name][k, i : i + 1], state[name], rtol=1e-5, atol=1e-6)
             feat = feature_jit(state)
             mean, std = policy(feat)
             action = sample_fn(stream[k], mean, std)
             for name, want in (("feat", feat), ("mean", mean), ("std", std), ("action", action)):
-                np.testing.assert_allclose(traj[name][k, i:i + 1], want, rtol=1e-5, atol=1e-6, err_msg=name)
+                np.testing.assert_allclose(traj[name][k, i : i + 1], want, rtol=1e-5, atol=1e-6, err_msg=name)
             if k < HOR:
                 state = step(state, action, stream[HOR + 1 + k][None])
     other = imagine(START, jax.random.split(jax.random.key(10), N))
@@ -329,7 +340,8 @@ def _kwargs(reward_params, config):
         critic_apply=lambda p, f: CRITIC.apply({"params": p}, f),
         step_fn=lambda s, a, k: toy_step(s, a, k, noise=0.05),
         reward_fn=lambda f: CRITIC.apply({"params": reward_params}, f),
-        config=config)
+        config=config,
+    )
 
 
 def _reference_rollout(actor_params, slow, reward_params, keys, config):
@@ -359,7 +371,7 @@ def _reference_actor_loss(actor_params, slow, reward_params, keys, config):
     returns = [value[H]]
     for k in range(H - 1, -1, -1):
         returns.insert(0, reward[k] + gamma * ((1 - lam) * value[k + 1] + lam * returns[0]))
-    terms = [gamma ** k * (returns[k + 1] + config.actor_ent * entropies[k]) for k in range(H - 1)]
+    terms = [gamma**k * (returns[k + 1] + config.actor_ent * entropies[k]) for k in range(H - 1)]
     return -jnp.mean(jnp.stack(terms)), (jnp.stack(feats), jnp.stack(reward), jnp.stack(value))
 
 
@@ -367,12 +379,14 @@ def _reference_critic_loss_fn(feats, reward, value, config):
     """``critic_params -> mean_k gamma^k 1/2 (v(feat_k) - V_k)^2``, k = 0..H-1, with features and
     float64 numpy lambda-returns fixed from the reference rollout."""
     H, gamma = config.horizon, config.discount
-    target = _numpy_lambda_returns(np.asarray(reward, np.float64), np.asarray(value, np.float64),
-                                   np.full((H + 1, N), gamma), config.lambda_)
+    target = _numpy_lambda_returns(
+        np.asarray(reward, np.float64), np.asarray(value, np.float64), np.full((H + 1, N), gamma), config.lambda_
+    )
 
     def loss(critic_params):
-        terms = [gamma ** k * 0.5 * jnp.square(CRITIC.apply({"params": critic_params}, feats[k]) - target[k])
-                 for k in range(H)]
+        terms = [
+            gamma**k * 0.5 * jnp.square(CRITIC.apply({"params": critic_params}, feats[k]) - target[k]) for k in range(H)
+        ]
         return jnp.mean(jnp.stack(terms))
 
     return loss
@@ -393,9 +407,11 @@ def test_gradient_routing_and_values_match_reference():
     @jax.jit
     def under_test(p):
         """Each loss's gradient w.r.t. both networks; ``jax.grad(actor_critic_loss)`` is their sum."""
+
         def part(q, index):
             actor_loss, critic_loss, metrics = ac.actor_critic_losses(q, slow, START, keys, **kwargs)
             return (actor_loss, critic_loss)[index], metrics
+
         actor_part, metrics = jax.grad(part, has_aux=True)(p, 0)
         critic_part, _ = jax.grad(part, has_aux=True)(p, 1)
         return jax.tree.map(lambda a, c: jnp.stack([a, c]), actor_part, critic_part), metrics
@@ -403,10 +419,11 @@ def test_gradient_routing_and_values_match_reference():
     per_loss, metrics = under_test(params)
     grads = jax.tree.map(lambda g: g.sum(0), per_loss)
     (ref_actor, (feats, reward, value)), ref_actor_grad = jax.jit(
-        jax.value_and_grad(_reference_actor_loss, has_aux=True), static_argnums=4)(
-        params["actor"], slow, reward_params, keys, config)
-    ref_critic, ref_critic_grad = jax.jit(jax.value_and_grad(
-        _reference_critic_loss_fn(feats, reward, value, config)))(params["critic"])
+        jax.value_and_grad(_reference_actor_loss, has_aux=True), static_argnums=4
+    )(params["actor"], slow, reward_params, keys, config)
+    ref_critic, ref_critic_grad = jax.jit(jax.value_and_grad(_reference_critic_loss_fn(feats, reward, value, config)))(
+        params["critic"]
+    )
     np.testing.assert_allclose(metrics["actor_loss"], ref_actor, rtol=1e-5)
     np.testing.assert_allclose(metrics["critic_loss"], ref_critic, rtol=1e-5)
 
@@ -418,8 +435,7 @@ def test_gradient_routing_and_values_match_reference():
     assert all(float(jnp.abs(g[1]).max()) == 0.0 for g in jax.tree.leaves(per_loss["actor"]))
     assert any(float(jnp.abs(g[0]).max()) > 0.0 for g in jax.tree.leaves(per_loss["actor"]))
     assert any(float(jnp.abs(g[1]).max()) > 0.0 for g in jax.tree.leaves(per_loss["critic"]))
-    for name in ("actor_entropy", "imag_reward", "lambda_return", "critic_value", "slow_value",
-                 "action_std"):
+    for name in ("actor_entropy", "imag_reward", "lambda_return", "critic_value", "slow_value", "action_std"):
         assert np.isfinite(metrics[name]), name
 
 
@@ -469,7 +485,13 @@ def test_update_slow_critic_copies_at_multiples_of_every():
 def test_config_validation():
     assert ac.ActorCriticConfig() == ac.ActorCriticConfig(15, 0.99, 0.95, 1e-4, 100)
     assert ac.ActorCriticConfig.from_mapping({"horizon": 5}).horizon == 5
-    for bad in ({"horizon": 1}, {"discount": 0.0}, {"lambda_": 1.5}, {"actor_ent": -1.0},
-                {"slow_update_every": 0}, {"horizn": 15}):
+    for bad in (
+        {"horizon": 1},
+        {"discount": 0.0},
+        {"lambda_": 1.5},
+        {"actor_ent": -1.0},
+        {"slow_update_every": 0},
+        {"horizn": 15},
+    ):
         with pytest.raises(UserError):
             ac.ActorCriticConfig.from_mapping(bad)

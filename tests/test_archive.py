@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _plan(workdir, **overrides):
     bench, table = modules()
-    config = config_lib.load_config("configs/benchmark.py:cpu", {"methods": "prelar,dreamerv2", "seeds": 2,
-                                                                "results": "", **overrides})
+    config = config_lib.load_config(
+        "configs/benchmark.py:cpu", {"methods": "prelar,dreamerv2", "seeds": 2, "results": "", **overrides}
+    )
     return config, bench.plan(config, str(workdir), table.METHODS, table.ORIGINAL_PRESETS)
 
 
@@ -128,11 +129,19 @@ def test_other_settings_for_an_archived_method_are_refused(tmp_path):
 
 
 def test_runner_hook_archives_each_run_as_it_ends(tmp_path):
-    script = ("import json, os, sys; w = sys.argv[1].split('=', 1)[1]; os.makedirs(w, exist_ok=True); "
-              "json.dump({'finished': True}, open(os.path.join(w, 'summary.json'), 'w'))")
-    specs = [runner.RunSpec(name=f"runs/m/t/seed_{i}", workdir=str(tmp_path / "w" / "runs" / "m" / "t" / f"seed_{i}"),
-                            command=[sys.executable, "-c", script, f"--workdir={tmp_path}/w/runs/m/t/seed_{i}"],
-                            labels={"method": "m", "task": "t", "seed": i}) for i in range(2)]
+    script = (
+        "import json, os, sys; w = sys.argv[1].split('=', 1)[1]; os.makedirs(w, exist_ok=True); "
+        "json.dump({'finished': True}, open(os.path.join(w, 'summary.json'), 'w'))"
+    )
+    specs = [
+        runner.RunSpec(
+            name=f"runs/m/t/seed_{i}",
+            workdir=str(tmp_path / "w" / "runs" / "m" / "t" / f"seed_{i}"),
+            command=[sys.executable, "-c", script, f"--workdir={tmp_path}/w/runs/m/t/seed_{i}"],
+            labels={"method": "m", "task": "t", "seed": i},
+        )
+        for i in range(2)
+    ]
     seen = []
 
     def on_end(spec, result):

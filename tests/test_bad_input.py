@@ -42,8 +42,7 @@ DREAMER = "configs/dreamerv2.py:tiny"
 
 
 def pretrain_config(data_root, **overrides):
-    return config_lib.load_config(PRETRAIN, {"data.root": str(data_root), "log.wandb_mode": "disabled",
-                                             **overrides})
+    return config_lib.load_config(PRETRAIN, {"data.root": str(data_root), "log.wandb_mode": "disabled", **overrides})
 
 
 def finetune_config(spec=FINETUNE, **overrides):
@@ -58,8 +57,13 @@ def write_video(path, frames: int, seed: int = 0, **extra) -> str:
 
 
 def run_cli(script: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", script), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def assert_one_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -68,7 +72,7 @@ def assert_one_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> 
     assert proc.returncode == 2, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert len(re.findall(r"^error: ", stderr, flags=re.M)) == 1, stderr[-3000:]
-    message = stderr[stderr.index("error: "):]
+    message = stderr[stderr.index("error: ") :]
     for needle in needles:
         assert needle in message, (needle, message)
     return message
@@ -115,33 +119,39 @@ def test_unknown_preset_or_file_or_key_is_a_config_error(spec):
     config_lib.check_override_flags(["prog", f"--config={spec}", "--config.model.deter=16"], spec)
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("steps", 0, "positive integer"),
-    ("batch_size", -4, "positive integer"),
-    ("sequence_length", 1, "at least 2"),
-    ("image_size", 0, "positive integer"),
-    ("model.deter", 0, "positive integer"),
-    ("implicit_action.stoch", 0, "must be positive"),
-    ("log.media_examples", 0, "positive integer"),
-    ("data.prefetch_threads", 0, "positive integer"),
-    ("log.checkpoint_every", -1, "positive integer"),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("steps", 0, "positive integer"),
+        ("batch_size", -4, "positive integer"),
+        ("sequence_length", 1, "at least 2"),
+        ("image_size", 0, "positive integer"),
+        ("model.deter", 0, "positive integer"),
+        ("implicit_action.stoch", 0, "must be positive"),
+        ("log.media_examples", 0, "positive integer"),
+        ("data.prefetch_threads", 0, "positive integer"),
+        ("log.checkpoint_every", -1, "positive integer"),
+    ],
+)
 def test_invalid_pretrain_values_name_the_key(key, value, needle):
     with pytest.raises(config_lib.ConfigError, match=f"config.{re.escape(key)}: .*{needle}"):
         config_lib.validate_pretrain_config(pretrain_config("videos", **{key: value}))
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("steps", 0, "positive integer"),
-    ("batch_size", 0, "positive integer"),
-    ("image_size", -64, "positive integer"),
-    ("env.num_envs", 0, "positive integer"),
-    ("heads.units", 0, "positive integer"),
-    ("replay.capacity", 0, "positive integer"),
-    ("log.media_examples", 0, "positive integer"),
-    ("env.step_timeout", 0.0, "must be positive"),
-    ("sequence_length", 52, r"\[2, env.time_limit \+ 1\] = \[2, 51\]"),  # tiny: time_limit 50
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("steps", 0, "positive integer"),
+        ("batch_size", 0, "positive integer"),
+        ("image_size", -64, "positive integer"),
+        ("env.num_envs", 0, "positive integer"),
+        ("heads.units", 0, "positive integer"),
+        ("replay.capacity", 0, "positive integer"),
+        ("log.media_examples", 0, "positive integer"),
+        ("env.step_timeout", 0.0, "must be positive"),
+        ("sequence_length", 52, r"\[2, env.time_limit \+ 1\] = \[2, 51\]"),  # tiny: time_limit 50
+    ],
+)
 def test_invalid_finetune_values_name_the_key(key, value, needle):
     with pytest.raises(config_lib.ConfigError, match=f"config.{re.escape(key)}: .*{needle}"):
         config_lib.validate_finetune_config(finetune_config(**{key: value}))
@@ -151,9 +161,11 @@ def test_invalid_finetune_values_name_the_key(key, value, needle):
 def test_compute_dtype_other_than_float32_or_bfloat16_is_refused(dtype):
     """float16 has no loss scaling here, so its gradients would silently underflow: it is refused
     (as is any other name) with one message that says what to use instead, in both trainers."""
-    validators = [(config_lib.validate_pretrain_config, pretrain_config("videos", **{"model.compute_dtype": dtype})),
-                  (config_lib.validate_finetune_config, finetune_config(**{"model.compute_dtype": dtype})),
-                  (config_lib.validate_finetune_config, finetune_config(DREAMER, **{"model.compute_dtype": dtype}))]
+    validators = [
+        (config_lib.validate_pretrain_config, pretrain_config("videos", **{"model.compute_dtype": dtype})),
+        (config_lib.validate_finetune_config, finetune_config(**{"model.compute_dtype": dtype})),
+        (config_lib.validate_finetune_config, finetune_config(DREAMER, **{"model.compute_dtype": dtype})),
+    ]
     for validate, config in validators:
         with pytest.raises(config_lib.ConfigError) as info:
             validate(config)
@@ -229,8 +241,10 @@ def test_missing_empty_or_wholly_corrupt_video_dataset(tmp_path):
     corrupt.mkdir()
     for i in range(3):
         (corrupt / f"{i}.npz").write_bytes(b"PK\x03\x04 truncated" * i)
-    with pytest.warns(videos.VideoDataWarning, match="corrupt"), \
-            pytest.raises(videos.NoVideoDataError, match=r"found 3 \*\.npz.*skipped_corrupt: 3"):
+    with (
+        pytest.warns(videos.VideoDataWarning, match="corrupt"),
+        pytest.raises(videos.NoVideoDataError, match=r"found 3 \*\.npz.*skipped_corrupt: 3"),
+    ):
         pretrain_loop.run(pretrain_config(corrupt), str(tmp_path / "c"), devices=jax.devices()[:1])
 
 
@@ -238,8 +252,10 @@ def test_sequence_longer_than_every_video_names_the_lengths(tmp_path):
     write_video(tmp_path / "a.npz", 10, seed=1)
     write_video(tmp_path / "b.npz", 12, seed=2)
     config = pretrain_config(tmp_path, sequence_length=20)
-    with pytest.warns(videos.VideoDataWarning, match="fewer than 20 frames"), \
-            pytest.raises(videos.NoVideoDataError) as info:
+    with (
+        pytest.warns(videos.VideoDataWarning, match="fewer than 20 frames"),
+        pytest.raises(videos.NoVideoDataError) as info,
+    ):
         pretrain_loop.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     message = str(info.value)
     assert "none has at least 20 frames" in message
@@ -258,12 +274,14 @@ def test_pickled_object_arrays_in_videos_are_never_loaded(tmp_path):
     batch = dataset.sample(np.random.default_rng(0), 4, 5)  # reads good.npz's image, not its action
     with np.load(good, allow_pickle=False) as data:
         frames = data["image"]
-    starts = [next(s for s in range(5) if np.array_equal(frames[s:s + 5], seq)) for seq in batch["image"]]
+    starts = [next(s for s in range(5) if np.array_equal(frames[s : s + 5], seq)) for seq in batch["image"]]
     assert len(starts) == 4
     # Only the pickled file: one clear error, and nothing was ever unpickled.
     (tmp_path / "good.npz").unlink()
-    with pytest.warns(videos.VideoDataWarning), \
-            pytest.raises(videos.NoVideoDataError, match="none usable.*skipped_bad_format: 1"):
+    with (
+        pytest.warns(videos.VideoDataWarning),
+        pytest.raises(videos.NoVideoDataError, match="none usable.*skipped_bad_format: 1"),
+    ):
         videos.NpzEpisodeDataset(tmp_path)
     assert UNPICKLED == []
     # Proof that the files really hold pickles that a permissive loader would run.
@@ -283,8 +301,15 @@ def test_no_loader_in_the_package_can_unpickle():
             path = os.path.join(folder, name)
             with open(path, encoding="utf-8") as handle:
                 source = handle.read()
-            for forbidden in ("allow_pickle=True", "pickle.load", "cloudpickle", "torch.load", "yaml.load(",
-                              "yaml.unsafe_load", "msgpack_restore"):
+            for forbidden in (
+                "allow_pickle=True",
+                "pickle.load",
+                "cloudpickle",
+                "torch.load",
+                "yaml.load(",
+                "yaml.unsafe_load",
+                "msgpack_restore",
+            ):
                 assert forbidden not in source, f"{path} uses {forbidden}"
             for match in re.finditer(r"np\.load\(([^)]*)\)", source):
                 loads.append(path)
@@ -301,14 +326,15 @@ def test_no_loader_in_the_package_can_unpickle():
 def test_resuming_with_another_config_is_refused_unless_overridden(tmp_path):
     pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
     logger_lib.write_config(pre_dir, pretrain_config(tmp_path).to_dict())
-    with pytest.raises(logger_lib.ConfigMismatchError,
-                       match=r"(?s)model\.deter: 32 \(saved\) -> 16 \(now\).*--allow_config_override"):
-        pretrain_loop.run(pretrain_config(tmp_path, **{"model.deter": 16}), str(pre_dir),
-                          devices=jax.devices()[:1])
+    with pytest.raises(
+        logger_lib.ConfigMismatchError, match=r"(?s)model\.deter: 32 \(saved\) -> 16 \(now\).*--allow_config_override"
+    ):
+        pretrain_loop.run(pretrain_config(tmp_path, **{"model.deter": 16}), str(pre_dir), devices=jax.devices()[:1])
     logger_lib.write_config(ft_dir, finetune_config().to_dict())
     changed = finetune_config(seed=5, pretrained=str(tmp_path / "no-pretraining-here"))
-    with pytest.raises(logger_lib.ConfigMismatchError,
-                       match=r"(?s)seed: 0 \(saved\) -> 5 \(now\).*--allow_config_override"):
+    with pytest.raises(
+        logger_lib.ConfigMismatchError, match=r"(?s)seed: 0 \(saved\) -> 5 \(now\).*--allow_config_override"
+    ):
         finetune_loop.run(changed, str(ft_dir), devices=jax.devices()[:1])
     # With the flag it goes on (and then stops at the missing pre-training workdir).
     with warnings.catch_warnings():
@@ -332,19 +358,37 @@ def other_architecture_pretraining(tmp_path_factory):
     return str(workdir)
 
 
-@pytest.mark.parametrize("script, flags, needles", [
-    ("pretrain.py", ["--config=configs/prelar_pretrain.py:huge"], ["unknown preset 'huge'", "'tiny'"]),
-    ("finetune.py", ["--config=configs/prelar_finetune.py:huge"], ["unknown preset 'huge'", "'tiny'"]),
-    ("finetune.py", ["--config=configs/dreamerv2.py:tiny", "--config.model.detr=3"],
-     ["unknown config key --config.model.detr", "'deter'"]),
-    ("finetune.py", ["--config=configs/prelar_finetune.py:tiny", "--config.pretrained={pretrained}",
-                     "--config.log.wandb_mode=disabled"],
-     ["do not fit this fine-tuning agent", "model.deter: pre-training 16, fine-tuning 32", "preset"]),
-    ("finetune.py", ["--config=configs/dreamerv2.py:tiny", "--config.task=drawer-opne", "--workdir={file}"],
-     ["Unknown Meta-World task 'drawer-opne'", "Did you mean 'drawer-open'"]),
-    ("pretrain.py", ["--config=configs/prelar_pretrain.py:tiny", "--config.data.root={data}", "--workdir={file}"],
-     ["is a file, not a directory"]),
-])
+@pytest.mark.parametrize(
+    "script, flags, needles",
+    [
+        ("pretrain.py", ["--config=configs/prelar_pretrain.py:huge"], ["unknown preset 'huge'", "'tiny'"]),
+        ("finetune.py", ["--config=configs/prelar_finetune.py:huge"], ["unknown preset 'huge'", "'tiny'"]),
+        (
+            "finetune.py",
+            ["--config=configs/dreamerv2.py:tiny", "--config.model.detr=3"],
+            ["unknown config key --config.model.detr", "'deter'"],
+        ),
+        (
+            "finetune.py",
+            [
+                "--config=configs/prelar_finetune.py:tiny",
+                "--config.pretrained={pretrained}",
+                "--config.log.wandb_mode=disabled",
+            ],
+            ["do not fit this fine-tuning agent", "model.deter: pre-training 16, fine-tuning 32", "preset"],
+        ),
+        (
+            "finetune.py",
+            ["--config=configs/dreamerv2.py:tiny", "--config.task=drawer-opne", "--workdir={file}"],
+            ["Unknown Meta-World task 'drawer-opne'", "Did you mean 'drawer-open'"],
+        ),
+        (
+            "pretrain.py",
+            ["--config=configs/prelar_pretrain.py:tiny", "--config.data.root={data}", "--workdir={file}"],
+            ["is a file, not a directory"],
+        ),
+    ],
+)
 @pytest.mark.slow
 def test_cli_prints_one_error_and_exits_2(script, flags, needles, tmp_path, request):
     if any("{pretrained}" in flag for flag in flags):
@@ -382,8 +426,9 @@ def env_without_rendering(seed: int, **kwargs):
 @pytest.mark.slow
 def test_worker_without_rendering_backend_names_the_packages():
     # The factory finetune_loop.run builds its workers with, with rendering made impossible.
-    make_env = functools.partial(env_without_rendering, task="reach", size=64, camera="corner",
-                                 lean_rendering=True, time_limit=50)
+    make_env = functools.partial(
+        env_without_rendering, task="reach", size=64, camera="corner", lean_rendering=True, time_limit=50
+    )
     with pytest.raises(EnvWorkerError) as info:
         ParallelEnvs(make_env, [0], step_timeout=30.0, start_timeout=120.0)
     message = str(info.value)
@@ -397,18 +442,23 @@ def test_worker_without_rendering_backend_names_the_packages():
 # A full disk while saving a checkpoint
 # ------------------------------------------------------------------------------------------------
 
-TENSORSTORE_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "{path}": '
-                      'Failed to write 772829 bytes to file 4: No space left on device [os_error_code=\'28\']')
+TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "{path}": '
+    "Failed to write 772829 bytes to file 4: No space left on device [os_error_code='28']"
+)
 
 
 def small_state(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {"w": jax.numpy.asarray(rng.normal(size=(64, 8)), jax.numpy.float32),
-            "step": jax.numpy.asarray(seed, jax.numpy.int32)}
+    return {
+        "w": jax.numpy.asarray(rng.normal(size=(64, 8)), jax.numpy.float32),
+        "step": jax.numpy.asarray(seed, jax.numpy.int32),
+    }
 
 
 def fail_writes(monkeypatch, error: Exception) -> None:
     """Every item write orbax commits (in the background for async saves) raises ``error``."""
+
     async def failing(self, item, directory):
         raise error
 
@@ -537,12 +587,21 @@ def test_real_full_disk_via_a_tiny_tmpfs(tmp_path):
     script = tmp_path / "disk_full.py"
     script.write_text(_REAL_DISK_FULL.format(root=ROOT, mount=str(mount)))
     py = f"{sys.executable} {script}"
-    shell = (f"mount -t tmpfs -o size=1m none {mount} && {py} fill; echo RC=$? >&2; {py} check")
-    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", shell], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    shell = f"mount -t tmpfs -o size=1m none {mount} && {py} fill; echo RC=$? >&2; {py} check"
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", shell],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     fill_stderr = proc.stderr.split("RC=")[0]
     assert "RC=2" in proc.stderr, proc.stderr[-3000:]
-    assert_one_clear_error(subprocess.CompletedProcess([], 2, "", fill_stderr),
-                           "could not write checkpoint step 2", "No space left on device",
-                           "newest complete checkpoint is step 1", "Free disk space")
+    assert_one_clear_error(
+        subprocess.CompletedProcess([], 2, "", fill_stderr),
+        "could not write checkpoint step 2",
+        "No space left on device",
+        "newest complete checkpoint is step 1",
+        "Free disk space",
+    )
     assert "CHECK ['1'] {'step': 1} 1000.0" in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -21,11 +21,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_plan_shares_pretraining_and_labels_every_cell(tmp_path):
     bench, table = modules()
-    config = config_lib.load_config("configs/benchmark.py:tiny",
-                                    {"methods": "prelar,prelar_naive,prelar_wo_cl,apv_original,dreamerv2",
-                                     "tasks": "drawer-open,reach", "seeds": 2})
-    videos, pretrain, finetune, pretrained, diagnostics = bench.plan(config, str(tmp_path), table.METHODS,
-                                                                    table.ORIGINAL_PRESETS)
+    config = config_lib.load_config(
+        "configs/benchmark.py:tiny",
+        {
+            "methods": "prelar,prelar_naive,prelar_wo_cl,apv_original,dreamerv2",
+            "tasks": "drawer-open,reach",
+            "seeds": 2,
+        },
+    )
+    videos, pretrain, finetune, pretrained, diagnostics = bench.plan(
+        config, str(tmp_path), table.METHODS, table.ORIGINAL_PRESETS
+    )
     # prelar and prelar_naive share one pre-training; the ablation and APV-original get their own.
     assert sorted(s.labels["name"] for s in pretrain) == ["apv_original_tiny", "prelar", "prelar_consistency=off"]
     assert pretrained["prelar"] == pretrained["prelar_naive"] and "dreamerv2" not in pretrained
@@ -46,8 +52,11 @@ def test_plan_shares_pretraining_and_labels_every_cell(tmp_path):
     # Every command's overrides name real keys of its config file.
     for spec in pretrain + finetune:
         config_arg = next(a for a in spec.command if a.startswith("--config="))
-        overrides = {a[len("--config."):].split("=", 1)[0]: a.split("=", 1)[1]
-                     for a in spec.command if a.startswith("--config.")}
+        overrides = {
+            a[len("--config.") :].split("=", 1)[0]: a.split("=", 1)[1]
+            for a in spec.command
+            if a.startswith("--config.")
+        }
         loaded = config_lib.load_config(config_arg.split("=", 1)[1])
         for key in overrides:
             node = loaded
@@ -57,22 +66,41 @@ def test_plan_shares_pretraining_and_labels_every_cell(tmp_path):
 
 
 def test_unknown_method_is_one_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments/benchmark.py"),
-                             "--config.methods=prelar,prelar_v2", f"--workdir={tmp_path}", "--print"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments/benchmark.py"),
+            "--config.methods=prelar,prelar_v2",
+            f"--workdir={tmp_path}",
+            "--print",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 2, result.stderr
     assert "unknown method(s) ['prelar_v2']" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_print_lists_every_run(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments/benchmark.py"),
-                             f"--workdir={tmp_path}", "--print"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments/benchmark.py"), f"--workdir={tmp_path}", "--print"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     lines = [shlex.split(line) for line in result.stdout.strip().splitlines()]
     assert len(lines) == 1 + 1 + 2 * 1 * 2  # one pre-training, the diagnostics, 2 methods x 1 task x 2 seeds
     assert lines[1][1].endswith("diagnostics.py")
-    assert all(os.path.isabs(arg.split("=", 1)[-1].split(":")[0]) for line in lines for arg in line
-               if arg.startswith("--config="))
+    assert all(
+        os.path.isabs(arg.split("=", 1)[-1].split(":")[0])
+        for line in lines
+        for arg in line
+        if arg.startswith("--config=")
+    )
 
 
 def test_diagnostics_run_follows_the_methods(tmp_path):
@@ -95,8 +123,12 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     """The `tiny` preset as a user runs it (2 methods x 1 task x 2 seeds, videos, pre-training,
     diagnostics, fine-tuning, report), then a re-run that finds everything finished."""
     workdir = tmp_path / "bench"
-    command = [sys.executable, os.path.join(ROOT, "experiments/benchmark.py"), "--config=configs/benchmark.py:tiny",
-               f"--workdir={workdir}"]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "experiments/benchmark.py"),
+        "--config=configs/benchmark.py:tiny",
+        f"--workdir={workdir}",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 

@@ -31,8 +31,10 @@ def make_state(mesh: Mesh, seed: int = 0, hidden: int = 4, extra_layer: bool = F
     """A small state shaped like the trainers' one, replicated over `mesh`, with non-trivial values."""
     rng = np.random.default_rng(seed)
     params = {
-        "encoder": {"kernel": jnp.asarray(rng.normal(size=(3, hidden)), jnp.float32),
-                    "bias": jnp.asarray(rng.normal(size=(hidden,)), jnp.float32)},
+        "encoder": {
+            "kernel": jnp.asarray(rng.normal(size=(3, hidden)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(hidden,)), jnp.float32),
+        },
         "head": {"kernel": jnp.asarray(rng.normal(size=(hidden, 2)), jnp.float32)},
     }
     if extra_layer:
@@ -170,8 +172,7 @@ def test_restore_only_some_fields_neither_reads_nor_allocates_the_others(tmp_pat
         full, metadata = checkpointer.restore(target)
         end = _bytes_read_from_files()
     chex.assert_trees_all_equal(full, saved)
-    chex.assert_trees_all_equal((part.step, part.params, part.batch_stats),
-                                (full.step, full.params, full.batch_stats))
+    chex.assert_trees_all_equal((part.step, part.params, part.batch_stats), (full.step, full.params, full.batch_stats))
     assert part_metadata == metadata == {"step": 3}
     assert jax.tree.leaves(part.opt_state) == []  # every moment and count is None
     assert jax.tree.structure(part.opt_state, is_leaf=lambda x: x is None) == jax.tree.structure(saved.opt_state)

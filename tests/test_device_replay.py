@@ -37,7 +37,7 @@ def assert_exact_windows(batch, episodes, T):
         ep, s = episodes[int(ids[b])], int(starts[b])
         assert s + T <= len(ep["image"])  # never crosses the episode's end
         for k in SAMPLE_KEYS:
-            want = ep[k][s:s + T].copy()
+            want = ep[k][s : s + T].copy()
             if k == "is_first":
                 want[0] = True  # forced, as the host replay does
             np.testing.assert_array_equal(batch[k][b], want, err_msg=f"row {b} key {k}")
@@ -48,8 +48,7 @@ def test_windows_are_exact_slices_and_short_episodes_are_never_sampled():
     replay, episodes, _ = device_filled([9, 6, 12, 3])
     B, T = 64, 5
     batch = host(replay.sample(jax.random.key(1), B, T))
-    want = {"image": (np.uint8, (B, T, H, W, 3)), "action": (np.float32, (B, T, A)),
-            "reward": (np.float32, (B, T))}
+    want = {"image": (np.uint8, (B, T, H, W, 3)), "action": (np.float32, (B, T, A)), "reward": (np.float32, (B, T))}
     want.update({k: (np.bool_, (B, T)) for k in ("is_first", "is_last", "is_terminal")})
     assert set(batch) == set(SAMPLE_KEYS)
     for k, (dtype, shape) in want.items():
@@ -72,7 +71,7 @@ def test_start_distribution_matches_the_host_replays_closed_form(prioritize_ends
     assert_start_distribution(ids, starts, lengths, T, prioritize_ends)
     # The 4 devices draw different rows (keys folded with the device index), not 4 copies.
     quarter = n // 8 // 4
-    assert not np.array_equal(batches[0]["reward"][:quarter], batches[0]["reward"][quarter:2 * quarter])
+    assert not np.array_equal(batches[0]["reward"][:quarter], batches[0]["reward"][quarter : 2 * quarter])
 
 
 def test_ring_overwrite_keeps_the_newest_episodes_like_the_host_replay():
@@ -91,8 +90,9 @@ def test_ring_overwrite_keeps_the_newest_episodes_like_the_host_replay():
     # Episode 6 straddles the ring's end (rows 19, 0..5): its windows still come out whole.
     replay.add_episode(make_episode(7, 9))  # evicts 4 (9 steps) only: 4 + 7 + 9 = 20
     assert replay.lengths() == [4, 7, 9]
-    ids, _ = assert_exact_windows(host(replay.sample(jax.random.key(4), 256, T)),
-                                  {**episodes, 7: make_episode(7, 9)}, T)
+    ids, _ = assert_exact_windows(
+        host(replay.sample(jax.random.key(4), 256, T)), {**episodes, 7: make_episode(7, 9)}, T
+    )
     assert set(ids.tolist()) == {5, 6, 7}
 
 
@@ -147,6 +147,9 @@ def test_tiny_finetune_with_the_replay_on_device(tmp_path, capsys):
     newest = [restored.get_episode(n) for n in restored.episode_names()[-3:]]
     batch = host(ring.sample(jax.random.key(0), 8, config.sequence_length))
     for b in range(8):  # each row is a window of one of the 3 newest episodes
-        assert any(np.array_equal(batch["image"][b], ep["image"][s:s + config.sequence_length])
-                   and np.array_equal(batch["action"][b], ep["action"][s:s + config.sequence_length])
-                   for ep in newest for s in range(51 - config.sequence_length + 1)), b
+        assert any(
+            np.array_equal(batch["image"][b], ep["image"][s : s + config.sequence_length])
+            and np.array_equal(batch["action"][b], ep["action"][s : s + config.sequence_length])
+            for ep in newest
+            for s in range(51 - config.sequence_length + 1)
+        ), b

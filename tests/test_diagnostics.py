@@ -38,8 +38,7 @@ def synthetic_episodes(count, length, seed=0, size=64):
     for _ in range(count):
         action = rng.uniform(-1, 1, (length, 4)).astype(np.float32)
         action[0] = 0.0
-        episodes.append({"image": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
-                         "action": action})
+        episodes.append({"image": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8), "action": action})
     return episodes
 
 
@@ -90,7 +89,7 @@ def test_r2_and_fit_against_independent_references():
     fit = probe.predict_linear_probe(*probe.fit_linear_probe(x[:, :1], y), x[:, :1])
     for k in range(2):
         r = scipy.stats.pearsonr(x[:, 0], y[:, k]).statistic
-        assert probe.r2_scores(y, fit)[k] == pytest.approx(r ** 2, rel=1e-9)
+        assert probe.r2_scores(y, fit)[k] == pytest.approx(r**2, rel=1e-9)
     # A constant held-out dimension has no R²: NaN, left out of the mean.
     codes, actions = _linear_data(rng, episodes=4)
     actions[3][:, 2] = 0.25
@@ -175,9 +174,13 @@ def test_probe_rejects_what_it_cannot_probe(pretrained_dir):
 
 def test_stride_episodes_hand_case():
     action = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)  # a_t = (2t, 2t + 1)
-    episode = {"image": np.arange(7)[:, None, None, None].astype(np.uint8) * np.ones((1, 4, 4, 3), np.uint8),
-               "action": action, "position": np.arange(7, dtype=np.float32)[:, None], "task": "t",
-               "hand": np.arange(7 * 3, dtype=np.float32).reshape(7, 3)}
+    episode = {
+        "image": np.arange(7)[:, None, None, None].astype(np.uint8) * np.ones((1, 4, 4, 3), np.uint8),
+        "action": action,
+        "position": np.arange(7, dtype=np.float32)[:, None],
+        "task": "t",
+        "hand": np.arange(7 * 3, dtype=np.float32).reshape(7, 3),
+    }
     (strided,) = probe.stride_episodes([episode], 3)
     np.testing.assert_array_equal(strided["image"][:, 0, 0, 0], [0, 3, 6])
     # frame 3 came from a_1 + a_2 + a_3, frame 6 from a_4 + a_5 + a_6; row 0 zeros
@@ -226,6 +229,7 @@ def test_hand_target_pairs_each_code_with_the_motion_between_its_frames():
     assert not np.allclose(result["hand"]["r2"], result["r2"][:3], atol=1e-3)
     # The study's probe (pretrain_eval.probe_scores) reads it the same way.
     from prelar_jax.analysis import pretrain_eval
+
     model = PretrainModel(probe.random_features_config(pretrain_config()))
     params, stats = jax.jit(model.init)(key)
     scores = pretrain_eval.probe_scores(probe.make_code_fn(model), params, stats, episodes, [0, 1, 2, 3], [4, 5])
@@ -252,9 +256,14 @@ def test_read_npz_episodes(tmp_path):
 def constant_episodes(count, length, value, seed):
     """An easy fixed dataset: constant grey frames, random actions and rewards."""
     rng = np.random.default_rng(seed)
-    return [{"image": np.full((length, 64, 64, 3), value, np.uint8),
-             "action": rng.uniform(-1, 1, (length, 4)).astype(np.float32),
-             "reward": rng.random(length).astype(np.float32)} for _ in range(count)]
+    return [
+        {
+            "image": np.full((length, 64, 64, 3), value, np.uint8),
+            "action": rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+            "reward": rng.random(length).astype(np.float32),
+        }
+        for _ in range(count)
+    ]
 
 
 def _check_result(res, config, windows):
@@ -345,17 +354,35 @@ def _cli():
 
 def test_cli_table_and_bad_workdir(tmp_path, capsys):
     cli = _cli()
-    probe_result = {"r2": [0.5, float("nan"), 0.25, 0.0], "r2_mean": 0.25, "train_pairs": 10, "eval_pairs": 5,
-                    "train_episodes": [0, 1], "eval_episodes": [2], "code_type": "stoch"}
-    transfer_result = {"initial_mse": 0.02, "mse": 0.01, "initial_psnr": 16.99, "psnr": 20.0, "updates": 3,
-                       "context": 3, "eval_windows": 4, "method": "prelar", "config": "configs/prelar_finetune.py:tiny"}
-    text = cli.format_markdown({"task": "drawer-open", "probe": {"PreLAR pre-trained": probe_result},
-                                "transfer": {"PreLAR": transfer_result}})
+    probe_result = {
+        "r2": [0.5, float("nan"), 0.25, 0.0],
+        "r2_mean": 0.25,
+        "train_pairs": 10,
+        "eval_pairs": 5,
+        "train_episodes": [0, 1],
+        "eval_episodes": [2],
+        "code_type": "stoch",
+    }
+    transfer_result = {
+        "initial_mse": 0.02,
+        "mse": 0.01,
+        "initial_psnr": 16.99,
+        "psnr": 20.0,
+        "updates": 3,
+        "context": 3,
+        "eval_windows": 4,
+        "method": "prelar",
+        "config": "configs/prelar_finetune.py:tiny",
+    }
+    text = cli.format_markdown(
+        {"task": "drawer-open", "probe": {"PreLAR pre-trained": probe_result}, "transfer": {"PreLAR": transfer_result}}
+    )
     assert "| PreLAR pre-trained | 0.500 | n/a | 0.250 | 0.000 | 0.250 | 10 / 5 |" in text
     assert "| PreLAR | configs/prelar_finetune.py:tiny | 0.02000 | 0.01000 | 16.99 | 20.00 |" in text
     assert "hand's measured displacement" not in text  # probe episodes without the hand's position
-    with_hand = cli.format_markdown({"probe": {"PreLAR pre-trained": {
-        **probe_result, "hand": {"r2": [0.7, 0.6, 0.8], "r2_mean": 0.7}}}})
+    with_hand = cli.format_markdown(
+        {"probe": {"PreLAR pre-trained": {**probe_result, "hand": {"r2": [0.7, 0.6, 0.8], "r2_mean": 0.7}}}}
+    )
     assert "| PreLAR pre-trained | 0.700 | 0.600 | 0.800 | 0.700 |" in with_hand
     assert cli.json_safe({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
     with pytest.raises(SystemExit) as exit_info:

@@ -371,8 +371,7 @@ def test_per_task_mean_stops_where_a_seed_stops():
     beta = next(line for line in axes.get_lines() if line.get_label() == "beta")
     assert list(beta.get_xdata()) == [10000, 20000, 30000]  # complete runs: unchanged
     assert "dotted: single seeds" in figure._suptitle.get_text()
-    full = report.per_task_figure(
-        report.group_results(report.ResultRow(*r[:4], r[4], r[5]) for r in synthetic_rows()))
+    full = report.per_task_figure(report.group_results(report.ResultRow(*r[:4], r[4], r[5]) for r in synthetic_rows()))
     assert "dotted" not in full._suptitle.get_text()
 
 
@@ -439,10 +438,19 @@ def test_random_policy_baseline_is_drawn_and_listed(tmp_path):
     results = tmp_path / "results.csv"
     write_csv(results, synthetic_rows())
     random_file = tmp_path / "random_policy.json"
-    random_file.write_text(json.dumps({"results": {
-        "drawer-open": {"150": {"success_rate": 0.05, "return": 12.0, "episodes": 20},
-                        "500": {"success_rate": 0.2, "return": 40.0, "episodes": 20}},
-        "reach": {"150": {"success_rate": 0.0, "return": 245.0, "episodes": 20}}}}))
+    random_file.write_text(
+        json.dumps(
+            {
+                "results": {
+                    "drawer-open": {
+                        "150": {"success_rate": 0.05, "return": 12.0, "episodes": 20},
+                        "500": {"success_rate": 0.2, "return": 40.0, "episodes": 20},
+                    },
+                    "reach": {"150": {"success_rate": 0.0, "return": 245.0, "episodes": 20}},
+                }
+            }
+        )
+    )
     baselines = report.random_policy_baselines(random_file, 150)
     assert baselines["drawer-open"].success_rate == 0.05 and baselines["reach"].returns == 245.0
 
@@ -451,16 +459,23 @@ def test_random_policy_baseline_is_drawn_and_listed(tmp_path):
     assert "drawer_open: random policy (20 episodes), success 0.05, return 12.0" in markdown
     assert "reach: random" not in markdown  # not a task of these results
     figure = report.per_task_figure(report.group_results(report.load_results(results)), baselines=baselines)
-    dashed = {axes.get_title().splitlines()[0]: [tuple(line.get_ydata()) for line in axes.get_lines()
-                                                 if line.get_linestyle() == "--"] for axes in figure.axes}
+    dashed = {
+        axes.get_title().splitlines()[0]: [
+            tuple(line.get_ydata()) for line in axes.get_lines() if line.get_linestyle() == "--"
+        ]
+        for axes in figure.axes
+    }
     assert dashed["drawer_open"] == [(0.05, 0.05)] and dashed["custom-task"] == []
-    returns = report.per_task_figure(report.group_results(report.load_results(results)), baselines=baselines,
-                                     metric="return")
+    returns = report.per_task_figure(
+        report.group_results(report.load_results(results)), baselines=baselines, metric="return"
+    )
     axes = next(a for a in returns.axes if a.get_title().startswith("drawer_open"))
     assert [tuple(line.get_ydata()) for line in axes.get_lines() if line.get_linestyle() == "--"] == [(12.0, 12.0)]
     alpha = next(line for line in axes.get_lines() if line.get_label() == "alpha")
-    expected = [np.mean([r[5] for r in synthetic_rows() if r[0] == "alpha" and r[1] == "drawer_open" and r[3] == step])
-                for step in alpha.get_xdata()]
+    expected = [
+        np.mean([r[5] for r in synthetic_rows() if r[0] == "alpha" and r[1] == "drawer_open" and r[3] == step])
+        for step in alpha.get_xdata()
+    ]
     np.testing.assert_allclose(alpha.get_ydata(), expected)
     low, high = axes.get_ylim()  # the returns are on the plot, not clipped to a rate's [0, 1]
     assert low <= min(expected) and high >= max(expected) > 1
@@ -481,17 +496,22 @@ def test_compare_runs_reports_labelled_workdirs(tmp_path, capsys):
         run.mkdir()
         (run / "config.json").write_text(json.dumps({"method": "whatever", "task": "door-close", "seed": seed}))
         lines = [{"step": 10, "train/return": 1.0}]  # not an evaluation
-        lines += [{"step": 1000 * (i + 1), "eval/success_rate": s, "eval/return": 100.0 * s}
-                  for i, s in enumerate(successes)]
+        lines += [
+            {"step": 1000 * (i + 1), "eval/success_rate": s, "eval/return": 100.0 * s} for i, s in enumerate(successes)
+        ]
         (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
         dirs[label] = run
     out = tmp_path / "out"
-    paths = compare.main([f"--run=dreamerv2={dirs['dreamerv2']}", f"--run=prelar_fm={dirs['prelar_fm']}",
-                          f"--out={out}"])
+    paths = compare.main(
+        [f"--run=dreamerv2={dirs['dreamerv2']}", f"--run=prelar_fm={dirs['prelar_fm']}", f"--out={out}"]
+    )
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["method"], r["task"], r["seed"], r["step"], r["success_rate"]) for r in rows] == [
-        ("dreamerv2", "door-close", "0", "1000", "0.0"), ("dreamerv2", "door-close", "0", "2000", "0.5"),
-        ("prelar_fm", "door-close", "3", "1000", "0.25"), ("prelar_fm", "door-close", "3", "2000", "1.0")]
+        ("dreamerv2", "door-close", "0", "1000", "0.0"),
+        ("dreamerv2", "door-close", "0", "2000", "0.5"),
+        ("prelar_fm", "door-close", "3", "1000", "0.25"),
+        ("prelar_fm", "door-close", "3", "2000", "1.0"),
+    ]
     assert os.path.getsize(paths["return_per_task"]) > 1000
     with pytest.raises(SystemExit) as exit_info:
         compare.main([f"--run={dirs['dreamerv2']}", f"--out={out}"])  # no label

@@ -37,13 +37,25 @@ def pretrained_dir(tmp_path_factory):
 def test_configs_are_configurations_of_one_agent():
     prelar = finetune_config()
     dreamer = finetune_config("configs/dreamerv2.py:tiny")
-    for config in (prelar, dreamer, finetune_config("configs/prelar_finetune.py:paper"),
-                   finetune_config("configs/dreamerv2.py:paper")):
+    for config in (
+        prelar,
+        dreamer,
+        finetune_config("configs/prelar_finetune.py:paper"),
+        finetune_config("configs/dreamerv2.py:paper"),
+    ):
         config_lib.validate_finetune_config(config)
     prelar_params = jax.eval_shape(agent_lib.FinetuneAgent(prelar).init, jax.random.key(0))[0]
     dreamer_params = jax.eval_shape(agent_lib.FinetuneAgent(dreamer).init, jax.random.key(0))[0]
-    assert set(prelar_params) == {"encoder", "decoder", "rssm", "action_encoder", "reward",
-                                  "aux_reward", "actor", "critic"}
+    assert set(prelar_params) == {
+        "encoder",
+        "decoder",
+        "rssm",
+        "action_encoder",
+        "reward",
+        "aux_reward",
+        "actor",
+        "critic",
+    }
     assert set(dreamer_params) == {"encoder", "decoder", "rssm", "reward", "actor", "critic"}
     # PreLAR's RSSM takes the action code, DreamerV2's the raw 4-d action.
     code, deter = prelar.action_encoder.code_size, prelar.model.deter
@@ -59,8 +71,7 @@ def test_configs_are_configurations_of_one_agent():
     assert pre.implicit_action.stoch == finetune_config("configs/prelar_finetune.py:paper").action_encoder.code_size
     # The cpu preset: one world model (plain CNN, same sizes) for PreLAR, APV and DreamerV2, and each
     # fine-tuning config matches its pre-training config.
-    cpu = {name: finetune_config(f"configs/{name}.py:cpu")
-           for name in ("prelar_finetune", "apv_finetune", "dreamerv2")}
+    cpu = {name: finetune_config(f"configs/{name}.py:cpu") for name in ("prelar_finetune", "apv_finetune", "dreamerv2")}
     for name, config in cpu.items():
         config_lib.validate_finetune_config(config)
         assert config.model.to_dict() == cpu["dreamerv2"].model.to_dict() and config.model.encoder == "plain", name
@@ -68,17 +79,22 @@ def test_configs_are_configurations_of_one_agent():
         pre = config_lib.load_config(f"configs/{method}_pretrain.py:cpu", {"data.root": "unused"})
         config_lib.validate_pretrain_config(pre)
         assert pre.model.to_dict() == cpu[f"{method}_finetune"].model.to_dict()
-    assert config_lib.load_config("configs/prelar_pretrain.py:cpu").implicit_action.stoch == \
-        cpu["prelar_finetune"].action_encoder.code_size
+    assert (
+        config_lib.load_config("configs/prelar_pretrain.py:cpu").implicit_action.stoch
+        == cpu["prelar_finetune"].action_encoder.code_size
+    )
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"task": "open-the-fridge"}, "task"),
-    ({"prefill": 10}, "prefill"),
-    ({"sequence_length": 60}, "sequence_length"),
-    ({"env.num_envs": 0}, "env.num_envs"),
-    ({"intrinsic.window": 9}, "intrinsic.window"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"task": "open-the-fridge"}, "task"),
+        ({"prefill": 10}, "prefill"),
+        ({"sequence_length": 60}, "sequence_length"),
+        ({"env.num_envs": 0}, "env.num_envs"),
+        ({"intrinsic.window": 9}, "intrinsic.window"),
+    ],
+)
 def test_bad_finetune_config_names_the_key(overrides, key):
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
         config_lib.validate_finetune_config(finetune_config(**overrides))
@@ -116,8 +132,10 @@ def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir)
     config, params, stats, step = pretrained_lib.restore_pretrain_state(workdir)
     model = PretrainModel(config)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
-                          jax.eval_shape(lambda k: model.init_state(k, make_optimizer(config)), jax.random.key(0)))
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+        jax.eval_shape(lambda k: model.init_state(k, make_optimizer(config)), jax.random.key(0)),
+    )
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         full, metadata = ckpt.restore(target)
     chex.assert_trees_all_equal((params, stats), (full.params, full.batch_stats))
@@ -151,9 +169,12 @@ def random_batch(config, seed=0):
     B, T = config.batch_size, config.sequence_length
     is_first = np.zeros((B, T), bool)
     is_first[:, 0] = True
-    return {"image": rng.integers(0, 256, (B, T, 64, 64, 3), dtype=np.uint8),
-            "action": rng.uniform(-1, 1, (B, T, 4)).astype(np.float32),
-            "reward": rng.random((B, T)).astype(np.float32), "is_first": is_first}
+    return {
+        "image": rng.integers(0, 256, (B, T, 64, 64, 3), dtype=np.uint8),
+        "action": rng.uniform(-1, 1, (B, T, 4)).astype(np.float32),
+        "reward": rng.random((B, T)).astype(np.float32),
+        "is_first": is_first,
+    }
 
 
 def _run_updates(config, devices, count, batch):
@@ -245,6 +266,7 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     assert os.listdir(workdir / "media")
     # One evaluation episode per evaluation as a GIF: the reset frame and every step of it.
     from PIL import Image
+
     for step in (200, 400):
         with Image.open(workdir / "media" / f"eval_{step:08d}.gif") as gif:
             assert gif.n_frames == config.env.time_limit + 1 and gif.size == (64, 64)
@@ -267,15 +289,17 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     assert steps == sorted(steps)
     metadata = checkpoint.read_metadata(workdir / "checkpoints")
     assert metadata["counters"]["env_step"] == 500
-    assert metadata["replay"]["episodes"][:len(saved_replay)] == saved_replay
+    assert metadata["replay"]["episodes"][: len(saved_replay)] == saved_replay
 
     # The fine-tuned world model read back for analysis: the latest checkpoint's parameters, and
     # its open-loop error beside the mean-frame and last-frame baselines (numpy, float64).
     from prelar_jax.analysis import transfer
+
     restored_config, params, _, env_step = pretrained_lib.restore_finetune_state(workdir)
     assert env_step == 500 and restored_config.steps == 500
     full, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(
-        agent_lib.FinetuneAgent(longer).init_state(jax.random.key(0)))
+        agent_lib.FinetuneAgent(longer).init_state(jax.random.key(0))
+    )
     chex.assert_trees_all_close(params, jax.tree.map(np.asarray, full.params))
     names = sorted(os.listdir(workdir / "replay"))
     replay = [dict(np.load(workdir / "replay" / n)) for n in names]
@@ -284,11 +308,13 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     mean = np.mean(np.concatenate([e["image"] for e in replay]).astype(np.float64), axis=0) / 255.0
     windows = [(e, s) for e in range(2) for s in range(0, len(held_out[e]["image"]) - 7, 8)]
     assert result["eval_windows"] == len(windows)
-    frames = [held_out[e]["image"][s:s + 8].astype(np.float64) / 255.0 for e, s in windows]
-    np.testing.assert_allclose(result["baseline_mse"], np.mean([np.mean((f[3:] - mean) ** 2) for f in frames]),
-                               rtol=1e-9)
-    np.testing.assert_allclose(result["last_frame_mse"], np.mean([np.mean((f[3:] - f[2]) ** 2) for f in frames]),
-                               rtol=1e-9)
+    frames = [held_out[e]["image"][s : s + 8].astype(np.float64) / 255.0 for e, s in windows]
+    np.testing.assert_allclose(
+        result["baseline_mse"], np.mean([np.mean((f[3:] - mean) ** 2) for f in frames]), rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        result["last_frame_mse"], np.mean([np.mean((f[3:] - f[2]) ** 2) for f in frames]), rtol=1e-9
+    )
     assert 0.0 < result["mse"] < 1.0 and len(result["mse_by_step"]) == 5 and result["env_step"] == 500
     assert result["ratio_to_mean_frame"] == pytest.approx(result["mse"] / result["baseline_mse"])
     with pytest.raises(pretrained_lib.PretrainedNotFoundError, match="not a fine-tuning workdir"):
@@ -312,7 +338,8 @@ def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
     feat_dim = config.model.stoch * config.model.classes + config.model.deter
     assert params["rssm"]["obs_out"]["kernel"].shape[0] == config.model.deter + feat_dim
     new_params, new_stats, report = pretrained_lib.load_pretrained(
-        str(tmp_path), params, stats, config.model, agent_lib.pretrained_module_map(config))
+        str(tmp_path), params, stats, config.model, agent_lib.pretrained_module_map(config)
+    )
     jax.tree.map(np.testing.assert_array_equal, new_params["af_rssm"], saved_params["rssm"])
     jax.tree.map(np.testing.assert_array_equal, new_params["rssm"], params["rssm"])  # new
     assert any(p.startswith("params/af_rssm/") for p in report["loaded"])
@@ -326,7 +353,8 @@ def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):
     assert bonus.projection.shape[0] == feat_dim
     batch = random_batch(config)
     loss, (_, post, _, metrics) = jax.jit(agent.world_model_loss)(
-        new_params, new_stats, bonus, batch, jax.random.key(1), np.arange(config.batch_size))
+        new_params, new_stats, bonus, batch, jax.random.key(1), np.arange(config.batch_size)
+    )
     assert np.isfinite(float(loss))
     assert post["deter"].shape == (config.batch_size, config.sequence_length, config.model.deter)
     assert np.isfinite(float(metrics["intr_mean"]))

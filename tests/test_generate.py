@@ -108,8 +108,9 @@ def _load_all(out: Path) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.mark.slow
 def test_generate_tiny_run_loads_and_is_worker_independent(tmp_path: Path) -> None:
-    kwargs = dict(tasks=["reach", "push-v3"], episodes_per_task=1, max_steps=60, noise_std=0.1, seed=3,
-                  cut_after_success=2)
+    kwargs = dict(
+        tasks=["reach", "push-v3"], episodes_per_task=1, max_steps=60, noise_std=0.1, seed=3, cut_after_success=2
+    )
     summary = generate.generate_videos(tmp_path / "w1", workers=1, verbose=False, **kwargs)
     assert summary["episodes"] == 2 and summary["tasks"] == ["reach", "push"]
     assert summary["fps"] > 0 and len(summary["files"]) == 2

@@ -11,15 +11,13 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from prelar_jax.learners.intrinsic import (IntrinsicConfigError, init_intrinsic, intrinsic_reward,
-                                  knn_distances, push)
+from prelar_jax.learners.intrinsic import IntrinsicConfigError, init_intrinsic, intrinsic_reward, knn_distances, push
 
 
 class ReferenceBonus:
     """Brute-force float64 version of the same algorithm, with a plain list as the FIFO queue."""
 
-    def __init__(self, projection: np.ndarray, capacity: int, window: int, k: int,
-                 momentum: float, eps: float):
+    def __init__(self, projection: np.ndarray, capacity: int, window: int, k: int, momentum: float, eps: float):
         self.projection = np.asarray(projection, np.float64)
         self.capacity, self.window, self.k = capacity, window, k
         self.momentum, self.eps = momentum, eps
@@ -30,16 +28,14 @@ class ReferenceBonus:
         features = np.asarray(features, np.float64)
         batch, length, _ = features.shape
         steps = length - self.window + 1
-        smoothed = np.stack([features[:, t:t + self.window].mean(axis=1) for t in range(steps)],
-                            axis=1)
+        smoothed = np.stack([features[:, t : t + self.window].mean(axis=1) for t in range(steps)], axis=1)
         vectors = (smoothed @ self.projection).reshape(batch * steps, -1)
-        self.entries = (self.entries + list(vectors))[-self.capacity:]
+        self.entries = (self.entries + list(vectors))[-self.capacity :]
         queue = np.stack(self.entries)
         distances = np.sort(np.linalg.norm(vectors[:, None] - queue[None], axis=-1), axis=1)
-        nearest = distances[:, :min(self.k, len(queue))]
+        nearest = distances[:, : min(self.k, len(queue))]
         raw = nearest.mean(axis=1)
-        self.magnitude = (self.momentum * self.magnitude
-                          + (1 - self.momentum) * np.abs(raw).mean())
+        self.magnitude = self.momentum * self.magnitude + (1 - self.momentum) * np.abs(raw).mean()
         reward = raw / (self.magnitude + self.eps)
         return reward.reshape(batch, steps), raw, nearest
 
@@ -57,8 +53,7 @@ def test_matches_reference_over_calls_with_partial_fill_wrap_and_overflow():
     momentum, eps = 0.9, 1e-8
     state = init_intrinsic(jax.random.key(0), feature_dim, queue_dim, capacity)
     reference = ReferenceBonus(np.asarray(state.projection), capacity, window, k, momentum, eps)
-    step = jax.jit(functools.partial(intrinsic_reward, window=window, k=k, momentum=momentum,
-                                     eps=eps))
+    step = jax.jit(functools.partial(intrinsic_reward, window=window, k=k, momentum=momentum, eps=eps))
     rng = np.random.default_rng(1)
     # 3 vectors per row. Fill: 3 (< k), 9, 21, 40 (wraps: 21 + 24 > 40), 40 (a batch of 48 >
     # capacity keeps its last 40), 40 (pointer no longer 0).
@@ -68,16 +63,14 @@ def test_matches_reference_over_calls_with_partial_fill_wrap_and_overflow():
         expected, raw, _ = reference(features)
         assert reward.shape == (batch, length - window + 1) and reward.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(reward), expected, rtol=2e-5, atol=1e-6)
-        np.testing.assert_allclose(logical_queue(state), np.stack(reference.entries),
-                                   rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(logical_queue(state), np.stack(reference.entries), rtol=2e-5, atol=1e-6)
         assert int(state.count) == len(reference.entries)
         np.testing.assert_allclose(float(state.magnitude), reference.magnitude, rtol=2e-5)
         np.testing.assert_allclose(float(metrics["intr_mean"]), raw.mean(), rtol=2e-5)
         np.testing.assert_allclose(float(metrics["intr_std"]), raw.std(), rtol=1e-3)
         np.testing.assert_allclose(float(metrics["intr_mag"]), reference.magnitude, rtol=2e-5)
         np.testing.assert_allclose(float(metrics["intr_normed_mean"]), expected.mean(), rtol=2e-5)
-        np.testing.assert_allclose(float(metrics["intr_queue_fill"]),
-                                   len(reference.entries) / capacity)
+        np.testing.assert_allclose(float(metrics["intr_queue_fill"]), len(reference.entries) / capacity)
 
 
 def test_query_finds_itself_at_distance_zero():
@@ -107,8 +100,7 @@ def test_projection_statistics():
     assert faithful.shape == (feature_dim, queue_dim) and faithful.dtype == np.float32
     assert abs(faithful.std() / (1.0 / queue_dim) - 1.0) < 0.03
     assert abs(faithful.mean()) < 4 * (1.0 / queue_dim) / np.sqrt(faithful.size)
-    scaled = np.asarray(init_intrinsic(jax.random.key(5), feature_dim, queue_dim, 8,
-                                       projection_std="sqrt").projection)
+    scaled = np.asarray(init_intrinsic(jax.random.key(5), feature_dim, queue_dim, 8, projection_std="sqrt").projection)
     assert abs(scaled.std() / (1.0 / np.sqrt(queue_dim)) - 1.0) < 0.03
     state = init_intrinsic(jax.random.key(5), feature_dim, queue_dim, 8)
     assert int(state.count) == 0 and int(state.pointer) == 0 and float(state.magnitude) == 1.0
@@ -123,26 +115,29 @@ def test_data_parallel_equals_one_device():
     feature_dim, queue_dim, capacity, window, k = 16, 8, 50, 2, 7
     kwargs = dict(window=window, k=k, momentum=0.9)
     single = jax.jit(functools.partial(intrinsic_reward, **kwargs))
-    sharded = jax.jit(jax.shard_map(
-        functools.partial(intrinsic_reward, axis_name="data", **kwargs), mesh=mesh,
-        in_specs=(P(), P("data")), out_specs=(P("data"), P(), P()), check_vma=False))
+    sharded = jax.jit(
+        jax.shard_map(
+            functools.partial(intrinsic_reward, axis_name="data", **kwargs),
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=(P("data"), P(), P()),
+            check_vma=False,
+        )
+    )
     state_one = state_many = init_intrinsic(jax.random.key(6), feature_dim, queue_dim, capacity)
     rng = np.random.default_rng(7)
     for _ in range(3):  # 8 * 5 = 40 vectors a call: the queue wraps on the second call
         features = jnp.asarray(rng.normal(size=(8, 6, feature_dim)).astype(np.float32))
         reward_one, state_one, metrics_one = single(state_one, features)
         reward_many, state_many, metrics_many = sharded(state_many, features)
-        np.testing.assert_allclose(np.asarray(reward_many), np.asarray(reward_one), rtol=1e-6,
-                                   atol=1e-7)
+        np.testing.assert_allclose(np.asarray(reward_many), np.asarray(reward_one), rtol=1e-6, atol=1e-7)
         # The pushed vectors are the same rows of the same matmul, gathered: bitwise equal.
         np.testing.assert_array_equal(np.asarray(state_many.queue), np.asarray(state_one.queue))
         assert int(state_many.pointer) == int(state_one.pointer)
         assert int(state_many.count) == int(state_one.count)
-        np.testing.assert_allclose(float(state_many.magnitude), float(state_one.magnitude),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(float(state_many.magnitude), float(state_one.magnitude), rtol=1e-6)
         for name, value in metrics_one.items():
-            np.testing.assert_allclose(float(metrics_many[name]), float(value), rtol=1e-5,
-                                       err_msg=name)
+            np.testing.assert_allclose(float(metrics_many[name]), float(value), rtol=1e-5, err_msg=name)
     assert int(state_one.count) == capacity and int(state_one.pointer) == 3 * 40 % capacity
 
 

@@ -47,8 +47,10 @@ EVENT_TIMEOUT = 300.0
 # Metrics that measure time, not computation: they legitimately differ between runs.
 TIMING_KEYS = re.compile(r"^(perf/.*|fps/.*|updates/s|compile_seconds|eval/seconds)$")
 
-pytestmark = [pytest.mark.slow,  # subprocesses: skipped by -m "not slow"
-              pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="process checks read /proc (Linux)")]
+pytestmark = [
+    pytest.mark.slow,  # subprocesses: skipped by -m "not slow"
+    pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="process checks read /proc (Linux)"),
+]
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -57,8 +59,9 @@ pytestmark = [pytest.mark.slow,  # subprocesses: skipped by -m "not slow"
 def subprocess_env() -> dict[str, str]:
     """The test session's environment for a CLI run on one CPU device, sharing the compile cache."""
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", WANDB_MODE="disabled", MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        JAX_PLATFORMS="cpu", WANDB_MODE="disabled", MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl", PYTHONUNBUFFERED="1"
+    )
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     env["XLA_FLAGS"] = flags
     # conftest.py sets JAX_COMPILATION_CACHE_DIR before this module is imported; it is inherited.
@@ -72,8 +75,14 @@ class Run:
     def __init__(self, command: list[str], log_path: Path):
         self.command, self.log_path = command, log_path
         self.log_file = open(log_path, "w", encoding="utf-8")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.children: dict[int, int] = {}  # pid -> start time of every child process seen
 
     def output(self) -> str:
@@ -131,7 +140,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
     return fields[0], int(fields[1]), int(fields[19])
 
 
@@ -208,8 +217,12 @@ def without_timing(record: dict) -> dict:
 
 def line_kind(record: dict) -> str:
     """Which logging call wrote a fine-tuning metrics line."""
-    for key, kind in (("eval/success_rate", "eval"), ("train/return", "train"), ("model_loss", "update"),
-                      ("compile_seconds", "setup")):
+    for key, kind in (
+        ("eval/success_rate", "eval"),
+        ("train/return", "train"),
+        ("model_loss", "update"),
+        ("compile_seconds", "setup"),
+    ):
         if key in record:
             return kind
     return "other:" + ",".join(sorted(record))
@@ -219,10 +232,18 @@ def line_kind(record: dict) -> str:
 
 
 def pretrain_command(data_root: Path, workdir: Path, steps: int, checkpoint_every: int = 5) -> list[str]:
-    return [sys.executable, str(ROOT / "experiments" / "pretrain.py"), "--config=configs/prelar_pretrain.py:tiny",
-            f"--config.data.root={data_root}", f"--config.steps={steps}", "--config.log.every=1",
-            f"--config.log.checkpoint_every={checkpoint_every}", "--config.log.media_every=100000",
-            "--config.log.wandb_mode=disabled", f"--workdir={workdir}"]
+    return [
+        sys.executable,
+        str(ROOT / "experiments" / "pretrain.py"),
+        "--config=configs/prelar_pretrain.py:tiny",
+        f"--config.data.root={data_root}",
+        f"--config.steps={steps}",
+        "--config.log.every=1",
+        f"--config.log.checkpoint_every={checkpoint_every}",
+        "--config.log.media_every=100000",
+        "--config.log.wandb_mode=disabled",
+        f"--workdir={workdir}",
+    ]
 
 
 def test_pretrain_killed_twice_resumes_to_the_uninterrupted_result(tmp_path):
@@ -260,8 +281,10 @@ def test_pretrain_killed_twice_resumes_to_the_uninterrupted_result(tmp_path):
 
         # Kill 2: right after a new checkpoint's temporary directory appears (an async save in flight).
         second = Run(pretrain_command(videos, workdir, steps), tmp_path / "run2.log")
-        second.wait_for(lambda: f"resumed from checkpoint at step {after_first}" in second.output(),
-                        f"'resumed from checkpoint at step {after_first}' (tmp dirs are cleaned before it)")
+        second.wait_for(
+            lambda: f"resumed from checkpoint at step {after_first}" in second.output(),
+            f"'resumed from checkpoint at step {after_first}' (tmp dirs are cleaned before it)",
+        )
         in_flight = second.wait_for(lambda: temporary_dirs(checkpoints), "a checkpoint being written")
         time.sleep(rng.uniform(0.0, 0.1))
         second.kill()
@@ -269,8 +292,10 @@ def test_pretrain_killed_twice_resumes_to_the_uninterrupted_result(tmp_path):
         in_flight_step = int(in_flight[0].split(".")[0])
         assert in_flight_step > after_first
         left_behind = temporary_dirs(checkpoints)
-        assert left_behind, (f"the kill missed the save of step {in_flight_step} (it completed); "
-                             "the test cannot check half-written checkpoints" + second.tail())
+        assert left_behind, (
+            f"the kill missed the save of step {in_flight_step} (it completed); "
+            "the test cannot check half-written checkpoints" + second.tail()
+        )
         # What a resumed run sees as latest: a finished step, never the half-written one.
         latest = checkpoint.read_metadata(checkpoints)["step"]
         assert latest == max(finished_steps(checkpoints)) and latest < in_flight_step
@@ -312,8 +337,10 @@ def test_pretraining_with_one_seed_is_deterministic(tmp_path):
     steps = 4
     videos = Path(write_moving_squares(str(tmp_path / "videos")))
     names = ("a", "b")
-    runs = [Run(pretrain_command(videos, tmp_path / name, steps, checkpoint_every=2), tmp_path / f"{name}.log")
-            for name in names]
+    runs = [
+        Run(pretrain_command(videos, tmp_path / name, steps, checkpoint_every=2), tmp_path / f"{name}.log")
+        for name in names
+    ]
     try:
         for run in runs:
             assert run.wait() == 0, run.tail()
@@ -337,10 +364,18 @@ def test_pretraining_with_one_seed_is_deterministic(tmp_path):
 
 
 def finetune_command(workdir: Path, steps: int, checkpoint_every: int, **extra) -> list[str]:
-    flags = {"steps": steps, "log.checkpoint_every": checkpoint_every, "env.time_limit": 50,
-             "log.wandb_mode": "disabled", **extra}
-    return ([sys.executable, str(ROOT / "experiments" / "finetune.py"), "--config=configs/dreamerv2.py:tiny"]
-            + [f"--config.{k}={v}" for k, v in flags.items()] + [f"--workdir={workdir}"])
+    flags = {
+        "steps": steps,
+        "log.checkpoint_every": checkpoint_every,
+        "env.time_limit": 50,
+        "log.wandb_mode": "disabled",
+        **extra,
+    }
+    return (
+        [sys.executable, str(ROOT / "experiments" / "finetune.py"), "--config=configs/dreamerv2.py:tiny"]
+        + [f"--config.{k}={v}" for k, v in flags.items()]
+        + [f"--workdir={workdir}"]
+    )
 
 
 def tiny_finetune_config():
@@ -409,7 +444,7 @@ def test_finetune_sigkill_resumes_at_the_checkpoint(tmp_path):
     # Checkpoints fall on episode boundaries (multiples of time_limit), so no episode was lost.
     assert metadata["counters"]["episodes"] == steps // 50
     saved, final = killed_metadata["replay"]["episodes"], metadata["replay"]["episodes"]
-    assert final[:len(saved)] == saved and len(final) == steps // 50
+    assert final[: len(saved)] == saved and len(final) == steps // 50
     assert metadata["replay"]["total_episodes"] == steps // 50
 
     rows = read_metrics(workdir)
@@ -421,7 +456,8 @@ def test_finetune_sigkill_resumes_at_the_checkpoint(tmp_path):
     assert not [k for k, n in later.items() if n > 1], f"lines logged twice: {later}"
     evals = [r["step"] for r in rows if line_kind(r) == "eval"]
     assert evals[-1] == steps and len([s for s in evals if s > resume_step]) == len(
-        {s for s in evals if s > resume_step})
+        {s for s in evals if s > resume_step}
+    )
 
 
 def test_finetune_sigterm_saves_at_the_current_step_and_exits(tmp_path):
@@ -464,14 +500,15 @@ def test_finetune_sigterm_saves_at_the_current_step_and_exits(tmp_path):
     final = checkpoint.read_metadata(checkpoints)
     check_final_counters(config, final, steps)
     saved = metadata["replay"]["episodes"]
-    assert final["replay"]["episodes"][:len(saved)] == saved
+    assert final["replay"]["episodes"][: len(saved)] == saved
     # Per kind of line, steps only go up (the whole file too: see the test below).
     rows = read_metrics(workdir)
     for kind in ("train", "update", "eval"):
         logged = [r["step"] for r in rows if line_kind(r) == kind]
         assert logged == sorted(set(logged)), f"{kind} lines out of order or twice: {logged}"
     assert [r for r in rows if r["step"] < metadata["step"]] == [
-        r for r in stopped_rows if r["step"] < metadata["step"]]
+        r for r in stopped_rows if r["step"] < metadata["step"]
+    ]
 
 
 def test_finetune_metrics_lines_are_once_and_in_order_across_a_kill_and_a_rerun(tmp_path):
@@ -480,15 +517,21 @@ def test_finetune_metrics_lines_are_once_and_in_order_across_a_kill_and_a_rerun(
     (episode ends between updates), run to the end, then the finished run re-run. In both, each kind
     of line appears once per step and steps never go back."""
     steps, prefill = 250, 200
-    commands = {"A": finetune_command(tmp_path / "A", steps, prefill, prefill=prefill),
-                "B": finetune_command(tmp_path / "B", steps, prefill, prefill=prefill, **{"env.time_limit": 51})}
+    commands = {
+        "A": finetune_command(tmp_path / "A", steps, prefill, prefill=prefill),
+        "B": finetune_command(tmp_path / "B", steps, prefill, prefill=prefill, **{"env.time_limit": 51}),
+    }
     killed = Run(commands["A"], tmp_path / "A1.log")
     finished = Run(commands["B"], tmp_path / "B1.log")
     reruns = []
     try:
         path, checkpoints = tmp_path / "A" / "metrics.jsonl", tmp_path / "A" / "checkpoints"
-        killed.wait_for(lambda: prefill in finished_steps(checkpoints) and path.exists()
-                        and '"eval/success_rate"' in path.read_text(), "the evaluation and checkpoint at prefill")
+        killed.wait_for(
+            lambda: (
+                prefill in finished_steps(checkpoints) and path.exists() and '"eval/success_rate"' in path.read_text()
+            ),
+            "the evaluation and checkpoint at prefill",
+        )
         killed.kill()
         assert checkpoint.read_metadata(checkpoints)["step"] == prefill
         reruns.append(Run(commands["A"], tmp_path / "A2.log"))

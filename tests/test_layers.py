@@ -12,11 +12,15 @@ from prelar_jax.runtime.config import REPO_ROOT
 
 PACKAGE = "prelar_jax"
 LEVELS = {  # package (first component under prelar_jax) -> level
-    "errors": 0, "types": 0,
-    "model": 1, "envs": 1,
-    "data": 2, "learners": 2,
+    "errors": 0,
+    "types": 0,
+    "model": 1,
+    "envs": 1,
+    "data": 2,
+    "learners": 2,
     "runtime": 3,
-    "analysis": 4, "perf": 4,
+    "analysis": 4,
+    "perf": 4,
     "launch": 5,
 }
 
@@ -60,8 +64,7 @@ def layer_violations(modules) -> list[str]:
             if other not in LEVELS:
                 bad.append(f"{rel}:{line} imports {name}: package {other!r} has no level in LEVELS")
             elif LEVELS[other] >= LEVELS[own]:
-                bad.append(f"{rel}:{line} ({own}, level {LEVELS[own]}) imports {name} "
-                           f"({other}, level {LEVELS[other]})")
+                bad.append(f"{rel}:{line} ({own}, level {LEVELS[own]}) imports {name} ({other}, level {LEVELS[other]})")
     return bad
 
 
@@ -82,8 +85,7 @@ def test_the_check_finds_a_back_reference(tmp_path):
     assert len(bad) == 1 and "prelar_jax.runtime.parallel" in bad[0]
 
 
-@pytest.mark.parametrize("source", ["import prelar_jax.analysis.report\n",
-                                    "from prelar_jax.launch import runner\n"])
+@pytest.mark.parametrize("source", ["import prelar_jax.analysis.report\n", "from prelar_jax.launch import runner\n"])
 def test_the_check_finds_runtime_importing_analysis(tmp_path, source):
     path = tmp_path / "loop.py"
     path.write_text(source)

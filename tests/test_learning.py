@@ -30,9 +30,9 @@ def _batch(episodes, rng, batch_size, length):
     for _ in range(batch_size):
         episode = episodes[rng.integers(len(episodes))]
         start = rng.integers(len(episode["image"]) - length + 1)
-        image.append(episode["image"][start:start + length])
-        action.append(episode["action"][start:start + length])
-        reward.append(episode["reward"][start:start + length])
+        image.append(episode["image"][start : start + length])
+        action.append(episode["action"][start : start + length])
+        reward.append(episode["reward"][start : start + length])
     is_first = np.zeros((batch_size, length), bool)
     is_first[:, 0] = True
     return {"image": np.stack(image), "action": np.stack(action), "reward": np.stack(reward), "is_first": is_first}
@@ -54,8 +54,9 @@ def test_actor_learns_the_rewarded_action():
     def mean_first_action(state):
         frames = np.stack([episode["image"][0] for episode in episodes])
         carry = agent.initial_carry(len(frames))
-        action, _ = policy(state.params, state.batch_stats, carry, frames, np.ones(len(frames), bool),
-                           jax.random.key(1), explore=False)
+        action, _ = policy(
+            state.params, state.batch_stats, carry, frames, np.ones(len(frames), bool), jax.random.key(1), explore=False
+        )
         return np.mean(np.asarray(action), axis=0)  # [4]
 
     before = mean_first_action(state)
@@ -95,11 +96,19 @@ def test_probe_reads_true_actions_and_not_shuffled_ones():
     assert shuffled["r2_mean"] < 0.1, shuffled  # no predictive power (negative: worse than the mean)
 
 
-SQUARE_PRETRAIN = {"model.encoder": "plain", "model.depth": 8, "model.deter": 64, "model.hidden": 64,
-                   "model.stoch": 8, "model.classes": 8, "batch_size": 8, "log.wandb_mode": "disabled",
-                   # 3x the preset's learning rate: the codes find the action in 500 updates (0.24
-                   # R2 at 3e-4, 0.92 at 1e-3; README "Learning").
-                   "optimizer.lr": 1e-3}
+SQUARE_PRETRAIN = {
+    "model.encoder": "plain",
+    "model.depth": 8,
+    "model.deter": 64,
+    "model.hidden": 64,
+    "model.stoch": 8,
+    "model.classes": 8,
+    "batch_size": 8,
+    "log.wandb_mode": "disabled",
+    # 3x the preset's learning rate: the codes find the action in 500 updates (0.24
+    # R2 at 3e-4, 0.92 at 1e-3; README "Learning").
+    "optimizer.lr": 1e-3,
+}
 
 
 def forward_model_codes() -> dict:
@@ -126,12 +135,15 @@ def square_pretraining(tmp_path_factory):
     root = tmp_path_factory.mktemp("squares")
     synthetic.write_moving_square_videos(root / "train", 40, 32, seed=0, smoothness=0.0, square=12, speed=3.0)
     probe_episodes = synthetic.moving_square_episodes(12, 48, seed=1, smoothness=0.0, square=12, speed=3.0)
-    config = config_lib.load_config("configs/prelar_pretrain.py:tiny",
-                                    {**SQUARE_PRETRAIN, **forward_model_codes(), "data.root": str(root / "train")})
+    config = config_lib.load_config(
+        "configs/prelar_pretrain.py:tiny",
+        {**SQUARE_PRETRAIN, **forward_model_codes(), "data.root": str(root / "train")},
+    )
     dataset = videos.make_video_dataset("npz", str(root / "train"))
     saved = root / "saved"
-    rows = pretrain_eval.study(config, dataset, probe_episodes, steps=500, eval_every=500, log=lambda _: None,
-                               save_workdir=str(saved))
+    rows = pretrain_eval.study(
+        config, dataset, probe_episodes, steps=500, eval_every=500, log=lambda _: None, save_workdir=str(saved)
+    )
     return {"rows": rows, "saved": saved, "config": config}
 
 

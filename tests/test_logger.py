@@ -75,7 +75,10 @@ def test_console_lines_when_not_a_terminal(tmp_path):
             logger.log(step, {"loss": 1.0 / step, "hidden": 3.0})
     lines = stream.getvalue().splitlines()
     assert [line.split(" | ")[0] for line in lines] == [
-        "step 5/12 (41.7%)", "step 10/12 (83.3%)", "step 12/12 (100.0%)"]
+        "step 5/12 (41.7%)",
+        "step 10/12 (83.3%)",
+        "step 12/12 (100.0%)",
+    ]
     assert "loss 0.2 |" in lines[0] and "hidden" not in lines[0]
     assert "steps/s" in lines[0] and "ETA" in lines[0]
 

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.slow  # subprocesses or long training: skipped by -m "n
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 # The same overrides on the command line (two processes) and in-process (the reference run).
-OVERRIDES = {"steps": STEPS, "log.every": 1, "log.checkpoint_every": 2, "log.media_every": 1000,
-             "log.wandb_mode": "disabled"}
+OVERRIDES = {
+    "steps": STEPS,
+    "log.every": 1,
+    "log.checkpoint_every": 2,
+    "log.media_every": 1000,
+    "log.wandb_mode": "disabled",
+}
 
 
 @pytest.fixture
@@ -32,8 +37,13 @@ def no_cluster_env(monkeypatch):
 
 
 def slurm_env(ntasks: int, procid: int) -> dict[str, str]:
-    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": str(ntasks),
-            "SLURM_PROCID": str(procid), "SLURM_LOCALID": "0"}
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "node[001-002]",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": "0",
+    }
 
 
 def test_settings_from_explicit_variables():
@@ -53,13 +63,16 @@ def test_settings_from_slurm_leave_the_rest_to_jax():
     assert parallel.distributed_settings(explicit) == parallel.DistributedSettings("head:999", 2, None, "slurm")
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID are not set"),
-    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "JAX_COORDINATOR_ADDRESS is not set"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "between 0 and 1"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "not an integer"),
-    ({"JAX_COORDINATOR_ADDRESS": "h", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "host:port"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID are not set"),
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "JAX_COORDINATOR_ADDRESS is not set"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "between 0 and 1"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "not an integer"),
+        ({"JAX_COORDINATOR_ADDRESS": "h", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "host:port"),
+    ],
+)
 def test_incomplete_or_bad_variables_are_one_clear_error(env, message):
     with pytest.raises(parallel.DistributedSetupError, match=message):
         parallel.distributed_settings(env)
@@ -70,16 +83,21 @@ def test_initialize_distributed_passes_the_settings_to_jax(no_cluster_env):
     no_cluster_env.setattr(jax.distributed, "is_initialized", lambda: False)
     no_cluster_env.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
     assert parallel.initialize_distributed() is None and calls == []  # nothing set: single process
-    for name, value in [("JAX_COORDINATOR_ADDRESS", "127.0.0.1:5555"), ("JAX_NUM_PROCESSES", "2"),
-                        ("JAX_PROCESS_ID", "1")]:
+    for name, value in [
+        ("JAX_COORDINATOR_ADDRESS", "127.0.0.1:5555"),
+        ("JAX_NUM_PROCESSES", "2"),
+        ("JAX_PROCESS_ID", "1"),
+    ]:
         no_cluster_env.setenv(name, value)
     parallel.initialize_distributed()
-    assert calls == [{"coordinator_address": "127.0.0.1:5555", "num_processes": 2, "process_id": 1,
-                      "cluster_detection_method": None}]
+    assert calls == [
+        {"coordinator_address": "127.0.0.1:5555", "num_processes": 2, "process_id": 1, "cluster_detection_method": None}
+    ]
     calls.clear()
     parallel.initialize_distributed(slurm_env(4, 2))
-    assert calls == [{"coordinator_address": None, "num_processes": 4, "process_id": None,
-                      "cluster_detection_method": "slurm"}]
+    assert calls == [
+        {"coordinator_address": None, "num_processes": 4, "process_id": None, "cluster_detection_method": "slurm"}
+    ]
 
 
 def test_finetuning_refuses_several_processes_before_starting_anything(no_cluster_env, tmp_path):
@@ -117,10 +135,15 @@ def free_port() -> int:
 def two_process_command(data_root: str, workdir: str) -> list[str]:
     # experiments/pretrain.py as is, run through multihost_child.py so that process 1 too writes
     # the compilation cache (JAX writes it from process 0 only; see that file).
-    return [sys.executable, os.path.join(ROOT, "tests", "multihost_child.py"),
-            os.path.join(ROOT, "experiments", "pretrain.py"),
-            "--config=configs/prelar_pretrain.py:tiny", f"--workdir={workdir}",
-            f"--config.data.root={data_root}", *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "tests", "multihost_child.py"),
+        os.path.join(ROOT, "experiments", "pretrain.py"),
+        "--config=configs/prelar_pretrain.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.root={data_root}",
+        *[f"--config.{k}={v}" for k, v in OVERRIDES.items()],
+    ]
 
 
 # Run in each of two processes (2 CPU devices each): its rows of an 8-row batch, and both ways of
@@ -149,12 +172,24 @@ print("rows ok", index, list(rows))
 def start_two_processes(command: list[str]) -> list[subprocess.Popen]:
     """``command`` as processes 0 and 1 of a two-process JAX job (2 fake CPU devices each)."""
     port = free_port()
-    return [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                      JAX_PROCESS_ID=str(index)))
-            for index in range(2)]
+    return [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(
+                os.environ,
+                JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(index),
+            ),
+        )
+        for index in range(2)
+    ]
 
 
 def finish_processes(procs: list[subprocess.Popen], timeout: float) -> list[str]:

@@ -46,8 +46,7 @@ def _all_leaves_dtype(tree, dtype) -> bool:
 
 @pytest.mark.parametrize("channels", [3, 6])
 def test_resnet_encoder_paper_shape(channels):
-    variables, out = _init_and_apply_shapes(ResNetEncoder(48, 3), _shape_dtype((N, 64, 64, channels)),
-                                            train=False)
+    variables, out = _init_and_apply_shapes(ResNetEncoder(48, 3), _shape_dtype((N, 64, 64, channels)), train=False)
     assert out.shape == (N, 3072) and out.dtype == jnp.float32
     assert variables["params"]["Conv_0"]["kernel"].shape == (3, 3, channels, 48)
     assert "batch_stats" in variables
@@ -68,8 +67,7 @@ def test_plain_encoder_decoder_paper_shapes():
 
 
 def _rssm_paper_inputs(action_dim=64, embed_dim=3072):
-    state = {"logit": _shape_dtype((N, 32, 32)), "stoch": _shape_dtype((N, 32, 32)),
-             "deter": _shape_dtype((N, 1024))}
+    state = {"logit": _shape_dtype((N, 32, 32)), "stoch": _shape_dtype((N, 32, 32)), "deter": _shape_dtype((N, 1024))}
     return state, _shape_dtype((N, action_dim)), _shape_dtype((N, embed_dim)), _shape_dtype((N,), jnp.bool_)
 
 
@@ -91,22 +89,25 @@ def test_rssm_paper_shapes():
     assert params["img_logits"]["kernel"].shape == (1024, 32 * 32)
     assert params["obs_out"]["kernel"].shape == (1024 + 3072, 1024)
     post, prior = jax.eval_shape(
-        lambda v, *a: rssm.apply(v, *a, method=RSSM.obs_step), variables, state, action, embed, first, keys)
+        lambda v, *a: rssm.apply(v, *a, method=RSSM.obs_step), variables, state, action, embed, first, keys
+    )
     _assert_state_shapes(post)
     _assert_state_shapes(prior)
-    img = jax.eval_shape(lambda v, *a: rssm.apply(v, *a, method=RSSM.img_step),
-                         variables, state, action, keys)
+    img = jax.eval_shape(lambda v, *a: rssm.apply(v, *a, method=RSSM.img_step), variables, state, action, keys)
     _assert_state_shapes(img)
     assert jax.eval_shape(feature, post).shape == (N, 2048)
     initial = jax.eval_shape(lambda: rssm.initial(N))
     _assert_state_shapes(initial)
 
 
-@pytest.mark.parametrize("code_type, expected", [
-    ("stoch", {"mean": (N, 64), "std": (N, 64)}),
-    ("deter", {"deter": (N, 64)}),
-    ("mix", {"deter": (N, 64), "mean": (N, 64), "std": (N, 64)}),
-])
+@pytest.mark.parametrize(
+    "code_type, expected",
+    [
+        ("stoch", {"mean": (N, 64), "std": (N, 64)}),
+        ("deter", {"deter": (N, 64)}),
+        ("mix", {"deter": (N, 64), "mean": (N, 64), "std": (N, 64)}),
+    ],
+)
 @pytest.mark.parametrize("source", ["pixels", "embed"])
 def test_implicit_action_paper_shapes(code_type, expected, source):
     module = ImplicitActionEncoder(code_type, input=source)
@@ -137,17 +138,24 @@ def test_bfloat16_compute_keeps_float32_params():
     # The computation itself runs in bfloat16; the decoder's image mean and the RSSM logits are
     # returned in float32 for the losses.
     frames = _shape_dtype((N, 64, 64, 3))
-    embed = jax.eval_shape(lambda p, s, x: model.encoder.apply({"params": p, "batch_stats": s}, x,
-                                                               train=False),
-                           params["encoder"], stats["encoder"], frames)
+    embed = jax.eval_shape(
+        lambda p, s, x: model.encoder.apply({"params": p, "batch_stats": s}, x, train=False),
+        params["encoder"],
+        stats["encoder"],
+        frames,
+    )
     assert embed.dtype == jnp.bfloat16 and embed.shape == (N, 3072)
-    image = jax.eval_shape(lambda p, s, f: model.decoder.apply({"params": p, "batch_stats": s}, f,
-                                                               train=False),
-                           params["decoder"], stats["decoder"], _shape_dtype((N, 2048)))
+    image = jax.eval_shape(
+        lambda p, s, f: model.decoder.apply({"params": p, "batch_stats": s}, f, train=False),
+        params["decoder"],
+        stats["decoder"],
+        _shape_dtype((N, 2048)),
+    )
     assert image.dtype == jnp.float32
     state, action, embed_in, first = _rssm_paper_inputs()
-    post, _ = jax.eval_shape(lambda p, *a: model.rssm.apply({"params": p}, *a),
-                             params["rssm"], state, action, embed_in, first)
+    post, _ = jax.eval_shape(
+        lambda p, *a: model.rssm.apply({"params": p}, *a), params["rssm"], state, action, embed_in, first
+    )
     assert post["logit"].dtype == jnp.float32 and post["deter"].dtype == jnp.float32
 
 
@@ -190,7 +198,7 @@ def test_initialisation_glorot_kernels_zero_biases_unit_norms():
     bound = _glorot_bound(big.shape)
     assert big.size > 20_000
     values = big.reshape(-1).astype(np.float64)
-    np.testing.assert_allclose(values.var(), bound ** 2 / 3.0, rtol=0.03)  # = 2 / (fan_in + fan_out)
+    np.testing.assert_allclose(values.var(), bound**2 / 3.0, rtol=0.03)  # = 2 / (fan_in + fan_out)
     assert abs(values.mean()) < 0.01 * bound
     assert scipy.stats.kstest(values, scipy.stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3
 
@@ -224,7 +232,7 @@ def test_gru_cell_matches_float64_reference():
     parts = np.concatenate([x.astype(np.float64), h64], -1) @ w + b  # [B, 3 * size]
     mu, var = parts.mean(-1, keepdims=True), parts.var(-1, keepdims=True)
     parts = (parts - mu) / np.sqrt(var + 1e-3) * gamma + beta  # one LayerNorm over all 3 * size
-    reset, cand, update = parts[:, :size], parts[:, size:2 * size], parts[:, 2 * size:]
+    reset, cand, update = parts[:, :size], parts[:, size : 2 * size], parts[:, 2 * size :]
     reset = _sigmoid(reset)
     cand = np.tanh(reset * cand)  # the reset gate scales the whole candidate
     update = _sigmoid(update - 1.0)
@@ -241,8 +249,7 @@ def test_gru_cell_matches_float64_reference():
 @pytest.mark.parametrize("code_type", ["stoch", "deter", "mix"])
 def test_implicit_action_head_matches_float64_reference(code_type):
     stoch, deter, hidden, embed = 3, 2, 8, 5
-    module = ImplicitActionEncoder(code_type, stoch=stoch, deter=deter, hidden=hidden, input="embed",
-                                   embed_layers=2)
+    module = ImplicitActionEncoder(code_type, stoch=stoch, deter=deter, hidden=hidden, input="embed", embed_layers=2)
     rng = np.random.default_rng(1)
     prev = rng.standard_normal((4, embed)).astype(np.float32)
     curr = rng.standard_normal((4, embed)).astype(np.float32)
@@ -305,8 +312,7 @@ def test_code_from_params_samples_per_row_keys():
     eps = jnp.stack([jax.random.normal(k, (4,)) for k in keys])
     np.testing.assert_allclose(code, mean + std * eps, rtol=1e-6, atol=1e-6)
     # Row 1's sample depends on row 1's key only.
-    np.testing.assert_array_equal(code_from_params({"mean": mean[1:2], "std": std[1:2]}, keys[1:2]),
-                                  code[1:2])
+    np.testing.assert_array_equal(code_from_params({"mean": mean[1:2], "std": std[1:2]}, keys[1:2]), code[1:2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +402,9 @@ def test_balanced_kl_loss_value_and_gradients():
     np.testing.assert_allclose(loss, mean_kl, rtol=1e-5)  # 0.2 * KL + 0.8 * KL
     np.testing.assert_allclose(value, mean_kl, rtol=1e-5)
 
-    grad_post, grad_prior = jax.grad(
-        lambda q, p: distributions.balanced_kl_loss(q, p, 0.8, 0.0)[0], argnums=(0, 1))(post, prior)
+    grad_post, grad_prior = jax.grad(lambda q, p: distributions.balanced_kl_loss(q, p, 0.8, 0.0)[0], argnums=(0, 1))(
+        post, prior
+    )
     # Closed-form gradients of mean_{b,t} KL(softmax(a) || softmax(b)) in float64:
     #   d/da_j = q_j (log q_j - log p_j - KL) / (B T),   d/db_j = (p_j - q_j) / (B T).
     log_q, log_p = _log_softmax64(post), _log_softmax64(prior)
@@ -423,8 +430,7 @@ def test_balanced_kl_free_nats_clamp():
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
     below = float(mean_kl) / 2  # below the KL: no effect
-    np.testing.assert_allclose(distributions.balanced_kl_loss(post, prior, 0.8, below)[0], mean_kl,
-                               rtol=1e-5)
+    np.testing.assert_allclose(distributions.balanced_kl_loss(post, prior, 0.8, below)[0], mean_kl, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,7 +448,7 @@ def test_gaussian_kl_against_sigmoid2_prior_closed_form():
     mu = rng.standard_normal((5, 64)) * 1.5
     sigma = rng.uniform(0.05, 1.99, (5, 64))
     out = distributions.gaussian_kl(mu.astype(np.float32), sigma.astype(np.float32), 0.0, s0)
-    expected = (np.log(s0 / sigma) + (sigma ** 2 + mu ** 2) / (2 * s0 ** 2) - 0.5).sum(-1)
+    expected = (np.log(s0 / sigma) + (sigma**2 + mu**2) / (2 * s0**2) - 0.5).sum(-1)
     assert out.shape == (5,)
     np.testing.assert_allclose(out, expected, rtol=1e-5)
 
@@ -452,7 +458,7 @@ def test_gaussian_kl_between_two_gaussians():
     mu_a, mu_b = rng.standard_normal((2, 3, 8))
     sd_a, sd_b = rng.uniform(0.1, 2.0, (2, 3, 8))
     out = distributions.gaussian_kl(*(np.float32(v) for v in (mu_a, sd_a, mu_b, sd_b)))
-    expected = (np.log(sd_b / sd_a) + (sd_a ** 2 + (mu_a - mu_b) ** 2) / (2 * sd_b ** 2) - 0.5).sum(-1)
+    expected = (np.log(sd_b / sd_a) + (sd_a**2 + (mu_a - mu_b) ** 2) / (2 * sd_b**2) - 0.5).sum(-1)
     np.testing.assert_allclose(out, expected, rtol=1e-5)
     np.testing.assert_allclose(distributions.gaussian_kl(mu_a, sd_a, mu_a, sd_a), 0.0, atol=1e-5)
 
@@ -470,8 +476,9 @@ def test_remat_resnet_same_parameters_gradients_and_statistics(module_class, sha
     assert jax.tree.structure(variables) == jax.tree.structure(remat.init(KEY, x, train=False))
 
     def loss(params, module):
-        out, stats = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                  train=True, mutable=["batch_stats"])
+        out, stats = module.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+        )
         return jnp.sum(jnp.square(out)), stats
 
     expected = jax.grad(loss, has_aux=True)(variables["params"], plain)
@@ -490,8 +497,9 @@ def test_subpixel_transposed_conv_equals_flax_conv_transpose(kernel, size):
     params = reference.init(jax.random.key(1), x)
     params = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape), params)
     outputs, grads = {}, {}
-    for name, module in [("flax", reference)] + [(impl, StridedConvTranspose(3, (kernel, kernel), impl=impl))
-                                                 for impl in ("subpixel", "lax")]:
+    for name, module in [("flax", reference)] + [
+        (impl, StridedConvTranspose(3, (kernel, kernel), impl=impl)) for impl in ("subpixel", "lax")
+    ]:
         loss = lambda p, x, module=module: jnp.sum(jnp.sin(module.apply(p, x)))
         outputs[name] = module.apply(params, x)
         grads[name] = jax.grad(loss, argnums=(0, 1))(params, x)

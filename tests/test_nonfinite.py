@@ -91,8 +91,9 @@ def test_monitor_counts_streaks_and_names_the_last_checkpoint():
 @pytest.mark.slow
 def test_pretraining_with_nan_loss_stops_and_never_writes_nan(tmp_path):
     squares = write_moving_squares(tmp_path / "videos", episodes=3, length=12)
-    config = tiny_config(squares, **{"loss.kl_scale": float("nan"), "nonfinite_limit": 4, "steps": 20,
-                                     "log.checkpoint_every": 2})
+    config = tiny_config(
+        squares, **{"loss.kl_scale": float("nan"), "nonfinite_limit": 4, "steps": 20, "log.checkpoint_every": 2}
+    )
     with pytest.raises(run_utils.NonFiniteError, match="4 updates in a row"):
         pretrain_loop.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     with open(tmp_path / "run" / "metrics.jsonl") as handle:

@@ -27,7 +27,7 @@ from prelar_jax.runtime import config as config_lib, parallel, steps
 from prelar_jax.learners.pretrain import PretrainModel, TrainState, make_optimizer
 from tests.model_helpers import init_params, load_config
 
-U_BF16 = 2.0 ** -9  # unit roundoff of bfloat16 (8 significand bits, round to nearest)
+U_BF16 = 2.0**-9  # unit roundoff of bfloat16 (8 significand bits, round to nearest)
 B, T = 4, 6  # pre-training batch
 PRETRAIN_STEPS = 30
 FINETUNE_UPDATES = 3
@@ -36,10 +36,34 @@ FINETUNE_UPDATES = 3
 # function (log-softmax, KL, entropy, BatchNorm moments, squared errors, ndtr/ndtri of the
 # truncated normal) ran in bfloat16. Elementwise layer arithmetic (add, mul, ELU's expm1,
 # avg-pool's division, ...) is allowed to.
-SENSITIVE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "exp",
-             "exp2", "log", "log1p", "logistic", "tanh", "erf", "erfc", "erf_inv", "sqrt", "rsqrt",
-             "pow", "integer_pow", "square", "cumsum", "cumprod", "cumlogsumexp", "cummax",
-             "sort", "top_k"}
+SENSITIVE = {
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "argmax",
+    "argmin",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "logistic",
+    "tanh",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "sqrt",
+    "rsqrt",
+    "pow",
+    "integer_pow",
+    "square",
+    "cumsum",
+    "cumprod",
+    "cumlogsumexp",
+    "cummax",
+    "sort",
+    "top_k",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,10 +106,12 @@ def finetune_config(dtype: str):
 def finetune_batch(config) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     batch, length = config.batch_size, config.sequence_length
-    return {"image": moving_squares(batch, length, seed=1),
-            "action": rng.uniform(-1, 1, (batch, length, config.action_dim)).astype(np.float32),
-            "reward": rng.random((batch, length)).astype(np.float32),
-            "is_first": first_flags(batch, length)}
+    return {
+        "image": moving_squares(batch, length, seed=1),
+        "action": rng.uniform(-1, 1, (batch, length, config.action_dim)).astype(np.float32),
+        "reward": rng.random((batch, length)).astype(np.float32),
+        "is_first": first_flags(batch, length),
+    }
 
 
 def equations(jaxpr):
@@ -123,7 +149,7 @@ def bf16_violations(closed_jaxpr) -> list[str]:
             found.append(f"{eqn.primitive.name} -> bfloat16")
         if eqn.primitive.name == "scan":
             consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
-            if "bfloat16" in _dtypes(eqn.invars[consts:consts + carries]):
+            if "bfloat16" in _dtypes(eqn.invars[consts : consts + carries]):
                 found.append("scan with a bfloat16 carry")
     return found
 
@@ -145,8 +171,9 @@ def pretrain_run(dtype: str):
     model = PretrainModel(config, bn_axis_name=parallel.AXIS)
     optimizer = make_optimizer(config)
     params, stats = init_params("tiny")  # float32 whatever the compute dtype
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                       opt_state=optimizer.init(params))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=optimizer.init(params)
+    )
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = parallel.put_replicated(state, mesh)
     batch = parallel.put_batch({"image": moving_squares(B, T), "is_first": first_flags(B, T)}, mesh)
@@ -229,14 +256,17 @@ def test_finetune_losses_jaxpr_float32_numerics():
     n = config.batch_size * config.sequence_length
     wm_params = {k: state.params[k] for k in agent.world_model_modules()}
     ac_params = {k: state.params[k] for k in agent_lib.ACTOR_CRITIC_MODULES}
-    wm = jax.make_jaxpr(lambda p, s, bonus: agent.world_model_loss(
-        p, s, bonus, batch, jax.random.key(0), jnp.arange(config.batch_size)))(
-        wm_params, state.batch_stats, state.intrinsic)
-    start = {"logit": jnp.zeros((n, config.model.stoch, config.model.classes)),
-             "stoch": jnp.zeros((n, config.model.stoch, config.model.classes)),
-             "deter": jnp.zeros((n, config.model.deter))}
-    ac = jax.make_jaxpr(agent.actor_critic_loss)(ac_params, wm_params, state.slow_critic, start,
-                                                  jax.random.split(jax.random.key(0), n))
+    wm = jax.make_jaxpr(
+        lambda p, s, bonus: agent.world_model_loss(p, s, bonus, batch, jax.random.key(0), jnp.arange(config.batch_size))
+    )(wm_params, state.batch_stats, state.intrinsic)
+    start = {
+        "logit": jnp.zeros((n, config.model.stoch, config.model.classes)),
+        "stoch": jnp.zeros((n, config.model.stoch, config.model.classes)),
+        "deter": jnp.zeros((n, config.model.deter)),
+    }
+    ac = jax.make_jaxpr(agent.actor_critic_loss)(
+        ac_params, wm_params, state.slow_critic, start, jax.random.split(jax.random.key(0), n)
+    )
     for name, jaxpr in (("world model", wm), ("actor-critic", ac)):
         assert bf16_violations(jaxpr) == [], name
         assert jaxpr.out_avals[0].dtype == jnp.float32 and jaxpr.out_avals[0].shape == ()
@@ -318,18 +348,15 @@ def test_finetune_update_parity_and_float32_state():
     initial32, state32, f32 = finetune_run("float32")
     initial16, state16, b16 = finetune_run("bfloat16")
     jax.tree.map(np.testing.assert_array_equal, initial16, initial32)  # same starting point
-    for field in ("params", "slow_critic", "batch_stats", "model_opt_state",
-                  "actor_critic_opt_state", "intrinsic"):
+    for field in ("params", "slow_critic", "batch_stats", "model_opt_state", "actor_critic_opt_state", "intrinsic"):
         assert_float32_state(getattr(state16, field), field)
     jax.tree.map(lambda a, b: np.testing.assert_equal(a.dtype, b.dtype), state16, state32)
     first16, first32 = b16[0], f32[0]
     for name in ("model_loss", "image_loss", "reward_loss", "aux_reward_loss"):
         np.testing.assert_allclose(first16[name], first32[name], rtol=4 * U_BF16, err_msg=name)
     np.testing.assert_allclose(first16["kl"], first32["kl"], rtol=10 * U_BF16, err_msg="kl")
-    for name in ("actor_loss", "critic_loss", "lambda_return", "actor_entropy", "critic_value",
-                 "imag_reward"):
-        np.testing.assert_allclose(first16[name], first32[name], rtol=10 * U_BF16, atol=10 * U_BF16,
-                                   err_msg=name)
+    for name in ("actor_loss", "critic_loss", "lambda_return", "actor_entropy", "critic_value", "imag_reward"):
+        np.testing.assert_allclose(first16[name], first32[name], rtol=10 * U_BF16, atol=10 * U_BF16, err_msg=name)
     for history in (f32, b16):
         assert all(m["nonfinite"] == 0 for m in history)
         assert all(m[name].dtype == np.float32 for m in history for name in m)

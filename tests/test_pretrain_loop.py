@@ -24,18 +24,27 @@ def write_moving_squares(root, episodes=6, length=24, seed=0):
         colour = rng.integers(120, 256, 3, dtype=np.uint8)
         for t in range(length + 1):
             y, x = np.clip(pos, 0, 52).astype(int)
-            frames[t, y:y + 12, x:x + 12] = colour
+            frames[t, y : y + 12, x : x + 12] = colour
             pos = pos + vel
             vel = np.where((pos < 0) | (pos > 52), -vel, vel)
-        np.savez_compressed(os.path.join(root, f"20260101T000000-{e:032x}-{length}.npz"), image=frames,
-                            action=np.zeros((length + 1, 4), np.float32),
-                            reward=np.zeros(length + 1, np.float32))
+        np.savez_compressed(
+            os.path.join(root, f"20260101T000000-{e:032x}-{length}.npz"),
+            image=frames,
+            action=np.zeros((length + 1, 4), np.float32),
+            reward=np.zeros(length + 1, np.float32),
+        )
     return root
 
 
 def tiny_config(data_root, **overrides):
-    values = {"data.root": str(data_root), "log.wandb_mode": "disabled", "log.every": 5,
-              "log.media_every": 1000, "log.checkpoint_every": 10, **overrides}
+    values = {
+        "data.root": str(data_root),
+        "log.wandb_mode": "disabled",
+        "log.every": 5,
+        "log.media_every": 1000,
+        "log.checkpoint_every": 10,
+        **overrides,
+    }
     return config_lib.load_config("configs/prelar_pretrain.py:tiny", values)
 
 
@@ -102,8 +111,7 @@ def test_resumed_run_equals_uninterrupted_run(squares, tmp_path):
 @pytest.mark.slow
 def test_resume_with_different_model_config_is_refused(squares, tmp_path):
     workdir = str(tmp_path / "run")
-    pretrain_loop.run(tiny_config(squares, steps=1, **{"log.checkpoint_every": 1}), workdir,
-                      devices=jax.devices()[:1])
+    pretrain_loop.run(tiny_config(squares, steps=1, **{"log.checkpoint_every": 1}), workdir, devices=jax.devices()[:1])
     changed = tiny_config(squares, steps=2, **{"model.deter": 48})
     with pytest.raises(ValueError, match="model.deter"):
         pretrain_loop.run(changed, workdir, devices=jax.devices()[:1])
@@ -118,8 +126,9 @@ def test_clear_errors_before_any_work(squares, tmp_path):
         pretrain_loop.run(tiny_config(empty), str(tmp_path / "b"), devices=jax.devices()[:1])
     # the loop samples at data.frame_stride: 8 frames at stride 10 span 71, more than any episode has
     with pytest.raises(videos.NoVideoDataError, match=r"at least 71 frames.*data.frame_stride"):
-        pretrain_loop.run(tiny_config(squares, **{"data.frame_stride": 10}), str(tmp_path / "s"),
-                          devices=jax.devices()[:1])
+        pretrain_loop.run(
+            tiny_config(squares, **{"data.frame_stride": 10}), str(tmp_path / "s"), devices=jax.devices()[:1]
+        )
     with pytest.raises(config_lib.ConfigError, match="data.root"):
         pretrain_loop.run(tiny_config(""), str(tmp_path / "c"))
     with pytest.raises(config_lib.ConfigError, match="steps"):
@@ -128,10 +137,13 @@ def test_clear_errors_before_any_work(squares, tmp_path):
         tiny_config(squares, **{"model.nonsense": 1})
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.model.nope=3", "unknown config key --config.model.nope"),
-    ("--config.data.root={missing}", "No usable episodes"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.model.nope=3", "unknown config key --config.model.nope"),
+        ("--config.data.root={missing}", "No usable episodes"),
+    ],
+)
 def test_cli_reports_bad_input_in_one_line(tmp_path, flag, message):
     import subprocess
     import sys
@@ -139,9 +151,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, flag, message):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     flag = flag.format(missing=tmp_path / "missing")
     proc = subprocess.run(
-        [sys.executable, os.path.join(root, "experiments", "pretrain.py"),
-         "--config=configs/prelar_pretrain.py:tiny", flag, f"--workdir={tmp_path / 'run'}"],
-        cwd=root, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            os.path.join(root, "experiments", "pretrain.py"),
+            "--config=configs/prelar_pretrain.py:tiny",
+            flag,
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
@@ -156,11 +177,18 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_finishes(squares, tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = tmp_path / "run"
-    command = [sys.executable, os.path.join(root, "experiments", "pretrain.py"),
-               "--config=configs/prelar_pretrain.py:tiny", f"--config.data.root={squares}",
-               "--config.steps=100000", "--config.log.every=1", "--config.log.checkpoint_every=100000",
-               "--config.log.media_every=100000", "--config.log.wandb_mode=disabled",
-               f"--workdir={workdir}"]
+    command = [
+        sys.executable,
+        os.path.join(root, "experiments", "pretrain.py"),
+        "--config=configs/prelar_pretrain.py:tiny",
+        f"--config.data.root={squares}",
+        "--config.steps=100000",
+        "--config.log.every=1",
+        "--config.log.checkpoint_every=100000",
+        "--config.log.media_every=100000",
+        "--config.log.wandb_mode=disabled",
+        f"--workdir={workdir}",
+    ]
     proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
@@ -184,8 +212,9 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_finishes(squares, tmp_path):
     assert max(logged) == stopped_at  # the checkpointed step's metrics were written before exit
 
     # The same command, asked for a few more steps, resumes at the checkpoint and finishes.
-    config = tiny_config(squares, steps=stopped_at + 2, **{"log.every": 1, "log.checkpoint_every": 100000,
-                                                           "log.media_every": 100000})
+    config = tiny_config(
+        squares, steps=stopped_at + 2, **{"log.every": 1, "log.checkpoint_every": 100000, "log.media_every": 100000}
+    )
     summary = pretrain_loop.run(config, str(workdir), allow_config_override=False, devices=jax.devices()[:1])
     assert summary["finished"] and summary["step"] == stopped_at + 2
     steps = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]

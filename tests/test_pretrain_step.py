@@ -60,9 +60,13 @@ def test_default_loss_metrics_and_consistency_gradient_routing():
     _assert_finite(metrics)
     scales = config.loss
     np.testing.assert_allclose(
-        total, scales.kl_scale * metrics["kl_loss"] + scales.image_scale * metrics["image_loss"]
-        + scales.implicit_kl_scale * metrics["implicit_kl"] + scales.consistency_scale * metrics["consistency"],
-        rtol=1e-6)
+        total,
+        scales.kl_scale * metrics["kl_loss"]
+        + scales.image_scale * metrics["image_loss"]
+        + scales.implicit_kl_scale * metrics["implicit_kl"]
+        + scales.consistency_scale * metrics["consistency"],
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(metrics["kl_loss"], metrics["kl"], rtol=1e-6)  # no free nats
     assert 0.0 <= metrics["consistency_sign"] <= 4.0
     assert 0.0 < metrics["implicit_std"] < 2.0
@@ -93,16 +97,14 @@ def test_apv_configuration_has_no_implicit_action():
     stoch = config.model.stoch * config.model.classes
     # APV's action-free model is fed fill_action zeros of size 50.
     assert params["rssm"]["img_in"]["kernel"].shape == (stoch + 50, config.model.hidden)
-    total, (_, metrics) = jax.jit(model.loss)(params, stats, random_batch(1, B, T), jax.random.key(2),
-                                             jnp.arange(B))
+    total, (_, metrics) = jax.jit(model.loss)(params, stats, random_batch(1, B, T), jax.random.key(2), jnp.arange(B))
     assert np.isfinite(total)
     assert set(metrics) == LOSS_METRICS
     np.testing.assert_allclose(total, metrics["kl_loss"] + metrics["image_loss"], rtol=1e-6)
 
 
 def _variant(code_type: str, source: str = "embed"):
-    config = load_config("tiny", **{"implicit_action.code_type": code_type,
-                                    "implicit_action.input": source})
+    config = load_config("tiny", **{"implicit_action.code_type": code_type, "implicit_action.input": source})
     return config, PretrainModel(config)
 
 
@@ -115,8 +117,7 @@ def test_embed_input_mix_code_runs():
     stoch = config.model.stoch * config.model.classes
     code_dim = config.implicit_action.deter + config.implicit_action.stoch
     assert params["rssm"]["img_in"]["kernel"].shape == (stoch + code_dim, config.model.hidden)
-    total, (_, metrics) = jax.jit(model.loss)(params, stats, random_batch(2, B, T), jax.random.key(3),
-                                             jnp.arange(B))
+    total, (_, metrics) = jax.jit(model.loss)(params, stats, random_batch(2, B, T), jax.random.key(3), jnp.arange(B))
     assert np.isfinite(total)
     assert set(metrics) == LOSS_METRICS | CODE_METRICS | CONSISTENCY_METRICS
     _assert_finite(metrics)
@@ -129,10 +130,10 @@ def test_deter_code_traces(source):
     config, model = _variant("deter", source)
     params, stats = jax.eval_shape(model.init, jax.random.key(0))
     stoch = config.model.stoch * config.model.classes
-    assert params["rssm"]["img_in"]["kernel"].shape == (stoch + config.implicit_action.deter,
-                                                        config.model.hidden)
+    assert params["rssm"]["img_in"]["kernel"].shape == (stoch + config.implicit_action.deter, config.model.hidden)
     total, (_, metrics) = jax.eval_shape(
-        lambda p, s: model.loss(p, s, random_batch(2, B, T), jax.random.key(3), jnp.arange(B)), params, stats)
+        lambda p, s: model.loss(p, s, random_batch(2, B, T), jax.random.key(3), jnp.arange(B)), params, stats
+    )
     assert total.shape == () and total.dtype == jnp.float32
     assert set(metrics) == LOSS_METRICS | {"code_norm"} | CONSISTENCY_METRICS
 
@@ -142,8 +143,7 @@ def test_consistency_fixed_points_are_ties():
     pair is a tie and both the tanh surrogate and the released sign loss should be 0."""
     _, model = _variant("stoch")
     params, stats = glorot_params(model)
-    total, (_, metrics) = jax.jit(model.loss)(params, stats, random_batch(4, 1, T), jax.random.key(5),
-                                             jnp.arange(1))
+    total, (_, metrics) = jax.jit(model.loss)(params, stats, random_batch(4, 1, T), jax.random.key(5), jnp.arange(1))
     assert metrics["action_distance"] == 0.0
     assert metrics["state_distance"] == 0.0
     assert metrics["consistency_sign"] == 0.0 and metrics["consistency"] == 0.0
@@ -200,8 +200,12 @@ def test_four_device_step_equals_one_device_step():
     config.seed = _seed_with_fixed_point(B)
     params, stats = init_params("tiny")
     optimizer = make_optimizer(config)
-    state = TrainState(step=np.zeros((), np.int32), params=params, batch_stats=stats,
-                       opt_state=jax.tree.map(np.asarray, optimizer.init(params)))
+    state = TrainState(
+        step=np.zeros((), np.int32),
+        params=params,
+        batch_stats=stats,
+        opt_state=jax.tree.map(np.asarray, optimizer.init(params)),
+    )
     batch = random_batch(5, B, T)
     one_state, one_metrics = _one_step(config, parallel.make_mesh(jax.devices()[:1]), state, batch)
     four_state, four_metrics = _one_step(config, parallel.make_mesh(jax.devices()[:4]), state, batch)
@@ -215,8 +219,8 @@ def test_four_device_step_equals_one_device_step():
     assert float(one_metrics["nonfinite"]) == 0.0
     for name in sorted(one_metrics):
         np.testing.assert_allclose(
-            four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-5,
-            err_msg=f"metric {name!r}")
+            four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-5, err_msg=f"metric {name!r}"
+        )
 
 
 def test_batch_must_divide_over_devices():
@@ -240,14 +244,14 @@ def _torch_adam_reference(params, grads_per_step, lr, eps, clip, weight_decay):
     b1, b2 = 0.9, 0.999
     for step, grads in enumerate(grads_per_step, start=1):
         grads = {k: g.astype(np.float64) for k, g in grads.items()}
-        norm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
         coef = min(clip / (norm + 1e-6), 1.0)  # torch.nn.utils.clip_grad_norm_
         for k in params:
             g = grads[k] * coef + weight_decay * params[k]  # Adam(weight_decay=...) is coupled L2
             m[k] = b1 * m[k] + (1 - b1) * g
-            v[k] = b2 * v[k] + (1 - b2) * g ** 2
-            denom = np.sqrt(v[k]) / np.sqrt(1 - b2 ** step) + eps
-            params[k] = params[k] - lr / (1 - b1 ** step) * m[k] / denom
+            v[k] = b2 * v[k] + (1 - b2) * g**2
+            denom = np.sqrt(v[k]) / np.sqrt(1 - b2**step) + eps
+            params[k] = params[k] - lr / (1 - b1**step) * m[k] / denom
     return params
 
 
@@ -260,10 +264,17 @@ def test_make_optimizer_equals_torch_adam(clip):
     config.optimizer.weight_decay = 0.05  # large, so its place in the chain matters
     rng = np.random.default_rng(6)
     # 'b' and its gradients are tiny, so that eps = 1e-5 (not 1e-8) matters in Adam's denominator.
-    params = {"w": rng.standard_normal((3, 4)).astype(np.float32),
-              "b": (1e-4 * rng.standard_normal((4,))).astype(np.float32)}
-    grads_per_step = [{"w": rng.standard_normal((3, 4)).astype(np.float32),
-                       "b": (1e-5 * rng.standard_normal((4,))).astype(np.float32)} for _ in range(4)]
+    params = {
+        "w": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": (1e-4 * rng.standard_normal((4,))).astype(np.float32),
+    }
+    grads_per_step = [
+        {
+            "w": rng.standard_normal((3, 4)).astype(np.float32),
+            "b": (1e-5 * rng.standard_normal((4,))).astype(np.float32),
+        }
+        for _ in range(4)
+    ]
     optimizer = make_optimizer(config)
     state = optimizer.init(params)
     current = jax.tree.map(jnp.asarray, params)
@@ -325,10 +336,16 @@ def test_implicit_kl_free_nats_and_prior_image_loss():
     scales, total, metrics, grads = run(**{"loss.prior_image_scale": 0.5})
     assert metrics["prior_image_loss"] > 0
     np.testing.assert_allclose(
-        total, scales.kl_scale * metrics["kl_loss"] + scales.image_scale * metrics["image_loss"]
-        + scales.implicit_kl_scale * metrics["implicit_kl"] + 0.5 * metrics["prior_image_loss"], rtol=1e-6)
-    _, _, _, prior_only = run(**{"loss.prior_image_scale": 1.0, "loss.kl_scale": 0.0, "loss.image_scale": 0.0,
-                                 "loss.implicit_kl_scale": 0.0})
+        total,
+        scales.kl_scale * metrics["kl_loss"]
+        + scales.image_scale * metrics["image_loss"]
+        + scales.implicit_kl_scale * metrics["implicit_kl"]
+        + 0.5 * metrics["prior_image_loss"],
+        rtol=1e-6,
+    )
+    _, _, _, prior_only = run(
+        **{"loss.prior_image_scale": 1.0, "loss.kl_scale": 0.0, "loss.image_scale": 0.0, "loss.implicit_kl_scale": 0.0}
+    )
     for name in ("implicit_action", "rssm", "decoder", "encoder"):
         assert _global_norm(prior_only[name]) > 0, name
 
@@ -338,8 +355,10 @@ def test_implicit_kl_warmup_ramps_the_scale_with_the_update_count():
     """``loss.implicit_kl_warmup``: the code KL's scale is step / warmup, capped at 1, with the
     step that ``make_pretrain_step`` passes in the batch; without a step (direct calls) it is 1."""
     params, stats = init_params("tiny")
-    config = load_config("tiny", **{"loss.consistency": "off", "loss.kl_scale": 0.0, "loss.image_scale": 0.0,
-                                    "loss.implicit_kl_warmup": 100})
+    config = load_config(
+        "tiny",
+        **{"loss.consistency": "off", "loss.kl_scale": 0.0, "loss.image_scale": 0.0, "loss.implicit_kl_warmup": 100},
+    )
     model = PretrainModel(config)
     batch = random_batch(0, B, T)
     loss = jax.jit(lambda batch: model.loss(params, stats, batch, jax.random.key(1), jnp.arange(B)))
@@ -357,9 +376,17 @@ def test_code_forward_loss_trains_only_the_code_network_and_its_forward_model(sp
     ``x_{t-1}`` and the code; its loss is the fraction of the change left unexplained, so a model
     that predicts "no change" scores exactly 1 (checked by zeroing its output layer). It trains the
     code network and itself only: encoder, RSSM and decoder get no gradient from it."""
-    config = load_config("tiny", **{"loss.consistency": "off", "loss.kl_scale": 0.0, "loss.image_scale": 0.0,
-                                    "loss.implicit_kl_scale": 0.0, "loss.code_forward_scale": 2.0,
-                                    "loss.code_forward_space": space})
+    config = load_config(
+        "tiny",
+        **{
+            "loss.consistency": "off",
+            "loss.kl_scale": 0.0,
+            "loss.image_scale": 0.0,
+            "loss.implicit_kl_scale": 0.0,
+            "loss.code_forward_scale": 2.0,
+            "loss.code_forward_space": space,
+        },
+    )
     model = PretrainModel(config)
     params, stats = model.init(jax.random.key(0))
     assert "code_forward" in params and "code_forward" not in init_params("tiny")[0]  # off by default

@@ -33,26 +33,32 @@ FINETUNE = "configs/prelar_finetune.py"
 # ------------------------------------------------------------------------------------------ specs
 
 
-@pytest.mark.parametrize("spec, on", [
-    ("paper", set(SETTING_NAMES)),
-    ("lean", set()),
-    ("lean+shadows", {"shadows"}),
-    ("lean+shadows+multisampling", {"shadows", "multisampling"}),
-    ("paper-multisampling", set(SETTING_NAMES) - {"multisampling"}),
-    (" Paper - full_buffer ", set(SETTING_NAMES) - {"full_buffer"}),
-    ("lean+shadows-shadows", set()),  # applied left to right
-])
+@pytest.mark.parametrize(
+    "spec, on",
+    [
+        ("paper", set(SETTING_NAMES)),
+        ("lean", set()),
+        ("lean+shadows", {"shadows"}),
+        ("lean+shadows+multisampling", {"shadows", "multisampling"}),
+        ("paper-multisampling", set(SETTING_NAMES) - {"multisampling"}),
+        (" Paper - full_buffer ", set(SETTING_NAMES) - {"full_buffer"}),
+        ("lean+shadows-shadows", set()),  # applied left to right
+    ],
+)
 def test_spec_sets_exactly_the_named_settings(spec: str, on: set[str]) -> None:
     settings = parse_render_settings(spec)
     assert {name for name in SETTING_NAMES if getattr(settings, name)} == on
     assert parse_render_settings(settings.describe()) == settings  # describe() round-trips
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ("fancy", "unknown rendering preset 'fancy'"),
-    ("lean+shadow", "unknown rendering setting 'shadow'"),
-    ("lean+", "unknown rendering setting ''"),
-])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("fancy", "unknown rendering preset 'fancy'"),
+        ("lean+shadow", "unknown rendering setting 'shadow'"),
+        ("lean+", "unknown rendering setting ''"),
+    ],
+)
 def test_bad_specs_name_the_problem_and_the_valid_settings(spec: str, needle: str) -> None:
     with pytest.raises(RenderSettingsError, match=needle) as info:
         parse_render_settings(spec)
@@ -65,7 +71,8 @@ def test_presets_and_the_older_lean_rendering_switch() -> None:
     assert resolve_render_settings(None, False, default=LEAN) == PAPER
     assert resolve_render_settings(None, None, default=PAPER) == PAPER
     assert resolve_render_settings({**LEAN.to_dict(), "shadows": True}, None, LEAN) == RenderSettings(
-        shadows=True, reflections=False, multisampling=False, full_buffer=False)
+        shadows=True, reflections=False, multisampling=False, full_buffer=False
+    )
     with pytest.raises(RenderSettingsError, match="not both"):
         resolve_render_settings(PAPER, True, default=LEAN)
     with pytest.raises(RenderSettingsError, match="'shadows' must be True or False"):
@@ -96,12 +103,15 @@ def _tiny_with(**render) -> ml_collections.ConfigDict:
     return config
 
 
-@pytest.mark.parametrize("render, needle", [
-    ({**LEAN.to_dict(), "shadows": "yes"}, r"config.env.render: settings must be True or False, got shadows='yes'"),
-    ({**LEAN.to_dict(), "fog": False}, r"config.env.render: needs exactly the keys .*; unknown fog"),
-    ({"shadows": False}, r"config.env.render: needs exactly the keys .*; missing reflections, multisampling"),
-    ({}, r"config.env.render: must be a block with the boolean keys shadows, reflections"),
-])
+@pytest.mark.parametrize(
+    "render, needle",
+    [
+        ({**LEAN.to_dict(), "shadows": "yes"}, r"config.env.render: settings must be True or False, got shadows='yes'"),
+        ({**LEAN.to_dict(), "fog": False}, r"config.env.render: needs exactly the keys .*; unknown fog"),
+        ({"shadows": False}, r"config.env.render: needs exactly the keys .*; missing reflections, multisampling"),
+        ({}, r"config.env.render: must be a block with the boolean keys shadows, reflections"),
+    ],
+)
 def test_bad_render_block_gives_one_config_error(render: dict, needle: str) -> None:
     with pytest.raises(config_lib.ConfigError, match=needle):
         config_lib.validate_finetune_config(_tiny_with(**render))
@@ -129,9 +139,14 @@ def test_settings_reach_the_model_and_scene_and_paper_differs_from_lean_by_shado
     for spec in ("paper", "lean", "lean+shadows+multisampling"):
         with MetaWorldTask("drawer-open", seed=3, size=64, render=spec) as env:
             model, flags = env.env.model, env._renderer.scene.flags
-            seen[spec] = (model.vis.quality.offsamples, model.vis.quality.shadowsize,
-                          model.vis.global_.offwidth, model.vis.global_.offheight,
-                          flags[mujoco.mjtRndFlag.mjRND_SHADOW], flags[mujoco.mjtRndFlag.mjRND_REFLECTION])
+            seen[spec] = (
+                model.vis.quality.offsamples,
+                model.vis.quality.shadowsize,
+                model.vis.global_.offwidth,
+                model.vis.global_.offheight,
+                flags[mujoco.mjtRndFlag.mjRND_SHADOW],
+                flags[mujoco.mjtRndFlag.mjRND_REFLECTION],
+            )
             frames[spec] = _frames(env, actions)
     # The Meta-World model's own values stay for paper (MuJoCo's defaults: 4x MSAA, 4096^2 shadow map,
     # 640x480 buffer); lean turns each off.

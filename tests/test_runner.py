@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A stand-in for experiments/finetune.py: takes --key=value flags (so the sweep's
 # --config.x=... --workdir=... work too), records every call, its time interval and any signal.
-FAKE_TRAINER = textwrap.dedent(r'''
+FAKE_TRAINER = textwrap.dedent(r"""
     import json, os, signal, sys, time
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     workdir, mode = args["workdir"], args.get("mode", "finish")
@@ -59,7 +59,7 @@ FAKE_TRAINER = textwrap.dedent(r'''
             f.write(json.dumps({"step": step, "eval/success_rate": seed / 10 + step / 6000,
                                 "eval/return": float(step)}) + "\n")
     summary(mode == "finish")
-''')
+""")
 
 
 @pytest.fixture
@@ -71,8 +71,9 @@ def fake(tmp_path):
 
 def _spec(fake: str, root, name: str, mode: str = "finish", sleep: float = 0.0, **labels) -> RunSpec:
     workdir = str(root / name)
-    return RunSpec(name, [sys.executable, fake, f"--mode={mode}", f"--sleep={sleep}", f"--workdir={workdir}"],
-                   workdir, labels)
+    return RunSpec(
+        name, [sys.executable, fake, f"--mode={mode}", f"--sleep={sleep}", f"--workdir={workdir}"], workdir, labels
+    )
 
 
 def _calls(spec: RunSpec) -> int:
@@ -112,9 +113,12 @@ def test_skips_finished_and_reruns_unfinished(fake, tmp_path):
 
 
 def test_failure_is_recorded_and_the_others_still_run(fake, tmp_path):
-    specs = [_spec(fake, tmp_path, "fails", mode="fail"),
-             RunSpec("missing", [str(tmp_path / "no_such_program")], str(tmp_path / "missing")),
-             _spec(fake, tmp_path, "ok1"), _spec(fake, tmp_path, "ok2")]
+    specs = [
+        _spec(fake, tmp_path, "fails", mode="fail"),
+        RunSpec("missing", [str(tmp_path / "no_such_program")], str(tmp_path / "missing")),
+        _spec(fake, tmp_path, "ok1"),
+        _spec(fake, tmp_path, "ok2"),
+    ]
     results = runner.run_all(specs, 1, str(tmp_path / "logs"), echo=lambda _: None)
     assert [r.status for r in results] == [runner.FAILED, runner.FAILED, runner.FINISHED, runner.FINISHED]
     assert results[0].returncode == 3
@@ -138,18 +142,26 @@ def test_interrupt_terminates_children_once_then_kills(fake, tmp_path):
     """Ctrl-C to the runner's process group: each running child gets exactly one SIGTERM (not the
     terminal's SIGINT too); one that ignores it is killed after the grace period; waiting runs
     are not started."""
-    specs = [_spec(fake, tmp_path, "saves", mode="trap"), _spec(fake, tmp_path, "stubborn", mode="stubborn"),
-             _spec(fake, tmp_path, "waiting")]
+    specs = [
+        _spec(fake, tmp_path, "saves", mode="trap"),
+        _spec(fake, tmp_path, "stubborn", mode="stubborn"),
+        _spec(fake, tmp_path, "waiting"),
+    ]
     payload = json.dumps([[s.name, s.command, s.workdir] for s in specs])
-    code = textwrap.dedent(f'''
+    code = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {REPO!r})
         from prelar_jax.launch.runner import RunSpec, run_all
         specs = [RunSpec(*entry) for entry in json.loads(sys.argv[1])]
         run_all(specs, 2, {str(tmp_path / "logs")!r}, grace_seconds=1.0)
-    ''')
-    process = subprocess.Popen([sys.executable, "-c", code, payload], start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, payload],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 15
     while not all(os.path.exists(os.path.join(s.workdir, "ready")) for s in specs[:2]):
         assert time.monotonic() < deadline and process.poll() is None, process.communicate()[0]
@@ -170,10 +182,12 @@ def test_collect_results_dedups_steps_and_writes_csv(tmp_path):
     first = RunSpec("a", ["true"], str(tmp_path / "a"), {"method": "prelar", "task": "reach", "seed": 1})
     second = RunSpec("b", ["true"], str(tmp_path / "b"))  # no labels: identity from config.json
     unfinished = RunSpec("c", ["true"], str(tmp_path / "c"), {"method": "x", "task": "y", "seed": 0})
-    lines = [{"step": 0, "model_loss": 1.0},  # not an evaluation line
-             {"step": 300, "eval/success_rate": 0.0, "eval/return": 10.0},
-             {"step": 600, "eval/success_rate": 0.5, "eval/return": "nan"},
-             {"step": 600, "eval/success_rate": 1.0, "eval/return": 30.0}]  # relogged after resume: wins
+    lines = [
+        {"step": 0, "model_loss": 1.0},  # not an evaluation line
+        {"step": 300, "eval/success_rate": 0.0, "eval/return": 10.0},
+        {"step": 600, "eval/success_rate": 0.5, "eval/return": "nan"},
+        {"step": 600, "eval/success_rate": 1.0, "eval/return": 30.0},
+    ]  # relogged after resume: wins
     for spec in (first, second, unfinished):
         os.makedirs(spec.workdir)
         with open(os.path.join(spec.workdir, "metrics.jsonl"), "w") as f:
@@ -185,8 +199,11 @@ def test_collect_results_dedups_steps_and_writes_csv(tmp_path):
         json.dump({"method": "dreamerv2", "task": "push", "seed": 2}, f)
 
     rows = runner.collect_results([first, second, unfinished], finished_only=True)
-    expected = [(m, t, s, step, sr, ret) for m, t, s in (("prelar", "reach", 1), ("dreamerv2", "push", 2))
-                for step, sr, ret in ((300, 0.0, 10.0), (600, 1.0, 30.0))]
+    expected = [
+        (m, t, s, step, sr, ret)
+        for m, t, s in (("prelar", "reach", 1), ("dreamerv2", "push", 2))
+        for step, sr, ret in ((300, 0.0, 10.0), (600, 1.0, 30.0))
+    ]
     assert [tuple(row[c] for c in runner.RESULT_COLUMNS) for row in rows] == expected
     assert len(runner.collect_results([first, second, unfinished])) == 6
 
@@ -200,7 +217,9 @@ def test_collect_results_dedups_steps_and_writes_csv(tmp_path):
     read = list(csv.DictReader(open(path)))
     assert list(read[0]) == list(runner.RESULT_COLUMNS)
     assert [(r["method"], int(r["seed"]), int(r["step"]), float(r["success_rate"])) for r in read] == [
-        ("prelar", 1, 300, 0.0), ("prelar", 1, 600, 1.0)]
+        ("prelar", 1, 300, 0.0),
+        ("prelar", 1, 600, 1.0),
+    ]
     assert float(read[0]["return"]) == 10.0 and math.isnan(float(read[1]["return"]))
 
 
@@ -233,9 +252,12 @@ BASE = "configs/prelar_finetune.py:tiny"
 
 
 def test_sweep_grid_times_list(tmp_path):
-    sweep = {"base": BASE, "fixed": {"task": "reach"},
-             "list": [{"intrinsic.beta": 0.0}, {"intrinsic.beta": 1.0, "loss.aux_reward_scale": 0.0}],
-             "grid": {"loss.kl_scale": [0.5, 1.0], "seed": [0, 1]}}
+    sweep = {
+        "base": BASE,
+        "fixed": {"task": "reach"},
+        "list": [{"intrinsic.beta": 0.0}, {"intrinsic.beta": 1.0, "loss.aux_reward_scale": 0.0}],
+        "grid": {"loss.kl_scale": [0.5, 1.0], "seed": [0, 1]},
+    }
     specs = sweep_lib.expand(sweep, str(tmp_path / "out"), source="s.py", python="py")
     expected = []
     for entry in ("beta=0.0", "beta=1.0,aux_reward_scale=0.0"):
@@ -246,10 +268,16 @@ def test_sweep_grid_times_list(tmp_path):
     assert all(s.labels["task"] == "reach" for s in specs)
     spec = specs[3]  # beta=0.0, kl_scale=1.0, seed=1
     assert spec.workdir == os.path.join(str(tmp_path / "out"), spec.name)
-    assert spec.command == ["py", os.path.join(REPO, "experiments", "finetune.py"),
-                            f"--config={os.path.join(REPO, 'configs', 'prelar_finetune.py')}:tiny",
-                            "--config.task=reach", "--config.intrinsic.beta=0.0", "--config.loss.kl_scale=1.0",
-                            "--config.seed=1", f"--workdir={spec.workdir}"]
+    assert spec.command == [
+        "py",
+        os.path.join(REPO, "experiments", "finetune.py"),
+        f"--config={os.path.join(REPO, 'configs', 'prelar_finetune.py')}:tiny",
+        "--config.task=reach",
+        "--config.intrinsic.beta=0.0",
+        "--config.loss.kl_scale=1.0",
+        "--config.seed=1",
+        f"--workdir={spec.workdir}",
+    ]
     # Deterministic: the same sweep gives the same runs.
     assert sweep_lib.expand(sweep, str(tmp_path / "out"), source="s.py", python="py") == specs
 
@@ -257,21 +285,26 @@ def test_sweep_grid_times_list(tmp_path):
 def test_sweep_names_use_full_keys_where_short_ones_clash(tmp_path):
     sweep = {"base": BASE, "grid": {"intrinsic.capacity": [64], "replay.capacity": [1000, 2000], "seed": [0]}}
     names = [s.name for s in sweep_lib.expand(sweep, str(tmp_path))]
-    assert names == ["intrinsic.capacity=64,replay.capacity=1000,seed=0",
-                     "intrinsic.capacity=64,replay.capacity=2000,seed=0"]
+    assert names == [
+        "intrinsic.capacity=64,replay.capacity=1000,seed=0",
+        "intrinsic.capacity=64,replay.capacity=2000,seed=0",
+    ]
     assert sweep_lib.expand({"base": BASE, "list": [{}]}, str(tmp_path))[0].name == "base"
 
 
-@pytest.mark.parametrize("sweep, message", [
-    ({"base": BASE, "grid": {"loss.kl_scal": [0.5]}}, "'loss.kl_scal'"),
-    ({"base": BASE, "list": [{"seed": 0}, {"optimizer.lrr": 1.0}]}, "'optimizer.lrr'"),
-    ({"base": BASE, "grid": {"loss.kl_scale": ["big"]}}, "'loss.kl_scale'"),  # wrong type
-    ({"base": BASE, "grid": {"loss": [1.0]}}, "'loss' is a group of keys"),
-    ({"base": BASE, "grid": {"seed": [0]}, "list": [{"seed": 1}]}, "not both"),
-    ({"base": BASE, "grid": {"seed": []}}, "non-empty list"),
-    ({"base": BASE}, "'grid'"),
-    ({"base": BASE, "grdi": {}}, "grdi"),
-])
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"base": BASE, "grid": {"loss.kl_scal": [0.5]}}, "'loss.kl_scal'"),
+        ({"base": BASE, "list": [{"seed": 0}, {"optimizer.lrr": 1.0}]}, "'optimizer.lrr'"),
+        ({"base": BASE, "grid": {"loss.kl_scale": ["big"]}}, "'loss.kl_scale'"),  # wrong type
+        ({"base": BASE, "grid": {"loss": [1.0]}}, "'loss' is a group of keys"),
+        ({"base": BASE, "grid": {"seed": [0]}, "list": [{"seed": 1}]}, "not both"),
+        ({"base": BASE, "grid": {"seed": []}}, "non-empty list"),
+        ({"base": BASE}, "'grid'"),
+        ({"base": BASE, "grdi": {}}, "grdi"),
+    ],
+)
 def test_sweep_errors_name_the_file_and_key(sweep, message, tmp_path):
     with pytest.raises(sweep_lib.SweepError) as info:
         sweep_lib.expand(sweep, str(tmp_path), source="configs/sweeps/mine.py")
@@ -295,23 +328,36 @@ def test_print_lines_parse_back_to_the_argv(tmp_path, capsys):
         for ent in ("0.0001", "0.001"):
             for seed in ("0", "1"):
                 name = f"kl_scale={kl},actor_ent={ent},seed={seed}"
-                expected.append([sys.executable, os.path.join(REPO, "experiments", "finetune.py"), config,
-                                 "--config.task=drawer-open", f"--config.loss.kl_scale={kl}",
-                                 f"--config.actor_critic.actor_ent={ent}", f"--config.seed={seed}",
-                                 f"--workdir={out / name}"])
+                expected.append(
+                    [
+                        sys.executable,
+                        os.path.join(REPO, "experiments", "finetune.py"),
+                        config,
+                        "--config.task=drawer-open",
+                        f"--config.loss.kl_scale={kl}",
+                        f"--config.actor_critic.actor_ent={ent}",
+                        f"--config.seed={seed}",
+                        f"--workdir={out / name}",
+                    ]
+                )
     assert [shlex.split(line) for line in lines] == expected
     assert not out.exists()  # printing runs nothing
 
 
 def test_sweep_cli_runs_and_writes_results(fake, tmp_path):
     sweep_file = tmp_path / "sweep.py"
-    sweep_file.write_text(f"def get_sweep():\n    return {{'base': {BASE!r}, 'script': {fake!r}, "
-                          "'grid': {'seed': [0, 1]}}\n")
+    sweep_file.write_text(
+        f"def get_sweep():\n    return {{'base': {BASE!r}, 'script': {fake!r}, 'grid': {{'seed': [0, 1]}}}}\n"
+    )
     out = tmp_path / "out"
     assert _sweep_cli().main([f"--sweep={sweep_file}", f"--out={out}", "--max_parallel=2"]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["method"], r["seed"], r["step"]) for r in rows] == [
-        ("prelar", "0", "300"), ("prelar", "0", "600"), ("prelar", "1", "300"), ("prelar", "1", "600")]
+        ("prelar", "0", "300"),
+        ("prelar", "0", "600"),
+        ("prelar", "1", "300"),
+        ("prelar", "1", "600"),
+    ]
     assert float(rows[3]["success_rate"]) == pytest.approx(1 / 10 + 600 / 6000)  # the fake saw --config.seed=1
     assert json.load(open(out / "runs.json"))["counts"] == {runner.FINISHED: 2}
 
@@ -319,7 +365,17 @@ def test_sweep_cli_runs_and_writes_results(fake, tmp_path):
 def test_sweep_cli_bad_file_is_one_line_exit_2(tmp_path):
     sweep_file = tmp_path / "bad.py"
     sweep_file.write_text(f"def get_sweep():\n    return {{'base': {BASE!r}, 'grid': {{'loss.kl_scal': [1.0]}}}}\n")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "sweep.py"), f"--sweep={sweep_file}",
-                             f"--out={tmp_path / 'out'}", "--print"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "experiments", "sweep.py"),
+            f"--sweep={sweep_file}",
+            f"--out={tmp_path / 'out'}",
+            "--print",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(sweep_file) in result.stderr and "'loss.kl_scal'" in result.stderr

@@ -23,10 +23,12 @@ SCRIPT = ROOT / "experiments" / "steady_state.py"
 def _run(*args, check=True):
     env = dict(os.environ)
     # One device, as a plain run on this machine has (the conftest asks for four fake ones).
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+    )
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -48,8 +50,13 @@ def _check_fit(fit, x, y, tolerance):  # a rate fit (higher is faster)
     drift = 100 * slope * (x[-1] - x[0]) / y.mean()
     assert fit["drift_pct"] == pytest.approx(drift, rel=1e-9, abs=1e-9)
     assert fit["ratio_last_first"] == pytest.approx(y[-1] / y[0])
-    expected = ("steady" if abs(drift) <= tolerance else
-                f"slows down by {-drift:.1f}%" if drift < 0 else f"speeds up by {drift:.1f}%")
+    expected = (
+        "steady"
+        if abs(drift) <= tolerance
+        else f"slows down by {-drift:.1f}%"
+        if drift < 0
+        else f"speeds up by {drift:.1f}%"
+    )
     assert fit["verdict"] == expected
     return drift
 
@@ -58,10 +65,19 @@ def _check_fit(fit, x, y, tolerance):  # a rate fit (higher is faster)
 def test_pretrain_run_windows_and_fit_are_the_logged_rates(tmp_path):
     videos = write_moving_squares(str(tmp_path / "videos"))
     out, workdir = tmp_path / "steady.json", tmp_path / "runs"
-    result = _run("--config=configs/prelar_pretrain.py:tiny", f"--config.data.root={videos}",
-                  "--config.steps=20", "--config.log.every=4", "--config.log.checkpoint_every=8",
-                  "--config.log.media_every=12", "--config.log.wandb_mode=disabled", f"--workdir={workdir}",
-                  "--poll=0.05", "--tolerance=10", f"--out={out}")
+    result = _run(
+        "--config=configs/prelar_pretrain.py:tiny",
+        f"--config.data.root={videos}",
+        "--config.steps=20",
+        "--config.log.every=4",
+        "--config.log.checkpoint_every=8",
+        "--config.log.media_every=12",
+        "--config.log.wandb_mode=disabled",
+        f"--workdir={workdir}",
+        "--poll=0.05",
+        "--tolerance=10",
+        f"--out={out}",
+    )
     record = json.loads(out.read_text())
     (run,) = record["runs"]
     assert run["kind"] == "pretrain" and run["workdir"] == str(workdir / "pretrain")
@@ -105,8 +121,16 @@ def _write_finetune_run(directory, rate_of_replay):
     for step in range(200, 2001, 50):
         replay = step + step // 50  # one first frame per 50-step episode
         lines.append({"step": step, "train/return": 1.0})
-        lines.append({"step": step, "model_loss": 1.0, "updates/s": rate_of_replay(replay),
-                      "fps/env": 10 * rate_of_replay(replay), "replay/steps": replay, "replay/episodes": step // 50})
+        lines.append(
+            {
+                "step": step,
+                "model_loss": 1.0,
+                "updates/s": rate_of_replay(replay),
+                "fps/env": 10 * rate_of_replay(replay),
+                "replay/steps": replay,
+                "replay/episodes": step // 50,
+            }
+        )
         if step % 300 == 0:
             lines.append({"step": step, "eval/success_rate": 0.0})
     with open(os.path.join(directory, "metrics.jsonl"), "w") as handle:
@@ -136,8 +160,12 @@ def test_finetune_analysis_fits_rate_against_replay_and_reports_a_slowdown(tmp_p
     replay_x = [(w["replay_start"] + w["replay_end"]) / 2 for w in measured]
     drift = _check_fit(slow_run["fits"]["updates/s vs replay size"], replay_x, [w["rate"] for w in measured], 10)
     assert drift < -10  # 5 (1 - r / 4000) from r ~ 280 to ~ 2020: about -61% of the mean
-    _check_fit(slow_run["fits"]["updates/s vs env step"], [(w["start"] + w["end"]) / 2 for w in measured],
-               [w["rate"] for w in measured], 10)
+    _check_fit(
+        slow_run["fits"]["updates/s vs env step"],
+        [(w["start"] + w["end"]) / 2 for w in measured],
+        [w["rate"] for w in measured],
+        10,
+    )
     assert slow_run["replay_growth"] == pytest.approx(measured[-1]["replay_end"] / measured[0]["replay_start"])
     assert "env steps per CPU-second vs replay size" not in slow_run["fits"]  # no samples in --analyze
 
@@ -154,13 +182,22 @@ def test_paired_comparison_uses_the_same_wall_clock_interval(tmp_path):
     control at 12.5 steps/s, both sampled at unaligned times (the run's steps are interpolated):
     the ratio is 0.8 over the interval from the control's first line past its warm-up to the
     end of the shorter run. A subprocess imports the script (its flags stay out of this one)."""
-    main = [{"time": 5.0 + 10 * i, "step": 10 * (5.0 + 10 * i), "cpu_seconds": 0.5 * (5.0 + 10 * i)}
-            for i in range(11)]  # t = 5 ... 105
+    main = [
+        {"time": 5.0 + 10 * i, "step": 10 * (5.0 + 10 * i), "cpu_seconds": 0.5 * (5.0 + 10 * i)} for i in range(11)
+    ]  # t = 5 ... 105
     control = [{"time": 30.0 + 10 * i, "step": 125 * i, "cpu_seconds": 4.0 * i} for i in range(12)]  # t = 30 ... 140
-    code = ("import json, sys; from prelar_jax.perf import steady_state; "
-            "args = json.load(sys.stdin); print(json.dumps(steady_state.paired_comparison(*args)))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=json.dumps([main, control, 100, 10.0]),
-                            capture_output=True, text=True, timeout=120)
+    code = (
+        "import json, sys; from prelar_jax.perf import steady_state; "
+        "args = json.load(sys.stdin); print(json.dumps(steady_state.paired_comparison(*args)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        input=json.dumps([main, control, 100, 10.0]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     paired = json.loads(result.stdout.strip().splitlines()[-1])
     # The control passes step 100 at its line of t = 40 (step 125); the run's last line is at t = 105,

@@ -15,15 +15,23 @@ def _study(directory, overrides, rows):
 
 
 def _row(step, r2, open_loop):
-    return {"step": step, "probe_r2_mean": r2, "open_loop_mse": open_loop, "recon_mse": open_loop / 2,
-            "mean_frame_mse": 0.006, "last_frame_mse": 0.004}
+    return {
+        "step": step,
+        "probe_r2_mean": r2,
+        "open_loop_mse": open_loop,
+        "recon_mse": open_loop / 2,
+        "mean_frame_mse": 0.006,
+        "last_frame_mse": 0.004,
+    }
 
 
 def test_table_and_curves(tmp_path, capsys):
     report = config_module("experiments/study_report.py")
-    a = _study(tmp_path / "A", {"data.root": "/x", "loss.code_forward_scale": 30.0},
-               [dict(_row(0, -0.01, 0.03), probe_r2_random_encoder_mean=0.16), _row(500, 0.4, 0.005),
-                _row(1000, 0.9, 0.003)])
+    a = _study(
+        tmp_path / "A",
+        {"data.root": "/x", "loss.code_forward_scale": 30.0},
+        [dict(_row(0, -0.01, 0.03), probe_r2_random_encoder_mean=0.16), _row(500, 0.4, 0.005), _row(1000, 0.9, 0.003)],
+    )
     b = _study(tmp_path / "B", {}, [_row(0, 0.02, 0.03), _row(500, -0.05, 0.002)])
     missing = str(tmp_path / "C")  # no study.jsonl: skipped with a note
     png = tmp_path / "curves.png"
@@ -40,9 +48,14 @@ def test_table_and_curves(tmp_path, capsys):
     assert "| – (–) |" in lines[0]  # no hand-motion probe in these studies
 
     # Studies whose probe videos have the hand's position: its column and a fourth panel.
-    c = _study(tmp_path / "D", {}, [
-        dict(_row(0, 0.0, 0.03), probe_hand_r2_mean=0.0, probe_hand_r2_random_encoder_mean=0.1),
-        dict(_row(500, 0.3, 0.004), probe_hand_r2_mean=0.7)])
+    c = _study(
+        tmp_path / "D",
+        {},
+        [
+            dict(_row(0, 0.0, 0.03), probe_hand_r2_mean=0.0, probe_hand_r2_random_encoder_mean=0.1),
+            dict(_row(500, 0.3, 0.004), probe_hand_r2_mean=0.7),
+        ],
+    )
     wide = tmp_path / "wide.png"
     report.main(["--plot", str(wide), a, c])
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| D")]

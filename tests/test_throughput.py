@@ -21,8 +21,17 @@ FINETUNE_ROWS = ("world_model", "actor_critic", "update", "imagination", "policy
 
 def _run(tmp_path, config, *extra):
     out = tmp_path / "record.json"
-    cmd = [sys.executable, str(ROOT / "experiments" / "throughput.py"), f"--config={config}",
-           "--devices=1,2", "--steps=2", "--warmup=1", "--compile_cache", f"--out={out}", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "throughput.py"),
+        f"--config={config}",
+        "--devices=1,2",
+        "--steps=2",
+        "--warmup=1",
+        "--compile_cache",
+        f"--out={out}",
+        *extra,
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text()), result.stdout
@@ -59,8 +68,9 @@ def test_pretrain_step_table_and_record(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_parts_equal_the_whole_update(tmp_path):
-    record, stdout = _run(tmp_path, "configs/prelar_finetune.py:tiny", "--num_envs=3", "--env_workers=1",
-                          "--env_steps=5")
+    record, stdout = _run(
+        tmp_path, "configs/prelar_finetune.py:tiny", "--num_envs=3", "--env_workers=1", "--env_steps=5"
+    )
     rows = _check_rows(record, FINETUNE_ROWS)
     assert record["kind"] == "finetune" and record["num_envs"] == 3
     # The environment is measured with the config's rendering settings, and the whole-protocol

@@ -21,13 +21,25 @@ def _config(steps=1000, prefill=100, eval_every=300):
 
 
 def _row(name, devices, seconds, flops=None):
-    return {"name": name, "devices": devices, "step_seconds_median": seconds, "compile_seconds": 1.0,
-            "flops_per_step": flops, "flops_per_second": flops / seconds if flops else None,
-            "compiled_peak_bytes": 2 ** 20, "runtime_peak_bytes": None, "host_max_rss_bytes": 2 ** 21}
+    return {
+        "name": name,
+        "devices": devices,
+        "step_seconds_median": seconds,
+        "compile_seconds": 1.0,
+        "flops_per_step": flops,
+        "flops_per_second": flops / seconds if flops else None,
+        "compiled_peak_bytes": 2**20,
+        "runtime_peak_bytes": None,
+        "host_max_rss_bytes": 2**21,
+    }
 
 
-ROWS = [_row("update", 1, 0.5), _row("policy", 1, 0.01),
-        _row("update", 2, 99.0), _row("policy", 2, 99.0)]  # multi-device rows must not be used
+ROWS = [
+    _row("update", 1, 0.5),
+    _row("policy", 1, 0.01),
+    _row("update", 2, 99.0),
+    _row("policy", 2, 99.0),
+]  # multi-device rows must not be used
 
 
 def test_protocol_estimate_by_hand():
@@ -37,8 +49,7 @@ def test_protocol_estimate_by_hand():
     # (900 % 300 == 0: the one at 1000 is the in-loop one), 2 episodes x 50 frames each.
     assert one["updates"] == 185 and one["eval_frames"] == 400 and one["train_frames"] == 1000
     assert one["policy_calls"] == 900 + 400
-    assert one["seconds"] == pytest.approx({"updates": 92.5, "train_frames": 10.0, "eval_frames": 4.0,
-                                            "policy": 13.0})
+    assert one["seconds"] == pytest.approx({"updates": 92.5, "train_frames": 10.0, "eval_frames": 4.0, "policy": 13.0})
     assert one["total_seconds"] == pytest.approx(119.5)
     assert three["policy_calls"] == 300 + 134  # ceil(400 / 3)
     assert three["total_seconds"] == pytest.approx(92.5 + 4.0 + 1.6 + 4.34)
@@ -67,9 +78,10 @@ def test_reference_column():
 
 def test_matmul_rate_counts_two_n_cubed():
     import jax
+
     result = throughput.matmul_rate(64, jnp.bfloat16, jax.devices()[0], warmup=0, steps=2)
     assert result["dtype"] == "bfloat16" and result["side"] == 64
-    assert result["flops_per_second"] == pytest.approx(2 * 64 ** 3 / result["seconds"])
+    assert result["flops_per_second"] == pytest.approx(2 * 64**3 / result["seconds"])
 
 
 def test_estimate_table_in_minutes_and_hours():
@@ -91,7 +103,8 @@ def test_conv_rates_record(tmp_path):
     record = json.loads(out.read_text())
     assert record["matmul"]["side"] == 64 and record["matmul"]["gflops"] > 0
     assert [r["shape"] for r in record["convolutions"]] == [
-        f"2x{side}x{side}x{cin}->{cout}" for side, cin, cout in conv_rates.PAPER_SHAPES]
+        f"2x{side}x{side}x{cin}->{cout}" for side, cin, cout in conv_rates.PAPER_SHAPES
+    ]
     for row, (side, cin, cout) in zip(record["convolutions"], conv_rates.PAPER_SHAPES):
         assert row["gflop"] == pytest.approx(2 * 2 * side * side * 9 * cin * cout / 1e9)
         for part in ("fwd", "dgrad", "wgrad"):

@@ -198,15 +198,19 @@ def test_blocks_of_rows_concatenate_to_the_whole_batch_also_with_an_unreadable_i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", VideoDataWarning)
             whole = whole_ds.sample(np.random.default_rng([5, step]), batch_size, length)
-            parts = [NpzEpisodeDataset(tmp_path).sample(np.random.default_rng([5, step]), batch_size, length,
-                                                        rows=rows) for rows in blocks]
+            parts = [
+                NpzEpisodeDataset(tmp_path).sample(np.random.default_rng([5, step]), batch_size, length, rows=rows)
+                for rows in blocks
+            ]
         found_bad += whole_ds.file_counts()["skipped_unreadable"]
         for key in ("image", "is_first"):
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
         assert 9 not in set(_trace(whole)[0])  # the bad episode never appears
         # The same dataset object asked for the blocks one by one: the same rows again.
-        again = [whole_ds.sample(np.random.default_rng([5, step]), batch_size, length, rows=rows)
-                 for rows in reversed(blocks)][::-1]
+        again = [
+            whole_ds.sample(np.random.default_rng([5, step]), batch_size, length, rows=rows)
+            for rows in reversed(blocks)
+        ][::-1]
         np.testing.assert_array_equal(np.concatenate([p["image"] for p in again]), whole["image"])
     assert found_bad > 0  # some row did draw the unreadable episode and re-drew
     ds = NpzEpisodeDataset(tmp_path)
@@ -283,8 +287,10 @@ class _FailingDataset:
         if rng.bit_generator.seed_seq.entropy[1] == self.fail_step:  # type: ignore[attr-defined]
             raise RuntimeError("boom at the failing step")
         time.sleep(self.slow_steps)
-        return {"image": np.zeros((batch_size, length, 64, 64, 3), np.uint8),
-                "is_first": np.zeros((batch_size, length), bool)}
+        return {
+            "image": np.zeros((batch_size, length, 64, 64, 3), np.uint8),
+            "is_first": np.zeros((batch_size, length), bool),
+        }
 
 
 def test_prefetcher_reraises_worker_exceptions_in_the_consumer() -> None:
@@ -299,8 +305,9 @@ def test_prefetcher_reraises_worker_exceptions_in_the_consumer() -> None:
 def test_prefetcher_delivers_the_steps_before_a_failure_that_finished_first() -> None:
     # Step 1 fails at once while step 0 is still being sampled on the other thread: the consumer
     # must still get step 0 (in order), and the error only when it asks for step 1.
-    it = BatchPrefetcher(_FailingDataset(fail_step=1, slow_steps=0.3), 1, 2, seed=0, start_step=0, num_steps=10,
-                         num_threads=2)
+    it = BatchPrefetcher(
+        _FailingDataset(fail_step=1, slow_steps=0.3), 1, 2, seed=0, start_step=0, num_steps=10, num_threads=2
+    )
     assert next(it)[0] == 0
     with pytest.raises(RuntimeError, match="boom"):
         next(it)
@@ -336,7 +343,7 @@ def test_frame_stride_samples_every_kth_frame_from_uniform_starts(episodes_dir: 
     np.testing.assert_array_equal(frames, frames[:, :1] + 3 * np.arange(8))
     assert set(frames[:, 0]) == set(range(30 - 22 + 1))  # every start that fits
     for b in range(5):
-        np.testing.assert_array_equal(batch["image"][b], _episode_images(ids[b], 30)[frames[b, 0]::3][:8])
+        np.testing.assert_array_equal(batch["image"][b], _episode_images(ids[b], 30)[frames[b, 0] :: 3][:8])
 
 
 def test_frame_stride_length_check_counts_the_span(tmp_path: Path) -> None:

@@ -36,8 +36,9 @@ class Holder:
 
     def __init__(self, path):
         os.makedirs(path, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER.format(root=ROOT, path=str(path))],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER.format(root=ROOT, path=str(path))], stdout=subprocess.PIPE, text=True
+        )
         assert self.proc.stdout.readline().strip() == "locked"
 
     def kill(self):
@@ -84,10 +85,19 @@ def test_the_lock_is_reentrant_in_one_process_and_released_by_the_last_hold(tmp_
         with workdir_lock.hold(work, "runner"):  # e.g. the runner on the benchmark's own directory
             pass
         # Still held by the outer block: another process is refused.
-        probe = subprocess.run([sys.executable, "-c", (
-            f"import sys; sys.path.insert(0, {ROOT!r}); from prelar_jax.runtime import workdir_lock as w\n"
-            f"try:\n    w.acquire({work!r})\nexcept w.WorkdirBusyError as e:\n    print('busy', e)")],
-            capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    f"import sys; sys.path.insert(0, {ROOT!r}); from prelar_jax.runtime import workdir_lock as w\n"
+                    f"try:\n    w.acquire({work!r})\nexcept w.WorkdirBusyError as e:\n    print('busy', e)"
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert probe.stdout.startswith("busy") and f"pid {os.getpid()}" in probe.stdout, probe
     assert workdir_lock.holder(work) is None
     with workdir_lock.hold(work):  # free again
@@ -96,8 +106,10 @@ def test_the_lock_is_reentrant_in_one_process_and_released_by_the_last_hold(tmp_
 
 def _spec(tmp_path, name, seconds=0.0):
     workdir = tmp_path / "runs" / name
-    code = (f"import json, os, time; time.sleep({seconds}); os.makedirs({str(workdir)!r}, exist_ok=True); "
-            f"json.dump({{'finished': True}}, open(os.path.join({str(workdir)!r}, 'summary.json'), 'w'))")
+    code = (
+        f"import json, os, time; time.sleep({seconds}); os.makedirs({str(workdir)!r}, exist_ok=True); "
+        f"json.dump({{'finished': True}}, open(os.path.join({str(workdir)!r}, 'summary.json'), 'w'))"
+    )
     return runner.RunSpec(name=name, command=[sys.executable, "-c", code], workdir=str(workdir))
 
 
@@ -124,4 +136,3 @@ def test_the_runner_leaves_a_run_whose_workdir_another_process_holds(tmp_path):
     assert status == {"busy": runner.NOT_STARTED, "free": runner.FINISHED}, lines
     assert any(f"skip     busy: not started, its workdir is in use by pid {held.proc.pid}" in line for line in lines)
     assert not os.path.exists(os.path.join(busy.workdir, runner.RUN_LOG))  # nothing started there
-

@@ -23,18 +23,15 @@ RSSM_MODULE = RSSM(deter=16, hidden=12, stoch=4, classes=5)
 def params():
     state = RSSM_MODULE.initial(B)
     key = jax.random.key(0, impl="unsafe_rbg")  # initialisation only (fast to compile)
-    variables = jax.jit(RSSM_MODULE.init)(key, state, jnp.zeros((B, A)), jnp.zeros((B, E)),
-                                         jnp.ones((B,), bool))
+    variables = jax.jit(RSSM_MODULE.init)(key, state, jnp.zeros((B, A)), jnp.zeros((B, E)), jnp.ones((B,), bool))
     # Random biases too, so that a zero state with a zero action is not a trivial fixed point.
     rng = np.random.default_rng(0)
-    return jax.tree.map(lambda p: jnp.asarray(p + 0.3 * rng.standard_normal(p.shape), jnp.float32),
-                        variables["params"])
+    return jax.tree.map(lambda p: jnp.asarray(p + 0.3 * rng.standard_normal(p.shape), jnp.float32), variables["params"])
 
 
 @jax.jit
 def _obs_step(params, state, action, embed, is_first, keys):
-    return RSSM_MODULE.apply({"params": params}, state, action, embed, is_first, keys,
-                             method=RSSM.obs_step)
+    return RSSM_MODULE.apply({"params": params}, state, action, embed, is_first, keys, method=RSSM.obs_step)
 
 
 @jax.jit
@@ -64,9 +61,11 @@ def _inputs(seed: int, batch: int = B, length: int = T):
 def _random_state(seed: int, batch: int = B):
     rng = np.random.default_rng(seed)
     stoch = np.eye(5, dtype=np.float32)[rng.integers(0, 5, (batch, 4))]
-    return {"logit": jnp.asarray(rng.standard_normal((batch, 4, 5)), jnp.float32),
-            "stoch": jnp.asarray(stoch),
-            "deter": jnp.asarray(rng.uniform(-1, 1, (batch, 16)), jnp.float32)}
+    return {
+        "logit": jnp.asarray(rng.standard_normal((batch, 4, 5)), jnp.float32),
+        "stoch": jnp.asarray(stoch),
+        "deter": jnp.asarray(rng.uniform(-1, 1, (batch, 16)), jnp.float32),
+    }
 
 
 def _rows(tree, rows):
@@ -82,8 +81,9 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def _max_abs_diff(a, b) -> float:
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,8 +98,9 @@ def test_obs_step_reset_equals_zero_state_and_zero_action(params):
     keys = jax.random.split(jax.random.key(3), B)
     is_first = jnp.asarray([True, False, True, False])
     post, prior = _obs_step(params, state, action, embed, is_first, keys)
-    zero_post, zero_prior = _obs_step(params, RSSM_MODULE.initial(B), jnp.zeros_like(action), embed,
-                                      jnp.zeros((B,), bool), keys)
+    zero_post, zero_prior = _obs_step(
+        params, RSSM_MODULE.initial(B), jnp.zeros_like(action), embed, jnp.zeros((B,), bool), keys
+    )
     reset, carried = np.asarray([0, 2]), np.asarray([1, 3])
     # Rows with is_first: the previous state AND the action are zeroed, with the same samples.
     _assert_trees_equal(_rows((post, prior), reset), _rows((zero_post, zero_prior), reset))
@@ -198,11 +199,13 @@ def test_samples_do_not_depend_on_batch_split(params):
     full = _observe(params, embed, action, is_first, world_model.example_keys(key, jnp.arange(B), T))
     half = B // 2
     for rows in (np.arange(half), np.arange(half, B)):
-        part = _observe(params, embed[rows], action[rows], is_first[rows],
-                        world_model.example_keys(key, jnp.asarray(rows), T))
+        part = _observe(
+            params, embed[rows], action[rows], is_first[rows], world_model.example_keys(key, jnp.asarray(rows), T)
+        )
         _assert_trees_close(part, _rows(full, rows))
-        np.testing.assert_array_equal(np.argmax(part[0]["stoch"], -1),
-                                      np.argmax(np.asarray(full[0]["stoch"])[rows], -1))
+        np.testing.assert_array_equal(
+            np.argmax(part[0]["stoch"], -1), np.argmax(np.asarray(full[0]["stoch"])[rows], -1)
+        )
 
 
 def test_examples_draw_different_samples():

@@ -31,11 +31,11 @@ def test_user_flags_and_opt_out_win(monkeypatch):
 
 
 def test_fresh_process_gets_the_flag_before_the_backend_starts():
-    code = ("import os, jax, prelar_jax; jax.devices(); "
-            "print(os.environ.get('XLA_FLAGS', ''))")
+    code = "import os, jax, prelar_jax; jax.devices(); print(os.environ.get('XLA_FLAGS', ''))"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     import jax
 
     if jax.lib.__version__.startswith("0.10."):

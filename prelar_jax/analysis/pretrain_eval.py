@@ -43,13 +43,23 @@ def episode_windows(episodes: Sequence[dict[str, Any]], length: int, per_episode
 
 def make_open_loop_fn(model, context: int):
     """Jitted ``fn(params, batch_stats, batch, key) -> uint8 [B, T, H, W, 3]`` (BatchNorm in eval mode)."""
-    return jax.jit(lambda params, batch_stats, batch, key: model.open_loop(params, batch_stats, batch, key,
-                                                                            context=context))
+    return jax.jit(
+        lambda params, batch_stats, batch, key: model.open_loop(params, batch_stats, batch, key, context=context)
+    )
 
 
-def prediction_errors(open_loop_fn, params, batch_stats, episodes: Sequence[dict[str, Any]],
-                      windows: Sequence[tuple[int, int]], length: int, context: int,
-                      train_mean_frame: np.ndarray, key: jax.Array, batch_size: int = 8) -> dict[str, float]:
+def prediction_errors(
+    open_loop_fn,
+    params,
+    batch_stats,
+    episodes: Sequence[dict[str, Any]],
+    windows: Sequence[tuple[int, int]],
+    length: int,
+    context: int,
+    train_mean_frame: np.ndarray,
+    key: jax.Array,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """Open-loop and reconstruction MSE over ``windows`` against the two model-free baselines.
 
     ``open_loop_mse``: frames ``context..length-1`` of each window, imagined; ``recon_mse``: frames
@@ -60,28 +70,38 @@ def prediction_errors(open_loop_fn, params, batch_stats, episodes: Sequence[dict
     sums = {"open_loop_mse": 0.0, "recon_mse": 0.0, "mean_frame_mse": 0.0, "last_frame_mse": 0.0}
     count = 0
     for start in range(0, len(windows), batch_size):
-        chunk = list(windows[start:start + batch_size])
+        chunk = list(windows[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # fixed shape: one compilation
-        image = np.stack([episodes[e]["image"][s:s + length] for e, s in chunk])  # [B, T, H, W, 3]
+        image = np.stack([episodes[e]["image"][s : s + length] for e, s in chunk])  # [B, T, H, W, 3]
         is_first = np.zeros(image.shape[:2], bool)
         is_first[:, 0] = True
-        predicted = np.asarray(open_loop_fn(params, batch_stats, {"image": jnp.asarray(image),
-                                                            "is_first": jnp.asarray(is_first)},
-                                            jax.random.fold_in(key, start)))[:real]
+        predicted = np.asarray(
+            open_loop_fn(
+                params,
+                batch_stats,
+                {"image": jnp.asarray(image), "is_first": jnp.asarray(is_first)},
+                jax.random.fold_in(key, start),
+            )
+        )[:real]
         truth = image[:real].astype(np.float64) / 255.0
         predicted = predicted.astype(np.float64) / 255.0
         future = truth[:, context:]
         sums["open_loop_mse"] += np.square(predicted[:, context:] - future).mean(axis=(1, 2, 3, 4)).sum()
         sums["recon_mse"] += np.square(predicted[:, :context] - truth[:, :context]).mean(axis=(1, 2, 3, 4)).sum()
         sums["mean_frame_mse"] += np.square(future - train_mean_frame).mean(axis=(1, 2, 3, 4)).sum()
-        sums["last_frame_mse"] += np.square(future - truth[:, context - 1:context]).mean(axis=(1, 2, 3, 4)).sum()
+        sums["last_frame_mse"] += np.square(future - truth[:, context - 1 : context]).mean(axis=(1, 2, 3, 4)).sum()
         count += real
     return {k: float(v / count) for k, v in sums.items()}
 
 
-def knn_probe(codes: Sequence[np.ndarray], targets: Sequence[np.ndarray], train: Sequence[int],
-              held_out: Sequence[int], k: int = 10) -> float:
+def knn_probe(
+    codes: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    train: Sequence[int],
+    held_out: Sequence[int],
+    k: int = 10,
+) -> float:
     """Mean held-out R² of a k-nearest-neighbour regression (features standardised on the fitting
     pairs, float64): whether the codes carry the targets at all, linearly or not. The linear probe
     is the claim; this says whether a failing linear probe means no information or a non-linear code."""
@@ -93,15 +113,22 @@ def knn_probe(codes: Sequence[np.ndarray], targets: Sequence[np.ndarray], train:
     fit_x, eval_x = (fit_x - mean) / std, (eval_x - mean) / std
     predictions = []
     for start in range(0, len(eval_x), 256):
-        d = np.square(eval_x[start:start + 256, None, :] - fit_x[None]).sum(-1)  # [n, N_fit]
+        d = np.square(eval_x[start : start + 256, None, :] - fit_x[None]).sum(-1)  # [n, N_fit]
         nearest = np.argpartition(d, min(k, len(fit_x) - 1), axis=1)[:, :k]
         predictions.append(fit_y[nearest].mean(axis=1))
     r2 = probe.r2_scores(eval_y, np.concatenate(predictions))
     return float(np.nanmean(r2))
 
 
-def probe_scores(code_fn, params, batch_stats, episodes: Sequence[dict[str, Any]], train: Sequence[int],
-                 held_out: Sequence[int], action_dims: int = 3) -> dict[str, Any]:
+def probe_scores(
+    code_fn,
+    params,
+    batch_stats,
+    episodes: Sequence[dict[str, Any]],
+    train: Sequence[int],
+    held_out: Sequence[int],
+    action_dims: int = 3,
+) -> dict[str, Any]:
     """Held-out R² of codes -> the first ``action_dims`` action dimensions (Meta-World: dx, dy, dz;
     the gripper effort often has no visible effect), fit on the pairs of ``train`` episodes.
 
@@ -138,9 +165,19 @@ def random_encoder_probe(config, probe_episodes, train: Sequence[int], held_out:
     return probe_scores(probe.make_code_fn(model), params, batch_stats, probe_episodes, train, held_out)
 
 
-def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str | None = None,
-          context: int = 3, length: int = 0, train_fraction: float = 0.7, log=print,
-          save_workdir: str | None = None) -> list[dict]:
+def study(
+    config,
+    dataset,
+    probe_episodes,
+    steps: int,
+    eval_every: int,
+    out: str | None = None,
+    context: int = 3,
+    length: int = 0,
+    train_fraction: float = 0.7,
+    log=print,
+    save_workdir: str | None = None,
+) -> list[dict]:
     """Trains ``config`` on ``dataset`` for ``steps`` updates; evaluates at step 0 (random init,
     the baseline), every ``eval_every`` steps and at the end. Returns the evaluation rows.
 
@@ -186,8 +223,11 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
     def evaluate(step: int, metrics: dict) -> None:
         params, batch_stats = jax.device_get((state.params, state.batch_stats))
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        row.update(prediction_errors(open_loop, params, batch_stats, probe_episodes, windows, length, context,
-                                     train_mean, jax.random.key(0)))
+        row.update(
+            prediction_errors(
+                open_loop, params, batch_stats, probe_episodes, windows, length, context, train_mean, jax.random.key(0)
+            )
+        )
         row["open_loop_vs_mean_frame"] = row["open_loop_mse"] / row["mean_frame_mse"]
         if code_fn is not None:
             scores = probe_scores(code_fn, params, batch_stats, probe_episodes, train_eps, held_out)
@@ -201,13 +241,31 @@ def study(config, dataset, probe_episodes, steps: int, eval_every: int, out: str
                 row["probe_hand_r2"] = scores["hand"]["r2"]
                 row["probe_hand_r2_mean"] = scores["hand"]["r2_mean"]
         rows.append(row)
-        shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
-                 if k in ("step", "loss", "image_loss", "kl", "implicit_kl", "consistency", "code_forward_loss",
-                          "open_loop_mse", "recon_mse", "mean_frame_mse", "last_frame_mse", "probe_r2_mean",
-                          "probe_r2_random_encoder_mean",
-                          "probe_hand_r2_random_encoder_mean",
-                          "probe_knn_r2_mean", "probe_position_r2_mean", "probe_hand_r2_mean",
-                          "seconds")}
+        shown = {
+            k: (round(v, 5) if isinstance(v, float) else v)
+            for k, v in row.items()
+            if k
+            in (
+                "step",
+                "loss",
+                "image_loss",
+                "kl",
+                "implicit_kl",
+                "consistency",
+                "code_forward_loss",
+                "open_loop_mse",
+                "recon_mse",
+                "mean_frame_mse",
+                "last_frame_mse",
+                "probe_r2_mean",
+                "probe_r2_random_encoder_mean",
+                "probe_hand_r2_random_encoder_mean",
+                "probe_knn_r2_mean",
+                "probe_position_r2_mean",
+                "probe_hand_r2_mean",
+                "seconds",
+            )
+        }
         log(json.dumps(shown))
         if out:
             with open(os.path.join(out, "study.jsonl"), "a") as f:

@@ -57,8 +57,9 @@ def fit_linear_probe(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndar
     x = np.asarray(features, np.float64)
     y = np.asarray(targets, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ProbeError(f"fit_linear_probe needs features [N, D] and targets [N, K] with the same N, got "
-                         f"{x.shape} and {y.shape}")
+        raise ProbeError(
+            f"fit_linear_probe needs features [N, D] and targets [N, K] with the same N, got {x.shape} and {y.shape}"
+        )
     design = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)  # [N, D + 1]
     solution, *_ = np.linalg.lstsq(design, y, rcond=None)  # [D + 1, K]
     return solution[:-1], solution[-1]
@@ -79,8 +80,9 @@ def r2_scores(targets: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     y = np.asarray(targets, np.float64)
     p = np.asarray(predictions, np.float64)
     if y.shape != p.shape or y.ndim != 2:
-        raise ProbeError(f"r2_scores needs targets and predictions of the same shape [N, K], got {y.shape} "
-                         f"and {p.shape}")
+        raise ProbeError(
+            f"r2_scores needs targets and predictions of the same shape [N, K], got {y.shape} and {p.shape}"
+        )
     sse = np.sum(np.square(y - p), axis=0)
     sst = np.sum(np.square(y - y.mean(axis=0)), axis=0)
     constant = sst <= _CONSTANT_SST * max(len(y), 1)
@@ -99,8 +101,9 @@ def split_episodes(count: int, train_fraction: float, rng: np.random.Generator) 
     return np.sort(order[:n_train]), np.sort(order[n_train:])
 
 
-def linear_probe(codes: Sequence[np.ndarray], actions: Sequence[np.ndarray], train: Sequence[int],
-                 held_out: Sequence[int]) -> dict[str, Any]:
+def linear_probe(
+    codes: Sequence[np.ndarray], actions: Sequence[np.ndarray], train: Sequence[int], held_out: Sequence[int]
+) -> dict[str, Any]:
     """Fits on the pairs of episodes ``train``, scores R² on the pairs of ``held_out``.
 
     ``codes[e]`` ``[N_e, D]`` and ``actions[e]`` ``[N_e, K]`` are the pairs of episode ``e``.
@@ -139,8 +142,10 @@ def read_npz_episodes(root: str | os.PathLike, max_per_task: int | None = None) 
     root = Path(root)
     paths = sorted(root.rglob("*.npz"))
     if not paths:
-        raise ProbeError(f"no .npz episodes under {root}; generate scripted videos with "
-                         "`python experiments/generate_videos.py --out DIR` or let experiments/diagnostics.py do it")
+        raise ProbeError(
+            f"no .npz episodes under {root}; generate scripted videos with "
+            "`python experiments/generate_videos.py --out DIR` or let experiments/diagnostics.py do it"
+        )
     episodes, per_task = [], {}
     for path in paths:
         task = path.parent.name
@@ -149,8 +154,10 @@ def read_npz_episodes(root: str | os.PathLike, max_per_task: int | None = None) 
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "action" not in data or "image" not in data:
-                    raise ProbeError(f"{path} has no 'image' and 'action' arrays (keys: {sorted(data.keys())}); "
-                                     "the probe needs videos with their recorded actions")
+                    raise ProbeError(
+                        f"{path} has no 'image' and 'action' arrays (keys: {sorted(data.keys())}); "
+                        "the probe needs videos with their recorded actions"
+                    )
                 episode = {"image": data["image"], "action": data["action"].astype(np.float32), "task": task}
                 if "position" in data:  # synthetic videos: the object's position in each frame
                     episode["position"] = data["position"].astype(np.float32)
@@ -183,7 +190,7 @@ def stride_episodes(episodes: Sequence[dict[str, Any]], stride: int) -> list[dic
         kept = np.arange(0, len(action), stride)  # [L']
         summed = np.zeros((len(kept), action.shape[1]), np.float32)  # [L', A]
         for j in range(1, len(kept)):
-            summed[j] = action[kept[j - 1] + 1:kept[j] + 1].sum(axis=0)
+            summed[j] = action[kept[j - 1] + 1 : kept[j] + 1].sum(axis=0)
         strided = {**episode, "image": np.asarray(episode["image"])[kept], "action": summed}
         for key in ("position", "hand"):
             if key in episode:
@@ -205,8 +212,10 @@ def _check_episodes(episodes: Sequence[dict[str, Any]], image_size: int) -> None
     for index, episode in enumerate(episodes):
         image, action = np.asarray(episode["image"]), np.asarray(episode["action"])
         if image.dtype != np.uint8 or image.ndim != 4 or image.shape[1:] != (image_size, image_size, 3):
-            raise ProbeError(f"episode {index}: image must be uint8 [L, {image_size}, {image_size}, 3], got "
-                             f"{image.dtype} {image.shape}")
+            raise ProbeError(
+                f"episode {index}: image must be uint8 [L, {image_size}, {image_size}, 3], got "
+                f"{image.dtype} {image.shape}"
+            )
         if action.ndim != 2 or len(action) != len(image):
             raise ProbeError(f"episode {index}: action must be [L, A] with L = {len(image)} frames, got {action.shape}")
         if len(image) < 2:
@@ -247,8 +256,9 @@ def make_code_fn(model):
     return jax.jit(codes)
 
 
-def episode_codes(code_fn, params: Params, batch_stats: Params, episodes: Sequence[dict[str, Any]],
-                  chunk: int = 256) -> list[np.ndarray]:
+def episode_codes(
+    code_fn, params: Params, batch_stats: Params, episodes: Sequence[dict[str, Any]], chunk: int = 256
+) -> list[np.ndarray]:
     """Codes of every adjacent pair of every episode, ``[L_e - 1, D]`` float32 each (pair ``t-1``
     is ``(o_{t-1}, o_t)``). Pairs go through ``code_fn`` in fixed chunks of ``chunk`` (the last one
     zero-padded), so memory stays bounded and one compilation serves every chunk."""
@@ -256,14 +266,14 @@ def episode_codes(code_fn, params: Params, batch_stats: Params, episodes: Sequen
     shape = np.asarray(episodes[0]["image"]).shape[1:]
     out: list[np.ndarray] = []
     for start in range(0, len(index), chunk):
-        rows = index[start:start + chunk]
+        rows = index[start : start + chunk]
         pairs = np.zeros((chunk, 2) + shape, np.uint8)  # [chunk, 2, H, W, 3]
         for row, (e, t) in enumerate(rows):
-            pairs[row] = episodes[e]["image"][t - 1:t + 1]
-        out.append(np.asarray(code_fn(params, batch_stats, pairs))[:len(rows)])
+            pairs[row] = episodes[e]["image"][t - 1 : t + 1]
+        out.append(np.asarray(code_fn(params, batch_stats, pairs))[: len(rows)])
     flat = np.concatenate(out)
     bounds = np.cumsum([0] + [len(ep["image"]) - 1 for ep in episodes])
-    return [flat[bounds[i]:bounds[i + 1]] for i in range(len(episodes))]
+    return [flat[bounds[i] : bounds[i + 1]] for i in range(len(episodes))]
 
 
 def _probe_config(pretrain_workdir, config):
@@ -271,11 +281,17 @@ def _probe_config(pretrain_workdir, config):
     if pretrain_workdir:
         saved, params, batch_stats, step = restore_pretrain_state(pretrain_workdir)
         if config is not None:
-            differing = [f"{block}.{k}" for block in ("model", "implicit_action") for k in saved[block]
-                         if k in config[block] and k != "compute_dtype" and saved[block][k] != config[block][k]]
+            differing = [
+                f"{block}.{k}"
+                for block in ("model", "implicit_action")
+                for k in saved[block]
+                if k in config[block] and k != "compute_dtype" and saved[block][k] != config[block][k]
+            ]
             if differing:
-                raise ProbeError(f"the config passed to the probe differs from the one {pretrain_workdir} was "
-                                 f"pre-trained with in {differing}; pass config=None to use the saved one")
+                raise ProbeError(
+                    f"the config passed to the probe differs from the one {pretrain_workdir} was "
+                    f"pre-trained with in {differing}; pass config=None to use the saved one"
+                )
         return saved, (params, batch_stats, step)
     if config is None:
         raise ProbeError("implicit_action_probe: pass a pre-training workdir or a config to initialise randomly")
@@ -293,9 +309,14 @@ def random_features_config(config: ml_collections.ConfigDict) -> ml_collections.
     return config
 
 
-def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.ConfigDict | None,
-                          episodes: Sequence[dict[str, Any]], key: jax.Array, train_fraction: float = 0.7,
-                          chunk: int = 256) -> dict[str, Any]:
+def implicit_action_probe(
+    pretrain_workdir: str | None,
+    config: ml_collections.ConfigDict | None,
+    episodes: Sequence[dict[str, Any]],
+    key: jax.Array,
+    train_fraction: float = 0.7,
+    chunk: int = 256,
+) -> dict[str, Any]:
     """R² of a linear probe from implicit-action codes to the true actions, on held-out episodes.
 
     ``pretrain_workdir``: a pre-training workdir (config.json + checkpoints/; the latest step is
@@ -320,9 +341,11 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     config, restored = _probe_config(pretrain_workdir, config)
     implicit_cfg = config.implicit_action
     if implicit_cfg.code_type not in ("stoch", "deter", "mix"):
-        raise ProbeError(f"implicit_action.code_type={implicit_cfg.code_type!r} has no implicit-action encoder to "
-                         "probe "
-                         "(APV and the random-code ablation feed the RSSM codes that do not depend on the frames)")
+        raise ProbeError(
+            f"implicit_action.code_type={implicit_cfg.code_type!r} has no implicit-action encoder to "
+            "probe "
+            "(APV and the random-code ablation feed the RSSM codes that do not depend on the frames)"
+        )
     episodes = list(episodes)
     if len(episodes) < 2:
         raise ProbeError(f"the probe needs at least 2 episodes (one to fit, one to evaluate), got {len(episodes)}")
@@ -331,8 +354,10 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     episodes = stride_episodes(episodes, stride)
     short = [i for i, episode in enumerate(episodes) if len(episode["image"]) < 2]
     if short:
-        raise ProbeError(f"episodes {short} have fewer than 2 frames at the model's frame stride {stride} "
-                         f"(data.frame_stride): probe with episodes longer than {stride} frames")
+        raise ProbeError(
+            f"episodes {short} have fewer than 2 frames at the model's frame stride {stride} "
+            f"(data.frame_stride): probe with episodes longer than {stride} frames"
+        )
     split_key, init_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(split_key)).ravel().tolist())
     train, held_out = split_episodes(len(episodes), train_fraction, rng)
@@ -351,14 +376,16 @@ def implicit_action_probe(pretrain_workdir: str | None, config: ml_collections.C
     moves = hand_displacements(episodes)
     if moves is not None:
         result["hand"] = linear_probe(codes, moves, train, held_out)
-    result.update({
-        "train_episodes": [int(i) for i in train],
-        "eval_episodes": [int(i) for i in held_out],
-        "code_type": implicit_cfg.code_type,
-        "code_dim": int(codes[0].shape[-1]),
-        "code_std": float(np.concatenate(codes).std(axis=0).mean()),
-        "source": "random_init" if restored is None else "pretrained",
-        "workdir": os.path.abspath(pretrain_workdir) if pretrain_workdir else None,
-        "step": step,
-    })
+    result.update(
+        {
+            "train_episodes": [int(i) for i in train],
+            "eval_episodes": [int(i) for i in held_out],
+            "code_type": implicit_cfg.code_type,
+            "code_dim": int(codes[0].shape[-1]),
+            "code_std": float(np.concatenate(codes).std(axis=0).mean()),
+            "source": "random_init" if restored is None else "pretrained",
+            "workdir": os.path.abspath(pretrain_workdir) if pretrain_workdir else None,
+            "step": step,
+        }
+    )
     return result

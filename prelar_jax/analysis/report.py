@@ -120,20 +120,25 @@ def random_policy_baselines(path: str | os.PathLike, time_limit: int) -> dict[st
             data = json.load(handle)
         results = data["results"]
     except (OSError, ValueError, KeyError) as error:
-        raise ResultsFileError(f"cannot read random-policy results {path}: {error}; make them with "
-                               "experiments/random_policy.py --out FILE") from error
+        raise ResultsFileError(
+            f"cannot read random-policy results {path}: {error}; make them with experiments/random_policy.py --out FILE"
+        ) from error
     baselines = {}
     for task, by_limit in results.items():
         if str(time_limit) in by_limit:
             entry = by_limit[str(time_limit)]
             baselines[normalise_task(task)] = Baseline(
-                float(entry["success_rate"]), float(entry["return"]),
-                f"random policy ({entry.get('episodes', '?')} episodes)")
+                float(entry["success_rate"]),
+                float(entry["return"]),
+                f"random policy ({entry.get('episodes', '?')} episodes)",
+            )
     if not baselines:
         limits = sorted({limit for by_limit in results.values() for limit in by_limit}, key=int)
-        raise ResultsFileError(f"{path} has no random-policy results for {time_limit}-step episodes (it has "
-                               f"{', '.join(limits) or 'none'}); run experiments/random_policy.py --time_limits "
-                               f"{time_limit}")
+        raise ResultsFileError(
+            f"{path} has no random-policy results for {time_limit}-step episodes (it has "
+            f"{', '.join(limits) or 'none'}); run experiments/random_policy.py --time_limits "
+            f"{time_limit}"
+        )
     return baselines
 
 
@@ -328,9 +333,16 @@ def summary_markdown(
     )
     shown = {task: (baselines or {}).get(normalise_task(task)) for task in tasks}
     if any(shown.values()):
-        lines += ["", "Baselines on the same tasks (dashed in the per-task plot): "
-                  + "; ".join(f"{task}: {b.label}, success {b.success_rate:.2f}, return {b.returns:.1f}"
-                              for task, b in shown.items() if b) + "."]
+        lines += [
+            "",
+            "Baselines on the same tasks (dashed in the per-task plot): "
+            + "; ".join(
+                f"{task}: {b.label}, success {b.success_rate:.2f}, return {b.returns:.1f}"
+                for task, b in shown.items()
+                if b
+            )
+            + ".",
+        ]
     lines += [
         "",
         "## Aggregate over tasks and seeds at the final common step",
@@ -395,9 +407,7 @@ def summary_markdown(
         rows = []
         for task in covered:
             points = reference_points(task)
-            rows.append(
-                (task, *(_number(points[m][s]) for m in ("DreamerV2", "APV") for s in sorted(points[m])))
-            )
+            rows.append((task, *(_number(points[m][s]) for m in ("DreamerV2", "APV") for s in sorted(points[m]))))
         lines += _markdown_table(("task", "DreamerV2 @105k", "@245k", "APV @105k", "@245k"), rows)
     return "\n".join(lines) + "\n"
 
@@ -419,8 +429,9 @@ def _steps_axis(axes, rate: bool = True) -> None:
 REFERENCE_RANGE = 4.0
 
 
-def per_task_figure(table: Table, reference: bool = True,
-                    baselines: Mapping[str, Baseline] | None = None, metric: str = "success_rate") -> Figure:
+def per_task_figure(
+    table: Table, reference: bool = True, baselines: Mapping[str, Baseline] | None = None, metric: str = "success_rate"
+) -> Figure:
     """One subplot per task: per method the mean ``metric`` (``success_rate`` or ``return``) over
     seeds, shaded from min to max over seeds; a task's ``baselines`` entry (e.g. the random policy)
     as a dashed line. Reference points (success only) where they fall in range."""
@@ -443,6 +454,7 @@ def per_task_figure(table: Table, reference: bool = True,
             runs = table[method].get(task)
             if not runs:
                 continue
+
             def value(seed: int, step: int, runs=runs) -> float:
                 row = runs[seed][step]
                 return row.success_rate if metric == "success_rate" else row.return_
@@ -451,31 +463,56 @@ def per_task_figure(table: Table, reference: bool = True,
             # over the remaining seeds would jump with the seed set. Longer seeds go on dotted.
             complete = [step for step, seeds in _seeds_by_step(runs).items() if len(seeds) == len(runs)]
             values = [np.array([value(seed, step) for seed in runs]) for step in complete]  # [steps][seeds]
-            line = axes.plot(complete, [v.mean() for v in values], color=colors[method], marker="o", markersize=3,
-                             label=method)[0]
+            line = axes.plot(
+                complete, [v.mean() for v in values], color=colors[method], marker="o", markersize=3, label=method
+            )[0]
             if len(runs) > 1 and complete:
-                axes.fill_between(complete, [v.min() for v in values], [v.max() for v in values],
-                                  color=colors[method], alpha=0.2, linewidth=0)
+                axes.fill_between(
+                    complete,
+                    [v.min() for v in values],
+                    [v.max() for v in values],
+                    color=colors[method],
+                    alpha=0.2,
+                    linewidth=0,
+                )
             last = complete[-1] if complete else -1
             for seed, by_step in runs.items():
                 beyond = [step for step in sorted(by_step) if step > last]
                 if beyond:
                     start = [last] if complete else []
-                    axes.plot(start + beyond, [value(seed, step) for step in start + beyond], color=colors[method],
-                              linestyle=":", linewidth=1.2, label=f"_{method} seed {seed}")
+                    axes.plot(
+                        start + beyond,
+                        [value(seed, step) for step in start + beyond],
+                        color=colors[method],
+                        linestyle=":",
+                        linewidth=1.2,
+                        label=f"_{method} seed {seed}",
+                    )
                     partial = True
             handles.setdefault(method, line)
         baseline = (baselines or {}).get(normalise_task(task))
         if baseline is not None:
             level = baseline.success_rate if metric == "success_rate" else baseline.returns
-            handles.setdefault(baseline.label, axes.axhline(level, color="grey", linestyle="--",
-                                                            linewidth=1.2, label=baseline.label))
+            handles.setdefault(
+                baseline.label, axes.axhline(level, color="grey", linestyle="--", linewidth=1.2, label=baseline.label)
+            )
         # Reference points far beyond these runs (a short run against 105k/245k) would squash the
         # curves into the left edge; they are then left to the summary's table, and the title says so.
-        last_step = max((step for runs in (table[m].get(task) for m in methods) if runs
-                         for by_step in runs.values() for step in by_step), default=0)
-        beyond = reference and reference_points(task) and min(
-            step for points in reference_points(task).values() for step in points) > REFERENCE_RANGE * last_step
+        last_step = max(
+            (
+                step
+                for runs in (table[m].get(task) for m in methods)
+                if runs
+                for by_step in runs.values()
+                for step in by_step
+            ),
+            default=0,
+        )
+        beyond = (
+            reference
+            and reference_points(task)
+            and min(step for points in reference_points(task).values() for step in points) > REFERENCE_RANGE * last_step
+        )
         if reference and not beyond:
             for ref_method, points in reference_points(task).items():
                 label = f"{ref_method}, {REFERENCE_SOURCE} (seed mean)"
@@ -483,19 +520,25 @@ def per_task_figure(table: Table, reference: bool = True,
                     list(points), list(points.values()), s=80, zorder=5, label=label, **_REFERENCE_STYLE[ref_method]
                 )
                 handles.setdefault(label, marker)
-        axes.set_title(f"{task}\n(reference points beyond these steps: see summary.md)" if beyond else task,
-                       fontsize="medium")
+        axes.set_title(
+            f"{task}\n(reference points beyond these steps: see summary.md)" if beyond else task, fontsize="medium"
+        )
         axes.set_ylabel("success rate" if metric == "success_rate" else "return")
         _steps_axis(axes, rate=metric == "success_rate")
     for index in range(len(tasks), rows * columns):
         axes_grid[index // columns][index % columns].set_visible(False)
     figure.legend(
-        list(handles.values()), list(handles), loc="outside lower center",
-        ncol=min(2 if any(len(label) > 30 for label in handles) else 4, len(handles)), fontsize="small"
+        list(handles.values()),
+        list(handles),
+        loc="outside lower center",
+        ncol=min(2 if any(len(label) > 30 for label in handles) else 4, len(handles)),
+        fontsize="small",
     )
-    figure.suptitle(f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task\n"
-                    "(line: mean over seeds, band: min to max over seeds"
-                    + (";\ndotted: single seeds past the shortest run)" if partial else ")"))
+    figure.suptitle(
+        f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task\n"
+        "(line: mean over seeds, band: min to max over seeds"
+        + (";\ndotted: single seeds past the shortest run)" if partial else ")")
+    )
     return figure
 
 
@@ -580,8 +623,9 @@ def write_report(
         "return_per_task": os.path.join(out_dir, RETURN_PLOT),
         "success_aggregate": os.path.join(out_dir, AGGREGATE_PLOT),
     }
-    markdown = summary_markdown(table, per_step, os.path.basename(os.fspath(results_csv)), reps, seed, reference,
-                                baselines)
+    markdown = summary_markdown(
+        table, per_step, os.path.basename(os.fspath(results_csv)), reps, seed, reference, baselines
+    )
     if appendix.strip():
         markdown += "\n" + demote_headings(appendix).rstrip("\n") + "\n"
     _write_text(paths["summary"], markdown)

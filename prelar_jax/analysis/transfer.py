@@ -48,8 +48,9 @@ class TransferError(UserError, ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def collect_random_episodes(task: str, count: int, length: int, seed: int, size: int = 64,
-                            camera: str = "corner", render: Any = None) -> list[dict[str, np.ndarray]]:
+def collect_random_episodes(
+    task: str, count: int, length: int, seed: int, size: int = 64, camera: str = "corner", render: Any = None
+) -> list[dict[str, np.ndarray]]:
     """``count`` Meta-World episodes of ``length`` steps under uniform random actions in [-1, 1]
     (the fine-tuning prefill's behaviour), in the replay's layout: ``image`` ``[length+1, size,
     size, 3]`` uint8, ``action`` ``[length+1, 4]`` float32 (row 0 zeros: ``action[t]`` produced
@@ -65,8 +66,7 @@ def collect_random_episodes(task: str, count: int, length: int, seed: int, size:
         raise TransferError(f"length must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's horizon), got {length}")
     rng = np.random.default_rng(seed)
     episodes = []
-    with MetaWorldTask(task, seed=seed, size=size, camera=camera, render=render,
-                       time_limit=length) as env:
+    with MetaWorldTask(task, seed=seed, size=size, camera=camera, render=render, time_limit=length) as env:
         for _ in range(count):
             obs = env.reset()
             images, actions, rewards = [obs["image"]], [np.zeros(4, np.float32)], [0.0]
@@ -76,31 +76,38 @@ def collect_random_episodes(task: str, count: int, length: int, seed: int, size:
                 images.append(obs["image"])
                 actions.append(action)
                 rewards.append(obs["reward"])
-            episodes.append({
-                "image": np.stack(images),  # [L+1, size, size, 3] uint8
-                "action": np.stack(actions),  # [L+1, 4]
-                "reward": np.asarray(rewards, np.float32),  # [L+1]
-                "is_first": np.arange(length + 1) == 0,  # [L+1]
-            })
+            episodes.append(
+                {
+                    "image": np.stack(images),  # [L+1, size, size, 3] uint8
+                    "action": np.stack(actions),  # [L+1, 4]
+                    "reward": np.asarray(rewards, np.float32),  # [L+1]
+                    "is_first": np.arange(length + 1) == 0,  # [L+1]
+                }
+            )
     return episodes
 
 
-def _check_episodes(episodes: Sequence[dict[str, Any]], config: ml_collections.ConfigDict, length: int,
-                    label: str) -> None:
+def _check_episodes(
+    episodes: Sequence[dict[str, Any]], config: ml_collections.ConfigDict, length: int, label: str
+) -> None:
     if not episodes:
         raise TransferError(f"no {label} episodes")
     size, action_dim = config.image_size, config.action_dim
     for index, episode in enumerate(episodes):
         image, action = np.asarray(episode["image"]), np.asarray(episode["action"])
         if image.dtype != np.uint8 or image.ndim != 4 or image.shape[1:] != (size, size, 3):
-            raise TransferError(f"{label} episode {index}: image must be uint8 [L, {size}, {size}, 3], got "
-                                f"{image.dtype} {image.shape}")
+            raise TransferError(
+                f"{label} episode {index}: image must be uint8 [L, {size}, {size}, 3], got {image.dtype} {image.shape}"
+            )
         if action.shape != (len(image), action_dim):
-            raise TransferError(f"{label} episode {index}: action must be [{len(image)}, {action_dim}], got "
-                                f"{action.shape}")
+            raise TransferError(
+                f"{label} episode {index}: action must be [{len(image)}, {action_dim}], got {action.shape}"
+            )
         if len(image) < length:
-            raise TransferError(f"{label} episode {index} has {len(image)} frames, fewer than the {length} "
-                                "a sequence needs; collect longer episodes or lower the sequence length")
+            raise TransferError(
+                f"{label} episode {index} has {len(image)} frames, fewer than the {length} "
+                "a sequence needs; collect longer episodes or lower the sequence length"
+            )
 
 
 def _window(episode: dict[str, Any], start: int, length: int) -> dict[str, np.ndarray]:
@@ -109,18 +116,21 @@ def _window(episode: dict[str, Any], start: int, length: int) -> dict[str, np.nd
     reward = episode.get("reward")
     is_first = np.zeros(length, bool)
     is_first[0] = True  # as the replay does: every sequence starts from a fresh latent
-    return {"image": image, "action": np.asarray(episode["action"], np.float32)[start:stop],
-            "reward": (np.zeros(length, np.float32) if reward is None
-                       else np.asarray(reward, np.float32)[start:stop]),
-            "is_first": is_first}
+    return {
+        "image": image,
+        "action": np.asarray(episode["action"], np.float32)[start:stop],
+        "reward": (np.zeros(length, np.float32) if reward is None else np.asarray(reward, np.float32)[start:stop]),
+        "is_first": is_first,
+    }
 
 
 def _stack(windows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([w[k] for w in windows]) for k in windows[0]}
 
 
-def sample_batch(episodes: Sequence[dict[str, Any]], batch_size: int, length: int,
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+def sample_batch(
+    episodes: Sequence[dict[str, Any]], batch_size: int, length: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """``batch_size`` sequences of ``length`` steps, each from a uniformly drawn episode at a
     uniformly drawn start: ``image`` ``[B, T, H, W, 3]``, ``action`` ``[B, T, A]``, ``reward``
     ``[B, T]`` (zeros for episodes without rewards), ``is_first`` ``[B, T]`` (True at t = 0)."""
@@ -135,8 +145,11 @@ def sample_batch(episodes: Sequence[dict[str, Any]], batch_size: int, length: in
 def evaluation_windows(episodes: Sequence[dict[str, Any]], length: int) -> list[tuple[int, int]]:
     """``(episode, start)`` of every non-overlapping ``length``-step window, from each episode's
     first frame: a fixed evaluation set, the same before and after the updates."""
-    return [(e, start) for e, episode in enumerate(episodes)
-            for start in range(0, len(episode["image"]) - length + 1, length)]
+    return [
+        (e, start)
+        for e, episode in enumerate(episodes)
+        for start in range(0, len(episode["image"]) - length + 1, length)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +165,9 @@ def make_world_model_step(agent):
 
     def step(state, batch, key):
         example_index = jnp.arange(batch["image"].shape[0])
-        state, metrics, _ = agent.update_world_model(state, batch, jax.random.fold_in(key, state.step),
-                                                     example_index, axis_name=None)
+        state, metrics, _ = agent.update_world_model(
+            state, batch, jax.random.fold_in(key, state.step), example_index, axis_name=None
+        )
         return state.replace(step=state.step + 1), metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -184,17 +198,22 @@ def _prediction_error(error_fn, params, batch_stats, episodes, windows, length, 
     get the same samples before and after the updates."""
     rows = []
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
+        chunk = windows[start : start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
         batch = _stack([_window(episodes[e], s, length) for e, s in padded])
         # open_loop draws per-row samples from one key; folding in the chunk start makes chunks differ.
         out = np.asarray(error_fn(params, batch_stats, batch, jax.random.fold_in(key, start)))
-        rows.append(out[:len(chunk)])
+        rows.append(out[: len(chunk)])
     return np.concatenate(rows)
 
 
-def mean_frame_mse(train_episodes: Sequence[dict[str, Any]], eval_episodes: Sequence[dict[str, Any]],
-                   windows: Sequence[tuple[int, int]], length: int, context: int) -> float:
+def mean_frame_mse(
+    train_episodes: Sequence[dict[str, Any]],
+    eval_episodes: Sequence[dict[str, Any]],
+    windows: Sequence[tuple[int, int]],
+    length: int,
+    context: int,
+) -> float:
     """The error of a model-free baseline: predicting the per-pixel mean of all training frames
     for every predicted frame of every window (same units and frames as the diagnostic). A world
     model that does not beat it has learned nothing about the task's dynamics or appearance."""
@@ -203,15 +222,24 @@ def mean_frame_mse(train_episodes: Sequence[dict[str, Any]], eval_episodes: Sequ
         total = total + np.asarray(episode["image"], np.float64).sum(axis=0)
         count += len(episode["image"])
     mean = total / count / 255.0  # [H, W, 3]
-    errors = [np.mean(np.square(np.asarray(eval_episodes[e]["image"][s + context:s + length], np.float64) / 255.0
-                                - mean)) for e, s in windows]
+    errors = [
+        np.mean(np.square(np.asarray(eval_episodes[e]["image"][s + context : s + length], np.float64) / 255.0 - mean))
+        for e, s in windows
+    ]
     return float(np.mean(errors))
 
 
-def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_workdir: str | None,
-                         train_episodes: Sequence[dict[str, Any]], eval_episodes: Sequence[dict[str, Any]],
-                         updates: int, key: jax.Array, context: int | None = None,
-                         eval_length: int | None = None, eval_batch: int | None = None) -> dict[str, Any]:
+def world_model_transfer(
+    finetune_config: ml_collections.ConfigDict,
+    pretrained_workdir: str | None,
+    train_episodes: Sequence[dict[str, Any]],
+    eval_episodes: Sequence[dict[str, Any]],
+    updates: int,
+    key: jax.Array,
+    context: int | None = None,
+    eval_length: int | None = None,
+    eval_batch: int | None = None,
+) -> dict[str, Any]:
     """Open-loop prediction error of a fine-tuning world model before and after ``updates``
     world-model updates on ``train_episodes``.
 
@@ -256,7 +284,8 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     loaded = 0
     if pretrained_workdir:
         params, batch_stats, report = pretrained_lib.load_pretrained(
-            pretrained_workdir, params, batch_stats, config.model, agent_lib.pretrained_module_map(config))
+            pretrained_workdir, params, batch_stats, config.model, agent_lib.pretrained_module_map(config)
+        )
         loaded = len(report["loaded"])
     state = agent.init_state(state_key, params, batch_stats)
 
@@ -264,8 +293,9 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     windows = evaluation_windows(eval_episodes, eval_length)
 
     def evaluate(state):
-        return _prediction_error(error_fn, state.params, state.batch_stats, eval_episodes, windows,
-                                 eval_length, eval_batch, eval_key)
+        return _prediction_error(
+            error_fn, state.params, state.batch_stats, eval_episodes, windows, eval_length, eval_batch, eval_key
+        )
 
     initial = evaluate(state)
     step = make_world_model_step(agent)
@@ -279,19 +309,25 @@ def world_model_transfer(finetune_config: ml_collections.ConfigDict, pretrained_
     predicted, initial_predicted = final[:, context:], initial[:, context:]  # [N_windows, T - context]
     mse, initial_mse = float(predicted.mean()), float(initial_predicted.mean())
     return {
-        "mse": mse, "psnr": psnr(mse),
-        "initial_mse": initial_mse, "initial_psnr": psnr(initial_mse),
+        "mse": mse,
+        "psnr": psnr(mse),
+        "initial_mse": initial_mse,
+        "initial_psnr": psnr(initial_mse),
         "mse_by_step": [float(v) for v in predicted.mean(axis=0)],
         "initial_mse_by_step": [float(v) for v in initial_predicted.mean(axis=0)],
         "context_mse": float(final[:, :context].mean()),
         "initial_context_mse": float(initial[:, :context].mean()),
         "baseline_mse": mean_frame_mse(train_episodes, eval_episodes, windows, eval_length, context),
         "updates": int(updates),
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
         "nonfinite_updates": nonfinite,
         "pretrained": os.path.abspath(pretrained_workdir) if pretrained_workdir else None,
-        "loaded": loaded, "method": config.method, "context": int(context),
-        "eval_windows": len(windows), "seconds": time.perf_counter() - start_time,
+        "loaded": loaded,
+        "method": config.method,
+        "context": int(context),
+        "eval_windows": len(windows),
+        "seconds": time.perf_counter() - start_time,
     }
 
 
@@ -306,8 +342,9 @@ def replay_mean_frame(replay_dir: str) -> tuple[np.ndarray, int]:
     trained on), read one episode at a time."""
     names = sorted(n for n in os.listdir(replay_dir) if n.endswith(".npz")) if os.path.isdir(replay_dir) else []
     if not names:
-        raise TransferError(f"no replay episodes (*.npz) in {replay_dir}; the mean-frame baseline needs the "
-                            "run's replay directory")
+        raise TransferError(
+            f"no replay episodes (*.npz) in {replay_dir}; the mean-frame baseline needs the run's replay directory"
+        )
     total, count = 0.0, 0
     for name in names:
         path = os.path.join(replay_dir, name)
@@ -318,8 +355,13 @@ def replay_mean_frame(replay_dir: str) -> tuple[np.ndarray, int]:
     return total / count / 255.0, count
 
 
-def finetuned_prediction_error(workdir: str, eval_episodes: Sequence[dict[str, Any]], key: jax.Array,
-                               context: int | None = None, eval_length: int | None = None) -> dict[str, Any]:
+def finetuned_prediction_error(
+    workdir: str,
+    eval_episodes: Sequence[dict[str, Any]],
+    key: jax.Array,
+    context: int | None = None,
+    eval_length: int | None = None,
+) -> dict[str, Any]:
     """Open-loop prediction error of a fine-tuning run's world model (its latest checkpoint) on
     held-out episodes, beside two model-free baselines on the same frames.
 
@@ -342,22 +384,37 @@ def finetuned_prediction_error(workdir: str, eval_episodes: Sequence[dict[str, A
     _check_episodes(eval_episodes, config, eval_length, "evaluation")
     agent = agent_lib.FinetuneAgent(config)
     windows = evaluation_windows(eval_episodes, eval_length)
-    errors = _prediction_error(make_prediction_error_fn(agent, context), params, batch_stats, eval_episodes,
-                               windows, eval_length, config.batch_size, key)
+    errors = _prediction_error(
+        make_prediction_error_fn(agent, context),
+        params,
+        batch_stats,
+        eval_episodes,
+        windows,
+        eval_length,
+        config.batch_size,
+        key,
+    )
     mean, frames = replay_mean_frame(os.path.join(workdir, "replay"))
     baseline, last = [], []
     for e, s in windows:
-        image = np.asarray(eval_episodes[e]["image"], np.float64)[s:s + eval_length] / 255.0
+        image = np.asarray(eval_episodes[e]["image"], np.float64)[s : s + eval_length] / 255.0
         baseline.append(np.mean(np.square(image[context:] - mean)))
         last.append(np.mean(np.square(image[context:] - image[context - 1])))
     predicted = errors[:, context:]
     mse, baseline_mse = float(predicted.mean()), float(np.mean(baseline))
     return {
-        "mse": mse, "context_mse": float(errors[:, :context].mean()),
-        "baseline_mse": baseline_mse, "last_frame_mse": float(np.mean(last)),
+        "mse": mse,
+        "context_mse": float(errors[:, :context].mean()),
+        "baseline_mse": baseline_mse,
+        "last_frame_mse": float(np.mean(last)),
         "ratio_to_mean_frame": mse / baseline_mse,
         "mse_by_step": [float(v) for v in predicted.mean(axis=0)],
-        "env_step": env_step, "replay_frames": frames, "method": config.method, "task": config.task,
-        "eval_windows": len(windows), "context": int(context), "eval_length": int(eval_length),
+        "env_step": env_step,
+        "replay_frames": frames,
+        "method": config.method,
+        "task": config.task,
+        "eval_windows": len(windows),
+        "context": int(context),
+        "eval_length": int(eval_length),
         "workdir": os.path.abspath(workdir),
     }

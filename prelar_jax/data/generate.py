@@ -138,9 +138,7 @@ class _EpisodeRunner:
             if obs["success"] and first_success < 0:
                 first_success = t
             cut = (
-                cfg.cut_after_success is not None
-                and first_success >= 0
-                and t >= first_success + cfg.cut_after_success
+                cfg.cut_after_success is not None and first_success >= 0 and t >= first_success + cfg.cut_after_success
             )
             if obs["is_last"] or cut:
                 break

@@ -441,4 +441,3 @@ class Replay:
                         continue
                     deleted.append(entry)
         return deleted
-

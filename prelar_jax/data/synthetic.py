@@ -20,13 +20,16 @@ def background(size: int = 64, seed: int = 0) -> np.ndarray:
     """A fixed smooth colour texture ``[size, size, 3]`` uint8 (the same for every episode)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
-    channels = [96 + 40 * np.sin(2 * np.pi * (rng.uniform(0.5, 1.5) * x + rng.uniform(0.5, 1.5) * y + rng.uniform()))
-                for _ in range(3)]
+    channels = [
+        96 + 40 * np.sin(2 * np.pi * (rng.uniform(0.5, 1.5) * x + rng.uniform(0.5, 1.5) * y + rng.uniform()))
+        for _ in range(3)
+    ]
     return np.stack(channels, axis=-1).round().astype(np.uint8)
 
 
-def moving_square_episode(rng: np.random.Generator, length: int, size: int = 64, square: int = 10,
-                          speed: float = 4.0, smoothness: float = 0.7) -> dict[str, np.ndarray]:
+def moving_square_episode(
+    rng: np.random.Generator, length: int, size: int = 64, square: int = 10, speed: float = 4.0, smoothness: float = 0.7
+) -> dict[str, np.ndarray]:
     """One episode of ``length + 1`` frames: ``image`` ``[L+1, size, size, 3]`` uint8, ``action``
     ``[L+1, 2]`` float32, where ``action[t]`` moved the square from ``image[t-1]`` to ``image[t]``
     (row 0 zeros, the Dreamer convention), and ``position`` ``[L+1, 2]``, the square's pixel
@@ -45,15 +48,22 @@ def moving_square_episode(rng: np.random.Generator, length: int, size: int = 64,
             pos = np.clip(pos + speed * current, 0, size - square)
         frame = base.copy()
         r, c = int(round(pos[0])), int(round(pos[1]))
-        frame[r:r + square, c:c + square] = colour
+        frame[r : r + square, c : c + square] = colour
         image[t] = frame
         position[t] = (r, c)
     is_first = np.zeros(length + 1, bool)
     is_first[0] = True
     is_last = np.zeros(length + 1, bool)
     is_last[-1] = True
-    return {"image": image, "action": action, "position": position, "reward": np.zeros(length + 1, np.float32),
-            "is_first": is_first, "is_last": is_last, "is_terminal": np.zeros(length + 1, bool)}
+    return {
+        "image": image,
+        "action": action,
+        "position": position,
+        "reward": np.zeros(length + 1, np.float32),
+        "is_first": is_first,
+        "is_last": is_last,
+        "is_terminal": np.zeros(length + 1, bool),
+    }
 
 
 def moving_square_episodes(count: int, length: int, seed: int = 0, **kwargs: Any) -> list[dict[str, np.ndarray]]:
@@ -61,8 +71,9 @@ def moving_square_episodes(count: int, length: int, seed: int = 0, **kwargs: Any
     return [moving_square_episode(rng, length, **kwargs) for _ in range(count)]
 
 
-def write_moving_square_videos(directory: str | os.PathLike, count: int, length: int, seed: int = 0,
-                               **kwargs: Any) -> list[dict[str, np.ndarray]]:
+def write_moving_square_videos(
+    directory: str | os.PathLike, count: int, length: int, seed: int = 0, **kwargs: Any
+) -> list[dict[str, np.ndarray]]:
     """Writes ``count`` episodes as ``<directory>/square/*.npz`` and returns them."""
     from prelar_jax.data.generate import save_episode
 

@@ -82,8 +82,10 @@ class _VideoSource:
 
     def __init__(self, min_length: int, size: int, frame_stride: int = 1) -> None:
         if int(frame_stride) != frame_stride or frame_stride < 1:
-            raise NoVideoDataError(f"frame_stride (--config.data.frame_stride) must be a positive integer (1: every "
-                                   f"frame), got {frame_stride!r}")
+            raise NoVideoDataError(
+                f"frame_stride (--config.data.frame_stride) must be a positive integer (1: every "
+                f"frame), got {frame_stride!r}"
+            )
         self.size = size
         self.frame_stride = int(frame_stride)
         self._lock = threading.Lock()
@@ -131,21 +133,20 @@ class _VideoSource:
         if ok.size == 0:
             longest = int(self._lengths.max()) if self._lengths.size else 0
             k = self.frame_stride
-            strided = (f" (a sequence of T frames at frame_stride {k} spans (T - 1) * {k} + 1 of them)"
-                       if k > 1 else "")
+            strided = f" (a sequence of T frames at frame_stride {k} spans (T - 1) * {k} + 1 of them)" if k > 1 else ""
             most = (longest - 1) // k + 1 if longest else 0
             raise self._no_data(
                 f"none has at least {length} frames{strided}: the longest of {self._lengths.size} has {longest}, "
                 f"lengths {_length_summary(self._lengths)}; use a sequence length of at most {most} "
-                "(pre-training: --config.sequence_length)" + (", a smaller --config.data.frame_stride" if k > 1 else "")
-                + " or longer videos")
+                "(pre-training: --config.sequence_length)"
+                + (", a smaller --config.data.frame_stride" if k > 1 else "")
+                + " or longer videos"
+            )
         return ok
 
     def _no_data(self, why: str) -> NoVideoDataError:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.file_counts().items()))
-        return NoVideoDataError(
-            f"No usable {self._what} in {self._where()} ({why}; {counts}). {_HOW_TO_MAKE_DATA}"
-        )
+        return NoVideoDataError(f"No usable {self._what} in {self._where()} ({why}; {counts}). {_HOW_TO_MAKE_DATA}")
 
     def _mark_bad(self, i: int, exc: BaseException) -> None:
         with self._lock:
@@ -160,8 +161,9 @@ class _VideoSource:
                 return False
             return all(int(i) in self._bad for i in eligible)
 
-    def sample(self, rng: np.random.Generator, batch_size: int, length: int,
-               rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    def sample(
+        self, rng: np.random.Generator, batch_size: int, length: int, rows: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
         """A batch of `length` consecutive frames from uniformly chosen items with uniform starts.
 
         Returns {'image': uint8 [R, T, size, size, 3], 'is_first': bool [R, T]} with is_first[:, 0]
@@ -450,8 +452,7 @@ class BatchPrefetcher:
         self._error_step = 0  # the step whose sampling raised ``_error`` (the earliest such)
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._work, name=f"BatchPrefetcher-{k}", daemon=True)
-            for k in range(num_threads)
+            threading.Thread(target=self._work, name=f"BatchPrefetcher-{k}", daemon=True) for k in range(num_threads)
         ]
         for th in self._threads:
             th.start()
@@ -471,8 +472,9 @@ class BatchPrefetcher:
                 step = self._next_claim
                 self._next_claim += 1
             try:
-                batch = self._dataset.sample(np.random.default_rng([self._seed, step]), self._batch_size,
-                                             self._length, rows=self._rows)
+                batch = self._dataset.sample(
+                    np.random.default_rng([self._seed, step]), self._batch_size, self._length, rows=self._rows
+                )
             except BaseException as exc:  # handed to the consumer when it reaches this step
                 with self._cond:
                     if self._error is None or step < self._error_step:
@@ -491,8 +493,7 @@ class BatchPrefetcher:
             if self._next_yield >= self._end or self._closed:
                 raise StopIteration
             # Steps before a failed one were claimed earlier and still arrive: deliver them first.
-            while self._next_yield not in self._ready and (
-                    self._error is None or self._next_yield < self._error_step):
+            while self._next_yield not in self._ready and (self._error is None or self._next_yield < self._error_step):
                 self._cond.wait()
             if self._next_yield in self._ready:
                 step = self._next_yield

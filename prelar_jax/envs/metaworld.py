@@ -199,9 +199,7 @@ class MetaWorldTask:
         self.task = canonical_task_name(task)
         self.render_settings = resolve_render_settings(render, lean_rendering, default=LEAN)
         if not 1 <= time_limit <= MAX_EPISODE_STEPS:
-            raise ValueError(
-                f"time_limit must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's horizon), got {time_limit}"
-            )
+            raise ValueError(f"time_limit must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's horizon), got {time_limit}")
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         import mujoco

@@ -116,8 +116,10 @@ def parse_render_settings(spec: str) -> RenderSettings:
     """'paper', 'lean', or a preset with settings switched on/off: 'lean+shadows', 'paper-multisampling',
     'lean+shadows+reflections'. Used by the command-line tools' ``--render`` flag."""
     parts = re.split(r"([+-])", spec.strip().lower().replace(" ", ""))  # [base, sign, name, sign, name, ...]
-    usage = (f"Valid: 'paper', 'lean', or either followed by +SETTING / -SETTING for SETTING in "
-             f"{', '.join(SETTING_NAMES)} (e.g. 'lean+shadows', 'paper-multisampling').")
+    usage = (
+        f"Valid: 'paper', 'lean', or either followed by +SETTING / -SETTING for SETTING in "
+        f"{', '.join(SETTING_NAMES)} (e.g. 'lean+shadows', 'paper-multisampling')."
+    )
     if parts[0] not in PRESETS:
         raise RenderSettingsError(f"unknown rendering preset {parts[0]!r} in {spec!r}. {usage}")
     values = PRESETS[parts[0]].to_dict()
@@ -128,8 +130,9 @@ def parse_render_settings(spec: str) -> RenderSettings:
     return RenderSettings(**values)
 
 
-def resolve_render_settings(render: RenderSettings | str | Mapping[str, Any] | None,
-                            lean_rendering: bool | None, default: RenderSettings) -> RenderSettings:
+def resolve_render_settings(
+    render: RenderSettings | str | Mapping[str, Any] | None, lean_rendering: bool | None, default: RenderSettings
+) -> RenderSettings:
     """One ``RenderSettings`` from the accepted forms: a ``RenderSettings``, a spec string, a
     ``{setting: bool}`` mapping (a config block), or the older ``lean_rendering`` boolean
     (True = ``LEAN``, False = ``PAPER``); ``default`` when neither is given."""

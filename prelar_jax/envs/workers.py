@@ -89,8 +89,9 @@ def make_metaworld_env(
     """
     from prelar_jax.envs.metaworld import MetaWorldTask
 
-    return MetaWorldTask(task, seed, size=size, camera=camera, render=render, time_limit=time_limit,
-                         lean_rendering=lean_rendering)
+    return MetaWorldTask(
+        task, seed, size=size, camera=camera, render=render, time_limit=time_limit, lean_rendering=lean_rendering
+    )
 
 
 def restart_seed(seed: int, restart: int) -> int:
@@ -179,7 +180,8 @@ class ParallelEnvs:
             raise ValueError(f"seeds must be non-negative integers, got {seeds}")
         if step_timeout <= 0 or start_timeout <= 0:
             raise ValueError(
-                f"timeouts must be positive, got step_timeout={step_timeout}, start_timeout={start_timeout}")
+                f"timeouts must be positive, got step_timeout={step_timeout}, start_timeout={start_timeout}"
+            )
         self._make_env = make_env
         self._seeds = seeds
         self._step_timeout = float(step_timeout)
@@ -206,9 +208,7 @@ class ParallelEnvs:
                     break
                 if attempt == self.max_restarts_in_a_row:
                     causes = "; ".join(f"worker {i}: {failures[i][0]}" for i in pending)
-                    raise EnvWorkerError(
-                        f"Environment workers failed to start {attempt} times in a row: {causes}"
-                    )
+                    raise EnvWorkerError(f"Environment workers failed to start {attempt} times in a row: {causes}")
         except BaseException:
             self.close()
             raise

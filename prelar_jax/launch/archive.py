@@ -36,11 +36,19 @@ from prelar_jax.errors import UserError
 from prelar_jax.launch import runner
 
 PROVENANCE = "provenance.json"
-SMALL_FILES = ("metrics.jsonl", "config.json", "summary.json", "diagnostics.md", "diagnostics.json",
-               run_utils.ATTEMPTS)
+SMALL_FILES = ("metrics.jsonl", "config.json", "summary.json", "diagnostics.md", "diagnostics.json", run_utils.ATTEMPTS)
 # Flags that differ between the runs of one method by design; everything else must match.
-PER_RUN_FLAGS = ("--config.seed", "--config.task", "--workdir", "--config.pretrained", "--config.data.root",
-                 "--pretrained", "--apv_pretrained", "--out", "--task")
+PER_RUN_FLAGS = (
+    "--config.seed",
+    "--config.task",
+    "--workdir",
+    "--config.pretrained",
+    "--config.data.root",
+    "--pretrained",
+    "--apv_pretrained",
+    "--out",
+    "--task",
+)
 
 
 class ArchiveError(UserError, ValueError):
@@ -78,8 +86,10 @@ def _code_version(run_workdir: str, root: str) -> dict[str, Any]:
 def _relative(spec: runner.RunSpec, workdir: str) -> str:
     relative = os.path.relpath(spec.workdir, workdir)
     if relative.startswith(".."):
-        raise ArchiveError(f"run {spec.name}: its workdir {spec.workdir} is outside the benchmark directory "
-                           f"{workdir}, so it has no place in the archive")
+        raise ArchiveError(
+            f"run {spec.name}: its workdir {spec.workdir} is outside the benchmark directory "
+            f"{workdir}, so it has no place in the archive"
+        )
     return relative
 
 
@@ -94,8 +104,10 @@ def read_provenance(path: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        raise ArchiveError(f"{os.path.join(path, PROVENANCE)} is unreadable ({error}); restore it from git "
-                           "(git checkout -- <file>) or delete that run's directory to run it again") from error
+        raise ArchiveError(
+            f"{os.path.join(path, PROVENANCE)} is unreadable ({error}); restore it from git "
+            "(git checkout -- <file>) or delete that run's directory to run it again"
+        ) from error
     return data if isinstance(data, dict) else None
 
 
@@ -120,8 +132,12 @@ def export(spec: runner.RunSpec, workdir: str, archive: str, root: str, seconds:
         if os.path.isfile(source):
             shutil.copy2(source, os.path.join(partial, name))
     provenance = {
-        "name": spec.name, "labels": dict(spec.labels), "command": list(spec.command),
-        "settings": settings(spec.command), **_code_version(spec.workdir, root), "host": socket.gethostname(),
+        "name": spec.name,
+        "labels": dict(spec.labels),
+        "command": list(spec.command),
+        "settings": settings(spec.command),
+        **_code_version(spec.workdir, root),
+        "host": socket.gethostname(),
         "wall_seconds": seconds,
         "archived_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -135,8 +151,11 @@ def export(spec: runner.RunSpec, workdir: str, archive: str, root: str, seconds:
 
 def archived_specs(specs: Sequence[runner.RunSpec], workdir: str, archive: str) -> list[runner.RunSpec]:
     """The specs whose archived copies exist, pointed at those copies (for ``collect_results``)."""
-    return [runner.RunSpec(name=s.name, command=s.command, workdir=archived_dir(s, workdir, archive), labels=s.labels)
-            for s in specs if is_archived(s, workdir, archive)]
+    return [
+        runner.RunSpec(name=s.name, command=s.command, workdir=archived_dir(s, workdir, archive), labels=s.labels)
+        for s in specs
+        if is_archived(s, workdir, archive)
+    ]
 
 
 def _group_of(labels: Mapping[str, Any], name: str) -> str:
@@ -173,7 +192,8 @@ def check_settings(specs: Sequence[runner.RunSpec], workdir: str, archive: str) 
                 f"{spec.name} would run with other settings than the archived {name} in {archive}: "
                 f"{_difference(settings(spec.command), archived)}. Results of one method must share "
                 "their settings: use a new results directory (config.results) for the new settings, "
-                "or run with the archived ones.")
+                "or run with the archived ones."
+            )
 
 
 def check_archive(archive: str) -> dict[str, int]:
@@ -189,9 +209,11 @@ def check_archive(archive: str) -> dict[str, int]:
         first_name, first = runs[0]
         for name, flags in runs[1:]:
             if flags != first:
-                raise ArchiveError(f"{archive} mixes settings for {group!r}: {name} vs {first_name}: "
-                                   f"{_difference(flags, first)}. Move one set of runs to another results "
-                                   "directory; a report must not mix configurations.")
+                raise ArchiveError(
+                    f"{archive} mixes settings for {group!r}: {name} vs {first_name}: "
+                    f"{_difference(flags, first)}. Move one set of runs to another results "
+                    "directory; a report must not mix configurations."
+                )
     return {group: len(runs) for group, runs in sorted(groups.items())}
 
 

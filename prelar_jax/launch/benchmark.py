@@ -62,10 +62,20 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
         run_dir = os.path.join(workdir, "pretrain", name)
         pretrain_of_method[method] = run_dir
         pretrain_specs[name] = RunSpec(
-            name=f"pretrain/{name}", workdir=run_dir, labels={"stage": "pretrain", "name": name},
-            command=[python, os.path.join(REPO_ROOT, "experiments", "pretrain.py"), f"--config={path}:{preset}",
-                     f"--config.data.root={video_root}", f"--config.steps={config.pretrain.steps}",
-                     f"--config.log.wandb_mode={config.wandb_mode}", *flags_of(overrides), f"--workdir={run_dir}"])
+            name=f"pretrain/{name}",
+            workdir=run_dir,
+            labels={"stage": "pretrain", "name": name},
+            command=[
+                python,
+                os.path.join(REPO_ROOT, "experiments", "pretrain.py"),
+                f"--config={path}:{preset}",
+                f"--config.data.root={video_root}",
+                f"--config.steps={config.pretrain.steps}",
+                f"--config.log.wandb_mode={config.wandb_mode}",
+                *flags_of(overrides),
+                f"--workdir={run_dir}",
+            ],
+        )
     finetune_specs = []
     for method in methods:
         _, (path, overrides) = methods_table[method]
@@ -74,19 +84,36 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
         for task in tasks:
             for seed in range(config.seeds):
                 run_dir = os.path.join(workdir, "runs", method, task, f"seed_{seed}")
-                command = [python, os.path.join(REPO_ROOT, "experiments", "finetune.py"), f"--config={path}:{preset}",
-                           f"--config.task={task}", f"--config.seed={seed}",
-                           f"--config.steps={config.finetune.steps}",
-                           f"--config.eval_every={config.finetune.eval_every}",
-                           f"--config.eval_eps={config.finetune.eval_eps}",
-                           f"--config.log.wandb_mode={config.wandb_mode}", *flags_of(overrides)]
+                command = [
+                    python,
+                    os.path.join(REPO_ROOT, "experiments", "finetune.py"),
+                    f"--config={path}:{preset}",
+                    f"--config.task={task}",
+                    f"--config.seed={seed}",
+                    f"--config.steps={config.finetune.steps}",
+                    f"--config.eval_every={config.finetune.eval_every}",
+                    f"--config.eval_eps={config.finetune.eval_eps}",
+                    f"--config.log.wandb_mode={config.wandb_mode}",
+                    *flags_of(overrides),
+                ]
                 if method in pretrain_of_method:
                     command.append(f"--config.pretrained={pretrain_of_method[method]}")
                 command.append(f"--workdir={run_dir}")
-                finetune_specs.append(RunSpec(name=f"{method}/{task}/seed_{seed}", workdir=run_dir, command=command,
-                                              labels={"method": method, "task": task, "seed": seed}))
-    return Plan(video_root, list(pretrain_specs.values()), finetune_specs, pretrain_of_method,
-                diagnostics_specs(config, workdir, tasks, pretrain_of_method))
+                finetune_specs.append(
+                    RunSpec(
+                        name=f"{method}/{task}/seed_{seed}",
+                        workdir=run_dir,
+                        command=command,
+                        labels={"method": method, "task": task, "seed": seed},
+                    )
+                )
+    return Plan(
+        video_root,
+        list(pretrain_specs.values()),
+        finetune_specs,
+        pretrain_of_method,
+        diagnostics_specs(config, workdir, tasks, pretrain_of_method),
+    )
 
 
 def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
@@ -96,11 +123,18 @@ def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
         return []
     out = os.path.join(workdir, "diagnostics")
     task = d.task or tasks[0]
-    command = [sys.executable, os.path.join(REPO_ROOT, "experiments", "diagnostics.py"),
-               f"--pretrained={pretrain_of_method['prelar']}", f"--task={task}", f"--out={out}",
-               f"--updates={d.updates}", f"--train_episodes={d.train_episodes}",
-               f"--eval_episodes={d.eval_episodes}", f"--probe_episodes={d.probe_episodes}",
-               f"--probe_steps={d.probe_steps}"]
+    command = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "experiments", "diagnostics.py"),
+        f"--pretrained={pretrain_of_method['prelar']}",
+        f"--task={task}",
+        f"--out={out}",
+        f"--updates={d.updates}",
+        f"--train_episodes={d.train_episodes}",
+        f"--eval_episodes={d.eval_episodes}",
+        f"--probe_episodes={d.probe_episodes}",
+        f"--probe_steps={d.probe_steps}",
+    ]
     if "apv" in pretrain_of_method:
         command.insert(3, f"--apv_pretrained={pretrain_of_method['apv']}")
     return [RunSpec(name="diagnostics", workdir=out, command=command, labels={"stage": "diagnostics", "task": task})]
@@ -144,10 +178,15 @@ def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> d
 def cost_section(archive: str, counts) -> str:
     """Markdown: archived runs and their recorded wall time per method / pre-training."""
     seconds = archive_lib.wall_seconds(archive)
-    lines = ["# Runs and their cost", "",
-             "Archived runs (the results directory), with the wall time of the attempt that finished "
-             "each (a resumed run counts its last attempt only):", "",
-             "| runs of | count | wall time (h) |", "|---|---|---|"]
+    lines = [
+        "# Runs and their cost",
+        "",
+        "Archived runs (the results directory), with the wall time of the attempt that finished "
+        "each (a resumed run counts its last attempt only):",
+        "",
+        "| runs of | count | wall time (h) |",
+        "|---|---|---|",
+    ]
     for group, count in counts.items():
         lines.append(f"| {group} | {count} | {seconds.get(group, 0.0) / 3600:.2f} |")
     lines.append(f"| total | {sum(counts.values())} | {sum(seconds.values()) / 3600:.2f} |")
@@ -173,8 +212,12 @@ def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
     and the pre-trainings no remaining run needs."""
     finetune = [s for s in runs.finetune if not archive_lib.is_archived(s, workdir, archive)]
     diagnostics = [s for s in runs.diagnostics if not archive_lib.is_archived(s, workdir, archive)]
-    needed = {arg.split("=", 1)[1] for s in finetune + diagnostics for arg in s.command
-              if arg.startswith(("--config.pretrained=", "--pretrained=", "--apv_pretrained="))}
+    needed = {
+        arg.split("=", 1)[1]
+        for s in finetune + diagnostics
+        for arg in s.command
+        if arg.startswith(("--config.pretrained=", "--pretrained=", "--apv_pretrained="))
+    }
     pretrain = [s for s in runs.pretrain if s.workdir in needed]
     return runs._replace(pretrain=pretrain, finetune=finetune, diagnostics=diagnostics)
 
@@ -182,8 +225,7 @@ def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
 def run_grid(config, workdir: str, runs, archive: str = "") -> None:
     def archived(spec, result=None):  # copy a finished run's small results into the archive now
         if archive and archive_lib.export(spec, workdir, archive, REPO_ROOT, result.seconds if result else None):
-            print(f"[benchmark] archived {spec.name} -> {archive_lib.archived_dir(spec, workdir, archive)}",
-                  flush=True)
+            print(f"[benchmark] archived {spec.name} -> {archive_lib.archived_dir(spec, workdir, archive)}", flush=True)
 
     if archive:
         for spec in runs.pretrain + runs.diagnostics + runs.finetune:  # finished here before, not archived yet
@@ -192,10 +234,19 @@ def run_grid(config, workdir: str, runs, archive: str = "") -> None:
     video_root, pretrain_specs, finetune_specs = runs.videos, runs.pretrain, runs.finetune
     if pretrain_specs and not config.videos.root and not os.path.isdir(video_root):
         tasks = video_tasks(config, DEFAULT_TASKS)
-        print(f"[benchmark] rendering {config.videos.episodes} scripted-expert episodes for each of "
-              f"{len(tasks)} tasks into {video_root}", flush=True)
-        generate_videos(video_root + ".partial", tasks=tasks, episodes_per_task=config.videos.episodes,
-                        max_steps=config.videos.max_steps, workers=config.videos.workers, verbose=False)
+        print(
+            f"[benchmark] rendering {config.videos.episodes} scripted-expert episodes for each of "
+            f"{len(tasks)} tasks into {video_root}",
+            flush=True,
+        )
+        generate_videos(
+            video_root + ".partial",
+            tasks=tasks,
+            episodes_per_task=config.videos.episodes,
+            max_steps=config.videos.max_steps,
+            workers=config.videos.workers,
+            verbose=False,
+        )
         os.replace(video_root + ".partial", video_root)
     results = run_all(pretrain_specs, config.max_parallel, os.path.join(workdir, "logs", "pretrain"), on_end=archived)
     failed = {r.workdir for r in results if r.status not in (FINISHED, SKIPPED)}
@@ -206,6 +257,9 @@ def run_grid(config, workdir: str, runs, archive: str = "") -> None:
     run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"), on_end=archived)
     runnable = without_failed(finetune_specs)
     if len(runnable) < len(finetune_specs):
-        print(f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
-              f"pre-training failed (see {workdir}/logs/pretrain/runs.json)", flush=True)
+        print(
+            f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
+            f"pre-training failed (see {workdir}/logs/pretrain/runs.json)",
+            flush=True,
+        )
     run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"), on_end=archived)

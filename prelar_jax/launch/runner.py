@@ -109,8 +109,10 @@ def _check_specs(specs: Sequence[RunSpec], max_parallel: int) -> None:
         for spec in specs:
             value = key(spec)
             if value in seen:
-                raise RunnerError(f"two runs share the {kind} {value!r} ({seen[value]!r} and {spec.name!r}); "
-                                  "every run needs its own name and workdir")
+                raise RunnerError(
+                    f"two runs share the {kind} {value!r} ({seen[value]!r} and {spec.name!r}); "
+                    "every run needs its own name and workdir"
+                )
             seen[value] = spec.name
     for spec in specs:
         if not spec.command or not all(isinstance(arg, str) for arg in spec.command):
@@ -168,10 +170,19 @@ class _Running:
     terminated: bool = False  # we sent SIGTERM (the runner is stopping)
 
 
-def run_all(specs: Sequence[RunSpec], max_parallel: int, log_dir: str, *, grace_seconds: float = 120.0,
-            tail_lines: int = 20, poll_seconds: float = 0.05, env: Mapping[str, str] | None = None,
-            cwd: str | None = None, echo: Callable[[str], None] | None = None,
-            on_end: Callable[[RunSpec, RunResult], None] | None = None) -> list[RunResult]:
+def run_all(
+    specs: Sequence[RunSpec],
+    max_parallel: int,
+    log_dir: str,
+    *,
+    grace_seconds: float = 120.0,
+    tail_lines: int = 20,
+    poll_seconds: float = 0.05,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    echo: Callable[[str], None] | None = None,
+    on_end: Callable[[RunSpec, RunResult], None] | None = None,
+) -> list[RunResult]:
     """Runs ``specs`` (in order) with at most ``max_parallel`` at once; returns one result per
     spec, in the order given, and writes them to ``<log_dir>/runs.json``.
 
@@ -188,26 +199,50 @@ def run_all(specs: Sequence[RunSpec], max_parallel: int, log_dir: str, *, grace_
     # One runner per output directory: a second one (another terminal, a re-submitted job) is
     # refused here, naming the first, before it changes anything.
     with workdir_lock.hold(log_dir, "runner"):
-        return _run_all(specs, max_parallel, log_dir, grace_seconds=grace_seconds, tail_lines=tail_lines,
-                        poll_seconds=poll_seconds, env=env, cwd=cwd, echo=echo, on_end=on_end)
+        return _run_all(
+            specs,
+            max_parallel,
+            log_dir,
+            grace_seconds=grace_seconds,
+            tail_lines=tail_lines,
+            poll_seconds=poll_seconds,
+            env=env,
+            cwd=cwd,
+            echo=echo,
+            on_end=on_end,
+        )
 
 
-def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_seconds: float, tail_lines: int,
-             poll_seconds: float, env: Mapping[str, str] | None, cwd: str | None,
-             echo: Callable[[str], None] | None,
-             on_end: Callable[[RunSpec, RunResult], None] | None = None) -> list[RunResult]:
+def _run_all(
+    specs: list[RunSpec],
+    max_parallel: int,
+    log_dir: str,
+    *,
+    grace_seconds: float,
+    tail_lines: int,
+    poll_seconds: float,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    echo: Callable[[str], None] | None,
+    on_end: Callable[[RunSpec, RunResult], None] | None = None,
+) -> list[RunResult]:
     echo = echo or (lambda line: print(line, flush=True))
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
-    results = {spec.name: RunResult(spec.name, spec.workdir, NOT_STARTED, labels=dict(spec.labels),
-                                    command=list(spec.command)) for spec in specs}
+    results = {
+        spec.name: RunResult(spec.name, spec.workdir, NOT_STARTED, labels=dict(spec.labels), command=list(spec.command))
+        for spec in specs
+    }
     runs_json = os.path.join(log_dir, RUNS_JSON)
 
     def write_runs_json() -> None:
         ordered = [results[spec.name].to_json() for spec in specs]
         counts = collections.Counter(result["status"] for result in ordered)
-        payload = {"updated": datetime.datetime.now().isoformat(timespec="seconds"),
-                   "counts": dict(counts), "runs": ordered}
+        payload = {
+            "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+            "counts": dict(counts),
+            "runs": ordered,
+        }
         _atomic_write_text(runs_json, json.dumps(payload, indent=2, default=str) + "\n")
 
     waiting: collections.deque[RunSpec] = collections.deque()
@@ -234,15 +269,22 @@ def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_sec
         os.makedirs(spec.workdir, exist_ok=True)
         log_path = os.path.join(spec.workdir, RUN_LOG)
         log = open(log_path, "a", encoding="utf-8")
-        log.write(f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')} runner start: "
-                  f"{' '.join(spec.command)}\n")
+        log.write(
+            f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')} runner start: {' '.join(spec.command)}\n"
+        )
         log.flush()
         offset = log.tell()
         counters["started"] += 1
         try:
-            process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=child_env, cwd=cwd,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                spec.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=child_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         except OSError as error:  # missing executable, bad cwd, ...
             log.write(f"could not start: {error}\n")
             log.close()
@@ -253,8 +295,7 @@ def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_sec
             return
         running[spec.name] = _Running(spec, process, log, log_path, offset, time.monotonic())
         results[spec.name].status = RUNNING
-        echo(f"[runner] start    {spec.name} ({counters['started']}/{total}, pid {process.pid}) "
-             f"log: {log_path}")
+        echo(f"[runner] start    {spec.name} ({counters['started']}/{total}, pid {process.pid}) log: {log_path}")
 
     def reap(name: str, returncode: int) -> None:
         entry = running.pop(name)
@@ -273,7 +314,7 @@ def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_sec
             result.status = FAILED
         line = f"[runner] {result.status:<8} {name} in {result.seconds:.1f}s"
         if result.status == FAILED:
-            reason = (f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}")
+            reason = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
             last = result.log_tail[-1] if result.log_tail else "(no output)"
             line += f", {reason}: {last} (log: {entry.log_path})"
         elif result.status == UNFINISHED:
@@ -298,8 +339,10 @@ def _run_all(specs: list[RunSpec], max_parallel: int, log_dir: str, *, grace_sec
             while waiting or running:
                 if trap.count and stop_deadline is None:
                     stop_deadline = time.monotonic() + grace_seconds
-                    echo(f"[runner] stopping: SIGTERM to {len(running)} running run(s) so they save a checkpoint; "
-                         f"killing them in {grace_seconds:.0f}s (signal again to kill now)")
+                    echo(
+                        f"[runner] stopping: SIGTERM to {len(running)} running run(s) so they save a checkpoint; "
+                        f"killing them in {grace_seconds:.0f}s (signal again to kill now)"
+                    )
                     for entry in running.values():
                         entry.terminated = True
                         try:
@@ -396,9 +439,16 @@ def collect_results(specs: Sequence[RunSpec], finished_only: bool = False) -> li
         method, task, seed = _run_identity(spec)
         for step in sorted(by_step):
             record = by_step[step]
-            rows.append({"method": method, "task": task, "seed": seed, "step": step,
-                         "success_rate": _as_float(record["eval/success_rate"]),
-                         "return": _as_float(record.get("eval/return"))})
+            rows.append(
+                {
+                    "method": method,
+                    "task": task,
+                    "seed": seed,
+                    "step": step,
+                    "success_rate": _as_float(record["eval/success_rate"]),
+                    "return": _as_float(record.get("eval/return")),
+                }
+            )
     return rows
 
 

@@ -88,31 +88,39 @@ def _check_structure(sweep: Mapping[str, Any], source: str) -> None:
     if unknown:
         raise SweepError(f"sweep {source}: unknown top-level key(s) {unknown}; allowed: {list(SWEEP_KEYS)}")
     if not isinstance(sweep.get("base"), str) or not sweep["base"]:
-        raise SweepError(f"sweep {source}: 'base' must name the config every run starts from, "
-                         "e.g. 'configs/prelar_finetune.py:tiny'")
+        raise SweepError(
+            f"sweep {source}: 'base' must name the config every run starts from, e.g. 'configs/prelar_finetune.py:tiny'"
+        )
     if "grid" not in sweep and "list" not in sweep:
-        raise SweepError(f"sweep {source}: give a 'grid' (dict of key -> list of values) and/or a 'list' "
-                         "(list of override dicts)")
+        raise SweepError(
+            f"sweep {source}: give a 'grid' (dict of key -> list of values) and/or a 'list' (list of override dicts)"
+        )
     for name in ("fixed", "grid"):
         if not isinstance(sweep.get(name, {}), Mapping):
-            raise SweepError(f"sweep {source}: {name!r} must be a dict of config key -> "
-                             f"{'values' if name == 'grid' else 'value'}")
+            raise SweepError(
+                f"sweep {source}: {name!r} must be a dict of config key -> {'values' if name == 'grid' else 'value'}"
+            )
     for key, values in sweep.get("grid", {}).items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise SweepError(f"sweep {source}: grid key {key!r} needs a non-empty list of values, got {values!r}")
         if len(set(map(repr, values))) != len(values):
             raise SweepError(f"sweep {source}: grid key {key!r} lists a value twice: {list(values)!r}")
     entries = sweep.get("list", [])
-    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence) or (
-            "list" in sweep and not entries):
+    if (
+        isinstance(entries, (str, bytes, Mapping))
+        or not isinstance(entries, Sequence)
+        or ("list" in sweep and not entries)
+    ):
         raise SweepError(f"sweep {source}: 'list' must be a non-empty list of override dicts")
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise SweepError(f"sweep {source}: list entry {index} must be a dict of overrides, got {entry!r}")
         both = sorted(set(entry) & set(sweep.get("grid", {})))
         if both:
-            raise SweepError(f"sweep {source}: list entry {index} sets {both}, which the grid also sweeps; "
-                             "each key belongs to the grid or the list, not both")
+            raise SweepError(
+                f"sweep {source}: list entry {index} sets {both}, which the grid also sweeps; "
+                "each key belongs to the grid or the list, not both"
+            )
         both = sorted(set(entry) & set(sweep.get("fixed", {})))
         if both:
             raise SweepError(f"sweep {source}: list entry {index} sets {both}, which 'fixed' also sets")
@@ -130,8 +138,9 @@ def override_sets(sweep: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{**entry, **point} for entry in entries for point in product]
 
 
-def _apply(base: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str, source: str,
-           base_spec: str) -> ml_collections.ConfigDict:
+def _apply(
+    base: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str, source: str, base_spec: str
+) -> ml_collections.ConfigDict:
     """A copy of ``base`` with ``overrides``; a SweepError naming ``source`` and the key if a key
     does not exist, is a group of keys, or the value has the wrong type."""
     config = copy.deepcopy(base)
@@ -144,8 +153,10 @@ def _apply(base: ml_collections.ConfigDict, overrides: Mapping[str, Any], where:
         try:
             current = _lookup(config, key)
             if isinstance(current, ml_collections.ConfigDict):
-                raise SweepError(f"{prefix} is a group of keys in {base_spec}; sweep one of its leaves "
-                                 f"({', '.join(f'{key}.{k}' for k in sorted(current.keys()))})")
+                raise SweepError(
+                    f"{prefix} is a group of keys in {base_spec}; sweep one of its leaves "
+                    f"({', '.join(f'{key}.{k}' for k in sorted(current.keys()))})"
+                )
             config_lib.set_path(config, key, value)
         except config_lib.ConfigError as error:  # the key does not exist; the message lists valid ones
             raise SweepError(f"sweep {source}: {where}: {error} (base config {base_spec})") from error
@@ -181,20 +192,22 @@ def _run_name(overrides: Mapping[str, Any], short: Mapping[str, str]) -> str:
 def _unique_names(names: list[str], overrides: list[dict[str, Any]]) -> list[str]:
     """Names cut to ``_MAX_NAME`` and, where cutting or cleaning characters made two equal, made
     unique with a hash of the full overrides (deterministic across runs of the sweep)."""
+
     def digest(index: int) -> str:
         return hashlib.sha1(repr(sorted(overrides[index].items())).encode()).hexdigest()[:8]
 
-    out = [name if len(name) <= _MAX_NAME else f"{name[:_MAX_NAME - 9]}-{digest(i)}" for i, name in enumerate(names)]
+    out = [name if len(name) <= _MAX_NAME else f"{name[: _MAX_NAME - 9]}-{digest(i)}" for i, name in enumerate(names)]
     for name in set(out):
         clashing = [i for i, n in enumerate(out) if n == name]
         if len(clashing) > 1:
             for i in clashing:
-                out[i] = f"{name[:_MAX_NAME - 9]}-{digest(i)}"
+                out[i] = f"{name[: _MAX_NAME - 9]}-{digest(i)}"
     return out
 
 
-def expand(sweep: Mapping[str, Any], out_dir: str, source: str = "<sweep>",
-           python: str = sys.executable) -> list[RunSpec]:
+def expand(
+    sweep: Mapping[str, Any], out_dir: str, source: str = "<sweep>", python: str = sys.executable
+) -> list[RunSpec]:
     """One ``RunSpec`` per run of ``sweep`` (see the module docstring), workdirs under ``out_dir``.
 
     Commands use absolute paths (interpreter, script, config file, workdir) so that printed
@@ -248,8 +261,13 @@ def expand(sweep: Mapping[str, Any], out_dir: str, source: str = "<sweep>",
         command = [python, script_path, f"--config={config_arg}"]
         command += [f"--config.{key}={flag_value(value)}" for key, value in {**fixed, **point}.items()]
         command.append(f"--workdir={workdir}")
-        labels = {"method": f"{method}/{variant}" if variant else method, "task": config.get("task", ""),
-                  "seed": config.get("seed", ""), "variant": variant, "overrides": dict(point)}
+        labels = {
+            "method": f"{method}/{variant}" if variant else method,
+            "task": config.get("task", ""),
+            "seed": config.get("seed", ""),
+            "variant": variant,
+            "overrides": dict(point),
+        }
         specs.append(RunSpec(name=name, command=command, workdir=workdir, labels=labels))
     return specs
 

@@ -40,16 +40,18 @@ class ZeroActions:
         self.config = config.implicit_action
         self.action_dim = self.config.action_dim
 
-    def codes(self, apply_network: ApplyNetwork | None, frames: jax.Array, embed: jax.Array,
-              keys: jax.Array | None) -> tuple[dict[str, jax.Array], jax.Array]:
+    def codes(
+        self, apply_network: ApplyNetwork | None, frames: jax.Array, embed: jax.Array, keys: jax.Array | None
+    ) -> tuple[dict[str, jax.Array], jax.Array]:
         """``(code_params, actions)``: the network's code parameters ``[B, T-1, ...]`` (empty
         without a network) and the RSSM actions ``[B, T, A]``. ``keys`` ``[B, T-1]`` sample the
         codes (None: their means, for media and probes)."""
         batch, length = embed.shape[:2]
         return {}, jnp.zeros((batch, length, self.action_dim), jnp.float32)
 
-    def code_losses(self, code_params: dict[str, jax.Array], step: jax.Array | None
-                    ) -> tuple[dict[str, jax.Array], dict[str, float | jax.Array], Metrics]:
+    def code_losses(
+        self, code_params: dict[str, jax.Array], step: jax.Array | None
+    ) -> tuple[dict[str, jax.Array], dict[str, float | jax.Array], Metrics]:
         """The code's own loss terms, their scales and metrics (none here)."""
         return {}, {}, {}
 
@@ -74,10 +76,18 @@ class ImplicitCodes(ZeroActions):
     def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None, dtype):
         implicit_cfg, model = config.implicit_action, config.model
         self.network = ImplicitActionEncoder(
-            code_type=implicit_cfg.code_type, stoch=implicit_cfg.stoch, deter=implicit_cfg.deter,
-            hidden=implicit_cfg.hidden, input=implicit_cfg.input, embed_layers=implicit_cfg.embed_layers,
-            depth=model.depth, stages=model.stages, bn_axis_name=bn_axis_name, dtype=dtype,
-            head_init_scale=implicit_cfg.get("head_init_scale", 1.0))
+            code_type=implicit_cfg.code_type,
+            stoch=implicit_cfg.stoch,
+            deter=implicit_cfg.deter,
+            hidden=implicit_cfg.hidden,
+            input=implicit_cfg.input,
+            embed_layers=implicit_cfg.embed_layers,
+            depth=model.depth,
+            stages=model.stages,
+            bn_axis_name=bn_axis_name,
+            dtype=dtype,
+            head_init_scale=implicit_cfg.get("head_init_scale", 1.0),
+        )
         super().__init__(config)
         self.action_dim = self.network.code_size
         self.loss_config = config.loss
@@ -126,5 +136,10 @@ class ImplicitCodes(ZeroActions):
 
 
 # implicit_action.code_type -> source, each built as source(config, bn_axis_name, dtype).
-ACTION_SOURCES = {"none": ZeroActions, "random": RandomCodes,
-                  "stoch": ImplicitCodes, "deter": ImplicitCodes, "mix": ImplicitCodes}
+ACTION_SOURCES = {
+    "none": ZeroActions,
+    "random": RandomCodes,
+    "stoch": ImplicitCodes,
+    "deter": ImplicitCodes,
+    "mix": ImplicitCodes,
+}

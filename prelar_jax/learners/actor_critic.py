@@ -78,8 +78,8 @@ class ActorCriticConfig:
     def __post_init__(self):
         if int(self.horizon) != self.horizon or self.horizon < 2:
             raise ActorCriticConfigError(
-                f"actor_critic.horizon must be an integer >= 2 (the actor loss uses steps 0..H-2), "
-                f"got {self.horizon!r}")
+                f"actor_critic.horizon must be an integer >= 2 (the actor loss uses steps 0..H-2), got {self.horizon!r}"
+            )
         if not 0.0 < self.discount <= 1.0:
             raise ActorCriticConfigError(f"actor_critic.discount must be in (0, 1], got {self.discount!r}")
         if not 0.0 <= self.lambda_ <= 1.0:
@@ -88,7 +88,8 @@ class ActorCriticConfig:
             raise ActorCriticConfigError(f"actor_critic.actor_ent must be >= 0, got {self.actor_ent!r}")
         if int(self.slow_update_every) != self.slow_update_every or self.slow_update_every < 1:
             raise ActorCriticConfigError(
-                f"actor_critic.slow_update_every must be an integer >= 1, got {self.slow_update_every!r}")
+                f"actor_critic.slow_update_every must be an integer >= 1, got {self.slow_update_every!r}"
+            )
 
     @classmethod
     def from_mapping(cls, mapping) -> "ActorCriticConfig":
@@ -97,8 +98,7 @@ class ActorCriticConfig:
         given = dict(mapping)
         unknown = sorted(set(given) - known)
         if unknown:
-            raise ActorCriticConfigError(
-                f"unknown actor_critic keys {unknown}; expected some of {sorted(known)}")
+            raise ActorCriticConfigError(f"unknown actor_critic keys {unknown}; expected some of {sorted(known)}")
         return cls(**given)
 
 
@@ -107,8 +107,7 @@ class ActorCriticConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def lambda_returns(reward: jax.Array, value: jax.Array, discount: jax.Array | float,
-                   lambda_: float) -> jax.Array:
+def lambda_returns(reward: jax.Array, value: jax.Array, discount: jax.Array | float, lambda_: float) -> jax.Array:
     """DreamerV2 TD(lambda) targets, ``[H + 1, N]`` inputs to ``[H, N]`` returns.
 
     Exactly ``lambda_return(reward[:-1], value[:-1], discount[:-1], bootstrap=value[-1])``::
@@ -156,8 +155,9 @@ def _leading(tree) -> int:
     return jax.tree.leaves(tree)[0].shape[0]
 
 
-def imagine(policy_fn: PolicyFn, step_fn: StepFn, start: State, horizon: int, keys: jax.Array,
-            feature_fn: FeatureFn = feature) -> dict[str, Any]:
+def imagine(
+    policy_fn: PolicyFn, step_fn: StepFn, start: State, horizon: int, keys: jax.Array, feature_fn: FeatureFn = feature
+) -> dict[str, Any]:
     """Roll the policy out for ``horizon`` steps from each of the ``N`` start states.
 
     ``start`` is a dict of ``[N, ...]`` RSSM states; it is stop-gradiented (imagination starts
@@ -179,11 +179,10 @@ def imagine(policy_fn: PolicyFn, step_fn: StepFn, start: State, horizon: int, ke
     start = sg(start)
     n = _leading(start)
     if keys.shape != (n,) or not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        raise ValueError(f"imagine needs one typed PRNG key per start row, shape ({n},); got "
-                         f"{keys.dtype} {keys.shape}")
+        raise ValueError(f"imagine needs one typed PRNG key per start row, shape ({n},); got {keys.dtype} {keys.shape}")
     streams = jax.vmap(lambda k: jax.random.split(k, 2 * horizon + 1))(keys)  # [N, 2H+1]
-    action_keys = jnp.swapaxes(streams[:, :horizon + 1], 0, 1)  # [H+1, N]
-    dynamics_keys = jnp.swapaxes(streams[:, horizon + 1:], 0, 1)  # [H, N]
+    action_keys = jnp.swapaxes(streams[:, : horizon + 1], 0, 1)  # [H+1, N]
+    dynamics_keys = jnp.swapaxes(streams[:, horizon + 1 :], 0, 1)  # [H, N]
 
     def act(state, row_keys):
         feat = feature_fn(state)  # [N, F]
@@ -197,8 +196,7 @@ def imagine(policy_fn: PolicyFn, step_fn: StepFn, start: State, horizon: int, ke
         next_state = step_fn(state, action, dyn_keys)
         return next_state, (state, feat, action, mean, std)
 
-    last, (states, feats, actions, means, stds) = jax.lax.scan(
-        step, start, (action_keys[:horizon], dynamics_keys))
+    last, (states, feats, actions, means, stds) = jax.lax.scan(step, start, (action_keys[:horizon], dynamics_keys))
     feat_h, action_h, mean_h, std_h = act(last, action_keys[horizon])
 
     def append(seq, final):
@@ -218,14 +216,19 @@ def imagine(policy_fn: PolicyFn, step_fn: StepFn, start: State, horizon: int, ke
 # ----------------------------------------------------------------------------------------------
 
 
-def actor_critic_losses(params: dict[str, Params], slow_critic_params: Params, start: State,
-                        keys: jax.Array, *,
-                        actor_apply: Callable[[Params, jax.Array], tuple[jax.Array, jax.Array]],
-                        critic_apply: Callable[[Params, jax.Array], jax.Array],
-                        step_fn: StepFn, reward_fn: Callable[[jax.Array], jax.Array],
-                        config: ActorCriticConfig,
-                        feature_fn: FeatureFn = feature
-                        ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+def actor_critic_losses(
+    params: dict[str, Params],
+    slow_critic_params: Params,
+    start: State,
+    keys: jax.Array,
+    *,
+    actor_apply: Callable[[Params, jax.Array], tuple[jax.Array, jax.Array]],
+    critic_apply: Callable[[Params, jax.Array], jax.Array],
+    step_fn: StepFn,
+    reward_fn: Callable[[jax.Array], jax.Array],
+    config: ActorCriticConfig,
+    feature_fn: FeatureFn = feature,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """``(actor_loss, critic_loss, metrics)``; ``actor_critic_loss`` is their sum for one
     ``jax.grad(..., has_aux=True)`` w.r.t. ``params = {'actor': ..., 'critic': ...}``.
 
@@ -250,8 +253,7 @@ def actor_critic_losses(params: dict[str, Params], slow_critic_params: Params, s
     Index ranges are in the module docstring (actor: k = 0..H-2, critic: k = 0..H-1).
     """
     horizon = config.horizon
-    traj = imagine(lambda feat: actor_apply(params["actor"], feat), step_fn, start, horizon, keys,
-                   feature_fn)
+    traj = imagine(lambda feat: actor_apply(params["actor"], feat), step_fn, start, horizon, keys, feature_fn)
     feat = traj["feat"]  # [H+1, N, F]
     reward = reward_fn(feat).astype(jnp.float32)  # [H+1, N]
     chex.assert_shape(reward, feat.shape[:2])
@@ -271,26 +273,28 @@ def actor_critic_losses(params: dict[str, Params], slow_critic_params: Params, s
     chex.assert_shape(value, target.shape)
     critic_loss = jnp.mean(weight[:-1] * 0.5 * jnp.square(value - sg(target)))
 
-    metrics = sg({
-        "actor_loss": actor_loss,
-        "critic_loss": critic_loss,
-        "actor_entropy": jnp.mean(entropy),
-        "imag_reward": jnp.mean(reward),
-        "lambda_return": jnp.mean(target),
-        "critic_value": jnp.mean(value),
-        "slow_value": jnp.mean(slow_value),
-        "action_std": jnp.mean(traj["std"]),
-    })
+    metrics = sg(
+        {
+            "actor_loss": actor_loss,
+            "critic_loss": critic_loss,
+            "actor_entropy": jnp.mean(entropy),
+            "imag_reward": jnp.mean(reward),
+            "lambda_return": jnp.mean(target),
+            "critic_value": jnp.mean(value),
+            "slow_value": jnp.mean(slow_value),
+            "action_std": jnp.mean(traj["std"]),
+        }
+    )
     return actor_loss, critic_loss, metrics
 
 
-def actor_critic_loss(params: dict[str, Params], slow_critic_params: Params, start: State,
-                      keys: jax.Array, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+def actor_critic_loss(
+    params: dict[str, Params], slow_critic_params: Params, start: State, keys: jax.Array, **kwargs
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(actor_loss + critic_loss, metrics)``, the function to differentiate once w.r.t.
     ``{'actor': ..., 'critic': ...}``; keyword arguments as ``actor_critic_losses``, whose
     docstring explains why each network then gets exactly its own loss's gradient."""
-    actor_loss, critic_loss, metrics = actor_critic_losses(params, slow_critic_params, start, keys,
-                                                           **kwargs)
+    actor_loss, critic_loss, metrics = actor_critic_losses(params, slow_critic_params, start, keys, **kwargs)
     return actor_loss + critic_loss, metrics
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ('off', 'sign', 'tanh', 'ranknet', 'soft_spearman')
+VARIANTS = ("off", "sign", "tanh", "ranknet", "soft_spearman")
 
 # Floor on the temperature so that all-equal action distances (tau = 0) do not divide by zero.
 _TAU_EPS = 1e-8
@@ -73,23 +73,21 @@ def _ranknet_loss(delta_s: jax.Array, delta_a: jax.Array, temperature_scale: flo
     return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
 
 
-def _soft_spearman_loss(delta_s: jax.Array, delta_a: jax.Array,
-                        temperature_scale: float) -> jax.Array:
+def _soft_spearman_loss(delta_s: jax.Array, delta_a: jax.Array, temperature_scale: float) -> jax.Array:
     """1 - Pearson(soft ranks of d_a, hard ranks of d_s)."""
     tau = _temperature(delta_a, temperature_scale)
     soft_rank_a = jnp.sum(jax.nn.sigmoid(delta_a / tau), axis=1)  # [N]
     # Hard average ranks of d_s (ties share the mean rank): the step-function limit of the above.
-    hard_rank_s = jnp.sum(jnp.where(delta_s > 0, 1.0, 0.0) + jnp.where(delta_s == 0, 0.5, 0.0),
-                          axis=1)  # [N]
+    hard_rank_s = jnp.sum(jnp.where(delta_s > 0, 1.0, 0.0) + jnp.where(delta_s == 0, 0.5, 0.0), axis=1)  # [N]
     centred_a = soft_rank_a - jnp.mean(soft_rank_a)
     centred_s = hard_rank_s - jnp.mean(hard_rank_s)
-    denominator = jnp.sqrt(jnp.maximum(jnp.sum(centred_a ** 2) * jnp.sum(centred_s ** 2),
-                                       _PEARSON_EPS))
+    denominator = jnp.sqrt(jnp.maximum(jnp.sum(centred_a**2) * jnp.sum(centred_s**2), _PEARSON_EPS))
     return 1.0 - jnp.sum(centred_a * centred_s) / denominator
 
 
-def consistency_loss(state_distance: jax.Array, action_distance: jax.Array, variant: str = 'tanh',
-                     temperature_scale: float = 0.2) -> jax.Array:
+def consistency_loss(
+    state_distance: jax.Array, action_distance: jax.Array, variant: str = "tanh", temperature_scale: float = 0.2
+) -> jax.Array:
     """Action-state consistency loss over N pairs; a float32 scalar.
 
     Args:
@@ -123,20 +121,21 @@ def consistency_loss(state_distance: jax.Array, action_distance: jax.Array, vari
     action_distance = jnp.asarray(action_distance, jnp.float32)  # [N]
     if state_distance.ndim != 1 or state_distance.shape != action_distance.shape:
         raise ValueError(
-            'consistency_loss expects state_distance and action_distance as 1-D arrays of the same '
-            f'length N (one entry per pair); got shapes {state_distance.shape} and '
-            f'{action_distance.shape}. Flatten the [B, T-1] pairs first.')
+            "consistency_loss expects state_distance and action_distance as 1-D arrays of the same "
+            f"length N (one entry per pair); got shapes {state_distance.shape} and "
+            f"{action_distance.shape}. Flatten the [B, T-1] pairs first."
+        )
     if isinstance(temperature_scale, (int, float)) and temperature_scale <= 0:
-        raise ValueError(f'temperature_scale must be > 0; got {temperature_scale}.')
+        raise ValueError(f"temperature_scale must be > 0; got {temperature_scale}.")
 
-    if variant == 'off':
+    if variant == "off":
         return jnp.zeros((), jnp.float32)
     delta_s = _pairwise_diff(state_distance)  # [N, N]
     delta_a = _pairwise_diff(action_distance)  # [N, N]
-    if variant == 'sign':
+    if variant == "sign":
         return _sign_loss(delta_s, delta_a)
-    if variant == 'tanh':
+    if variant == "tanh":
         return _tanh_loss(delta_s, delta_a, temperature_scale)
-    if variant == 'ranknet':
+    if variant == "ranknet":
         return _ranknet_loss(delta_s, delta_a, temperature_scale)
     return _soft_spearman_loss(delta_s, delta_a, temperature_scale)

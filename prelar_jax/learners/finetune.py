@@ -80,20 +80,27 @@ class FinetuneAgent(world_model.ImageWorldModel):
         self.dynamics = DYNAMICS[bool(config.stacked)](self.rssm, self.action_dim, self.feat_dim)
         heads = config.heads
         self.reward_head = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
-        self.aux_reward_head = (ScalarHead(heads.layers, heads.units, dtype=self.dtype)
-                                if config.loss.aux_reward_scale > 0 else None)
-        self.actor = Actor(heads.layers, heads.units, config.action_dim,
-                           min_std=config.actor_critic.min_std, dtype=self.dtype)
+        self.aux_reward_head = (
+            ScalarHead(heads.layers, heads.units, dtype=self.dtype) if config.loss.aux_reward_scale > 0 else None
+        )
+        self.actor = Actor(
+            heads.layers, heads.units, config.action_dim, min_std=config.actor_critic.min_std, dtype=self.dtype
+        )
         self.critic = ScalarHead(heads.layers, heads.units, dtype=self.dtype)
         ac_cfg = config.actor_critic
         self.ac_config = actor_critic.ActorCriticConfig(
-            horizon=ac_cfg.horizon, discount=ac_cfg.discount, lambda_=ac_cfg.lambda_, actor_ent=ac_cfg.actor_ent,
-            slow_update_every=ac_cfg.slow_update_every)
+            horizon=ac_cfg.horizon,
+            discount=ac_cfg.discount,
+            lambda_=ac_cfg.lambda_,
+            actor_ent=ac_cfg.actor_ent,
+            slow_update_every=ac_cfg.slow_update_every,
+        )
         self.use_intrinsic = config.intrinsic.beta > 0
         self.model_optimizer = self._make_model_optimizer()
         self.actor_critic_optimizer = optax.multi_transform(
             {"actor": adam(config.optimizer, ac_cfg.actor_lr), "critic": adam(config.optimizer, ac_cfg.critic_lr)},
-            {"actor": "actor", "critic": "critic"})
+            {"actor": "actor", "critic": "critic"},
+        )
 
     # ------------------------------------------------------------------------------------------
     # Parameters and optimisers
@@ -111,8 +118,10 @@ class FinetuneAgent(world_model.ImageWorldModel):
         group = [name.strip() for name in self.config.optimizer.pretrained_group.split(",") if name.strip()]
         unknown = sorted(set(group) - set(self.world_model_modules()))
         if unknown:
-            raise ValueError(f"optimizer.pretrained_group names {unknown}, which are not world-model "
-                             f"modules of this agent: {self.world_model_modules()}")
+            raise ValueError(
+                f"optimizer.pretrained_group names {unknown}, which are not world-model "
+                f"modules of this agent: {self.world_model_modules()}"
+            )
         return tuple(group)
 
     def _make_model_optimizer(self) -> optax.GradientTransformation:
@@ -153,11 +162,11 @@ class FinetuneAgent(world_model.ImageWorldModel):
             return width
         frames = jax.ShapeDtypeStruct((1, 1, self.image_size, self.image_size, 3), jnp.uint8)
         params, batch_stats = jax.eval_shape(self.init, jax.random.key(0))
-        return jax.eval_shape(lambda p, s, f: self._encode_frames(p, s, {}, f, False)[1],
-                              params, batch_stats, frames).shape[-1]
+        return jax.eval_shape(
+            lambda p, s, f: self._encode_frames(p, s, {}, f, False)[1], params, batch_stats, frames
+        ).shape[-1]
 
-    def init_state(self, key: jax.Array, params: Params | None = None,
-                   batch_stats: Params | None = None) -> AgentState:
+    def init_state(self, key: jax.Array, params: Params | None = None, batch_stats: Params | None = None) -> AgentState:
         """A fresh state, built by one compiled function. ``params``/``batch_stats`` (e.g. with
         pre-trained modules loaded) replace the fresh ones; optimiser states start from them."""
         embed_dim = self.bonus_feature_dim()
@@ -173,12 +182,15 @@ class FinetuneAgent(world_model.ImageWorldModel):
             if self.use_intrinsic:
                 cfg = self.config.intrinsic
                 intrinsic_state = intrinsic.init_intrinsic(intrinsic_key, embed_dim, cfg.queue_dim, cfg.capacity)
-            return AgentState(step=jnp.zeros((), jnp.int32), params=params,
-                              slow_critic=jax.tree.map(jnp.copy, params["critic"]),
-                              batch_stats=batch_stats,
-                              model_opt_state=self.model_optimizer.init(wm),
-                              actor_critic_opt_state=self.actor_critic_optimizer.init(ac_params),
-                              intrinsic=intrinsic_state)
+            return AgentState(
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                slow_critic=jax.tree.map(jnp.copy, params["critic"]),
+                batch_stats=batch_stats,
+                model_opt_state=self.model_optimizer.init(wm),
+                actor_critic_opt_state=self.actor_critic_optimizer.init(ac_params),
+                intrinsic=intrinsic_state,
+            )
 
         return jax.jit(build)(key, params, batch_stats)
 
@@ -190,8 +202,15 @@ class FinetuneAgent(world_model.ImageWorldModel):
         """Real actions ``[..., 4]`` -> the RSSM's action input ``[..., action_dim]``."""
         return self.action_encoder(params, action)
 
-    def world_model_loss(self, params: Params, batch_stats: Params, intrinsic_state: Any, batch: dict[str, jax.Array],
-                         key: jax.Array, example_index: jax.Array):
+    def world_model_loss(
+        self,
+        params: Params,
+        batch_stats: Params,
+        intrinsic_state: Any,
+        batch: dict[str, jax.Array],
+        key: jax.Array,
+        example_index: jax.Array,
+    ):
         """Spec 5.3: ``L = kl*L_KL + image*L_image + reward*L_reward + aux*L_aux``.
 
         ``batch``: ``image`` ``[B, T, H, W, 3]`` uint8, ``action`` ``[B, T, 4]``, ``reward``
@@ -217,8 +236,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
         action_free_keys = world_model.example_keys(jax.random.fold_in(key, 1), example_index, length)
         embed = self.dynamics.observe_input(params, embed, is_first, action_free_keys)
         post, prior = world_model.observe(self.rssm, params["rssm"], embed, codes, is_first, keys)
-        kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
-                                                           cfg.kl_balance, cfg.kl_free)
+        kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"], cfg.kl_balance, cfg.kl_free)
         feat = feature(post)
         recon = self._decode_features(params, batch_stats, new_batch_stats, feat, train=True)
         image_loss = -world_model.image_log_likelihood(recon, frames).mean()
@@ -228,8 +246,13 @@ class FinetuneAgent(world_model.ImageWorldModel):
         if self.use_intrinsic:
             intrinsic_cfg = self.config.intrinsic
             intrinsic_reward_t, intrinsic_state, intrinsic_metrics = intrinsic.intrinsic_reward(
-                intrinsic_state, embed, intrinsic_cfg.window, intrinsic_cfg.k, intrinsic_cfg.momentum,
-                axis_name=self.axis_name)
+                intrinsic_state,
+                embed,
+                intrinsic_cfg.window,
+                intrinsic_cfg.k,
+                intrinsic_cfg.momentum,
+                axis_name=self.axis_name,
+            )
             steps = intrinsic_reward_t.shape[1]
             target = reward[:, :steps] + intrinsic_cfg.beta * intrinsic_reward_t
             predicted = self.reward_head.apply({"params": params["reward"]}, feat[:, :steps])
@@ -246,11 +269,18 @@ class FinetuneAgent(world_model.ImageWorldModel):
             losses["aux_reward"], scales["aux_reward"] = aux_loss, cfg.aux_reward_scale
             metrics["aux_reward_loss"] = aux_loss
         total = weighted_sum(losses, scales)
-        metrics.update({
-            "model_loss": total, "kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
-            "reward_loss": reward_loss, "reward_target": target.mean(),
-            "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
-            "post_entropy": distributions.categorical_entropy(post["logit"]).mean()})
+        metrics.update(
+            {
+                "model_loss": total,
+                "kl": kl_value,
+                "kl_loss": kl_loss,
+                "image_loss": image_loss,
+                "reward_loss": reward_loss,
+                "reward_target": target.mean(),
+                "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
+                "post_entropy": distributions.categorical_entropy(post["logit"]).mean(),
+            }
+        )
         return total, (new_batch_stats, post, intrinsic_state, metrics)
 
     # ------------------------------------------------------------------------------------------
@@ -261,39 +291,52 @@ class FinetuneAgent(world_model.ImageWorldModel):
         def step(state: State, action: jax.Array, keys: jax.Array) -> State:
             code = self.encode_action(wm_params, action)
             return self.rssm.apply({"params": wm_params["rssm"]}, state, code, keys, method=RSSM.img_step)
+
         return step
 
-    def actor_critic_loss(self, ac_params: Params, wm_params: Params, slow_critic: Params,
-                          start: State, keys: jax.Array):
+    def actor_critic_loss(
+        self, ac_params: Params, wm_params: Params, slow_critic: Params, start: State, keys: jax.Array
+    ):
         """Imagination from ``start`` (``[N, ...]`` detached posteriors) in the world model
         ``wm_params`` (constants here; gradients flow through them into the actions)."""
         return actor_critic.actor_critic_loss(
-            ac_params, slow_critic, start, keys,
+            ac_params,
+            slow_critic,
+            start,
+            keys,
             actor_apply=lambda p, f: self.actor.apply({"params": p}, f),
             critic_apply=lambda p, f: self.critic.apply({"params": p}, f),
             step_fn=self._img_step(wm_params),
             reward_fn=lambda f: self.reward_head.apply({"params": wm_params["reward"]}, f),
-            config=self.ac_config)
+            config=self.ac_config,
+        )
 
     # ------------------------------------------------------------------------------------------
     # One update (called per device inside shard_map)
     # ------------------------------------------------------------------------------------------
 
-    def _world_model_step(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
-                          example_index: jax.Array, mean: Callable[[Any], Any]):
+    def _world_model_step(
+        self,
+        state: AgentState,
+        batch: dict[str, jax.Array],
+        key: jax.Array,
+        example_index: jax.Array,
+        mean: Callable[[Any], Any],
+    ):
         """The world-model half of an update, before the finite check: gradients (averaged by
         ``mean``), the optimiser step, and the detached-to-be posteriors ``[B, T, ...]``."""
         wm_params = {k: state.params[k] for k in self.world_model_modules()}
         grad_fn = jax.value_and_grad(self.world_model_loss, has_aux=True)
         (_, (new_batch_stats, post, intrinsic_state, wm_metrics)), wm_grads = grad_fn(
-            wm_params, state.batch_stats, state.intrinsic, batch, key, example_index)
+            wm_params, state.batch_stats, state.intrinsic, batch, key, example_index
+        )
         wm_grads = mean(wm_grads)
-        wm_params, model_opt_state = optim.apply_update(self.model_optimizer, wm_grads, state.model_opt_state,
-                                                        wm_params)
+        wm_params, model_opt_state = optim.apply_update(
+            self.model_optimizer, wm_grads, state.model_opt_state, wm_params
+        )
         return wm_params, model_opt_state, new_batch_stats, post, intrinsic_state, wm_metrics, wm_grads
 
-    def imagination_start(self, post: State, key: jax.Array,
-                          example_index: jax.Array) -> tuple[State, jax.Array]:
+    def imagination_start(self, post: State, key: jax.Array, example_index: jax.Array) -> tuple[State, jax.Array]:
         """Every posterior state of the batch as a start row, ``[B * T, ...]`` (detached), and
         one key per row: row (b, t) -> global ``b * T + t`` folded into ``key``, so the samples
         do not depend on the device count."""
@@ -307,27 +350,48 @@ class FinetuneAgent(world_model.ImageWorldModel):
         """The actor-critic's imagined rollout (``actor_critic.imagine``, ``horizon`` steps from
         each of the ``N`` start rows) alone, forward only: what ``actor_critic_loss`` rolls out,
         exposed for measuring it."""
-        return actor_critic.imagine(lambda f: self.actor.apply({"params": params["actor"]}, f),
-                                    self._img_step(params), start, self.ac_config.horizon, keys)
+        return actor_critic.imagine(
+            lambda f: self.actor.apply({"params": params["actor"]}, f),
+            self._img_step(params),
+            start,
+            self.ac_config.horizon,
+            keys,
+        )
 
-    def _actor_critic_step(self, state: AgentState, wm_params: Params, post: State, key: jax.Array,
-                           example_index: jax.Array, mean: Callable[[Any], Any]):
+    def _actor_critic_step(
+        self,
+        state: AgentState,
+        wm_params: Params,
+        post: State,
+        key: jax.Array,
+        example_index: jax.Array,
+        mean: Callable[[Any], Any],
+    ):
         """The actor-critic half of an update, before the finite check: imagination from every
         posterior of ``post`` in the world model ``wm_params``, gradients, optimiser step and
         the slow-critic copy."""
         start, keys = self.imagination_start(post, key, example_index)
         ac_params = {k: state.params[k] for k in ACTOR_CRITIC_MODULES}
         (_, ac_metrics), ac_grads = jax.value_and_grad(self.actor_critic_loss, has_aux=True)(
-            ac_params, wm_params, state.slow_critic, start, keys)
+            ac_params, wm_params, state.slow_critic, start, keys
+        )
         ac_grads = mean(ac_grads)
-        ac_params, ac_opt_state = optim.apply_update(self.actor_critic_optimizer, ac_grads,
-                                                     state.actor_critic_opt_state, ac_params)
-        slow = actor_critic.update_slow_critic(state.slow_critic, ac_params["critic"], state.step,
-                                               self.ac_config.slow_update_every)
+        ac_params, ac_opt_state = optim.apply_update(
+            self.actor_critic_optimizer, ac_grads, state.actor_critic_opt_state, ac_params
+        )
+        slow = actor_critic.update_slow_critic(
+            state.slow_critic, ac_params["critic"], state.step, self.ac_config.slow_update_every
+        )
         return ac_params, ac_opt_state, slow, ac_metrics, ac_grads
 
-    def update(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
-               example_index: jax.Array, axis_name: str | None = None) -> tuple[AgentState, Metrics]:
+    def update(
+        self,
+        state: AgentState,
+        batch: dict[str, jax.Array],
+        key: jax.Array,
+        example_index: jax.Array,
+        axis_name: str | None = None,
+    ) -> tuple[AgentState, Metrics]:
         """World-model step, then actor-critic step on the same batch. ``example_index`` ``[B]``
         is each local row's index in the global batch (it seeds the row's samples, so the
         result does not depend on the device count); gradients and metrics are averaged over
@@ -335,10 +399,12 @@ class FinetuneAgent(world_model.ImageWorldModel):
         mean = _mean_over(axis_name)
         wm_key, ac_key = jax.random.split(key)
         wm_params, model_opt_state, new_batch_stats, post, intrinsic_state, wm_metrics, wm_grads = (
-            self._world_model_step(state, batch, wm_key, example_index, mean))
+            self._world_model_step(state, batch, wm_key, example_index, mean)
+        )
         # Imagination from every posterior state of the batch, in the *updated* world model.
         ac_params, ac_opt_state, slow, ac_metrics, ac_grads = self._actor_critic_step(
-            state, wm_params, post, ac_key, example_index, mean)
+            state, wm_params, post, ac_key, example_index, mean
+        )
 
         metrics = mean({**wm_metrics, **ac_metrics})
         metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
@@ -347,14 +413,26 @@ class FinetuneAgent(world_model.ImageWorldModel):
         # A non-finite loss or gradient anywhere skips the whole update (same decision on every
         # device: gradients and metrics are averaged); the step counter still advances.
         new_state = _apply_if_finite(
-            state, metrics, (metrics["model_loss"], metrics["actor_loss"], metrics["critic_loss"], wm_grads, ac_grads),
-            params={**wm_params, **ac_params}, slow_critic=slow, batch_stats={**state.batch_stats, **new_batch_stats},
-            model_opt_state=model_opt_state, actor_critic_opt_state=ac_opt_state, intrinsic=intrinsic_state)
+            state,
+            metrics,
+            (metrics["model_loss"], metrics["actor_loss"], metrics["critic_loss"], wm_grads, ac_grads),
+            params={**wm_params, **ac_params},
+            slow_critic=slow,
+            batch_stats={**state.batch_stats, **new_batch_stats},
+            model_opt_state=model_opt_state,
+            actor_critic_opt_state=ac_opt_state,
+            intrinsic=intrinsic_state,
+        )
         return new_state.replace(step=state.step + 1), metrics
 
-    def update_world_model(self, state: AgentState, batch: dict[str, jax.Array], key: jax.Array,
-                           example_index: jax.Array, axis_name: str | None = None
-                           ) -> tuple[AgentState, Metrics, State]:
+    def update_world_model(
+        self,
+        state: AgentState,
+        batch: dict[str, jax.Array],
+        key: jax.Array,
+        example_index: jax.Array,
+        axis_name: str | None = None,
+    ) -> tuple[AgentState, Metrics, State]:
         """The world-model half of ``update`` alone (same ``key``: the update's key, split the
         same way), for measuring it. Returns the state with the world model updated (the step
         counter is *not* advanced: it counts whole updates), its metrics, and the posteriors
@@ -363,17 +441,24 @@ class FinetuneAgent(world_model.ImageWorldModel):
         mean = _mean_over(axis_name)
         wm_key, _ = jax.random.split(key)
         wm_params, model_opt_state, new_batch_stats, post, intrinsic_state, wm_metrics, wm_grads = (
-            self._world_model_step(state, batch, wm_key, example_index, mean))
+            self._world_model_step(state, batch, wm_key, example_index, mean)
+        )
         metrics = mean(wm_metrics)
         metrics["model_grad_norm"] = optax.tree.norm(wm_grads)
         new_state = _apply_if_finite(
-            state, metrics, (metrics["model_loss"], wm_grads), params={**state.params, **wm_params},
-            batch_stats={**state.batch_stats, **new_batch_stats}, model_opt_state=model_opt_state,
-            intrinsic=intrinsic_state)
+            state,
+            metrics,
+            (metrics["model_loss"], wm_grads),
+            params={**state.params, **wm_params},
+            batch_stats={**state.batch_stats, **new_batch_stats},
+            model_opt_state=model_opt_state,
+            intrinsic=intrinsic_state,
+        )
         return new_state, metrics, sg(post)
 
-    def update_actor_critic(self, state: AgentState, post: State, key: jax.Array, example_index: jax.Array,
-                            axis_name: str | None = None) -> tuple[AgentState, Metrics]:
+    def update_actor_critic(
+        self, state: AgentState, post: State, key: jax.Array, example_index: jax.Array, axis_name: str | None = None
+    ) -> tuple[AgentState, Metrics]:
         """The actor-critic half of ``update`` alone: imagination from every posterior of
         ``post`` (``[B, T, ...]``, the local rows) in the world model of ``state``. After
         ``update_world_model`` with the same ``key`` this is the rest of ``update`` (the two
@@ -383,13 +468,19 @@ class FinetuneAgent(world_model.ImageWorldModel):
         _, ac_key = jax.random.split(key)
         wm_params = {k: state.params[k] for k in self.world_model_modules()}
         ac_params, ac_opt_state, slow, ac_metrics, ac_grads = self._actor_critic_step(
-            state, wm_params, post, ac_key, example_index, mean)
+            state, wm_params, post, ac_key, example_index, mean
+        )
         metrics = mean(ac_metrics)
         metrics["actor_grad_norm"] = optax.tree.norm(ac_grads["actor"])
         metrics["critic_grad_norm"] = optax.tree.norm(ac_grads["critic"])
         new_state = _apply_if_finite(
-            state, metrics, (metrics["actor_loss"], metrics["critic_loss"], ac_grads),
-            params={**state.params, **ac_params}, slow_critic=slow, actor_critic_opt_state=ac_opt_state)
+            state,
+            metrics,
+            (metrics["actor_loss"], metrics["critic_loss"], ac_grads),
+            params={**state.params, **ac_params},
+            slow_critic=slow,
+            actor_critic_opt_state=ac_opt_state,
+        )
         return new_state.replace(step=state.step + 1), metrics
 
     # ------------------------------------------------------------------------------------------
@@ -399,12 +490,22 @@ class FinetuneAgent(world_model.ImageWorldModel):
     def initial_carry(self, num_envs: int) -> dict[str, Any]:
         """The policy's recurrent state for ``num_envs`` environments: the latent(s) and the
         previous action (all zero; ``is_first`` masks them anyway)."""
-        return {"latent": self.rssm.initial(num_envs),
-                "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32),
-                **self.dynamics.initial_carry(num_envs)}
+        return {
+            "latent": self.rssm.initial(num_envs),
+            "action": jnp.zeros((num_envs, self.config.action_dim), jnp.float32),
+            **self.dynamics.initial_carry(num_envs),
+        }
 
-    def policy(self, params: Params, batch_stats: Params, carry: dict[str, Any], image: jax.Array,
-               is_first: jax.Array, key: jax.Array, explore: bool) -> tuple[jax.Array, dict[str, Any]]:
+    def policy(
+        self,
+        params: Params,
+        batch_stats: Params,
+        carry: dict[str, Any],
+        image: jax.Array,
+        is_first: jax.Array,
+        key: jax.Array,
+        explore: bool,
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """One action per environment (spec 5.5). ``image`` ``[N, H, W, 3]`` uint8, ``is_first``
         ``[N]``. The posterior step sees the previous action through the action encoder (zeroed
         by the reset mask on the first step); the latent is sampled in both modes; the action is
@@ -414,19 +515,25 @@ class FinetuneAgent(world_model.ImageWorldModel):
         code = self.encode_action(params, carry["action"])
         latent_key, action_key, action_free_key = jax.random.split(key, 3)
         embed, new_carry = self.dynamics.observe_step(params, carry, embed[:, 0], is_first, action_free_key)
-        latent, _ = self.rssm.apply({"params": params["rssm"]}, carry["latent"], code, embed,
-                                    is_first, jax.random.split(latent_key, num_envs),
-                                    method=RSSM.obs_step)
+        latent, _ = self.rssm.apply(
+            {"params": params["rssm"]},
+            carry["latent"],
+            code,
+            embed,
+            is_first,
+            jax.random.split(latent_key, num_envs),
+            method=RSSM.obs_step,
+        )
         mean, std = self.actor.apply({"params": params["actor"]}, feature(latent))
         if explore:
-            action = jax.vmap(distributions.truncated_normal_sample)(
-                jax.random.split(action_key, num_envs), mean, std)
+            action = jax.vmap(distributions.truncated_normal_sample)(jax.random.split(action_key, num_envs), mean, std)
         else:
             action = mean
         return action, {"latent": latent, "action": action, **new_carry}
 
-    def open_loop(self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array,
-                  context: int) -> jax.Array:
+    def open_loop(
+        self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array, context: int
+    ) -> jax.Array:
         """Open-loop prediction ``[B, T, H, W, 3]`` uint8 under the real actions of ``batch``."""
         _, embed = self._encode_frames(params, batch_stats, {}, batch["image"], train=False)
         codes = self.encode_action(params, batch["action"])

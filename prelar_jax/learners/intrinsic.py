@@ -64,8 +64,13 @@ class IntrinsicState:
         return self.queue.shape[0]
 
 
-def init_intrinsic(key: jax.Array, feature_dim: int, queue_dim: int = 128, capacity: int = 4096,
-                   projection_std: Literal["faithful", "sqrt"] = "faithful") -> IntrinsicState:
+def init_intrinsic(
+    key: jax.Array,
+    feature_dim: int,
+    queue_dim: int = 128,
+    capacity: int = 4096,
+    projection_std: Literal["faithful", "sqrt"] = "faithful",
+) -> IntrinsicState:
     """A fresh state: random projection, empty queue, magnitude 1.
 
     ``projection_std='faithful'`` draws ``W_ij ~ N(0, (1/queue_dim)^2)`` as the original does;
@@ -75,16 +80,17 @@ def init_intrinsic(key: jax.Array, feature_dim: int, queue_dim: int = 128, capac
     """
     if feature_dim < 1 or queue_dim < 1 or capacity < 1:
         raise IntrinsicConfigError(
-            f"feature_dim, queue_dim and capacity must be positive, got {feature_dim}, "
-            f"{queue_dim}, {capacity}")
+            f"feature_dim, queue_dim and capacity must be positive, got {feature_dim}, {queue_dim}, {capacity}"
+        )
     if projection_std == "faithful":
         std = 1.0 / queue_dim
     elif projection_std == "sqrt":
-        std = 1.0 / queue_dim ** 0.5
+        std = 1.0 / queue_dim**0.5
     else:
         raise IntrinsicConfigError(
             f"projection_std must be 'faithful' (1/queue_dim, as in APV) or 'sqrt' "
-            f"(1/sqrt(queue_dim)), got {projection_std!r}")
+            f"(1/sqrt(queue_dim)), got {projection_std!r}"
+        )
     projection = std * jax.random.normal(key, (feature_dim, queue_dim), jnp.float32)
     return IntrinsicState(
         projection=projection,
@@ -105,7 +111,7 @@ def sliding_mean(features: jax.Array, window: int) -> jax.Array:
     steps = length - window + 1
     total = features[:, 0:steps]
     for offset in range(1, window):
-        total = total + features[:, offset:offset + steps]
+        total = total + features[:, offset : offset + steps]
     return total / window  # [B, T - window + 1, D]
 
 
@@ -121,7 +127,7 @@ def push(state: IntrinsicState, vectors: jax.Array) -> IntrinsicState:
     start = state.pointer
     if total > capacity:  # static shapes: a trace-time branch
         start = (start + (total - capacity)) % capacity
-        vectors = vectors[total - capacity:]
+        vectors = vectors[total - capacity :]
     index = (start + jnp.arange(vectors.shape[0], dtype=jnp.int32)) % capacity  # [n]
     queue = state.queue.at[index].set(vectors.astype(state.queue.dtype), unique_indices=True)
     pointer = ((state.pointer + total) % capacity).astype(jnp.int32)
@@ -143,8 +149,9 @@ def knn_distances(queries: jax.Array, queue: jax.Array, count: jax.Array, k: int
     capacity = queue.shape[0]
     k = min(k, capacity)
     cross = jnp.matmul(queries, queue.T, precision=_HIGHEST)  # [N, C]
-    squared = (jnp.sum(queries * queries, axis=-1)[:, None]
-               + jnp.sum(queue * queue, axis=-1)[None, :] - 2.0 * cross)  # [N, C]
+    squared = (
+        jnp.sum(queries * queries, axis=-1)[:, None] + jnp.sum(queue * queue, axis=-1)[None, :] - 2.0 * cross
+    )  # [N, C]
     filled = jnp.arange(capacity) < count  # [C]
     squared = jnp.where(filled[None, :], squared, jnp.inf)
     _, index = jax.lax.top_k(-squared, k)  # [N, k]
@@ -154,28 +161,33 @@ def knn_distances(queries: jax.Array, queue: jax.Array, count: jax.Array, k: int
     return jnp.sort(distance, axis=-1)
 
 
-def _check_inputs(state: IntrinsicState, features: jax.Array, window: int, k: int,
-                  momentum: float) -> None:
+def _check_inputs(state: IntrinsicState, features: jax.Array, window: int, k: int, momentum: float) -> None:
     if features.ndim != 3:
-        raise IntrinsicConfigError(
-            f"features must be [batch, time, feature_dim], got shape {features.shape}")
+        raise IntrinsicConfigError(f"features must be [batch, time, feature_dim], got shape {features.shape}")
     if features.shape[-1] != state.projection.shape[0]:
         raise IntrinsicConfigError(
             f"features have dimension {features.shape[-1]} but the intrinsic state's projection "
-            f"expects {state.projection.shape[0]} (init_intrinsic(feature_dim=...))")
+            f"expects {state.projection.shape[0]} (init_intrinsic(feature_dim=...))"
+        )
     if not 1 <= window <= features.shape[1]:
         raise IntrinsicConfigError(
-            f"window (intr_seq_length) must be in [1, sequence length {features.shape[1]}], "
-            f"got {window}")
+            f"window (intr_seq_length) must be in [1, sequence length {features.shape[1]}], got {window}"
+        )
     if k < 1:
         raise IntrinsicConfigError(f"k must be at least 1, got {k}")
     if not 0.0 <= momentum <= 1.0:
         raise IntrinsicConfigError(f"momentum must be in [0, 1], got {momentum}")
 
 
-def intrinsic_reward(state: IntrinsicState, features: jax.Array, window: int = 5, k: int = 16,
-                     momentum: float = 0.99, eps: float = 1e-8, axis_name: str | None = None,
-                     ) -> tuple[jax.Array, IntrinsicState, dict[str, jax.Array]]:
+def intrinsic_reward(
+    state: IntrinsicState,
+    features: jax.Array,
+    window: int = 5,
+    k: int = 16,
+    momentum: float = 0.99,
+    eps: float = 1e-8,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, IntrinsicState, dict[str, jax.Array]]:
     """The normalized bonus ``[B, T - window + 1]``, the updated state and metrics.
 
     ``features [B, T, D]`` (the local shard when ``axis_name`` is given) are the encoder
@@ -193,8 +205,7 @@ def intrinsic_reward(state: IntrinsicState, features: jax.Array, window: int = 5
     queries = projected.reshape(batch * steps, -1)  # [b*T', Q], batch-major like the original
 
     # Push first (the global batch, in global order), then query: each query sees itself.
-    pushed = queries if axis_name is None else jax.lax.all_gather(
-        queries, axis_name, axis=0, tiled=True)  # [B*T', Q]
+    pushed = queries if axis_name is None else jax.lax.all_gather(queries, axis_name, axis=0, tiled=True)  # [B*T', Q]
     state = push(state, pushed)
 
     distance = knn_distances(queries, state.queue, state.count, k)  # [b*T', k']
@@ -215,7 +226,7 @@ def intrinsic_reward(state: IntrinsicState, features: jax.Array, window: int = 5
     raw_mean = global_mean(raw)
     metrics = {
         "intr_mean": raw_mean,
-        "intr_std": jnp.sqrt(jnp.maximum(global_mean(raw * raw) - raw_mean ** 2, 0.0)),
+        "intr_std": jnp.sqrt(jnp.maximum(global_mean(raw * raw) - raw_mean**2, 0.0)),
         "intr_normed_mean": global_mean(reward),
         "intr_mag": magnitude,
         "intr_queue_fill": state.count.astype(jnp.float32) / state.capacity,

@@ -10,8 +10,9 @@ def weighted_sum(losses: dict[str, jax.Array], scales: dict[str, float | jax.Arr
     and every scale a term: a loss added without its scale (or a scale whose term was never
     computed) is a bug, so it raises instead of silently weighting by 1 or 0."""
     if set(losses) != set(scales):
-        raise ValueError(f"loss terms {sorted(losses)} and scales {sorted(scales)} differ: "
-                         f"{sorted(set(losses) ^ set(scales))}")
+        raise ValueError(
+            f"loss terms {sorted(losses)} and scales {sorted(scales)} differ: {sorted(set(losses) ^ set(scales))}"
+        )
     if not losses:
         raise ValueError("no loss terms")
     names = iter(losses)

@@ -19,8 +19,9 @@ import optax
 from prelar_jax.types import Params
 
 
-def adam(optimizer_config: ml_collections.ConfigDict,
-         learning_rate: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
+def adam(
+    optimizer_config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule | None = None
+) -> optax.GradientTransformation:
     """The original torch Adam: clip first, then coupled L2 (``wd * p`` added to the gradient).
 
     ``optimizer_config`` has ``lr``, ``eps``, ``clip`` and ``weight_decay``; ``learning_rate``
@@ -36,8 +37,9 @@ def adam(optimizer_config: ml_collections.ConfigDict,
     )
 
 
-def apply_update(optimizer: optax.GradientTransformation, grads: Params, opt_state: optax.OptState,
-                 params: Params) -> tuple[Params, optax.OptState]:
+def apply_update(
+    optimizer: optax.GradientTransformation, grads: Params, opt_state: optax.OptState, params: Params
+) -> tuple[Params, optax.OptState]:
     """``(new_params, new_opt_state)`` after one step of ``optimizer`` on ``grads``."""
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state

@@ -83,10 +83,14 @@ class PretrainModel(world_model.ImageWorldModel):
                 batch_stats["implicit_action"] = variables["batch_stats"]
         if self.code_forward is not None:
             size = self.config.image_size
-            before = (jnp.zeros((2, size, size, 3)) if isinstance(self.code_forward, PixelForwardModel)
-                      else jnp.zeros((2, embed_dim)))
+            before = (
+                jnp.zeros((2, size, size, 3))
+                if isinstance(self.code_forward, PixelForwardModel)
+                else jnp.zeros((2, embed_dim))
+            )
             params["code_forward"] = self.code_forward.init(
-                jax.random.fold_in(keys[3], 1), before, jnp.zeros((2, self.action_dim)))["params"]
+                jax.random.fold_in(keys[3], 1), before, jnp.zeros((2, self.action_dim))
+            )["params"]
         return params, batch_stats
 
     def init_state(self, key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
@@ -95,8 +99,9 @@ class PretrainModel(world_model.ImageWorldModel):
 
         def build(key):
             params, batch_stats = self.init(key)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                              opt_state=optimizer.init(params))
+            return TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=optimizer.init(params)
+            )
 
         return jax.jit(build)(key)
 
@@ -107,15 +112,17 @@ class PretrainModel(world_model.ImageWorldModel):
         ``(o_{t-1}, o_t)`` is ``a_t``, the action that produced ``o_t`` (Dreamer convention).
         """
         apply_network = lambda prev, curr: self._apply(  # noqa: E731
-            "implicit_action", self.implicit_action, params, batch_stats, new_batch_stats, prev, curr, train=train)
+            "implicit_action", self.implicit_action, params, batch_stats, new_batch_stats, prev, curr, train=train
+        )
         return self.action_source.codes(apply_network, frames, embed, keys)
 
     # ------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------
 
-    def loss(self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array,
-             example_index: jax.Array) -> tuple[jax.Array, tuple[Params, Metrics]]:
+    def loss(
+        self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array, example_index: jax.Array
+    ) -> tuple[jax.Array, tuple[Params, Metrics]]:
         """``L = kl * L_KL + implicit_kl * L_va + consistency * L_cons + image * L_image``.
 
         ``batch``: ``image`` ``[B, T, H, W, 3]`` uint8 and ``is_first`` ``[B, T]`` bool, the local
@@ -138,14 +145,17 @@ class PretrainModel(world_model.ImageWorldModel):
 
         keys = world_model.example_keys(rssm_key, example_index, length)
         post, prior = world_model.observe(self.rssm, params["rssm"], embed, actions, is_first, keys)
-        kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"],
-                                                           cfg.kl_balance, cfg.kl_free)
+        kl_loss, kl_value = distributions.balanced_kl_loss(post["logit"], prior["logit"], cfg.kl_balance, cfg.kl_free)
         recon = self._decode_features(params, batch_stats, new_batch_stats, feature(post), train=True)
         image_loss = -world_model.image_log_likelihood(recon, frames).mean()
 
-        metrics: Metrics = {"kl": kl_value, "kl_loss": kl_loss, "image_loss": image_loss,
-                            "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
-                            "post_entropy": distributions.categorical_entropy(post["logit"]).mean()}
+        metrics: Metrics = {
+            "kl": kl_value,
+            "kl_loss": kl_loss,
+            "image_loss": image_loss,
+            "prior_entropy": distributions.categorical_entropy(prior["logit"]).mean(),
+            "post_entropy": distributions.categorical_entropy(post["logit"]).mean(),
+        }
         losses = {"kl": kl_loss, "image": image_loss}
         scales = {"kl": cfg.kl_scale, "image": cfg.image_scale}
         prior_image_scale = cfg.get("prior_image_scale", 0.0)
@@ -171,9 +181,9 @@ class PretrainModel(world_model.ImageWorldModel):
             metrics["code_norm"] = jnp.linalg.norm(actions[:, 1:], axis=-1).mean()
         if code_params and cfg.consistency != "off":
             state_dist, action_dist = self._consistency_distances(
-                params["rssm"], post, prior, code_params, actions, is_first, perm_key, example_index)
-            cons = consistency.consistency_loss(state_dist, action_dist, cfg.consistency,
-                                                cfg.consistency_temperature)
+                params["rssm"], post, prior, code_params, actions, is_first, perm_key, example_index
+            )
+            cons = consistency.consistency_loss(state_dist, action_dist, cfg.consistency, cfg.consistency_temperature)
             losses["consistency"], scales["consistency"] = cons, cfg.consistency_scale
             metrics["consistency"] = cons
             if cfg.consistency != "sign":  # the released code's metric, for comparison
@@ -198,8 +208,7 @@ class PretrainModel(world_model.ImageWorldModel):
         change = jnp.sum(jnp.square(flat(curr) - flat(prev)))
         return error / (change + 1e-8)
 
-    def _consistency_distances(self, rssm_params, post, prior, code_params, actions, is_first,
-                               perm_key, example_index):
+    def _consistency_distances(self, rssm_params, post, prior, code_params, actions, is_first, perm_key, example_index):
         """``d_s`` and ``d_a`` for every pair ``i = (b, t)``, t = 1..T-1, over the global batch.
 
         A permutation ``pi`` of the global batch (fixed points allowed, one for all t) swaps codes:
@@ -220,10 +229,8 @@ class PretrainModel(world_model.ImageWorldModel):
         flat = lambda x: x.reshape((n,) + x.shape[2:])
         # The same reset masking observe applied before the true-code prior.
         state, swapped = mask_reset(jax.tree.map(flat, prev_state), flat(swapped), flat(is_first[:, 1:]))
-        swapped_prior = self.rssm.apply({"params": rssm_params}, state, swapped, None,
-                                        method=RSSM.img_step)
-        state_dist = sg(distributions.categorical_kl(flat(prior["logit"][:, 1:]),
-                                                     swapped_prior["logit"]))  # [N]
+        swapped_prior = self.rssm.apply({"params": rssm_params}, state, swapped, None, method=RSSM.img_step)
+        state_dist = sg(distributions.categorical_kl(flat(prior["logit"][:, 1:]), swapped_prior["logit"]))  # [N]
 
         global_code = jax.tree.map(gather, code_params)
         partner_code = jax.tree.map(lambda v: v[partner], global_code)
@@ -246,8 +253,9 @@ class PretrainModel(world_model.ImageWorldModel):
     # Open-loop prediction (media)
     # ------------------------------------------------------------------------------------------
 
-    def open_loop(self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array,
-                  context: int) -> jax.Array:
+    def open_loop(
+        self, params: Params, batch_stats: Params, batch: dict[str, jax.Array], key: jax.Array, context: int
+    ) -> jax.Array:
         """Predicted frames ``[B, T, H, W, 3]`` uint8: posterior reconstructions for the first
         ``context`` steps, then the prior imagined under the codes inferred from the true frames
         (their means; zeros for APV). BatchNorm in evaluation mode (running statistics)."""

@@ -54,8 +54,9 @@ def categorical_entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=(-2, -1))
 
 
-def balanced_kl_loss(post_logits: jax.Array, prior_logits: jax.Array, balance: float = 0.8,
-                     free: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def balanced_kl_loss(
+    post_logits: jax.Array, prior_logits: jax.Array, balance: float = 0.8, free: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
     """DreamerV2 KL balancing (``forward=False``, ``free_avg=True``).
 
     ``L = (1 - balance) * max(mean KL(q || sg p), free) + balance * max(mean KL(sg q || p), free)``
@@ -127,8 +128,9 @@ def _std_normal_pdf(x: jax.Array) -> jax.Array:
     return jnp.exp(-0.5 * jnp.square(x) - _LOG_SQRT_2PI)
 
 
-def truncated_normal_icdf(u: jax.Array, mean: jax.Array, std: jax.Array, low: float = -1.0,
-                          high: float = 1.0) -> jax.Array:
+def truncated_normal_icdf(
+    u: jax.Array, mean: jax.Array, std: jax.Array, low: float = -1.0, high: float = 1.0
+) -> jax.Array:
     """Inverse CDF ``mean + std * Phi^{-1}(Phi(alpha) + u Z)`` per element (no clipping).
 
     Differentiable in ``mean`` and ``std`` (the reparameterisation of the sampler). The argument
@@ -154,8 +156,9 @@ def straight_through_clip(x: jax.Array, low: float, high: float) -> jax.Array:
     return x + jax.lax.stop_gradient(jnp.clip(x, low, high) - x)
 
 
-def truncated_normal_sample(key: jax.Array, mean: jax.Array, std: jax.Array, low: float = -1.0,
-                            high: float = 1.0, clip: float = 1e-6) -> jax.Array:
+def truncated_normal_sample(
+    key: jax.Array, mean: jax.Array, std: jax.Array, low: float = -1.0, high: float = 1.0, clip: float = 1e-6
+) -> jax.Array:
     """Reparameterised sample of ``TruncNormal(mean, std, [low, high])``, float32, with the
     broadcast shape of ``mean`` and ``std``.
 
@@ -170,8 +173,9 @@ def truncated_normal_sample(key: jax.Array, mean: jax.Array, std: jax.Array, low
     return straight_through_clip(x, low + clip, high - clip)
 
 
-def truncated_normal_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array, low: float = -1.0,
-                              high: float = 1.0) -> jax.Array:
+def truncated_normal_log_prob(
+    x: jax.Array, mean: jax.Array, std: jax.Array, low: float = -1.0, high: float = 1.0
+) -> jax.Array:
     """``log N(x; mean, std) - log Z`` summed over the last (action) axis.
 
     Like the original, it does not check the support: values outside ``[low, high]`` get the
@@ -183,8 +187,7 @@ def truncated_normal_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array, low
     return jnp.sum(per_dim, axis=-1)
 
 
-def truncated_normal_entropy(mean: jax.Array, std: jax.Array, low: float = -1.0,
-                             high: float = 1.0) -> jax.Array:
+def truncated_normal_entropy(mean: jax.Array, std: jax.Array, low: float = -1.0, high: float = 1.0) -> jax.Array:
     """Closed-form entropy summed over the last axis (spec 6):
 
     ``log(sqrt(2 pi e) std Z) - (beta phi(beta) - alpha phi(alpha)) / (2 Z)``.

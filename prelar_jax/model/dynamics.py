@@ -46,8 +46,7 @@ class SingleDynamics:
         """Width of the features the intrinsic bonus reads, or None: the encoder embedding."""
         return None
 
-    def observe_input(self, params: Params, embed: jax.Array, is_first: jax.Array,
-                      keys: jax.Array) -> jax.Array:
+    def observe_input(self, params: Params, embed: jax.Array, is_first: jax.Array, keys: jax.Array) -> jax.Array:
         """What the action-conditional RSSM observes, ``[B, T, *]`` from ``embed`` ``[B, T, E]``
         (``keys`` ``[B, T]``: per-example keys of the action-free RSSM's samples, unused here)."""
         return embed
@@ -56,8 +55,9 @@ class SingleDynamics:
         """The policy's extra recurrent state for ``num_envs`` environments."""
         return {}
 
-    def observe_step(self, params: Params, carry: dict[str, Any], embed: jax.Array, is_first: jax.Array,
-                     key: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def observe_step(
+        self, params: Params, carry: dict[str, Any], embed: jax.Array, is_first: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """One acting step's observation input ``[N, *]`` and the updated extra carry."""
         return embed, {}
 
@@ -75,14 +75,18 @@ class StackedDynamics(SingleDynamics):
         # The RSSM the world model built (zeros action of the same width, embedding input) is the
         # action-free one; the action-conditional RSSM reads its features.
         params[ACTION_FREE] = params.pop("rssm")
-        params["rssm"] = self.rssm.init(key, self.rssm.initial(2), jnp.zeros((2, self.action_dim)),
-                                        jnp.zeros((2, self.feat_dim)), jnp.ones((2,), bool))["params"]
+        params["rssm"] = self.rssm.init(
+            key,
+            self.rssm.initial(2),
+            jnp.zeros((2, self.action_dim)),
+            jnp.zeros((2, self.feat_dim)),
+            jnp.ones((2,), bool),
+        )["params"]
 
     def bonus_features_dim(self) -> int | None:
         return self.feat_dim
 
-    def observe_input(self, params: Params, embed: jax.Array, is_first: jax.Array,
-                      keys: jax.Array) -> jax.Array:
+    def observe_input(self, params: Params, embed: jax.Array, is_first: jax.Array, keys: jax.Array) -> jax.Array:
         zeros = jnp.zeros(embed.shape[:2] + (self.action_dim,), jnp.float32)
         post, _ = world_model.observe(self.rssm, params[ACTION_FREE], embed, zeros, is_first, keys)
         return feature(post)
@@ -90,12 +94,20 @@ class StackedDynamics(SingleDynamics):
     def initial_carry(self, num_envs: int) -> dict[str, Any]:
         return {"action_free_latent": self.rssm.initial(num_envs)}
 
-    def observe_step(self, params: Params, carry: dict[str, Any], embed: jax.Array, is_first: jax.Array,
-                     key: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def observe_step(
+        self, params: Params, carry: dict[str, Any], embed: jax.Array, is_first: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, dict[str, Any]]:
         num_envs = embed.shape[0]
         zeros = jnp.zeros((num_envs, self.action_dim), jnp.float32)
-        latent, _ = self.rssm.apply({"params": params[ACTION_FREE]}, carry["action_free_latent"], zeros, embed,
-                                    is_first, jax.random.split(key, num_envs), method=RSSM.obs_step)
+        latent, _ = self.rssm.apply(
+            {"params": params[ACTION_FREE]},
+            carry["action_free_latent"],
+            zeros,
+            embed,
+            is_first,
+            jax.random.split(key, num_envs),
+            method=RSSM.obs_step,
+        )
         return feature(latent), {"action_free_latent": latent}
 
 

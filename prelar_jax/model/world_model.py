@@ -21,8 +21,15 @@ def _time_major(tree):
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), tree)
 
 
-def observe(rssm: RSSM, params, embed: jax.Array, action: jax.Array, is_first: jax.Array,
-            keys: jax.Array, state: State | None = None) -> tuple[State, State]:
+def observe(
+    rssm: RSSM,
+    params,
+    embed: jax.Array,
+    action: jax.Array,
+    is_first: jax.Array,
+    keys: jax.Array,
+    state: State | None = None,
+) -> tuple[State, State]:
     """Posterior unroll. ``embed`` ``[B, T, E]``, ``action`` ``[B, T, A]``, ``is_first`` ``[B, T]``,
     ``keys`` ``[B, T]`` key array. Returns ``(post, prior)`` dicts of ``[B, T, ...]`` arrays."""
     batch = embed.shape[0]
@@ -31,8 +38,7 @@ def observe(rssm: RSSM, params, embed: jax.Array, action: jax.Array, is_first: j
 
     def step(carry, inputs):
         emb, act, first, key = inputs
-        post, prior = rssm.apply({"params": params}, carry, act, emb, first, key,
-                                 method=RSSM.obs_step)
+        post, prior = rssm.apply({"params": params}, carry, act, emb, first, key, method=RSSM.obs_step)
         return post, (post, prior)
 
     _, (post, prior) = jax.lax.scan(step, state, _time_major((embed, action, is_first, keys)))
@@ -78,10 +84,17 @@ class ImageWorldModel:
         self.dtype = jnp.dtype(model.compute_dtype)
         if model.encoder == "resnet":
             remat = bool(model.get("remat", False))
-            self.encoder = ResNetEncoder(model.depth, model.stages, bn_axis_name=bn_axis_name,
-                                         dtype=self.dtype, remat=remat)
-            self.decoder = ResNetDecoder(model.depth, model.stages, image_size=image_size,
-                                         bn_axis_name=bn_axis_name, dtype=self.dtype, remat=remat)
+            self.encoder = ResNetEncoder(
+                model.depth, model.stages, bn_axis_name=bn_axis_name, dtype=self.dtype, remat=remat
+            )
+            self.decoder = ResNetDecoder(
+                model.depth,
+                model.stages,
+                image_size=image_size,
+                bn_axis_name=bn_axis_name,
+                dtype=self.dtype,
+                remat=remat,
+            )
         elif model.encoder == "plain":
             self.encoder = PlainEncoder(model.depth, dtype=self.dtype)
             self.decoder = PlainDecoder(model.depth, dtype=self.dtype)
@@ -101,11 +114,23 @@ class ImageWorldModel:
                 batch_stats[name] = variables["batch_stats"]
 
         add("encoder", self.encoder.init(keys[0], frames, train=False))
-        embed_dim = jax.eval_shape(lambda v: self.encoder.apply(v, frames, train=False),
-                                   {"params": params["encoder"], **({"batch_stats": batch_stats["encoder"]}
-                                                                    if "encoder" in batch_stats else {})}).shape[-1]
-        add("rssm", self.rssm.init(keys[1], self.rssm.initial(2), jnp.zeros((2, self.action_dim)),
-                                   jnp.zeros((2, embed_dim)), jnp.ones((2,), bool)))
+        embed_dim = jax.eval_shape(
+            lambda v: self.encoder.apply(v, frames, train=False),
+            {
+                "params": params["encoder"],
+                **({"batch_stats": batch_stats["encoder"]} if "encoder" in batch_stats else {}),
+            },
+        ).shape[-1]
+        add(
+            "rssm",
+            self.rssm.init(
+                keys[1],
+                self.rssm.initial(2),
+                jnp.zeros((2, self.action_dim)),
+                jnp.zeros((2, embed_dim)),
+                jnp.ones((2,), bool),
+            ),
+        )
         add("decoder", self.decoder.init(keys[2], jnp.zeros((2, self.feat_dim)), train=False))
         return embed_dim
 
@@ -133,8 +158,15 @@ class ImageWorldModel:
     def _decode_features(self, params, batch_stats, new_batch_stats, feat, train: bool):
         """Features ``[B, T, F]`` -> mean images ``[B, T, H, W, 3]`` (all B*T at once)."""
         batch_size, length = feat.shape[:2]
-        recon = self._apply("decoder", self.decoder, params, batch_stats, new_batch_stats,
-                            feat.reshape(batch_size * length, -1), train=train)
+        recon = self._apply(
+            "decoder",
+            self.decoder,
+            params,
+            batch_stats,
+            new_batch_stats,
+            feat.reshape(batch_size * length, -1),
+            train=train,
+        )
         return recon.reshape((batch_size, length) + recon.shape[1:])
 
     def _open_loop(self, params, batch_stats, embed, actions, is_first, key, context: int) -> jax.Array:
@@ -144,8 +176,9 @@ class ImageWorldModel:
         batch_size, length = embed.shape[:2]
         index = jnp.arange(batch_size)
         obs_keys = example_keys(jax.random.fold_in(key, 0), index, context)
-        post, _ = observe(self.rssm, params["rssm"], embed[:, :context], actions[:, :context],
-                          is_first[:, :context], obs_keys)
+        post, _ = observe(
+            self.rssm, params["rssm"], embed[:, :context], actions[:, :context], is_first[:, :context], obs_keys
+        )
         last = jax.tree.map(lambda v: v[:, -1], post)
         img_keys = example_keys(jax.random.fold_in(key, 1), index, length - context)
         prior = imagine(self.rssm, params["rssm"], actions[:, context:], last, img_keys)

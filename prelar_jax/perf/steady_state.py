@@ -19,14 +19,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # replay size); sense "rate" (higher is faster) or "cost" (higher is slower). The CPU fits need the
 # CPU-time samples of a run this script started.
 FITS = {
-    "pretrain": [("steps/s vs step", "rate", "step", "rate"),
-                 ("steps per CPU-second vs step", "steps_per_cpu_second", "step", "rate"),
-                 ("main-thread CPU ms per step vs step", "main_thread_ms_per_step", "step", "cost")],
-    "finetune": [("updates/s vs env step", "rate", "step", "rate"),
-                 ("updates/s vs replay size", "rate", "replay", "rate"),
-                 ("env fps vs env step", "fps_env", "step", "rate"),
-                 ("env steps per CPU-second vs replay size", "steps_per_cpu_second", "replay", "rate"),
-                 ("main-thread CPU ms per env step vs replay size", "main_thread_ms_per_step", "replay", "cost")],
+    "pretrain": [
+        ("steps/s vs step", "rate", "step", "rate"),
+        ("steps per CPU-second vs step", "steps_per_cpu_second", "step", "rate"),
+        ("main-thread CPU ms per step vs step", "main_thread_ms_per_step", "step", "cost"),
+    ],
+    "finetune": [
+        ("updates/s vs env step", "rate", "step", "rate"),
+        ("updates/s vs replay size", "rate", "replay", "rate"),
+        ("env fps vs env step", "fps_env", "step", "rate"),
+        ("env steps per CPU-second vs replay size", "steps_per_cpu_second", "replay", "rate"),
+        ("main-thread CPU ms per env step vs replay size", "main_thread_ms_per_step", "replay", "cost"),
+    ],
 }
 CPU_FIELDS = ("steps_per_cpu_second", "main_thread_ms_per_step")
 RATE_KEY = {"pretrain": "perf/steps_per_second", "finetune": "updates/s"}
@@ -61,8 +65,13 @@ def windows_of(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
             window["frames_per_second"] = row.get("perf/frames_per_second")
         else:
             replay = float(row["replay/steps"])
-            window.update({"fps_env": float(row["fps/env"]), "replay_end": replay,
-                           "replay_start": replay if replay_start is None else replay_start})
+            window.update(
+                {
+                    "fps_env": float(row["fps/env"]),
+                    "replay_end": replay,
+                    "replay_start": replay if replay_start is None else replay_start,
+                }
+            )
             replay_start = replay
         windows.append(window)
         start = window["end"]
@@ -92,7 +101,8 @@ def add_cpu(windows: list[dict[str, Any]], samples: list[dict[str, float]] | Non
                 window["cpu_utilization"] = cpu / wall
             if here.get("main_thread_seconds") is not None and previous.get("main_thread_seconds") is not None:
                 window["main_thread_ms_per_step"] = (
-                    1e3 * (here["main_thread_seconds"] - previous["main_thread_seconds"]) / max(steps, 1))
+                    1e3 * (here["main_thread_seconds"] - previous["main_thread_seconds"]) / max(steps, 1)
+                )
         previous = here
 
 
@@ -100,26 +110,43 @@ def fit_line(x: list[float], y: list[float], tolerance: float, sense: str = "rat
     """Least-squares ``y = a + b x`` and what it says about drift (see the module docstring)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     n = len(x)
-    result: dict[str, Any] = {"n": n, "first_rate": float(y[0]) if n else None,
-                              "last_rate": float(y[-1]) if n else None,
-                              "mean_rate": float(y.mean()) if n else None,
-                              "ratio_last_first": float(y[-1] / y[0]) if n and y[0] > 0 else None}
+    result: dict[str, Any] = {
+        "n": n,
+        "first_rate": float(y[0]) if n else None,
+        "last_rate": float(y[-1]) if n else None,
+        "mean_rate": float(y.mean()) if n else None,
+        "ratio_last_first": float(y[-1] / y[0]) if n and y[0] > 0 else None,
+    }
     if n < 3 or np.ptp(x) == 0:
-        result.update({"slope": None, "intercept": None, "slope_pct_per_1000": None, "drift_pct": None,
-                       "drift_ci_pct": None, "verdict": f"too few windows ({n}) to fit"})
+        result.update(
+            {
+                "slope": None,
+                "intercept": None,
+                "slope_pct_per_1000": None,
+                "drift_pct": None,
+                "drift_ci_pct": None,
+                "verdict": f"too few windows ({n}) to fit",
+            }
+        )
         return result
     slope, intercept = np.polyfit(x, y, 1)
     residuals = y - (intercept + slope * x)
-    slope_se = float(np.sqrt(np.sum(residuals ** 2) / (n - 2) / np.sum((x - x.mean()) ** 2)))
+    slope_se = float(np.sqrt(np.sum(residuals**2) / (n - 2) / np.sum((x - x.mean()) ** 2)))
     span = x[-1] - x[0]
     drift = 100.0 * slope * span / y.mean()
-    result.update({
-        "slope": float(slope), "intercept": float(intercept), "slope_se": slope_se,
-        "x_first": float(x[0]), "x_last": float(x[-1]),
-        "residual_std_pct": float(100.0 * residuals.std() / y.mean()),
-        "slope_pct_per_1000": float(100.0 * 1000.0 * slope / y.mean()),
-        "drift_pct": float(drift), "drift_ci_pct": float(100.0 * 2.0 * slope_se * abs(span) / y.mean()),
-    })
+    result.update(
+        {
+            "slope": float(slope),
+            "intercept": float(intercept),
+            "slope_se": slope_se,
+            "x_first": float(x[0]),
+            "x_last": float(x[-1]),
+            "residual_std_pct": float(100.0 * residuals.std() / y.mean()),
+            "slope_pct_per_1000": float(100.0 * 1000.0 * slope / y.mean()),
+            "drift_pct": float(drift),
+            "drift_ci_pct": float(100.0 * 2.0 * slope_se * abs(span) / y.mean()),
+        }
+    )
     if abs(drift) <= tolerance:
         result["verdict"] = "steady"
     elif sense == "cost":  # a cost per step that grows is a slowdown
@@ -133,8 +160,14 @@ def fit_line(x: list[float], y: list[float], tolerance: float, sense: str = "rat
     return result
 
 
-def analyze(workdir: str, kind: str | None, warmup_step: int, warmup_windows: int,
-            tolerance: float, cpu_samples: list[dict[str, float]] | None = None) -> dict[str, Any]:
+def analyze(
+    workdir: str,
+    kind: str | None,
+    warmup_step: int,
+    warmup_windows: int,
+    tolerance: float,
+    cpu_samples: list[dict[str, float]] | None = None,
+) -> dict[str, Any]:
     rows = read_metrics(workdir)
     kind = kind or detect_kind(rows)
     if warmup_step < 0:
@@ -155,11 +188,22 @@ def analyze(workdir: str, kind: str | None, warmup_step: int, warmup_windows: in
             x = [(w["start"] + w["end"]) / 2 for w in used]
         else:
             x = [(w["replay_start"] + w["replay_end"]) / 2 for w in used]
-        fits[name] = {"field": field, "x": axis, "sense": sense,
-                      **fit_line(x, [w[field] for w in used], tolerance, sense)}
-    record = {"kind": kind, "workdir": os.path.abspath(workdir), "warmup_step": warmup_step,
-              "warmup_windows_left_out": min(skip, len(windows)), "windows": windows,
-              "measured_windows": len(measured), "fits": fits, "tolerance_pct": tolerance}
+        fits[name] = {
+            "field": field,
+            "x": axis,
+            "sense": sense,
+            **fit_line(x, [w[field] for w in used], tolerance, sense),
+        }
+    record = {
+        "kind": kind,
+        "workdir": os.path.abspath(workdir),
+        "warmup_step": warmup_step,
+        "warmup_windows_left_out": min(skip, len(windows)),
+        "windows": windows,
+        "measured_windows": len(measured),
+        "fits": fits,
+        "tolerance_pct": tolerance,
+    }
     if kind == "finetune" and measured:
         record["replay_growth"] = measured[-1]["replay_end"] / max(measured[0]["replay_start"], 1.0)
     return record
@@ -189,11 +233,12 @@ def format_table(record: dict[str, Any], max_rows: int) -> str:
     def line(label: str, group: list[dict[str, Any]]) -> str:
         text = f"{label:>9} {group[0]['start']:>8}-{group[-1]['end']:<8} {mean(group, 'rate', 10, 3)}"
         if kind == "finetune":
-            text += (f" {mean(group, 'fps_env', 9, 2)} "
-                     f"{group[0]['replay_start']:>8.0f}-{group[-1]['replay_end']:<8.0f}")
+            text += f" {mean(group, 'fps_env', 9, 2)} {group[0]['replay_start']:>8.0f}-{group[-1]['replay_end']:<8.0f}"
         if cpu:
-            text += (f" {mean(group, 'steps_per_cpu_second', 11, 3)} {mean(group, 'cpu_utilization', 7, 2)}"
-                     f" {mean(group, 'main_thread_ms_per_step', 12, 2)}")
+            text += (
+                f" {mean(group, 'steps_per_cpu_second', 11, 3)} {mean(group, 'cpu_utilization', 7, 2)}"
+                f" {mean(group, 'main_thread_ms_per_step', 12, 2)}"
+            )
         return text
 
     for w in windows[:skip]:
@@ -201,15 +246,17 @@ def format_table(record: dict[str, Any], max_rows: int) -> str:
     measured = windows[skip:]
     per_row = max(1, -(-len(measured) // max(max_rows, 1)))
     for i in range(0, len(measured), per_row):
-        group = measured[i:i + per_row]
+        group = measured[i : i + per_row]
         label = str(group[0]["index"]) if len(group) == 1 else f"{group[0]['index']}-{group[-1]['index']}"
         lines.append(line(label, group))
     notes = ["(w) = warm-up, left out of the fits"]
     if per_row > 1:
         notes.append(f"groups of {per_row} windows show their mean rates")
     if cpu:
-        notes.append("steps/CPU-s: steps per CPU-second of the run and its workers; CPU use: their CPU-s "
-                     "per second; loop ms/step: CPU of the run's main thread (the host loop) per step")
+        notes.append(
+            "steps/CPU-s: steps per CPU-second of the run and its workers; CPU use: their CPU-s "
+            "per second; loop ms/step: CPU of the run's main thread (the host loop) per step"
+        )
     lines.append("; ".join(notes))
     return "\n".join(lines)
 
@@ -221,12 +268,16 @@ def format_fits(record: dict[str, Any]) -> str:
             lines.append(f"  {name}: {fit['verdict']}")
             continue
         per = "1000 replay steps" if fit["x"] == "replay" else "1000 steps"
-        lines.append(f"  {name}: {fit['verdict']} (fitted drift {fit['drift_pct']:+.1f}% +- "
-                     f"{fit['drift_ci_pct']:.1f}% from x={fit['x_first']:.0f} to {fit['x_last']:.0f}; "
-                     f"tolerance {record['tolerance_pct']:g}%)")
-        lines.append(f"      slope {fit['slope_pct_per_1000']:+.2f}% per {per}; last/first window "
-                     f"{fit['ratio_last_first']:.3f}; mean {fit['mean_rate']:.3f} over {fit['n']} windows; "
-                     f"residual std {fit['residual_std_pct']:.1f}%")
+        lines.append(
+            f"  {name}: {fit['verdict']} (fitted drift {fit['drift_pct']:+.1f}% +- "
+            f"{fit['drift_ci_pct']:.1f}% from x={fit['x_first']:.0f} to {fit['x_last']:.0f}; "
+            f"tolerance {record['tolerance_pct']:g}%)"
+        )
+        lines.append(
+            f"      slope {fit['slope_pct_per_1000']:+.2f}% per {per}; last/first window "
+            f"{fit['ratio_last_first']:.3f}; mean {fit['mean_rate']:.3f} over {fit['n']} windows; "
+            f"residual std {fit['residual_std_pct']:.1f}%"
+        )
         if fit["noisy"]:
             lines.append("      noisy: the +- interval is wider than the tolerance (run longer or log less often)")
     paired = record.get("paired")
@@ -235,14 +286,18 @@ def format_fits(record: dict[str, Any]) -> str:
             lines.append(f"  paired with a fresh run: {paired['verdict']}")
         else:
             cpu = f"{paired['cpu_ratio']:.3f}" if paired["cpu_ratio"] is not None else "-"
-            lines.append(f"  paired with a fresh run: {paired['verdict']} (tolerance {record['tolerance_pct']:g}%): "
-                         f"over the same {paired['seconds']:.0f} s the run went from step "
-                         f"{paired['main_steps'][0]:.0f} to {paired['main_steps'][1]:.0f} "
-                         f"({paired['main_rate']:.3f}/s), a fresh run of the same config from "
-                         f"{paired['control_steps'][0]} to {paired['control_steps'][1]} "
-                         f"({paired['control_rate']:.3f}/s): ratio {paired['ratio']:.3f}, per CPU-second {cpu}")
-            lines.append(f"      (the run's windows from step {paired['control_started_at_step']} on shared the "
-                         "machine with the control run)")
+            lines.append(
+                f"  paired with a fresh run: {paired['verdict']} (tolerance {record['tolerance_pct']:g}%): "
+                f"over the same {paired['seconds']:.0f} s the run went from step "
+                f"{paired['main_steps'][0]:.0f} to {paired['main_steps'][1]:.0f} "
+                f"({paired['main_rate']:.3f}/s), a fresh run of the same config from "
+                f"{paired['control_steps'][0]} to {paired['control_steps'][1]} "
+                f"({paired['control_rate']:.3f}/s): ratio {paired['ratio']:.3f}, per CPU-second {cpu}"
+            )
+            lines.append(
+                f"      (the run's windows from step {paired['control_started_at_step']} on shared the "
+                "machine with the control run)"
+            )
     if record["kind"] == "finetune" and "replay_growth" in record:
         lines.append(f"  replay grew {record['replay_growth']:.1f}x over the measured windows")
     return "\n".join(lines)
@@ -250,8 +305,10 @@ def format_fits(record: dict[str, Any]) -> str:
 
 def report(record: dict[str, Any], max_rows: int) -> None:
     title = "pre-training" if record["kind"] == "pretrain" else "fine-tuning"
-    print(f"\n{title}: {record['workdir']} ({len(record['windows'])} windows, "
-          f"{record['warmup_windows_left_out']} left out as warm-up, warm-up step {record['warmup_step']})")
+    print(
+        f"\n{title}: {record['workdir']} ({len(record['windows'])} windows, "
+        f"{record['warmup_windows_left_out']} left out as warm-up, warm-up step {record['warmup_step']})"
+    )
     print(format_table(record, max_rows))
     print(format_fits(record), flush=True)
 
@@ -325,13 +382,21 @@ class CpuSampler:
         if steps:
             cpu, main, wall = self.cpu_seconds(), self.main_thread_seconds(), time.perf_counter() - self._start
             now = time.time()
-            self.samples.extend({"step": step, "cpu_seconds": cpu, "main_thread_seconds": main,
-                                 "wall_seconds": wall, "time": now} for step in steps)
+            self.samples.extend(
+                {"step": step, "cpu_seconds": cpu, "main_thread_seconds": main, "wall_seconds": wall, "time": now}
+                for step in steps
+            )
 
 
-def run_sampled(command: list[str], metrics_path: str | None = None, rate_key: str | None = None,
-                control: dict[str, Any] | None = None, cpu: bool = True, poll: float = 0.25,
-                cwd: str = ROOT) -> tuple[float, list[dict[str, float]] | None]:
+def run_sampled(
+    command: list[str],
+    metrics_path: str | None = None,
+    rate_key: str | None = None,
+    control: dict[str, Any] | None = None,
+    cpu: bool = True,
+    poll: float = 0.25,
+    cwd: str = ROOT,
+) -> tuple[float, list[dict[str, float]] | None]:
     """Runs ``command`` (its output streams through); with ``metrics_path``, samples its CPU time
     at every new throughput line (``CpuSampler``, when ``cpu``; looking every ``poll`` seconds).
     With ``control`` (``command``, ``metrics_path``, ``at``, ``log``), starts that run, its output
@@ -351,11 +416,18 @@ def run_sampled(command: list[str], metrics_path: str | None = None, rate_key: s
                 print(f"[steady_state] no CPU-time samples: {error}", flush=True)
         while sampler is not None and process.poll() is None:
             sampler.sample()
-            if (control is not None and other is None and sampler.samples
-                    and sampler.samples[-1]["step"] >= control["at"]):
-                print(f"[steady_state] control run from step 0 beside the main run at step "
-                      f"{sampler.samples[-1]['step']} (output: {control['log']}): "
-                      f"$ {' '.join(control['command'])}", flush=True)
+            if (
+                control is not None
+                and other is None
+                and sampler.samples
+                and sampler.samples[-1]["step"] >= control["at"]
+            ):
+                print(
+                    f"[steady_state] control run from step 0 beside the main run at step "
+                    f"{sampler.samples[-1]['step']} (output: {control['log']}): "
+                    f"$ {' '.join(control['command'])}",
+                    flush=True,
+                )
                 log = open(control["log"], "w", encoding="utf-8")
                 other = subprocess.Popen(control["command"], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
                 other_sampler = CpuSampler(other.pid, control["metrics_path"], rate_key, poll)
@@ -387,8 +459,9 @@ def run_sampled(command: list[str], metrics_path: str | None = None, rate_key: s
     return seconds, samples
 
 
-def paired_comparison(main: list[dict[str, float]], control: list[dict[str, float]], from_step: int,
-                      tolerance: float) -> dict[str, Any]:
+def paired_comparison(
+    main: list[dict[str, float]], control: list[dict[str, float]], from_step: int, tolerance: float
+) -> dict[str, Any]:
     """The main run's rate against the control run's over the same wall-clock interval: from the
     control's first throughput line at or after ``from_step`` (its warm-up over) to the end of
     the shorter of the two; steps and CPU seconds of the main run interpolated at those times."""
@@ -409,12 +482,19 @@ def paired_comparison(main: list[dict[str, float]], control: list[dict[str, floa
     main_steps, control_steps = at("step", t1) - at("step", t0), control[-1]["step"] - control[0]["step"]
     main_cpu = at("cpu_seconds", t1) - at("cpu_seconds", t0)
     control_cpu = control[-1]["cpu_seconds"] - control[0]["cpu_seconds"]
-    result = {"seconds": seconds, "main_steps": [at("step", t0), at("step", t1)],
-              "control_steps": [control[0]["step"], control[-1]["step"]],
-              "main_rate": main_steps / seconds, "control_rate": control_steps / seconds,
-              "ratio": (main_steps / control_steps) if control_steps else None,
-              "cpu_ratio": ((main_steps / main_cpu) / (control_steps / control_cpu)
-                            if main_cpu > 0 and control_cpu > 0 and control_steps else None)}
+    result = {
+        "seconds": seconds,
+        "main_steps": [at("step", t0), at("step", t1)],
+        "control_steps": [control[0]["step"], control[-1]["step"]],
+        "main_rate": main_steps / seconds,
+        "control_rate": control_steps / seconds,
+        "ratio": (main_steps / control_steps) if control_steps else None,
+        "cpu_ratio": (
+            (main_steps / main_cpu) / (control_steps / control_cpu)
+            if main_cpu > 0 and control_cpu > 0 and control_steps
+            else None
+        ),
+    }
     ratio = result["ratio"]
     if ratio is None:
         result["verdict"] = "no control steps in the overlap"

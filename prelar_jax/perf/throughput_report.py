@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 def time_calls(call: Callable[[], Any], warmup: int, steps: int) -> list[float]:
@@ -35,8 +35,12 @@ def matmul_rate(side: int, dtype, device, warmup: int = 2, steps: int = 5) -> di
     product = jax.jit(lambda a: a @ a)
     times = time_calls(lambda: product(a), warmup + 1, steps)  # +1: the compiling call
     seconds = statistics.median(times)
-    return {"side": side, "dtype": jnp.dtype(dtype).name, "seconds": seconds,
-            "flops_per_second": 2.0 * side ** 3 / seconds}
+    return {
+        "side": side,
+        "dtype": jnp.dtype(dtype).name,
+        "seconds": seconds,
+        "flops_per_second": 2.0 * side**3 / seconds,
+    }
 
 
 def _mib(value: int | None) -> str:
@@ -46,9 +50,11 @@ def _mib(value: int | None) -> str:
 def format_table(rows: list[dict[str, Any]], reference_flops_per_second: float | None = None) -> str:
     """One line per row; with a reference rate, a column with each row's FLOP/s as a % of it."""
     share_header = f" {'% of ref':>8}" if reference_flops_per_second else ""
-    header = (f"{'measurement':<14} {'devices':>7} {'compile s':>9} {'median ms':>10} {'GFLOP':>9} "
-              f"{'GFLOP/s':>8}{share_header} {'compiled MiB':>12} "
-              f"{'runtime peak MiB':>16} {'host RSS MiB':>12}")
+    header = (
+        f"{'measurement':<14} {'devices':>7} {'compile s':>9} {'median ms':>10} {'GFLOP':>9} "
+        f"{'GFLOP/s':>8}{share_header} {'compiled MiB':>12} "
+        f"{'runtime peak MiB':>16} {'host RSS MiB':>12}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         gflop = f"{r['flops_per_step'] / 1e9:.3f}" if r["flops_per_step"] else "-"
@@ -57,10 +63,12 @@ def format_table(rows: list[dict[str, Any]], reference_flops_per_second: float |
         if reference_flops_per_second:
             share = f"{100 * r['flops_per_second'] / reference_flops_per_second:.1f}" if r["flops_per_second"] else "-"
             share = f" {share:>8}"
-        lines.append(f"{r['name']:<14} {r['devices']:>7} {r['compile_seconds']:>9.2f} "
-                     f"{r['step_seconds_median'] * 1e3:>10.2f} {gflop:>9} {rate:>8}{share} "
-                     f"{_mib(r['compiled_peak_bytes']):>12} {_mib(r['runtime_peak_bytes']):>16} "
-                     f"{_mib(r['host_max_rss_bytes']):>12}")
+        lines.append(
+            f"{r['name']:<14} {r['devices']:>7} {r['compile_seconds']:>9.2f} "
+            f"{r['step_seconds_median'] * 1e3:>10.2f} {gflop:>9} {rate:>8}{share} "
+            f"{_mib(r['compiled_peak_bytes']):>12} {_mib(r['runtime_peak_bytes']):>16} "
+            f"{_mib(r['host_max_rss_bytes']):>12}"
+        )
     return "\n".join(lines)
 
 
@@ -87,20 +95,37 @@ def protocol_estimate(config, rows: list[dict[str, Any]], env_results: list[dict
     for result in env_results:
         workers, fps = result["workers"], result["fps"]
         policy_calls = -(-learning_steps // workers) + -(-eval_frames // workers)
-        parts = {"updates": updates * times["update"], "train_frames": config.steps / fps,
-                 "eval_frames": eval_frames / fps, "policy": policy_calls * times["policy"]}
-        estimates.append({"workers": workers, "env_fps": fps, "updates": updates, "train_frames": config.steps,
-                          "eval_frames": eval_frames, "policy_calls": policy_calls, "seconds": parts,
-                          "total_seconds": sum(parts.values())})
+        parts = {
+            "updates": updates * times["update"],
+            "train_frames": config.steps / fps,
+            "eval_frames": eval_frames / fps,
+            "policy": policy_calls * times["policy"],
+        }
+        estimates.append(
+            {
+                "workers": workers,
+                "env_fps": fps,
+                "updates": updates,
+                "train_frames": config.steps,
+                "eval_frames": eval_frames,
+                "policy_calls": policy_calls,
+                "seconds": parts,
+                "total_seconds": sum(parts.values()),
+            }
+        )
     return estimates
 
 
 def format_estimates(estimates: list[dict[str, Any]]) -> str:
-    lines = [f"{'workers':>7} {'env fps':>8} {'updates min':>11} {'frames min':>10} {'policy min':>10} "
-             f"{'total min':>9} {'total h':>7}"]
+    lines = [
+        f"{'workers':>7} {'env fps':>8} {'updates min':>11} {'frames min':>10} {'policy min':>10} "
+        f"{'total min':>9} {'total h':>7}"
+    ]
     for e in estimates:
         s = e["seconds"]
-        lines.append(f"{e['workers']:>7} {e['env_fps']:>8.1f} {s['updates'] / 60:>11.1f} "
-                     f"{(s['train_frames'] + s['eval_frames']) / 60:>10.1f} {s['policy'] / 60:>10.1f} "
-                     f"{e['total_seconds'] / 60:>9.1f} {e['total_seconds'] / 3600:>7.2f}")
+        lines.append(
+            f"{e['workers']:>7} {e['env_fps']:>8.1f} {s['updates'] / 60:>11.1f} "
+            f"{(s['train_frames'] + s['eval_frames']) / 60:>10.1f} {s['policy'] / 60:>10.1f} "
+            f"{e['total_seconds'] / 60:>9.1f} {e['total_seconds'] / 3600:>7.2f}"
+        )
     return "\n".join(lines)

@@ -61,8 +61,14 @@ class CheckpointSaveError(UserError, OSError):
 # writes the arrays) reports them inside a ValueError, e.g. "RESOURCE_EXHAUSTED: ... Failed to write
 # ... No space left on device [os_error_code='28']"; Python writes raise OSError.
 _SPACE_ERRORS = ("No space left on device", "Disk quota exceeded")
-_STORAGE_ERRORS = _SPACE_ERRORS + ("Read-only file system", "Permission denied", "Input/output error",
-                                   "File too large", "No such file or directory", "os_error_code")
+_STORAGE_ERRORS = _SPACE_ERRORS + (
+    "Read-only file system",
+    "Permission denied",
+    "Input/output error",
+    "File too large",
+    "No such file or directory",
+    "os_error_code",
+)
 
 
 def _storage_problem(error: BaseException) -> str | None:
@@ -119,8 +125,13 @@ def _human_bytes(count: float) -> str:
 
 
 def _nbytes(tree: Any) -> int:
-    return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
-                   if hasattr(leaf, "shape") and hasattr(leaf, "dtype")))
+    return int(
+        sum(
+            np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+            for leaf in jax.tree.leaves(tree)
+            if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+        )
+    )
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -187,7 +198,8 @@ def _skip_other_fields(target: Any, only: Collection[Any]) -> Any:
     if unknown:
         raise ValueError(f"restore(only=...): the state has no fields {sorted(map(str, unknown))}")
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf if _top_level_name(path) in only else ocp.PLACEHOLDER, target)
+        lambda path, leaf: leaf if _top_level_name(path) in only else ocp.PLACEHOLDER, target
+    )
 
 
 def _use_distributed_barriers() -> None:
@@ -245,8 +257,11 @@ class Checkpointer:
         # Orbax lists a step as soon as its save starts and drops the ones it will prune; until the
         # save is finished the finished step directories on disk are the truth (orbax renames a
         # step's temporary directory to "<step>" when it is complete).
-        return sorted(int(name) for name in os.listdir(self.directory)
-                      if name.isdigit() and os.path.isdir(os.path.join(self.directory, name)))
+        return sorted(
+            int(name)
+            for name in os.listdir(self.directory)
+            if name.isdigit() and os.path.isdir(os.path.join(self.directory, name))
+        )
 
     def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None, force: bool = False) -> bool:
         """Starts writing ``state`` and ``metadata`` as ``step``; returns whether a save was started.
@@ -316,24 +331,28 @@ class Checkpointer:
             intact = "There is no complete checkpoint in it, so a re-run starts from the beginning. "
         elif step is not None and latest >= step:
             # Only another writer can have finished this step (or a later one) meanwhile.
-            intact = (f"The newest complete checkpoint on disk is step {latest}, written by another process; "
-                      "a re-run resumes from it. ")
+            intact = (
+                f"The newest complete checkpoint on disk is step {latest}, written by another process; "
+                "a re-run resumes from it. "
+            )
         else:
-            intact = (f"The newest complete checkpoint is step {latest}: re-running the same command "
-                      "resumes from it. ")
+            intact = f"The newest complete checkpoint is step {latest}: re-running the same command resumes from it. "
         if _vanished(error, problem):
-            todo = ("A file or directory of the save disappeared while it was being written: something else "
-                    "deleted it, most often another process using the same workdir (a second run, or a "
-                    "cleanup job). Make sure only one run uses the workdir, then re-run.")
+            todo = (
+                "A file or directory of the save disappeared while it was being written: something else "
+                "deleted it, most often another process using the same workdir (a second run, or a "
+                "cleanup job). Make sure only one run uses the workdir, then re-run."
+            )
         elif any(marker in str(error) or marker in problem for marker in _SPACE_ERRORS):
             kept = self._options.max_to_keep
-            todo = (f"Free disk space (a checkpoint holds about {_human_bytes(size)} of arrays"
-                    + (f", and up to {kept} are kept" if kept else "")
-                    + ") or use a --workdir on another disk, then re-run.")
+            todo = (
+                f"Free disk space (a checkpoint holds about {_human_bytes(size)} of arrays"
+                + (f", and up to {kept} are kept" if kept else "")
+                + ") or use a --workdir on another disk, then re-run."
+            )
         else:
             todo = "Fix the storage problem named above (permissions, read-only or failing disk), then re-run."
-        raise CheckpointSaveError(
-            f"could not write {what} to {self.directory}: {problem}. {intact}{todo}") from error
+        raise CheckpointSaveError(f"could not write {what} to {self.directory}: {problem}. {intact}{todo}") from error
 
     def _resolve_step(self, step: int | None) -> int:
         self._finish_pending()  # a save still being written is restorable once it is finished
@@ -372,8 +391,9 @@ class Checkpointer:
                 + "\nUse the config this workdir was created with (see its config.json), or pass a new --workdir."
             )
 
-    def restore(self, target_state: Any, step: int | None = None,
-                only: Collection[Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def restore(
+        self, target_state: Any, step: int | None = None, only: Collection[Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """Loads ``step`` (default: latest) into the structure, dtypes and shardings of ``target_state``.
 
         ``target_state`` may hold live arrays or ``jax.ShapeDtypeStruct``s with shardings (e.g. from
@@ -396,12 +416,15 @@ class Checkpointer:
             # runs underneath, reading the same files) skips them, through a handler of its own.
             target = _skip_other_fields(target, only)
             state_args = ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+            )
             manager = ocp.CheckpointManager(
-                self.directory, options=ocp.CheckpointManagerOptions(
-                    read_only=True, create=False, save_interval_steps=0, max_to_keep=None),
-                item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
-                               METADATA_ITEM: ocp.JsonCheckpointHandler()})
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    read_only=True, create=False, save_interval_steps=0, max_to_keep=None
+                ),
+                item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(), METADATA_ITEM: ocp.JsonCheckpointHandler()},
+            )
         args = ocp.args.Composite(**{STATE_ITEM: state_args, METADATA_ITEM: ocp.args.JsonRestore()})
         try:
             restored = manager.restore(step, args=args)

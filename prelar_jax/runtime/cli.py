@@ -34,10 +34,12 @@ def training_cli(default_config: str, run: Callable[..., object]) -> None:
 
     errors.exit_on_user_error(check_overrides)
     config = config_flags.DEFINE_config_file(
-        "config", default_config, f"Config file and preset, e.g. {default_config.rsplit(':', 1)[0]}:tiny")
+        "config", default_config, f"Config file and preset, e.g. {default_config.rsplit(':', 1)[0]}:tiny"
+    )
     workdir = flags.DEFINE_string("workdir", None, "Run directory (created; re-use it to resume).", required=True)
-    override = flags.DEFINE_bool("allow_config_override", False,
-                                 "Resume a workdir even though its saved config differs in keys that matter.")
+    override = flags.DEFINE_bool(
+        "allow_config_override", False, "Resume a workdir even though its saved config differs in keys that matter."
+    )
 
     def main(argv):
         if len(argv) > 1:

@@ -99,8 +99,10 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
     module = config_module(path)
     presets = getattr(module, "PRESETS", None)
     if preset and presets is not None and preset not in presets:
-        raise ConfigError(f"unknown preset {preset!r} in --config={spec}; choose one of {tuple(presets)} "
-                          f"(e.g. --config={path}:{presets[-1]})")
+        raise ConfigError(
+            f"unknown preset {preset!r} in --config={spec}; choose one of {tuple(presets)} "
+            f"(e.g. --config={path}:{presets[-1]})"
+        )
     config = module.get_config(preset) if preset else module.get_config()
     for key, value in (overrides or {}).items():
         set_path(config, key, value)
@@ -117,8 +119,9 @@ def _parent(config: ml_collections.ConfigDict, dotted: str, label: str, source: 
         if not isinstance(node, ml_collections.ConfigDict) or name not in node:
             where = ".".join(parts[:depth]) or "the top level"
             valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ConfigError(f"unknown config key {label}: {name!r} does not exist at {where} of "
-                              f"{source}; valid keys there: {valid}")
+            raise ConfigError(
+                f"unknown config key {label}: {name!r} does not exist at {where} of {source}; valid keys there: {valid}"
+            )
         if depth < len(parts) - 1:
             node = node[name]
     return node
@@ -134,7 +137,7 @@ def check_override_flags(argv: list[str], default_spec: str, flag: str = "config
         if arg.startswith(f"--{flag}="):
             spec = arg.split("=", 1)[1]
         elif arg.startswith(f"--{flag}."):
-            keys.append(arg[len(flag) + 3:].split("=", 1)[0])
+            keys.append(arg[len(flag) + 3 :].split("=", 1)[0])
     config = load_config(spec)  # the file and the preset, even without overrides
     for dotted in keys:
         _parent(config, dotted, f"--{flag}.{dotted}", spec)
@@ -151,38 +154,77 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
     """Checks every value the pre-training run depends on; raises ``ConfigError``."""
-    _positive_ints(c, ("steps", "batch_size", "log.every", "log.checkpoint_every", "log.media_every",
-                       "log.keep_checkpoints", "nonfinite_limit", "log.media_examples",
-                       "data.prefetch_threads", "data.prefetch_buffer"))
-    _check(isinstance(c.sequence_length, int) and c.sequence_length >= 2, "sequence_length",
-           f"must be at least 2 (implicit actions need frame pairs), got {c.sequence_length}")
+    _positive_ints(
+        c,
+        (
+            "steps",
+            "batch_size",
+            "log.every",
+            "log.checkpoint_every",
+            "log.media_every",
+            "log.keep_checkpoints",
+            "nonfinite_limit",
+            "log.media_examples",
+            "data.prefetch_threads",
+            "data.prefetch_buffer",
+        ),
+    )
+    _check(
+        isinstance(c.sequence_length, int) and c.sequence_length >= 2,
+        "sequence_length",
+        f"must be at least 2 (implicit actions need frame pairs), got {c.sequence_length}",
+    )
     _validate_model(c)
     implicit_cfg = c.implicit_action
-    _check(implicit_cfg.code_type in CODE_TYPES, "implicit_action.code_type",
-           f"{implicit_cfg.code_type!r} is not one of {CODE_TYPES}")
+    _check(
+        implicit_cfg.code_type in CODE_TYPES,
+        "implicit_action.code_type",
+        f"{implicit_cfg.code_type!r} is not one of {CODE_TYPES}",
+    )
     _check(implicit_cfg.input in INPUTS, "implicit_action.input", f"{implicit_cfg.input!r} is not one of {INPUTS}")
     _check(implicit_cfg.prior_std > 0, "implicit_action.prior_std", "must be positive")
-    _check(implicit_cfg.get("head_init_scale", 1.0) >= 0, "implicit_action.head_init_scale",
-           f"must be >= 0, got {implicit_cfg.get('head_init_scale', 1.0)}")
+    _check(
+        implicit_cfg.get("head_init_scale", 1.0) >= 0,
+        "implicit_action.head_init_scale",
+        f"must be >= 0, got {implicit_cfg.get('head_init_scale', 1.0)}",
+    )
     for key in ("stoch", "deter", "hidden", "action_dim", "embed_layers"):
         _check(implicit_cfg[key] > 0, f"implicit_action.{key}", f"must be positive, got {implicit_cfg[key]}")
-    _check(c.loss.consistency in consistency.VARIANTS, "loss.consistency",
-           f"{c.loss.consistency!r} is not one of {consistency.VARIANTS}")
+    _check(
+        c.loss.consistency in consistency.VARIANTS,
+        "loss.consistency",
+        f"{c.loss.consistency!r} is not one of {consistency.VARIANTS}",
+    )
     _check(c.loss.consistency_temperature > 0, "loss.consistency_temperature", "must be positive")
     _check(c.loss.implicit_kl_free >= 0, "loss.implicit_kl_free", f"must be >= 0, got {c.loss.implicit_kl_free}")
-    _check(c.loss.get("code_forward_scale", 0.0) >= 0, "loss.code_forward_scale",
-           f"must be >= 0 (0 = off), got {c.loss.get('code_forward_scale')}")
-    _check(c.loss.get("code_forward_space", "pixels") in ("pixels", "embed"), "loss.code_forward_space",
-           f"{c.loss.get('code_forward_space')!r} is not 'pixels' or 'embed'")
+    _check(
+        c.loss.get("code_forward_scale", 0.0) >= 0,
+        "loss.code_forward_scale",
+        f"must be >= 0 (0 = off), got {c.loss.get('code_forward_scale')}",
+    )
+    _check(
+        c.loss.get("code_forward_space", "pixels") in ("pixels", "embed"),
+        "loss.code_forward_space",
+        f"{c.loss.get('code_forward_space')!r} is not 'pixels' or 'embed'",
+    )
     _check(c.data.kind in ("npz", "something"), "data.kind", f"{c.data.kind!r} is not 'npz' or 'something'")
-    _check(bool(c.data.root), "data.root",
-           "no video directory given. Generate videos with `python experiments/generate_videos.py "
-           "--out DIR` (or point to RLBench episodes / SSv2 frames) and pass --config.data.root=DIR")
+    _check(
+        bool(c.data.root),
+        "data.root",
+        "no video directory given. Generate videos with `python experiments/generate_videos.py "
+        "--out DIR` (or point to RLBench episodes / SSv2 frames) and pass --config.data.root=DIR",
+    )
     if c.data.kind == "something":
-        _check(bool(c.data.video_list), "data.video_list",
-               "Something-Something-V2 needs the list file (train_video_folder.txt)")
-    _check(1 <= c.log.media_context < c.sequence_length, "log.media_context",
-           f"must be in [1, sequence_length) = [1, {c.sequence_length})")
+        _check(
+            bool(c.data.video_list),
+            "data.video_list",
+            "Something-Something-V2 needs the list file (train_video_folder.txt)",
+        )
+    _check(
+        1 <= c.log.media_context < c.sequence_length,
+        "log.media_context",
+        f"must be in [1, sequence_length) = [1, {c.sequence_length})",
+    )
 
 
 def config_from_json(path: str) -> ml_collections.ConfigDict:
@@ -204,32 +246,49 @@ def _positive_ints(c: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
         value = c
         for part in key.split("."):
             value = value[part]
-        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
-               f"must be a positive integer, got {value!r}")
+        _check(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            key,
+            f"must be a positive integer, got {value!r}",
+        )
 
 
 def _validate_model(c: ml_collections.ConfigDict) -> None:
-    _positive_ints(c, ("image_size", "model.depth", "model.stages", "model.deter", "model.hidden",
-                       "model.stoch", "model.classes"))
-    _check(c.model.encoder in ("resnet", "plain"), "model.encoder",
-           f"{c.model.encoder!r} is not one of 'resnet', 'plain'")
+    _positive_ints(
+        c, ("image_size", "model.depth", "model.stages", "model.deter", "model.hidden", "model.stoch", "model.classes")
+    )
+    _check(
+        c.model.encoder in ("resnet", "plain"), "model.encoder", f"{c.model.encoder!r} is not one of 'resnet', 'plain'"
+    )
     if c.model.encoder == "plain":
         _check(c.image_size == 64, "image_size", "the plain CNN decoder only produces 64x64 images")
     else:
         factor = 2 ** (c.model.stages + 1)
-        _check(c.image_size % factor == 0, "image_size",
-               f"{c.image_size} must be divisible by 2**(model.stages+1) = {factor}")
+        _check(
+            c.image_size % factor == 0,
+            "image_size",
+            f"{c.image_size} must be divisible by 2**(model.stages+1) = {factor}",
+        )
     # float16 is refused: its 5-bit exponent underflows small gradients to zero unless the loss is
     # scaled, and nothing here scales it. bfloat16 keeps float32's exponent range and needs no scaling.
-    _check(c.model.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype",
-           f"{c.model.compute_dtype!r} is not supported; use 'float32' or 'bfloat16' (mixed precision). "
-           "float16 would need loss scaling, which is not implemented; bfloat16 has float32's exponent "
-           "range and needs none")
+    _check(
+        c.model.compute_dtype in COMPUTE_DTYPES,
+        "model.compute_dtype",
+        f"{c.model.compute_dtype!r} is not supported; use 'float32' or 'bfloat16' (mixed precision). "
+        "float16 would need loss scaling, which is not implemented; bfloat16 has float32's exponent "
+        "range and needs none",
+    )
     _check(0.0 <= c.loss.kl_balance <= 1.0, "loss.kl_balance", "must be in [0, 1]")
-    _check(c.optimizer.lr >= 0 and c.optimizer.eps > 0 and c.optimizer.clip > 0, "optimizer",
-           "lr must be >= 0, eps and clip > 0")
-    _check(c.log.wandb_mode in ("online", "offline", "disabled"), "log.wandb_mode",
-           f"{c.log.wandb_mode!r} is not one of online, offline, disabled")
+    _check(
+        c.optimizer.lr >= 0 and c.optimizer.eps > 0 and c.optimizer.clip > 0,
+        "optimizer",
+        "lr must be >= 0, eps and clip > 0",
+    )
+    _check(
+        c.log.wandb_mode in ("online", "offline", "disabled"),
+        "log.wandb_mode",
+        f"{c.log.wandb_mode!r} is not one of online, offline, disabled",
+    )
 
 
 def _check_render(c: ml_collections.ConfigDict) -> None:
@@ -237,10 +296,14 @@ def _check_render(c: ml_collections.ConfigDict) -> None:
     from prelar_jax.envs.rendering import SETTING_NAMES, RenderSettings, RenderSettingsError
 
     render = c.env.get("render")
-    _check(render is not None and hasattr(render, "keys"), "env.render",
-           f"must be a block with the boolean keys {', '.join(SETTING_NAMES)} (e.g. "
-           "--config.env.render.shadows=False); got " + repr(render)
-           + (". env.lean_rendering was replaced by it" if "lean_rendering" in c.env else ""))
+    _check(
+        render is not None and hasattr(render, "keys"),
+        "env.render",
+        f"must be a block with the boolean keys {', '.join(SETTING_NAMES)} (e.g. "
+        "--config.env.render.shadows=False); got "
+        + repr(render)
+        + (". env.lean_rendering was replaced by it" if "lean_rendering" in c.env else ""),
+    )
     try:
         RenderSettings.from_mapping(dict(render), where="config.env.render")
     except RenderSettingsError as error:
@@ -251,15 +314,39 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
     """Checks every value the fine-tuning run depends on; raises ``ConfigError``."""
     from prelar_jax.envs.metaworld import UnknownTaskError, canonical_task_name
 
-    _positive_ints(c, ("steps", "batch_size", "sequence_length", "train_every", "train_steps",
-                       "eval_every", "eval_eps", "env.num_envs", "env.eval_envs", "env.time_limit",
-                       "replay.capacity", "action_dim", "heads.layers", "heads.units",
-                       "log.every", "log.media_every", "log.checkpoint_every", "log.keep_checkpoints",
-                       "actor_critic.horizon", "actor_critic.slow_update_every", "nonfinite_limit",
-                       "log.media_examples"))
+    _positive_ints(
+        c,
+        (
+            "steps",
+            "batch_size",
+            "sequence_length",
+            "train_every",
+            "train_steps",
+            "eval_every",
+            "eval_eps",
+            "env.num_envs",
+            "env.eval_envs",
+            "env.time_limit",
+            "replay.capacity",
+            "action_dim",
+            "heads.layers",
+            "heads.units",
+            "log.every",
+            "log.media_every",
+            "log.checkpoint_every",
+            "log.keep_checkpoints",
+            "actor_critic.horizon",
+            "actor_critic.slow_update_every",
+            "nonfinite_limit",
+            "log.media_examples",
+        ),
+    )
     _validate_model(c)
-    _check(c.env.step_timeout > 0, "env.step_timeout",
-           f"must be positive (seconds before a silent worker is restarted), got {c.env.step_timeout}")
+    _check(
+        c.env.step_timeout > 0,
+        "env.step_timeout",
+        f"must be positive (seconds before a silent worker is restarted), got {c.env.step_timeout}",
+    )
     _check_render(c)
     try:
         canonical_task_name(c.task)
@@ -267,41 +354,71 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.task: {error}") from error
     _check(c.prefill >= 0 and c.pretrain >= 0, "prefill", "prefill and pretrain must be >= 0")
     _check(c.env.time_limit <= 500, "env.time_limit", "Meta-World episodes end after at most 500 steps")
-    _check(2 <= c.sequence_length <= c.env.time_limit + 1, "sequence_length",
-           f"must be in [2, env.time_limit + 1] = [2, {c.env.time_limit + 1}]: sequences are cut "
-           "from single episodes of time_limit + 1 frames")
+    _check(
+        2 <= c.sequence_length <= c.env.time_limit + 1,
+        "sequence_length",
+        f"must be in [2, env.time_limit + 1] = [2, {c.env.time_limit + 1}]: sequences are cut "
+        "from single episodes of time_limit + 1 frames",
+    )
     per_env = c.prefill // c.env.num_envs
-    _check(per_env >= c.env.time_limit, "prefill",
-           f"{c.prefill} random steps over env.num_envs={c.env.num_envs} environments give each "
-           f"{per_env} steps, fewer than one episode (env.time_limit={c.env.time_limit}); learning "
-           f"needs finished episodes. Use --config.prefill={c.env.num_envs * c.env.time_limit} or more.")
-    _check(c.action_encoder.kind in ("mlp", "none", "pad"), "action_encoder.kind",
-           f"{c.action_encoder.kind!r} is not 'mlp', 'none' or 'pad'")
+    _check(
+        per_env >= c.env.time_limit,
+        "prefill",
+        f"{c.prefill} random steps over env.num_envs={c.env.num_envs} environments give each "
+        f"{per_env} steps, fewer than one episode (env.time_limit={c.env.time_limit}); learning "
+        f"needs finished episodes. Use --config.prefill={c.env.num_envs * c.env.time_limit} or more.",
+    )
+    _check(
+        c.action_encoder.kind in ("mlp", "none", "pad"),
+        "action_encoder.kind",
+        f"{c.action_encoder.kind!r} is not 'mlp', 'none' or 'pad'",
+    )
     if c.action_encoder.kind == "mlp":
         _positive_ints(c, ("action_encoder.code_size", "action_encoder.hidden"))
     if c.action_encoder.kind == "pad":
-        _check(c.action_encoder.code_size >= c.action_dim, "action_encoder.code_size",
-               f"'pad' fills actions into code_size slots; it must be >= action_dim={c.action_dim}")
+        _check(
+            c.action_encoder.code_size >= c.action_dim,
+            "action_encoder.code_size",
+            f"'pad' fills actions into code_size slots; it must be >= action_dim={c.action_dim}",
+        )
     if c.stacked:
-        _check(c.action_encoder.kind == "pad", "stacked",
-               "APV's stacked model feeds the real action zero-padded: set action_encoder.kind='pad'")
+        _check(
+            c.action_encoder.kind == "pad",
+            "stacked",
+            "APV's stacked model feeds the real action zero-padded: set action_encoder.kind='pad'",
+        )
     _check(c.intrinsic.beta >= 0, "intrinsic.beta", "must be >= 0 (0 turns the bonus off)")
     if c.intrinsic.beta > 0:
         _positive_ints(c, ("intrinsic.window", "intrinsic.k", "intrinsic.queue_dim", "intrinsic.capacity"))
-        _check(c.intrinsic.window <= c.sequence_length, "intrinsic.window",
-               f"must be at most sequence_length={c.sequence_length}")
+        _check(
+            c.intrinsic.window <= c.sequence_length,
+            "intrinsic.window",
+            f"must be at most sequence_length={c.sequence_length}",
+        )
     _check(c.loss.aux_reward_scale >= 0, "loss.aux_reward_scale", "must be >= 0 (0 removes the head)")
-    _check(1 <= c.log.media_context < c.sequence_length, "log.media_context",
-           f"must be in [1, sequence_length) = [1, {c.sequence_length})")
+    _check(
+        1 <= c.log.media_context < c.sequence_length,
+        "log.media_context",
+        f"must be in [1, sequence_length) = [1, {c.sequence_length})",
+    )
     on_device, device_capacity = c.replay.get("on_device", False), c.replay.get("device_capacity", 0)
     _check(isinstance(on_device, bool), "replay.on_device", f"must be True or False, got {on_device!r}")
-    _check(isinstance(device_capacity, int) and not isinstance(device_capacity, bool) and device_capacity >= 0,
-           "replay.device_capacity", f"must be an integer >= 0 (0 = replay.capacity), got {device_capacity!r}")
+    _check(
+        isinstance(device_capacity, int) and not isinstance(device_capacity, bool) and device_capacity >= 0,
+        "replay.device_capacity",
+        f"must be an integer >= 0 (0 = replay.capacity), got {device_capacity!r}",
+    )
     if on_device:
-        _check((device_capacity or c.replay.capacity) >= c.env.time_limit + 1, "replay.device_capacity",
-               f"the device ring of {device_capacity or c.replay.capacity} steps cannot hold one episode of "
-               f"env.time_limit + 1 = {c.env.time_limit + 1} steps; raise it (0 uses replay.capacity)")
+        _check(
+            (device_capacity or c.replay.capacity) >= c.env.time_limit + 1,
+            "replay.device_capacity",
+            f"the device ring of {device_capacity or c.replay.capacity} steps cannot hold one episode of "
+            f"env.time_limit + 1 = {c.env.time_limit + 1} steps; raise it (0 uses replay.capacity)",
+        )
     if c.pretrained:
-        _check(c.action_encoder.kind != "none", "action_encoder.kind",
-               "a pre-trained RSSM is conditioned on 50-d or 64-d action codes, not raw actions; use "
-               "'mlp' (PreLAR) or 'pad' (APV) with `pretrained`")
+        _check(
+            c.action_encoder.kind != "none",
+            "action_encoder.kind",
+            "a pre-trained RSSM is conditioned on 50-d or 64-d action codes, not raw actions; use "
+            "'mlp' (PreLAR) or 'pad' (APV) with `pretrained`",
+        )

@@ -48,8 +48,14 @@ from jax.sharding import PartitionSpec as P
 from prelar_jax.runtime import parallel
 from prelar_jax.data.replay import SAMPLE_KEYS, ReplayError, ReplayTooSmallError
 
-_DTYPES = {"image": np.uint8, "action": np.float32, "reward": np.float32, "is_first": np.bool_,
-           "is_last": np.bool_, "is_terminal": np.bool_}
+_DTYPES = {
+    "image": np.uint8,
+    "action": np.float32,
+    "reward": np.float32,
+    "is_first": np.bool_,
+    "is_last": np.bool_,
+    "is_terminal": np.bool_,
+}
 
 
 class DeviceReplayState(NamedTuple):
@@ -68,22 +74,34 @@ def step_shapes(image_shape: Sequence[int], action_dim: int, keys: Sequence[str]
 
 def bytes_per_step(image_shape: Sequence[int], action_dim: int, keys: Sequence[str] = SAMPLE_KEYS) -> int:
     """Device bytes one stored step costs (per device: the ring is replicated)."""
-    return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(_DTYPES[k]).itemsize
-               for k, s in step_shapes(image_shape, action_dim, keys).items())
+    return sum(
+        int(np.prod(s, dtype=np.int64)) * np.dtype(_DTYPES[k]).itemsize
+        for k, s in step_shapes(image_shape, action_dim, keys).items()
+    )
 
 
-def init_state(capacity: int, image_shape: Sequence[int], action_dim: int,
-               keys: Sequence[str] = SAMPLE_KEYS) -> DeviceReplayState:
+def init_state(
+    capacity: int, image_shape: Sequence[int], action_dim: int, keys: Sequence[str] = SAMPLE_KEYS
+) -> DeviceReplayState:
     """An empty ring of ``capacity`` steps (host zeros; put it on the devices with the mesh)."""
     shapes = step_shapes(image_shape, action_dim, keys)
     slots = max(1, capacity // 2)
     return DeviceReplayState(
         data={k: jnp.zeros((capacity,) + shapes[k], _DTYPES[k]) for k in keys},
-        ep_start=jnp.zeros((slots,), jnp.int32), ep_len=jnp.zeros((slots,), jnp.int32))
+        ep_start=jnp.zeros((slots,), jnp.int32),
+        ep_len=jnp.zeros((slots,), jnp.int32),
+    )
 
 
-def append(state: DeviceReplayState, episode: Mapping[str, jax.Array], length: jax.Array,
-           offset: jax.Array, slot: jax.Array, oldest: jax.Array, evicted: jax.Array) -> DeviceReplayState:
+def append(
+    state: DeviceReplayState,
+    episode: Mapping[str, jax.Array],
+    length: jax.Array,
+    offset: jax.Array,
+    slot: jax.Array,
+    oldest: jax.Array,
+    evicted: jax.Array,
+) -> DeviceReplayState:
     """Writes the first ``length`` rows of ``episode`` (each [Lmax, ...]) at ring rows
     ``(offset + i) % C`` into table slot ``slot``, after emptying the ``evicted`` slots that start
     at ``oldest`` (mod E). Pure; the caller (``DeviceReplay``) keeps these scalars consistent."""
@@ -98,8 +116,9 @@ def append(state: DeviceReplayState, episode: Mapping[str, jax.Array], length: j
     return DeviceReplayState(data, ep_start, ep_len)
 
 
-def sample_rows(state: DeviceReplayState, key: jax.Array, rows: int, length: int,
-                prioritize_ends: bool) -> dict[str, jax.Array]:
+def sample_rows(
+    state: DeviceReplayState, key: jax.Array, rows: int, length: int, prioritize_ends: bool
+) -> dict[str, jax.Array]:
     """``rows`` windows of ``length`` steps ([rows, T, ...] per key), DreamerV2's distribution.
 
     Needs at least one stored episode of >= ``length`` steps (checked by the caller: with none,
@@ -130,8 +149,7 @@ def make_sampler(mesh: Mesh, batch_size: int, length: int, prioritize_ends: bool
         key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
         return sample_rows(state, key, local, length, prioritize_ends)
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P()), out_specs=P(parallel.AXIS),
-                            check_vma=False)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P()), out_specs=P(parallel.AXIS), check_vma=False)
     return jax.jit(sharded, out_shardings=parallel.batch_sharding(mesh))
 
 
@@ -147,14 +165,23 @@ class DeviceReplay:
       keys: the keys stored and sampled (the update reads image, action, reward, is_first).
     """
 
-    def __init__(self, capacity: int, max_episode_length: int, image_shape: Sequence[int], action_dim: int,
-                 mesh: Mesh, prioritize_ends: bool = True, keys: Sequence[str] = SAMPLE_KEYS):
+    def __init__(
+        self,
+        capacity: int,
+        max_episode_length: int,
+        image_shape: Sequence[int],
+        action_dim: int,
+        mesh: Mesh,
+        prioritize_ends: bool = True,
+        keys: Sequence[str] = SAMPLE_KEYS,
+    ):
         unknown = [k for k in keys if k not in _DTYPES]
         if unknown:
             raise ReplayError(f"device replay keys {unknown} are not sample keys {list(_DTYPES)}")
         if int(capacity) < 2 or not 2 <= int(max_episode_length) <= int(capacity):
-            raise ReplayError(f"device replay needs 2 <= max_episode_length ({max_episode_length}) <= "
-                              f"capacity ({capacity}) steps")
+            raise ReplayError(
+                f"device replay needs 2 <= max_episode_length ({max_episode_length}) <= capacity ({capacity}) steps"
+            )
         self.capacity, self.max_episode_length = int(capacity), int(max_episode_length)
         self.mesh, self.prioritize_ends, self.keys = mesh, bool(prioritize_ends), tuple(keys)
         self.shapes = step_shapes(image_shape, action_dim, self.keys)
@@ -162,7 +189,8 @@ class DeviceReplay:
         replicated = parallel.replicated(mesh)
         self.state: DeviceReplayState = jax.jit(
             functools.partial(init_state, self.capacity, tuple(image_shape), int(action_dim), self.keys),
-            out_shardings=replicated)()
+            out_shardings=replicated,
+        )()
         self._append = jax.jit(append, donate_argnums=0, out_shardings=replicated)
         self._samplers: dict[tuple[int, int], Callable] = {}
         self._held: collections.deque[tuple[int, int]] = collections.deque()  # (slot, length), oldest first
@@ -190,14 +218,15 @@ class DeviceReplay:
             raise ReplayError(f"device replay: episode is missing key(s) {missing}")
         length = len(episode[self.keys[0]])
         if not 2 <= length <= self.max_episode_length:
-            raise ReplayError(f"device replay: an episode of {length} steps is outside [2, "
-                              f"max_episode_length={self.max_episode_length}]")
+            raise ReplayError(
+                f"device replay: an episode of {length} steps is outside [2, "
+                f"max_episode_length={self.max_episode_length}]"
+            )
         padded = {}
         for k in self.keys:
             value = np.asarray(episode[k])
             if value.shape != (length,) + self.shapes[k]:
-                raise ReplayError(f"device replay: {k} has shape {value.shape}, expected "
-                                  f"{(length,) + self.shapes[k]}")
+                raise ReplayError(f"device replay: {k} has shape {value.shape}, expected {(length,) + self.shapes[k]}")
             if k == "image" and value.dtype != np.uint8:
                 raise ReplayError(f"device replay: image must be uint8, got {value.dtype}")
             rows = np.zeros((self.max_episode_length,) + self.shapes[k], _DTYPES[k])  # [Lmax, ...]
@@ -226,7 +255,8 @@ class DeviceReplay:
             raise ReplayTooSmallError(
                 f"cannot sample sequences of length {length}: the device replay holds {len(self._held)} "
                 f"episode(s) (count x steps: {shown}) and none has at least {length} steps. Collect more "
-                "data first (prefill) or use a shorter sequence length.")
+                "data first (prefill) or use a shorter sequence length."
+            )
         sampler = self._samplers.get((batch_size, length))
         if sampler is None:
             sampler = make_sampler(self.mesh, batch_size, length, self.prioritize_ends)

@@ -42,8 +42,16 @@ from prelar_jax.envs.rendering import RenderSettings
 from prelar_jax.envs.workers import ParallelEnvs, make_metaworld_env
 
 # Keys that may change when a run is resumed (run length, logging, worker time-outs).
-RESUMABLE_KEYS = ("steps", "log", "env.step_timeout", "env.eval_envs", "pretrained", "nonfinite_limit",
-                  "replay.on_device", "replay.device_capacity")
+RESUMABLE_KEYS = (
+    "steps",
+    "log",
+    "env.step_timeout",
+    "env.eval_envs",
+    "pretrained",
+    "nonfinite_limit",
+    "replay.on_device",
+    "replay.device_capacity",
+)
 
 
 # What an update reads of a replay batch (host or device replay).
@@ -70,8 +78,9 @@ class EpisodeTracker:
         self.returns += np.where(first, 0.0, obs["reward"])
         self.success |= obs["success"] & ~first
         self.length += ~first
-        return [(float(self.returns[i]), bool(self.success[i]), int(self.length[i]))
-                for i in np.flatnonzero(obs["is_last"])]
+        return [
+            (float(self.returns[i]), bool(self.success[i]), int(self.length[i])) for i in np.flatnonzero(obs["is_last"])
+        ]
 
 
 def _device_replay(config: ml_collections.ConfigDict, mesh, replay: Replay) -> DeviceReplay:
@@ -79,18 +88,29 @@ def _device_replay(config: ml_collections.ConfigDict, mesh, replay: Replay) -> D
     those the checkpoint named), oldest first, so it holds what the host holds (or the newest part)."""
     capacity = config.replay.device_capacity or config.replay.capacity
     image_shape = (config.image_size, config.image_size, 3)
-    device_replay = DeviceReplay(capacity, config.env.time_limit + 1, image_shape, config.action_dim, mesh,
-                                 config.replay.prioritize_ends, UPDATE_KEYS)
+    device_replay = DeviceReplay(
+        capacity,
+        config.env.time_limit + 1,
+        image_shape,
+        config.action_dim,
+        mesh,
+        config.replay.prioritize_ends,
+        UPDATE_KEYS,
+    )
     for name in replay.episode_names():
         device_replay.add_episode(replay.get_episode(name))
-    print(f"[prelar] replay on device: {capacity} steps, "
-          f"{capacity * bytes_per_step(image_shape, config.action_dim, UPDATE_KEYS) / 2**30:.2f} GiB per device, "
-          f"it holds {device_replay.num_episodes} of the host replay's {replay.num_episodes} episode(s)", flush=True)
+    print(
+        f"[prelar] replay on device: {capacity} steps, "
+        f"{capacity * bytes_per_step(image_shape, config.action_dim, UPDATE_KEYS) / 2**30:.2f} GiB per device, "
+        f"it holds {device_replay.num_episodes} of the host replay's {replay.num_episodes} episode(s)",
+        flush=True,
+    )
     return device_replay
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False,
-        devices: list | None = None) -> dict[str, Any]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool = False, devices: list | None = None
+) -> dict[str, Any]:
     """Fine-tunes to ``config.steps`` environment steps in ``workdir``; returns a summary dict.
     The run owns ``workdir`` while it runs (``prelar_jax.runtime.workdir_lock``)."""
     # Environments, replay and the agent's acting run per process: one process only, refused
@@ -105,14 +125,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: 
         return _run(config, workdir, allow_config_override, devices, owned)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override: bool,
-         devices: list | None, owned: contextlib.ExitStack) -> dict[str, Any]:
-    mesh, workdir, config_dict = run_utils.open_workdir(config, workdir, allow_config_override,
-                                                        RESUMABLE_KEYS, devices, owned, "fine-tuning")
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_override: bool,
+    devices: list | None,
+    owned: contextlib.ExitStack,
+) -> dict[str, Any]:
+    mesh, workdir, config_dict = run_utils.open_workdir(
+        config, workdir, allow_config_override, RESUMABLE_KEYS, devices, owned, "fine-tuning"
+    )
     task = canonical_task_name(config.task)
-    print(f"[prelar] {config.method} fine-tuning on {task}, preset {config.preset}: "
-          f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}",
-          flush=True)
+    print(
+        f"[prelar] {config.method} fine-tuning on {task}, preset {config.preset}: "
+        f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}",
+        flush=True,
+    )
 
     # ---------------------------------------------------------------- agent state
     agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
@@ -122,8 +150,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
     params = batch_stats = None
     if not resuming and config.pretrained:
         fresh_params, fresh_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(jax.random.split(key)[0]))
-        params, batch_stats, report = pretrained_lib.load_pretrained(config.pretrained, fresh_params, fresh_stats,
-                                                          config.model, agent_lib.pretrained_module_map(config))
+        params, batch_stats, report = pretrained_lib.load_pretrained(
+            config.pretrained, fresh_params, fresh_stats, config.model, agent_lib.pretrained_module_map(config)
+        )
         print("[prelar] " + pretrained_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
         report_path = os.path.join(workdir, "pretrained_load.json")
         with open(report_path, "w", encoding="utf-8") as handle:
@@ -131,18 +160,28 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
         print(f"[prelar] every loaded, new and ignored array: {report_path}", flush=True)
     state = agent.init_state(key, params, batch_stats)
     state = parallel.put_replicated(state, mesh)
-    counters = {"env_step": 0, "updates": 0, "episodes": 0, "train_credit": 0, "evals": 0,
-                "worker_restarts": 0, "dropped_episodes": 0, "warmed_up": 0,
-                "last_eval_step": -1}
+    counters = {
+        "env_step": 0,
+        "updates": 0,
+        "episodes": 0,
+        "train_credit": 0,
+        "evals": 0,
+        "worker_restarts": 0,
+        "dropped_episodes": 0,
+        "warmed_up": 0,
+        "last_eval_step": -1,
+    }
     replay_dir = os.path.join(workdir, "replay")
     if resuming:
         state, metadata = ckpt.restore(state)
         counters.update({k: int(v) for k, v in metadata.get("counters", {}).items()})
-        replay = Replay.restore(replay_dir, metadata["replay"], config.replay.capacity,
-                                config.replay.prioritize_ends)
+        replay = Replay.restore(replay_dir, metadata["replay"], config.replay.capacity, config.replay.prioritize_ends)
         kept_names = list(metadata["replay"]["episodes"])
-        print(f"[prelar] resumed at environment step {counters['env_step']} ({counters['updates']} "
-              f"updates, {replay.num_episodes} episodes in the replay)", flush=True)
+        print(
+            f"[prelar] resumed at environment step {counters['env_step']} ({counters['updates']} "
+            f"updates, {replay.num_episodes} episodes in the replay)",
+            flush=True,
+        )
     else:
         replay = Replay(config.replay.capacity, replay_dir, config.replay.prioritize_ends)
         kept_names = []
@@ -150,37 +189,75 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
 
     # ---------------------------------------------------------------- compiled functions
     B, T, size = config.batch_size, config.sequence_length, config.image_size
-    spec = scaffold.batch_spec(mesh, {"image": ((B, T, size, size, 3), np.uint8),
-                                      "action": ((B, T, config.action_dim), np.float32),
-                                      "reward": ((B, T), np.float32), "is_first": ((B, T), np.bool_)})
-    update_step, info = scaffold.compile_step("update step", steps.make_finetune_step(agent, mesh, config.seed),
-                                              state, spec)
+    spec = scaffold.batch_spec(
+        mesh,
+        {
+            "image": ((B, T, size, size, 3), np.uint8),
+            "action": ((B, T, config.action_dim), np.float32),
+            "reward": ((B, T), np.float32),
+            "is_first": ((B, T), np.bool_),
+        },
+    )
+    update_step, info = scaffold.compile_step(
+        "update step", steps.make_finetune_step(agent, mesh, config.seed), state, spec
+    )
     device_replay = _device_replay(config, mesh, replay) if config.replay.on_device else None
     policy = jax.jit(agent.policy, static_argnames="explore")
     open_loop = jax.jit(agent.open_loop, static_argnames="context")
 
     # ---------------------------------------------------------------- environments
-    make_env = functools.partial(make_metaworld_env, task=task, size=size, camera=config.env.camera,
-                                 render=RenderSettings.from_mapping(dict(config.env.render)),
-                                 time_limit=config.env.time_limit)
+    make_env = functools.partial(
+        make_metaworld_env,
+        task=task,
+        size=size,
+        camera=config.env.camera,
+        render=RenderSettings.from_mapping(dict(config.env.render)),
+        time_limit=config.env.time_limit,
+    )
     start_step = counters["env_step"]
     num_envs, num_eval = config.env.num_envs, min(config.env.eval_envs, config.eval_eps)
-    envs = ParallelEnvs(make_env, _seeds(config.seed, 0, start_step, count=num_envs),
-                        step_timeout=config.env.step_timeout)
+    envs = ParallelEnvs(
+        make_env, _seeds(config.seed, 0, start_step, count=num_envs), step_timeout=config.env.step_timeout
+    )
     eval_envs = None
     logger = None
     try:
-        eval_envs = ParallelEnvs(make_env, _seeds(config.seed, 1, start_step, count=num_eval),
-                                 step_timeout=config.env.step_timeout)
-        print(f"[prelar] {num_envs} training and {num_eval} evaluation environment worker(s) "
-              f"started in {envs.start_seconds + eval_envs.start_seconds:.1f}s", flush=True)
-        logger = scaffold.make_logger(config, workdir, config_dict, start_step,
-                                      console_every=max(1, config.log.every * config.train_every),
-                                      console_keys=("eval/success_rate", "train/return", "model_loss", "fps/env"))
+        eval_envs = ParallelEnvs(
+            make_env, _seeds(config.seed, 1, start_step, count=num_eval), step_timeout=config.env.step_timeout
+        )
+        print(
+            f"[prelar] {num_envs} training and {num_eval} evaluation environment worker(s) "
+            f"started in {envs.start_seconds + eval_envs.start_seconds:.1f}s",
+            flush=True,
+        )
+        logger = scaffold.make_logger(
+            config,
+            workdir,
+            config_dict,
+            start_step,
+            console_every=max(1, config.log.every * config.train_every),
+            console_keys=("eval/success_rate", "train/return", "model_loss", "fps/env"),
+        )
         if start_step == 0:
             scaffold.log_start(logger, info, sizes, "flops_per_update")
-        loop = FinetuneLoop(config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
-                     logger, ckpt, counters, kept_names, mesh, workdir, device_replay)
+        loop = FinetuneLoop(
+            config,
+            agent,
+            state,
+            update_step,
+            policy,
+            open_loop,
+            replay,
+            envs,
+            eval_envs,
+            logger,
+            ckpt,
+            counters,
+            kept_names,
+            mesh,
+            workdir,
+            device_replay,
+        )
         loop.run()
         state = loop.state
     finally:
@@ -191,12 +268,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_override:
         if logger is not None:
             logger.close()
     finished = counters["env_step"] >= config.steps
-    summary = scaffold.write_summary(workdir, {"env_step": counters["env_step"], "updates": counters["updates"],
-                                               "finished": finished})
-    print(f"[prelar] {'finished' if finished else 'stopped'} at environment step "
-          f"{counters['env_step']}/{config.steps} ({counters['updates']} updates). Results in {workdir}: "
-          "metrics.jsonl (eval/success_rate, eval/return), config.json, checkpoints/, replay/, media/",
-          flush=True)
+    summary = scaffold.write_summary(
+        workdir, {"env_step": counters["env_step"], "updates": counters["updates"], "finished": finished}
+    )
+    print(
+        f"[prelar] {'finished' if finished else 'stopped'} at environment step "
+        f"{counters['env_step']}/{config.steps} ({counters['updates']} updates). Results in {workdir}: "
+        "metrics.jsonl (eval/success_rate, eval/return), config.json, checkpoints/, replay/, media/",
+        flush=True,
+    )
     return summary
 
 
@@ -205,8 +285,25 @@ class FinetuneLoop:
     One iteration of ``run``: collect one step of every environment, train when due, evaluate
     when due, save media when due, checkpoint when due."""
 
-    def __init__(self, config, agent, state, update_step, policy, open_loop, replay, envs, eval_envs,
-                 logger, ckpt, counters, kept_names, mesh, workdir, device_replay=None):
+    def __init__(
+        self,
+        config,
+        agent,
+        state,
+        update_step,
+        policy,
+        open_loop,
+        replay,
+        envs,
+        eval_envs,
+        logger,
+        ckpt,
+        counters,
+        kept_names,
+        mesh,
+        workdir,
+        device_replay=None,
+    ):
         self.config, self.agent, self.state = config, agent, state
         self.device_replay = device_replay  # replay.on_device: batches come from it
         self.update_step, self.policy, self.open_loop = update_step, policy, open_loop
@@ -221,9 +318,13 @@ class FinetuneLoop:
 
     def _rates(self) -> dict[str, float]:
         rates = self.rate(env=self.counters["env_step"], updates=self.counters["updates"])
-        return {"fps/env": rates["env"], "updates/s": rates["updates"],
-                "replay/episodes": self.replay.num_episodes, "replay/steps": self.replay.num_steps,
-                "env/worker_restarts": self.counters["worker_restarts"]}
+        return {
+            "fps/env": rates["env"],
+            "updates/s": rates["updates"],
+            "replay/episodes": self.replay.num_episodes,
+            "replay/steps": self.replay.num_steps,
+            "env/worker_restarts": self.counters["worker_restarts"],
+        }
 
     def run(self) -> None:
         """Steps, updates, evaluations and checkpoints. Everything logged at an environment step
@@ -272,8 +373,15 @@ class FinetuneLoop:
             action = self.rng.uniform(-1.0, 1.0, (n, c.action_dim)).astype(np.float32)
         else:
             key = jax.random.fold_in(jax.random.key(c.seed + 1), step)
-            action, self.carry = self.policy(self.state.params, self.state.batch_stats, self.carry,
-                                             self.obs["image"], self.obs["is_first"], key, explore=True)
+            action, self.carry = self.policy(
+                self.state.params,
+                self.state.batch_stats,
+                self.carry,
+                self.obs["image"],
+                self.obs["is_first"],
+                key,
+                explore=True,
+            )
             action = np.asarray(action)
         obs, dropped = self.envs.step(action)
         self.obs = obs
@@ -341,10 +449,15 @@ class FinetuneLoop:
         self.late.flush()  # pending update metrics carry an earlier step: write them first
         returns, success, length = zip(*self.train_episodes)
         self.train_episodes = []
-        self.logger.log(step, {"train/return": float(np.mean(returns)),
-                               "train/success": float(np.mean(success)),
-                               "train/length": float(np.mean(length)),
-                               "train/episodes": self.counters["episodes"]})
+        self.logger.log(
+            step,
+            {
+                "train/return": float(np.mean(returns)),
+                "train/success": float(np.mean(success)),
+                "train/length": float(np.mean(length)),
+                "train/episodes": self.counters["episodes"],
+            },
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> None:
@@ -362,8 +475,9 @@ class FinetuneLoop:
         video = [obs["image"][0]] if c.log.eval_video else None
         while len(finished) < c.eval_eps:
             key = jax.random.fold_in(jax.random.key(c.seed + 2), step * 1000 + frames)
-            action, carry = self.policy(self.state.params, self.state.batch_stats, carry, obs["image"],
-                                        obs["is_first"], key, explore=False)
+            action, carry = self.policy(
+                self.state.params, self.state.batch_stats, carry, obs["image"], obs["is_first"], key, explore=False
+            )
             obs, dropped = envs.step(np.asarray(action))
             self.counters["worker_restarts"] += int(dropped.sum())
             finished.extend(episodes.observe(obs, dropped))
@@ -376,14 +490,19 @@ class FinetuneLoop:
                         self.save_eval_video(step, np.stack(video), episodes.success[0])
                         video = None
             frames += n
-        finished = finished[:c.eval_eps]
+        finished = finished[: c.eval_eps]
         returns, success, length = zip(*finished)
         self.counters["last_eval_step"] = step
         self.late.flush()  # pending update metrics carry an earlier step: write them first
-        self.logger.log(step, {"eval/success_rate": float(np.mean(success)),
-                               "eval/return": float(np.mean(returns)),
-                               "eval/episodes": len(finished),
-                               "eval/seconds": time.perf_counter() - start})
+        self.logger.log(
+            step,
+            {
+                "eval/success_rate": float(np.mean(success)),
+                "eval/return": float(np.mean(returns)),
+                "eval/episodes": len(finished),
+                "eval/seconds": time.perf_counter() - start,
+            },
+        )
 
     # ------------------------------------------------------------------ media and checkpoints
     def save_eval_video(self, step: int, frames: np.ndarray, success: bool) -> None:
@@ -396,11 +515,14 @@ class FinetuneLoop:
 
     def save_media(self, step: int) -> None:
         c = self.config
-        batch = self.replay.sample(np.random.default_rng([c.seed, 13, step]), c.log.media_examples,
-                                   c.sequence_length)
-        predicted = self.open_loop(self.state.params, self.state.batch_stats,
-                                   {k: batch[k] for k in ("image", "action", "is_first")}, jax.random.key(step),
-                                   context=c.log.media_context)
+        batch = self.replay.sample(np.random.default_rng([c.seed, 13, step]), c.log.media_examples, c.sequence_length)
+        predicted = self.open_loop(
+            self.state.params,
+            self.state.batch_stats,
+            {k: batch[k] for k in ("image", "action", "is_first")},
+            jax.random.key(step),
+            context=c.log.media_context,
+        )
         scaffold.save_open_loop(self.workdir, self.logger, step, batch["image"], predicted)
 
     def save(self, step: int) -> None:
@@ -410,7 +532,15 @@ class FinetuneLoop:
         if jax.process_index() == 0:
             self.replay.prune_files(self.kept_names)
         replay_state = self.replay.state_dict()
-        self.ckpt.save(step, self.state, {"step": step, "method": self.config.method,
-                                          "task": self.config.task, "counters": dict(self.counters),
-                                          "replay": replay_state})
+        self.ckpt.save(
+            step,
+            self.state,
+            {
+                "step": step,
+                "method": self.config.method,
+                "task": self.config.task,
+                "counters": dict(self.counters),
+                "replay": replay_state,
+            },
+        )
         self.kept_names = list(replay_state["episodes"])

@@ -215,7 +215,8 @@ class MetricsLogger:
                 self._bar.update(step - self._last_step)
             if shown:
                 self._bar.set_postfix(
-                    {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in shown})
+                    {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in shown}
+                )
         elif step - self._last_print_step >= self.console_every or (step >= self.total_steps > self._last_print_step):
             now = time.monotonic()
             rate = (step - self._last_print_step) / max(now - self._last_print_time, 1e-9)
@@ -241,8 +242,11 @@ class MetricsLogger:
             return
         import wandb
 
-        self._wandb_call(lambda: self._wandb_run.log(
-            {name: wandb.Video(os.fspath(path), format="gif", caption=caption or None)}, step=int(step)))
+        self._wandb_call(
+            lambda: self._wandb_run.log(
+                {name: wandb.Video(os.fspath(path), format="gif", caption=caption or None)}, step=int(step)
+            )
+        )
 
     def close(self) -> None:
         """Flushes and closes the metrics file, the progress bar and the W&B run."""
@@ -355,7 +359,8 @@ def check_config_matches(
     except (OSError, ValueError) as error:
         raise ConfigMismatchError(
             f"cannot read {path} ({error}); it is not the config this workdir was written with. Restore "
-            f"it, or pass a new --workdir (the checkpoints in {os.fspath(workdir)} are untouched).") from error
+            f"it, or pass a new --workdir (the checkpoints in {os.fspath(workdir)} are untouched)."
+        ) from error
     differences = config_differences(saved, config, ignore)
     if not differences:
         return []

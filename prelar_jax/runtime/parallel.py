@@ -88,16 +88,19 @@ def distributed_settings(environ: Mapping[str, str] | None = None) -> Distribute
                 f"multi-host start-up needs all of {', '.join(_EXPLICIT_VARS)} in every process; "
                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Set them (the same "
                 "coordinator address and process count everywhere, process ids 0..count-1), or unset "
-                "them all for a single-process run.")
+                "them all for a single-process run."
+            )
     if count is None or count == 1:
         return None
     if count < 1 or (index is not None and not 0 <= index < count):
         raise DistributedSetupError(
             f"JAX_NUM_PROCESSES={count} and JAX_PROCESS_ID={index}: the count must be positive and the "
-            f"id between 0 and {count - 1}.")
+            f"id between 0 and {count - 1}."
+        )
     if address is not None and ":" not in address:
         raise DistributedSetupError(
-            f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port (process 0 listens on that port).")
+            f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port (process 0 listens on that port)."
+        )
     return DistributedSettings(address, count, index, "slurm" if slurm else None)
 
 
@@ -114,9 +117,12 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> Distribu
         return settings
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                               num_processes=settings.num_processes, process_id=settings.process_id,
-                               cluster_detection_method=settings.cluster_detection_method)
+    jax.distributed.initialize(
+        coordinator_address=settings.coordinator_address,
+        num_processes=settings.num_processes,
+        process_id=settings.process_id,
+        cluster_detection_method=settings.cluster_detection_method,
+    )
     return settings
 
 
@@ -132,7 +138,8 @@ def require_single_process(what: str, environ: Mapping[str, str] | None = None) 
         raise MultiProcessNotSupportedError(
             f"{what} runs in one process only, but the environment asks for {settings.num_processes} "
             "processes (JAX_NUM_PROCESSES / JAX_COORDINATOR_ADDRESS / SLURM_NTASKS). Start it once, "
-            "e.g. `srun --ntasks=1` or without the JAX_* variables; it uses every device of its host.")
+            "e.g. `srun --ntasks=1` or without the JAX_* variables; it uses every device of its host."
+        )
 
 
 _barrier_count = 0
@@ -153,8 +160,9 @@ def sync_processes(name: str, timeout_s: float = 3600.0) -> None:
     from jax._src import distributed  # the client jax.distributed.initialize started
 
     _barrier_count += 1  # every process calls the same barriers in the same order
-    distributed.global_state.client.wait_at_barrier(f"prelar/{_barrier_count}/{name}",
-                                                    timeout_in_ms=int(timeout_s * 1000))
+    distributed.global_state.client.wait_at_barrier(
+        f"prelar/{_barrier_count}/{name}", timeout_in_ms=int(timeout_s * 1000)
+    )
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
@@ -180,7 +188,8 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
         raise DeviceCountError(
             f"batch_size={batch_size} does not divide evenly over {count} devices; choose a batch "
             f"size that is a multiple of {count} (e.g. --config.batch_size={count * max(1, batch_size // count)})"
-            f" or run on fewer devices (CUDA_VISIBLE_DEVICES / XLA_FLAGS).")
+            f" or run on fewer devices (CUDA_VISIBLE_DEVICES / XLA_FLAGS)."
+        )
 
 
 def process_rows(mesh: Mesh, batch_size: int) -> range | list[int]:
@@ -253,8 +262,7 @@ def data_parallel(per_device: Callable, mesh: Mesh, out_specs: tuple = (P(), P()
     statistics, ``all_gather`` where a loss pairs examples across devices), so gradients are
     per-device until averaged.
     """
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
-                            check_vma=False)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs, check_vma=False)
     return jax.jit(sharded, donate_argnums=0)
 
 
@@ -287,8 +295,12 @@ def compile_ahead(step: Callable, *args) -> tuple[Callable, CompiledInfo]:
     memory = {}
     try:
         analysis = compiled.memory_analysis()
-        for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                     "generated_code_size_in_bytes"):
+        for name in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
             value = getattr(analysis, name, None)
             if value is not None:
                 memory[name.replace("_size_in_bytes", "")] = int(value)

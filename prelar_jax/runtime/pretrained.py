@@ -34,9 +34,13 @@ def _flat(tree: Any, prefix: str) -> dict[str, Any]:
     return flat
 
 
-def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params,
-                    finetune_model_config: ml_collections.ConfigDict,
-                    modules: dict[str, str] | None = None) -> tuple[Params, Params, dict[str, list[str]]]:
+def load_pretrained(
+    pretrained_workdir: str,
+    params: Params,
+    batch_stats: Params,
+    finetune_model_config: ml_collections.ConfigDict,
+    modules: dict[str, str] | None = None,
+) -> tuple[Params, Params, dict[str, list[str]]]:
     """Copies ``modules`` (pre-training name -> agent name; default: encoder, decoder and RSSM
     under their own names) with their parameters and BatchNorm statistics from the latest
     checkpoint of a pre-training workdir into fresh agent ``params``/``batch_stats`` (host arrays).
@@ -50,15 +54,18 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
 
     workdir = os.path.abspath(pretrained_workdir)
     pre_config, pre_params, pre_stats, step = restore_pretrain_state(workdir)
-    differences = [f"model.{k}: pre-training {pre_config.model[k]!r}, fine-tuning {finetune_model_config[k]!r}"
-                   for k in sorted(finetune_model_config) if k in pre_config.model
-                   and k not in ("compute_dtype", "remat") and pre_config.model[k] != finetune_model_config[k]]
+    differences = [
+        f"model.{k}: pre-training {pre_config.model[k]!r}, fine-tuning {finetune_model_config[k]!r}"
+        for k in sorted(finetune_model_config)
+        if k in pre_config.model
+        and k not in ("compute_dtype", "remat")
+        and pre_config.model[k] != finetune_model_config[k]
+    ]
     modules = {name: name for name in PRETRAINED_MODULES} if modules is None else modules
     new_params, new_stats = dict(params), dict(batch_stats)
     problems, loaded, used = [], [], []
     for source, target in modules.items():
-        for tree, new_tree, label in ((pre_params, new_params, "params"),
-                                      (pre_stats, new_stats, "batch_stats")):
+        for tree, new_tree, label in ((pre_params, new_params, "params"), (pre_stats, new_stats, "batch_stats")):
             if source not in tree and target not in new_tree:
                 continue
             saved = _flat(tree.get(source, {}), f"{label}/{target}")
@@ -69,7 +76,8 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
                     problems.append(f"  {path}: {where}")
                 elif saved[path].shape != wanted[path].shape:
                     problems.append(
-                        f"  {path}: pre-trained {tuple(saved[path].shape)}, agent {tuple(wanted[path].shape)}")
+                        f"  {path}: pre-trained {tuple(saved[path].shape)}, agent {tuple(wanted[path].shape)}"
+                    )
             if not problems and source in tree:
                 new_tree[target] = jax.tree.map(np.asarray, tree[source])
                 loaded.extend(saved)
@@ -78,15 +86,17 @@ def load_pretrained(pretrained_workdir: str, params: Params, batch_stats: Params
         hint = ("\nDifferent model config keys:\n  " + "\n  ".join(differences)) if differences else ""
         raise PretrainedMismatchError(
             f"the pre-trained modules in {workdir} (step {step}) do not fit this "
-            f"fine-tuning agent:\n" + "\n".join(problems[:20]) + hint +
-            "\nUse the fine-tuning preset matching the pre-training preset (e.g. both :tiny), and "
-            "make action_encoder.code_size equal the pre-trained implicit-action code size.")
+            f"fine-tuning agent:\n"
+            + "\n".join(problems[:20])
+            + hint
+            + "\nUse the fine-tuning preset matching the pre-training preset (e.g. both :tiny), and "
+            "make action_encoder.code_size equal the pre-trained implicit-action code size."
+        )
     all_agent = set(_flat(new_params, "params")) | set(_flat(new_stats, "batch_stats"))
     report = {
         "loaded": sorted(loaded),
         "initialised": sorted(all_agent - set(loaded)),
-        "ignored": sorted((set(_flat(pre_params, "params")) | set(_flat(pre_stats, "batch_stats")))
-                          - set(used)),
+        "ignored": sorted((set(_flat(pre_params, "params")) | set(_flat(pre_stats, "batch_stats"))) - set(used)),
         "step": step,
         # The pre-training's video frame stride: its dynamics ran at this many environment steps.
         "frame_stride": config_lib.frame_stride(pre_config),
@@ -102,16 +112,20 @@ def _read_config(workdir: str | os.PathLike, stage: str, script: str, block: str
     workdir = os.path.abspath(os.fspath(workdir))
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
-        raise PretrainedNotFoundError(f"{stage} workdir {workdir}: {config_path} does not exist. Pass the "
-                                      f"--workdir of a {stage} run ({script}).")
+        raise PretrainedNotFoundError(
+            f"{stage} workdir {workdir}: {config_path} does not exist. Pass the --workdir of a {stage} run ({script})."
+        )
     try:
         config = config_lib.config_from_json(config_path)
     except (OSError, ValueError) as error:
-        raise PretrainedNotFoundError(f"cannot read {config_path} ({error}); pass a {stage} workdir whose "
-                                      "config.json is intact.") from error
+        raise PretrainedNotFoundError(
+            f"cannot read {config_path} ({error}); pass a {stage} workdir whose config.json is intact."
+        ) from error
     if block not in config:
-        raise PretrainedNotFoundError(f"{workdir} is not a {stage} workdir (its config.json has method "
-                                      f"{config.get('method')!r} and no {block} block).")
+        raise PretrainedNotFoundError(
+            f"{workdir} is not a {stage} workdir (its config.json has method "
+            f"{config.get('method')!r} and no {block} block)."
+        )
     return config
 
 
@@ -122,8 +136,10 @@ def _restore_latest(workdir: str, stage: str, abstract: Any, only: tuple[str, ..
     try:
         latest = ckpt.latest_step()
         if latest is None:
-            raise PretrainedNotFoundError(f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
-                                          f"{stage} save one (log.checkpoint_every) first.")
+            raise PretrainedNotFoundError(
+                f"{workdir} has no finished checkpoint under {workdir}/checkpoints; let "
+                f"{stage} save one (log.checkpoint_every) first."
+            )
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
         restored, metadata = ckpt.restore(target, only=only)
@@ -178,15 +194,25 @@ def restore_finetune_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
 
 def summarise_report(report: dict[str, Any]) -> str:
     """One line per module: how many arrays were loaded / newly initialised / ignored."""
+
     def by_module(paths):
         counts: dict[str, int] = {}
         for path in paths:
             module = "/".join(path.split("/")[:2])
             counts[module] = counts.get(module, 0) + 1
         return ", ".join(f"{m} ({n})" for m, n in sorted(counts.items())) or "none"
+
     stride = report.get("frame_stride", 1)
-    note = (f"\nnote: pre-trained with data.frame_stride={stride}: one step of its dynamics spanned {stride} "
-            "video frames, while fine-tuning steps the environment one action at a time") if stride > 1 else ""
-    return (f"loaded from pre-training step {report['step']}: {by_module(report['loaded'])}\n"
-            f"newly initialised: {by_module(report['initialised'])}\n"
-            f"ignored (not used by fine-tuning): {by_module(report['ignored'])}" + note)
+    note = (
+        (
+            f"\nnote: pre-trained with data.frame_stride={stride}: one step of its dynamics spanned {stride} "
+            "video frames, while fine-tuning steps the environment one action at a time"
+        )
+        if stride > 1
+        else ""
+    )
+    return (
+        f"loaded from pre-training step {report['step']}: {by_module(report['loaded'])}\n"
+        f"newly initialised: {by_module(report['initialised'])}\n"
+        f"ignored (not used by fine-tuning): {by_module(report['ignored'])}" + note
+    )

@@ -48,8 +48,10 @@ class StopRequest:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\nreceived signal {signum}: saving a checkpoint and stopping "
-              "(send it again to stop immediately)", flush=True)
+        print(
+            f"\nreceived signal {signum}: saving a checkpoint and stopping (send it again to stop immediately)",
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -98,16 +100,26 @@ class NonFiniteMonitor:
         self.streak += 1
         self.total += 1
         self.logger.log(step, {"nonfinite/skipped_in_a_row": self.streak, "nonfinite/skipped_total": self.total})
-        print(f"[prelar] step {step}: non-finite loss or gradient, update skipped "
-              f"({self.streak} in a row, limit {self.limit})", flush=True)
+        print(
+            f"[prelar] step {step}: non-finite loss or gradient, update skipped "
+            f"({self.streak} in a row, limit {self.limit})",
+            flush=True,
+        )
         if self.streak >= self.limit:
             latest = self.latest_step()
-            where = (f"the last checkpoint is {self.checkpoint_dir}/{latest} (parameters are never "
-                     "overwritten by skipped updates)") if latest is not None else "no checkpoint was written yet"
+            where = (
+                (
+                    f"the last checkpoint is {self.checkpoint_dir}/{latest} (parameters are never "
+                    "overwritten by skipped updates)"
+                )
+                if latest is not None
+                else "no checkpoint was written yet"
+            )
             raise NonFiniteError(
                 f"{self.streak} updates in a row (up to step {step}) had a non-finite loss or "
                 f"gradient; stopping. {where}. Check the data for NaN/inf, lower the learning rate, "
-                "or raise --config.nonfinite_limit; re-running resumes from that checkpoint.")
+                "or raise --config.nonfinite_limit; re-running resumes from that checkpoint."
+            )
 
 
 ATTEMPTS = "attempts.jsonl"  # one line per start or resume of a run: the code it ran
@@ -115,6 +127,7 @@ ATTEMPTS = "attempts.jsonl"  # one line per start or resume of a run: the code i
 
 def code_version(root: str = REPO_ROOT) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the git checkout at ``root``."""
+
     def git(*args):
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
 
@@ -132,8 +145,11 @@ def record_attempt(workdir: str) -> dict[str, Any]:
     """Appends this start (or resume) of the run to ``<workdir>/attempts.jsonl``: the time, the
     host and the code version of the checkout now, when the run's modules are loaded (a commit
     read when the run ends would name whatever the checkout held by then)."""
-    attempt = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "host": socket.gethostname(), **code_version()}
+    attempt = {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        **code_version(),
+    }
     with open(os.path.join(workdir, ATTEMPTS), "a", encoding="utf-8") as handle:
         handle.write(json.dumps(attempt) + "\n")
     return attempt
@@ -150,8 +166,15 @@ def last_attempt(workdir: str) -> dict[str, Any] | None:
         return None
 
 
-def open_workdir(config, workdir: str, allow_config_override: bool, resumable_keys: tuple[str, ...],
-                 devices: list | None, owned: contextlib.ExitStack, purpose: str):
+def open_workdir(
+    config,
+    workdir: str,
+    allow_config_override: bool,
+    resumable_keys: tuple[str, ...],
+    devices: list | None,
+    owned: contextlib.ExitStack,
+    purpose: str,
+):
     """The start of every run, after its config is validated: multi-host start-up, the device
     mesh (the batch must split over it), the workdir and its lock (held in ``owned`` until the
     caller closes it: a second run on the workdir is refused; process 0 holds it for a multi-host

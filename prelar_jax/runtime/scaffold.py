@@ -22,8 +22,12 @@ from prelar_jax.runtime import checkpoint, logger as logger_lib, media, parallel
 def report_params(params: Mapping[str, Any]) -> dict[str, int]:
     """Prints the parameter count of every module and the total; returns the counts."""
     sizes = {name: run_utils.count_params(tree) for name, tree in params.items()}
-    print("[prelar] parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
-          + f", total {sum(sizes.values()) / 1e6:.2f}M", flush=True)
+    print(
+        "[prelar] parameters: "
+        + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
+        + f", total {sum(sizes.values()) / 1e6:.2f}M",
+        flush=True,
+    )
     return sizes
 
 
@@ -45,19 +49,35 @@ def open_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkp
     return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.log.keep_checkpoints)
 
 
-def make_logger(config: ml_collections.ConfigDict, workdir: str, config_dict: dict, start_step: int,
-                console_every: int, console_keys: tuple[str, ...]) -> logger_lib.MetricsLogger:
+def make_logger(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    config_dict: dict,
+    start_step: int,
+    console_every: int,
+    console_keys: tuple[str, ...],
+) -> logger_lib.MetricsLogger:
     return logger_lib.MetricsLogger(
-        workdir, total_steps=config.steps, start_step=start_step, wandb_mode=config.log.wandb_mode,
-        wandb_project=config.log.wandb_project, run_name=os.path.basename(workdir), config=config_dict,
-        console_every=console_every, console_keys=console_keys)
+        workdir,
+        total_steps=config.steps,
+        start_step=start_step,
+        wandb_mode=config.log.wandb_mode,
+        wandb_project=config.log.wandb_project,
+        run_name=os.path.basename(workdir),
+        config=config_dict,
+        console_every=console_every,
+        console_keys=console_keys,
+    )
 
 
-def log_start(logger: logger_lib.MetricsLogger, info: parallel.CompiledInfo, sizes: Mapping[str, int],
-              flops_key: str) -> None:
+def log_start(
+    logger: logger_lib.MetricsLogger, info: parallel.CompiledInfo, sizes: Mapping[str, int], flops_key: str
+) -> None:
     """The first metrics line of a fresh run: compile time, FLOPs of one step, parameter counts."""
-    logger.log(0, {"compile_seconds": info.seconds, flops_key: info.flops or 0.0,
-                   **{f"params/{k}": v for k, v in sizes.items()}})
+    logger.log(
+        0,
+        {"compile_seconds": info.seconds, flops_key: info.flops or 0.0, **{f"params/{k}": v for k, v in sizes.items()}},
+    )
 
 
 class LateMetrics:
@@ -102,8 +122,9 @@ def crossed(step: int, previous: int, every: int) -> bool:
     return step // every > previous // every
 
 
-def save_open_loop(workdir: str, logger: logger_lib.MetricsLogger, step: int, images: np.ndarray,
-                   predicted: jax.Array) -> None:
+def save_open_loop(
+    workdir: str, logger: logger_lib.MetricsLogger, step: int, images: np.ndarray, predicted: jax.Array
+) -> None:
     """``media/open_loop_<step>.png``: true frames over predicted ones (every process computed
     ``predicted``; process 0 writes)."""
     predicted = np.asarray(run_utils.local_value(predicted))
@@ -116,8 +137,13 @@ def save_open_loop(workdir: str, logger: logger_lib.MetricsLogger, step: int, im
 def write_summary(workdir: str, summary: dict[str, Any]) -> dict[str, Any]:
     """``summary.json`` (for tools such as the benchmark runner: did this run finish?) with the
     paths every run writes; returns the summary."""
-    summary = {"workdir": workdir, **summary, "metrics": os.path.join(workdir, "metrics.jsonl"),
-               "checkpoints": os.path.join(workdir, "checkpoints"), "media": os.path.join(workdir, "media")}
+    summary = {
+        "workdir": workdir,
+        **summary,
+        "metrics": os.path.join(workdir, "metrics.jsonl"),
+        "checkpoints": os.path.join(workdir, "checkpoints"),
+        "media": os.path.join(workdir, "media"),
+    }
     if jax.process_index() == 0:
         logger_lib.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

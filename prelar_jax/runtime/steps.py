@@ -22,8 +22,7 @@ from prelar_jax.runtime.parallel import AXIS
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]]
 
 
-def make_pretrain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    seed: int) -> Callable:
+def make_pretrain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int) -> Callable:
     """``step(state, batch) -> (state, metrics)``: one jitted, donated, data-parallel update.
 
     An update whose loss or gradient is not finite is skipped (parameters, statistics and
@@ -41,8 +40,9 @@ def make_pretrain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         key = jax.random.fold_in(base_key, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         # The loss also sees the update count (schedules such as the implicit-KL warm-up).
-        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats,
-                                                        {**batch, "step": state.step}, key, example_index)
+        (loss, (batch_stats, metrics)), grads = grad_fn(
+            state.params, state.batch_stats, {**batch, "step": state.step}, key, example_index
+        )
         grads = jax.lax.pmean(grads, AXIS)
         metrics = jax.lax.pmean(metrics, AXIS)
         params, opt_state = optim.apply_update(optimizer, grads, state.opt_state, state.params)
@@ -50,11 +50,12 @@ def make_pretrain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         batch_stats = {**state.batch_stats, **batch_stats}
         # The same decision on every device: gradients are averaged, the loss is averaged here.
         (params, batch_stats, opt_state), nonfinite = optim.keep_if_finite(
-            (jax.lax.pmean(loss, AXIS), grads), (params, batch_stats, opt_state),
-            (state.params, state.batch_stats, state.opt_state))
+            (jax.lax.pmean(loss, AXIS), grads),
+            (params, batch_stats, opt_state),
+            (state.params, state.batch_stats, state.opt_state),
+        )
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), nonfinite=nonfinite)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         return new_state, metrics
 
     return parallel.data_parallel(per_device, mesh)
@@ -86,7 +87,12 @@ def make_finetune_step(agent: FinetuneAgent, mesh, seed: int, part: str = "all")
     }[part]
 
     def per_device(state, data):
-        return update(state, data, jax.random.fold_in(base_key, state.step),
-                      parallel.local_example_index(rows(data)), axis_name=AXIS)
+        return update(
+            state,
+            data,
+            jax.random.fold_in(base_key, state.step),
+            parallel.local_example_index(rows(data)),
+            axis_name=AXIS,
+        )
 
     return parallel.data_parallel(per_device, mesh, out_specs)

@@ -49,16 +49,21 @@ def prepare_workdir(path: str) -> str:
     path = os.path.abspath(path)
     if os.path.lexists(path) and not os.path.isdir(path):
         kind = "a broken symbolic link" if os.path.islink(path) else "a file"
-        raise UserError(f"--workdir {path} is {kind}, not a directory. Pass a directory (it is created "
-                        "if missing), e.g. a new name next to it.")
+        raise UserError(
+            f"--workdir {path} is {kind}, not a directory. Pass a directory (it is created "
+            "if missing), e.g. a new name next to it."
+        )
     try:
         os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a parent component is a file
-        raise UserError(f"cannot create the workdir {path}: a component of the path is a file, not a "
-                        "directory. Pass a path whose parents are directories.") from None
+        raise UserError(
+            f"cannot create the workdir {path}: a component of the path is a file, not a "
+            "directory. Pass a path whose parents are directories."
+        ) from None
     except PermissionError as error:
-        raise UserError(f"cannot create the workdir {path}: {error.strerror}. Pass a directory you "
-                        "can write to.") from None
+        raise UserError(
+            f"cannot create the workdir {path}: {error.strerror}. Pass a directory you can write to."
+        ) from None
     return path
 
 
@@ -71,8 +76,9 @@ def _owner_text(path: str) -> str:
     if not owner:
         return "another process (it has not written its name yet)"
     command = " ".join(owner.get("command", []))
-    return (f"pid {owner.get('pid')} on host {owner.get('host')}, running since {owner.get('started')}"
-            + (f" ({command})" if command else ""))
+    return f"pid {owner.get('pid')} on host {owner.get('host')}, running since {owner.get('started')}" + (
+        f" ({command})" if command else ""
+    )
 
 
 def holder(path: str) -> str | None:
@@ -116,18 +122,27 @@ def acquire(path: str, purpose: str = "run") -> bool:
                 f"{path} is in use by {_owner_text(path)}. Two runs on one workdir would overwrite each "
                 f"other's metrics and checkpoints, so this {purpose} changed nothing and stops. Wait for "
                 "that run to finish (or stop it: it saves a checkpoint on SIGTERM, and a re-run then "
-                "resumes), or pass another --workdir.") from None
+                "resumes), or pass another --workdir."
+            ) from None
         except OSError as error:
             os.close(fd)
             if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                print(f"[prelar] warning: the filesystem of {path} does not support file locks "
-                      f"({error.strerror}); nothing stops a second run from using this workdir at the "
-                      "same time.", file=sys.stderr, flush=True)
+                print(
+                    f"[prelar] warning: the filesystem of {path} does not support file locks "
+                    f"({error.strerror}); nothing stops a second run from using this workdir at the "
+                    "same time.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return False
             raise
-        owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                 "purpose": purpose, "command": list(sys.argv)}
+        owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "purpose": purpose,
+            "command": list(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
         _held[path] = [fd, 1]

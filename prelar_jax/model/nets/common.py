@@ -47,8 +47,11 @@ class MLP(nn.Module):
             x = nn.elu(Dense(width, dtype=self.dtype)(x))
         if self.out is not None:
             scale = self.out_scale
-            init = KERNEL_INIT if scale == 1.0 else (lambda key, shape, dtype=jnp.float32:
-                                                    scale * KERNEL_INIT(key, shape, dtype))
+            init = (
+                KERNEL_INIT
+                if scale == 1.0
+                else (lambda key, shape, dtype=jnp.float32: scale * KERNEL_INIT(key, shape, dtype))
+            )
             x = Dense(self.out, dtype=self.dtype, kernel_init=init)(x)
         return x
 
@@ -85,8 +88,9 @@ def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
         for p_w in (0, 1):
             r_w, pad_w, cut_w, count_w = phase(p_w, k_w, n_w, out_w)
             xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))[:, cut_h, cut_w]
-            y = jax.lax.conv_general_dilated(xp, kernel[r_h::2, r_w::2], (1, 1), "VALID",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = jax.lax.conv_general_dilated(
+                xp, kernel[r_h::2, r_w::2], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
             columns.append(jnp.pad(y, ((0, 0), (0, q_h - count_h), (0, q_w - count_w), (0, 0))))
         rows.append(jnp.stack(columns, axis=3))  # [N, Q_h, Q_w, 2 (p_w), C]
     y = jnp.stack(rows, axis=2)  # [N, Q_h, 2 (p_h), Q_w, 2 (p_w), C]
@@ -107,8 +111,7 @@ class StridedConvTranspose(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", KERNEL_INIT, tuple(self.kernel_size) + (x.shape[-1], self.features),
-                            jnp.float32)
+        kernel = self.param("kernel", KERNEL_INIT, tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", BIAS_INIT, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         impl = self.impl if self.impl != "auto" else ("subpixel" if jax.default_backend() == "cpu" else "lax")

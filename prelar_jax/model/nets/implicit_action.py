@@ -48,7 +48,8 @@ class ImplicitActionEncoder(nn.Module):
     def code_size(self) -> int:
         """Width of the code fed to the RSSM: ``[deter; stoch sample]``."""
         return (self.deter if self.code_type in ("deter", "mix") else 0) + (
-            self.stoch if self.code_type in ("stoch", "mix") else 0)
+            self.stoch if self.code_type in ("stoch", "mix") else 0
+        )
 
     @property
     def head_size(self) -> int:
@@ -66,23 +67,24 @@ class ImplicitActionEncoder(nn.Module):
         embeddings (``embed``). Returns the code's parameters: ``mean``/``std`` ``[N, stoch]``
         and/or ``deter`` ``[N, deter]``."""
         if self.code_type not in CODE_TYPES[:3]:
-            raise ValueError(f"implicit action code_type {self.code_type!r} has no network; "
-                             f"expected one of {CODE_TYPES[:3]}")
+            raise ValueError(
+                f"implicit action code_type {self.code_type!r} has no network; expected one of {CODE_TYPES[:3]}"
+            )
         if self.input == "pixels":
             x = jnp.concatenate([prev, curr], axis=-1)  # [N, 64, 64, 6], order (o_{t-1}, o_t)
-            x = ResNetEncoder(self.depth, self.stages, bn_axis_name=self.bn_axis_name,
-                              dtype=self.dtype)(x, train)
+            x = ResNetEncoder(self.depth, self.stages, bn_axis_name=self.bn_axis_name, dtype=self.dtype)(x, train)
             out = MLP([self.hidden], self.head_size, dtype=self.dtype, out_scale=self.head_init_scale)(x)
         elif self.input == "embed":
             x = jnp.concatenate([prev, curr], axis=-1)
-            out = MLP([self.hidden] * self.embed_layers, self.head_size, dtype=self.dtype,
-                      out_scale=self.head_init_scale)(x)
+            out = MLP(
+                [self.hidden] * self.embed_layers, self.head_size, dtype=self.dtype, out_scale=self.head_init_scale
+            )(x)
         else:
             raise ValueError(f"implicit action input {self.input!r}; expected one of {INPUTS}")
         out = out.astype(jnp.float32)
         params = {}
         if self.code_type in ("deter", "mix"):
-            params["deter"], out = out[:, : self.deter], out[:, self.deter:]
+            params["deter"], out = out[:, : self.deter], out[:, self.deter :]
         if self.code_type in ("stoch", "mix"):
             mean, raw_std = jnp.split(out, 2, axis=-1)
             # sigmoid2 has no floor in the original; 1e-6 only keeps the KL finite once the
@@ -124,14 +126,14 @@ class PixelForwardModel(nn.Module):
     @nn.compact
     def __call__(self, prev: jax.Array, code: jax.Array) -> jax.Array:
         """``prev`` ``[N, H, W, C]`` preprocessed frames, ``code`` ``[N, A]`` -> ``[N, H, W, C]``."""
-        conv = lambda width, kernel, stride=1: nn.Conv(width, (kernel, kernel), strides=(stride, stride),
-                                                        padding="SAME", dtype=self.dtype)
+        conv = lambda width, kernel, stride=1: nn.Conv(
+            width, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=self.dtype
+        )
         up = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         x0 = prev.astype(self.dtype)
         h1 = nn.elu(conv(self.depth, 4, 2)(x0))
         h2 = nn.elu(conv(2 * self.depth, 4, 2)(h1))
-        tiled = jnp.broadcast_to(code.astype(self.dtype)[:, None, None, :],
-                                 h2.shape[:3] + (code.shape[-1],))
+        tiled = jnp.broadcast_to(code.astype(self.dtype)[:, None, None, :], h2.shape[:3] + (code.shape[-1],))
         h = nn.elu(conv(2 * self.depth, 3)(jnp.concatenate([h2, tiled], -1)))
         h = nn.elu(conv(2 * self.depth, 3)(h))
         h = nn.elu(conv(self.depth, 3)(jnp.concatenate([up(h), h1], -1)))

@@ -24,8 +24,7 @@ class PlainEncoder(nn.Module):
         del train
         x = x.astype(self.dtype)
         for i in range(4):
-            x = nn.elu(Conv(self.depth * 2 ** i, (4, 4), strides=(2, 2), padding="VALID",
-                            dtype=self.dtype)(x))
+            x = nn.elu(Conv(self.depth * 2**i, (4, 4), strides=(2, 2), padding="VALID", dtype=self.dtype)(x))
         return x.reshape(x.shape[0], -1)
 
 
@@ -42,11 +41,13 @@ class PlainDecoder(nn.Module):
         del train
         x = Dense(32 * self.depth, dtype=self.dtype)(feat.astype(self.dtype))
         x = x.reshape(feat.shape[0], 1, 1, 32 * self.depth)
-        for i, (width, kernel) in enumerate([(4 * self.depth, 5), (2 * self.depth, 5),
-                                             (self.depth, 6), (self.channels, 6)]):
+        for i, (width, kernel) in enumerate(
+            [(4 * self.depth, 5), (2 * self.depth, 5), (self.depth, 6), (self.channels, 6)]
+        ):
             # Same parameter names as flax's ConvTranspose (checkpoints do not depend on `impl`).
-            x = StridedConvTranspose(width, (kernel, kernel), dtype=self.dtype, impl=self.impl,
-                                     name=f"ConvTranspose_{i}")(x)
+            x = StridedConvTranspose(
+                width, (kernel, kernel), dtype=self.dtype, impl=self.impl, name=f"ConvTranspose_{i}"
+            )(x)
             if i < 3:
                 x = nn.elu(x)
         return x.astype(jnp.float32)

@@ -17,8 +17,9 @@ from prelar_jax.model.nets.common import Conv, ConvTranspose, Dense, Dtype
 
 def _batch_norm(train: bool, axis_name: str | None, dtype: Dtype) -> nn.BatchNorm:
     # torch BatchNorm2d defaults: momentum 0.1 (= flax 0.9), eps 1e-5, affine.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        axis_name=axis_name if train else None, dtype=dtype)
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name if train else None, dtype=dtype
+    )
 
 
 class ResidualLayer(nn.Module):
@@ -30,8 +31,7 @@ class ResidualLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = lambda k: Conv(self.features, (k, k), padding=((k // 2, k // 2),) * 2, use_bias=False,
-                              dtype=self.dtype)
+        conv = lambda k: Conv(self.features, (k, k), padding=((k // 2, k // 2),) * 2, use_bias=False, dtype=self.dtype)
         norm = lambda: _batch_norm(train, self.bn_axis_name, self.dtype)
         h = nn.relu(norm()(conv(3)(x)))
         h = norm()(conv(3)(h))
@@ -90,11 +90,17 @@ class ResNetEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.elu(Conv(self.depth, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                        dtype=self.dtype)(x.astype(self.dtype)))
+        x = nn.elu(
+            Conv(self.depth, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype)(x.astype(self.dtype))
+        )
         for stage in range(self.stages):
-            x = ResidualStack(self.depth * 2 ** stage, layers=self.layers_per_stage,
-                              bn_axis_name=self.bn_axis_name, dtype=self.dtype, remat=self.remat)(x, train)
+            x = ResidualStack(
+                self.depth * 2**stage,
+                layers=self.layers_per_stage,
+                bn_axis_name=self.bn_axis_name,
+                dtype=self.dtype,
+                remat=self.remat,
+            )(x, train)
             x = nn.avg_pool(x, (2, 2), (2, 2))
         return x.reshape(x.shape[0], -1)
 
@@ -124,9 +130,14 @@ class ResNetDecoder(nn.Module):
         for _ in range(self.stages):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             width //= 2
-            x = ResidualStack(width, decoder=True, layers=self.layers_per_stage,
-                              bn_axis_name=self.bn_axis_name, dtype=self.dtype, remat=self.remat)(x, train)
+            x = ResidualStack(
+                width,
+                decoder=True,
+                layers=self.layers_per_stage,
+                bn_axis_name=self.bn_axis_name,
+                dtype=self.dtype,
+                remat=self.remat,
+            )(x, train)
         # torch ConvTranspose2d(k3, s2, p1, output_padding=1) == explicit padding (1, 2) here.
-        x = ConvTranspose(self.channels, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)),
-                          dtype=self.dtype)(x)
+        x = ConvTranspose(self.channels, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)), dtype=self.dtype)(x)
         return x.astype(jnp.float32)

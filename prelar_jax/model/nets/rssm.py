@@ -77,8 +77,9 @@ class RSSM(nn.Module):
         logits = self.img_logits(hidden).astype(jnp.float32).reshape(batch, self.stoch, self.classes)
         return {"logit": logits, "stoch": self._sample(logits, keys), "deter": deter}
 
-    def obs_step(self, state: State, action: jax.Array, embed: jax.Array, is_first: jax.Array,
-                 keys: jax.Array | None) -> tuple[State, State]:
+    def obs_step(
+        self, state: State, action: jax.Array, embed: jax.Array, is_first: jax.Array, keys: jax.Array | None
+    ) -> tuple[State, State]:
         """Posterior step. ``is_first`` zeroes the previous state *and* the action (a reset)."""
         state, action = mask_reset(state, action, is_first)
         if keys is None:
@@ -94,8 +95,9 @@ class RSSM(nn.Module):
         post = {"logit": logits, "stoch": self._sample(logits, post_keys), "deter": prior["deter"]}
         return post, prior
 
-    def __call__(self, state: State, action: jax.Array, embed: jax.Array, is_first: jax.Array,
-                 keys: jax.Array | None = None) -> tuple[State, State]:
+    def __call__(
+        self, state: State, action: jax.Array, embed: jax.Array, is_first: jax.Array, keys: jax.Array | None = None
+    ) -> tuple[State, State]:
         """Used by ``init`` only: one posterior step touches every layer."""
         return self.obs_step(state, action, embed, is_first, keys)
 
