@@ -226,85 +226,103 @@ def _run_all(
     echo: Callable[[str], None] | None,
     on_end: Callable[[RunSpec, RunResult], None] | None = None,
 ) -> list[RunResult]:
-    echo = echo or (lambda line: print(line, flush=True))
-    child_env = dict(os.environ if env is None else env)
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-    results = {
-        spec.name: RunResult(spec.name, spec.workdir, NOT_STARTED, labels=dict(spec.labels), command=list(spec.command))
-        for spec in specs
-    }
-    runs_json = os.path.join(log_dir, RUNS_JSON)
+    scheduler = _Scheduler(specs, log_dir, echo or (lambda line: print(line, flush=True)), env, cwd, tail_lines, on_end)
+    with _SignalTrap() as trap:
+        try:
+            scheduler.loop(trap, max_parallel, grace_seconds, poll_seconds)
+        finally:
+            # Reached with runs still going only if the loop itself raised (a bug, a full disk
+            # for runs.json): never leave training processes running without their runner.
+            scheduler.shutdown(grace_seconds)
+    return scheduler.done()
 
-    def write_runs_json() -> None:
-        ordered = [results[spec.name].to_json() for spec in specs]
+
+class _Scheduler:
+    """The state of one ``run_all``: every run's result, the queue, the running processes."""
+
+    def __init__(self, specs, log_dir, echo, env, cwd, tail_lines, on_end):
+        self.specs, self.echo, self.cwd, self.tail_lines, self.on_end = specs, echo, cwd, tail_lines, on_end
+        self.child_env = dict(os.environ if env is None else env)
+        self.child_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.results = {
+            spec.name: RunResult(
+                spec.name, spec.workdir, NOT_STARTED, labels=dict(spec.labels), command=list(spec.command)
+            )
+            for spec in specs
+        }
+        self.runs_json = os.path.join(log_dir, RUNS_JSON)
+        self.waiting: collections.deque[RunSpec] = collections.deque(s for s in specs if self._should_start(s))
+        self.total = len(self.waiting)
+        self.running: dict[str, _Running] = {}
+        self.started = self.ended = 0
+
+    def _should_start(self, spec: RunSpec) -> bool:
+        if is_finished(spec.workdir):
+            self.results[spec.name].status = SKIPPED
+            self.echo(f"[runner] skip     {spec.name}: {SUMMARY_FILE} says finished")
+            return False
+        holder = workdir_lock.holder(spec.workdir)
+        if holder is not None:
+            # Another process (not this runner) is running it: starting it again would only
+            # fail on the workdir lock; leave it to that process.
+            result = self.results[spec.name]  # stays NOT_STARTED: nothing here says it finished
+            result.log_tail = [f"not started: {spec.workdir} is in use by {holder}"]
+            self.echo(f"[runner] skip     {spec.name}: not started, its workdir is in use by {holder}")
+            return False
+        return True
+
+    def write_runs_json(self) -> None:
+        ordered = [self.results[spec.name].to_json() for spec in self.specs]
         counts = collections.Counter(result["status"] for result in ordered)
         payload = {
             "updated": datetime.datetime.now().isoformat(timespec="seconds"),
             "counts": dict(counts),
             "runs": ordered,
         }
-        _atomic_write_text(runs_json, json.dumps(payload, indent=2, default=str) + "\n")
+        _atomic_write_text(self.runs_json, json.dumps(payload, indent=2, default=str) + "\n")
 
-    waiting: collections.deque[RunSpec] = collections.deque()
-    for spec in specs:
-        if is_finished(spec.workdir):
-            results[spec.name].status = SKIPPED
-            echo(f"[runner] skip     {spec.name}: {SUMMARY_FILE} says finished")
-        elif (holder := workdir_lock.holder(spec.workdir)) is not None:
-            # Another process (not this runner) is running it: starting it again would only
-            # fail on the workdir lock; leave it to that process.
-            result = results[spec.name]  # stays NOT_STARTED: nothing here says it finished
-            result.log_tail = [f"not started: {spec.workdir} is in use by {holder}"]
-            echo(f"[runner] skip     {spec.name}: not started, its workdir is in use by {holder}")
-        else:
-            waiting.append(spec)
-    total = len(waiting)
-    running: dict[str, _Running] = {}
-    counters = {"started": 0, "ended": 0}
+    def progress(self) -> str:
+        return f"[{self.ended}/{self.total} done, {len(self.running)} running, {len(self.waiting)} waiting]"
 
-    def progress() -> str:
-        return f"[{counters['ended']}/{total} done, {len(running)} running, {len(waiting)} waiting]"
-
-    def launch(spec: RunSpec) -> None:
+    def launch(self, spec: RunSpec) -> None:
         os.makedirs(spec.workdir, exist_ok=True)
         log_path = os.path.join(spec.workdir, RUN_LOG)
         log = open(log_path, "a", encoding="utf-8")
-        log.write(
-            f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')} runner start: {' '.join(spec.command)}\n"
-        )
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        log.write(f"\n=== {now} runner start: {' '.join(spec.command)}\n")
         log.flush()
         offset = log.tell()
-        counters["started"] += 1
+        self.started += 1
         try:
             process = subprocess.Popen(
                 spec.command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=child_env,
-                cwd=cwd,
+                env=self.child_env,
+                cwd=self.cwd,
                 start_new_session=True,
             )
         except OSError as error:  # missing executable, bad cwd, ...
             log.write(f"could not start: {error}\n")
             log.close()
-            counters["ended"] += 1
-            result = results[spec.name]
+            self.ended += 1
+            result = self.results[spec.name]
             result.status, result.log_tail = FAILED, [f"could not start: {error}"]
-            echo(f"[runner] FAILED   {spec.name}: could not start ({error}) {progress()}")
+            self.echo(f"[runner] FAILED   {spec.name}: could not start ({error}) {self.progress()}")
             return
-        running[spec.name] = _Running(spec, process, log, log_path, offset, time.monotonic())
-        results[spec.name].status = RUNNING
-        echo(f"[runner] start    {spec.name} ({counters['started']}/{total}, pid {process.pid}) log: {log_path}")
+        self.running[spec.name] = _Running(spec, process, log, log_path, offset, time.monotonic())
+        self.results[spec.name].status = RUNNING
+        self.echo(f"[runner] start    {spec.name} ({self.started}/{self.total}, pid {process.pid}) log: {log_path}")
 
-    def reap(name: str, returncode: int) -> None:
-        entry = running.pop(name)
+    def reap(self, name: str, returncode: int) -> None:
+        entry = self.running.pop(name)
         entry.log.close()
-        counters["ended"] += 1
-        result = results[name]
+        self.ended += 1
+        result = self.results[name]
         result.returncode = returncode
         result.seconds = round(time.monotonic() - entry.started, 3)
-        result.log_tail = _log_tail(entry.log_path, entry.log_offset, tail_lines)
+        result.log_tail = _log_tail(entry.log_path, entry.log_offset, self.tail_lines)
         finished = is_finished(entry.spec.workdir)
         if returncode == 0:
             result.status = FINISHED if finished else (INTERRUPTED if entry.terminated else UNFINISHED)
@@ -319,71 +337,79 @@ def _run_all(
             line += f", {reason}: {last} (log: {entry.log_path})"
         elif result.status == UNFINISHED:
             line += f", exit 0 but {SUMMARY_FILE} does not say finished"
-        echo(f"{line} {progress()}")
-        if on_end is not None:
+        self.echo(f"{line} {self.progress()}")
+        if self.on_end is not None:
             try:
-                on_end(entry.spec, result)
+                self.on_end(entry.spec, result)
             except Exception as error:  # noqa: BLE001 - a hook must not stop the other runs
-                echo(f"[runner] warning: after {name}: {type(error).__name__}: {error}")
+                self.echo(f"[runner] warning: after {name}: {type(error).__name__}: {error}")
 
+    @staticmethod
     def kill_group(entry: _Running) -> None:
         try:
             os.killpg(entry.process.pid, signal.SIGKILL)  # the run and its environment workers
         except (ProcessLookupError, PermissionError):
             pass
 
-    stop_deadline = None
-    with _SignalTrap() as trap:
-        try:
-            write_runs_json()
-            while waiting or running:
-                if trap.count and stop_deadline is None:
-                    stop_deadline = time.monotonic() + grace_seconds
-                    echo(
-                        f"[runner] stopping: SIGTERM to {len(running)} running run(s) so they save a checkpoint; "
-                        f"killing them in {grace_seconds:.0f}s (signal again to kill now)"
-                    )
-                    for entry in running.values():
-                        entry.terminated = True
-                        try:
-                            entry.process.send_signal(signal.SIGTERM)
-                        except ProcessLookupError:
-                            pass
-                    waiting.clear()
-                    write_runs_json()
-                if stop_deadline is not None and (trap.count >= 2 or time.monotonic() >= stop_deadline):
-                    for entry in running.values():
-                        if entry.process.poll() is None:
-                            kill_group(entry)
-                while stop_deadline is None and waiting and len(running) < max_parallel:
-                    launch(waiting.popleft())
-                    write_runs_json()
-                for name in list(running):
-                    returncode = running[name].process.poll()
-                    if returncode is not None:
-                        reap(name, returncode)
-                        write_runs_json()
-                if running:
-                    time.sleep(poll_seconds)
-            write_runs_json()
-        finally:
-            # Reached with runs still going only if the loop itself raised (a bug, a full disk
-            # for runs.json): never leave training processes running without their runner.
-            for entry in running.values():
-                if not entry.terminated:  # a second SIGTERM means "stop without saving"
-                    entry.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace_seconds
-            for entry in running.values():
-                try:
-                    entry.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    kill_group(entry)
-                    entry.process.wait()
-    ordered = [results[spec.name] for spec in specs]
-    counts = collections.Counter(result.status for result in ordered)
-    tally = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) or "nothing to run"
-    echo(f"[runner] done: {tally} (status of every run: {runs_json})")
-    return ordered
+    def request_stop(self, grace_seconds: float) -> None:
+        """SIGTERM to every running run (they save a checkpoint and exit); nothing new starts."""
+        self.echo(
+            f"[runner] stopping: SIGTERM to {len(self.running)} running run(s) so they save a checkpoint; "
+            f"killing them in {grace_seconds:.0f}s (signal again to kill now)"
+        )
+        for entry in self.running.values():
+            entry.terminated = True
+            try:
+                entry.process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self.waiting.clear()
+        self.write_runs_json()
+
+    def loop(self, trap: _SignalTrap, max_parallel: int, grace_seconds: float, poll_seconds: float) -> None:
+        """Start runs while there is room, reap the ones that ended; on a signal stop them."""
+        stop_deadline = None
+        self.write_runs_json()
+        while self.waiting or self.running:
+            if trap.count and stop_deadline is None:
+                stop_deadline = time.monotonic() + grace_seconds
+                self.request_stop(grace_seconds)
+            if stop_deadline is not None and (trap.count >= 2 or time.monotonic() >= stop_deadline):
+                for entry in self.running.values():
+                    if entry.process.poll() is None:
+                        self.kill_group(entry)
+            while stop_deadline is None and self.waiting and len(self.running) < max_parallel:
+                self.launch(self.waiting.popleft())
+                self.write_runs_json()
+            for name in list(self.running):
+                returncode = self.running[name].process.poll()
+                if returncode is not None:
+                    self.reap(name, returncode)
+                    self.write_runs_json()
+            if self.running:
+                time.sleep(poll_seconds)
+        self.write_runs_json()
+
+    def shutdown(self, grace_seconds: float) -> None:
+        """SIGTERM to runs still going (a second SIGTERM means "stop without saving": only to
+        those not told yet), then kill what outlives ``grace_seconds``."""
+        for entry in self.running.values():
+            if not entry.terminated:
+                entry.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        for entry in self.running.values():
+            try:
+                entry.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill_group(entry)
+                entry.process.wait()
+
+    def done(self) -> list[RunResult]:
+        ordered = [self.results[spec.name] for spec in self.specs]
+        counts = collections.Counter(result.status for result in ordered)
+        tally = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) or "nothing to run"
+        self.echo(f"[runner] done: {tally} (status of every run: {self.runs_json})")
+        return ordered
 
 
 def _as_float(value: Any) -> float:

@@ -125,39 +125,14 @@ def run(
         return _run(config, workdir, allow_config_override, devices, owned)
 
 
-def _run(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    allow_config_override: bool,
-    devices: list | None,
-    owned: contextlib.ExitStack,
-) -> dict[str, Any]:
-    mesh, workdir, config_dict = run_utils.open_workdir(
-        config, workdir, allow_config_override, RESUMABLE_KEYS, devices, owned, "fine-tuning"
-    )
-    task = canonical_task_name(config.task)
-    print(
-        f"[prelar] {config.method} fine-tuning on {task}, preset {config.preset}: "
-        f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}",
-        flush=True,
-    )
-
-    # ---------------------------------------------------------------- agent state
-    agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
-    ckpt = scaffold.open_checkpointer(config, workdir)
+def _initial_state(config, agent, ckpt, mesh, workdir: str):
+    """``(state, counters, replay, kept_names)``: restored from the latest checkpoint (with the
+    replay episodes it names), or fresh with the pre-trained modules loaded."""
     key = jax.random.key(config.seed)
     resuming = ckpt.latest_step() is not None
     params = batch_stats = None
     if not resuming and config.pretrained:
-        fresh_params, fresh_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(jax.random.split(key)[0]))
-        params, batch_stats, report = pretrained_lib.load_pretrained(
-            config.pretrained, fresh_params, fresh_stats, config.model, agent_lib.pretrained_module_map(config)
-        )
-        print("[prelar] " + pretrained_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
-        report_path = os.path.join(workdir, "pretrained_load.json")
-        with open(report_path, "w", encoding="utf-8") as handle:
-            json.dump({"pretrained": os.path.abspath(config.pretrained), **report}, handle, indent=1)
-        print(f"[prelar] every loaded, new and ignored array: {report_path}", flush=True)
+        params, batch_stats = _load_pretrained(config, agent, key, workdir)
     state = agent.init_state(key, params, batch_stats)
     state = parallel.put_replicated(state, mesh)
     counters = {
@@ -185,9 +160,58 @@ def _run(
     else:
         replay = Replay(config.replay.capacity, replay_dir, config.replay.prioritize_ends)
         kept_names = []
+    return state, counters, replay, kept_names
+
+
+def _load_pretrained(config, agent, key, workdir: str):
+    """The fresh parameters with the pre-trained modules of ``config.pretrained`` loaded; prints
+    the load report and writes every loaded, new and ignored array to pretrained_load.json."""
+    fresh_params, fresh_stats = jax.tree.map(np.asarray, jax.jit(agent.init)(jax.random.split(key)[0]))
+    params, batch_stats, report = pretrained_lib.load_pretrained(
+        config.pretrained, fresh_params, fresh_stats, config.model, agent_lib.pretrained_module_map(config)
+    )
+    print("[prelar] " + pretrained_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
+    report_path = os.path.join(workdir, "pretrained_load.json")
+    with open(report_path, "w", encoding="utf-8") as handle:
+        json.dump({"pretrained": os.path.abspath(config.pretrained), **report}, handle, indent=1)
+    print(f"[prelar] every loaded, new and ignored array: {report_path}", flush=True)
+    return params, batch_stats
+
+
+def _env_factory(config, task: str):
+    """A picklable constructor of one Meta-World environment of ``task`` (run in each worker)."""
+    return functools.partial(
+        make_metaworld_env,
+        task=task,
+        size=config.image_size,
+        camera=config.env.camera,
+        render=RenderSettings.from_mapping(dict(config.env.render)),
+        time_limit=config.env.time_limit,
+    )
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_override: bool,
+    devices: list | None,
+    owned: contextlib.ExitStack,
+) -> dict[str, Any]:
+    mesh, workdir, config_dict = run_utils.open_workdir(
+        config, workdir, allow_config_override, RESUMABLE_KEYS, devices, owned, "fine-tuning"
+    )
+    task = canonical_task_name(config.task)
+    print(
+        f"[prelar] {config.method} fine-tuning on {task}, preset {config.preset}: "
+        f"{mesh.devices.size} x {jax.devices()[0].platform} device(s), jax {jax.__version__}",
+        flush=True,
+    )
+
+    agent = agent_lib.FinetuneAgent(config, bn_axis_name=parallel.AXIS)
+    ckpt = scaffold.open_checkpointer(config, workdir)
+    state, counters, replay, kept_names = _initial_state(config, agent, ckpt, mesh, workdir)
     sizes = scaffold.report_params(state.params)
 
-    # ---------------------------------------------------------------- compiled functions
     B, T, size = config.batch_size, config.sequence_length, config.image_size
     spec = scaffold.batch_spec(
         mesh,
@@ -205,16 +229,8 @@ def _run(
     policy = jax.jit(agent.policy, static_argnames="explore")
     open_loop = jax.jit(agent.open_loop, static_argnames="context")
 
-    # ---------------------------------------------------------------- environments
-    make_env = functools.partial(
-        make_metaworld_env,
-        task=task,
-        size=size,
-        camera=config.env.camera,
-        render=RenderSettings.from_mapping(dict(config.env.render)),
-        time_limit=config.env.time_limit,
-    )
     start_step = counters["env_step"]
+    make_env = _env_factory(config, task)
     num_envs, num_eval = config.env.num_envs, min(config.env.eval_envs, config.eval_eps)
     envs = ParallelEnvs(
         make_env, _seeds(config.seed, 0, start_step, count=num_envs), step_timeout=config.env.step_timeout
