@@ -144,6 +144,7 @@ def test_clear_errors_before_any_work(squares, tmp_path):
         ("--config.data.root={missing}", "No usable episodes"),
     ],
 )
+@pytest.mark.slow
 def test_cli_reports_bad_input_in_one_line(tmp_path, flag, message):
     import subprocess
     import sys

@@ -177,6 +177,7 @@ def test_older_lean_rendering_argument_still_maps_to_the_presets() -> None:
         MetaWorldTask("reach", seed=0, size=16, render="lean", lean_rendering=True)
 
 
+@pytest.mark.slow
 def test_worker_factory_passes_the_settings_to_the_worker_env() -> None:
     # The worker (a spawned process) renders with paper settings: its frames equal an in-process
     # paper env's frames for the same seed, and differ from a lean env's.

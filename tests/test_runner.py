@@ -362,6 +362,7 @@ def test_sweep_cli_runs_and_writes_results(fake, tmp_path):
     assert json.load(open(out / "runs.json"))["counts"] == {runner.FINISHED: 2}
 
 
+@pytest.mark.slow
 def test_sweep_cli_bad_file_is_one_line_exit_2(tmp_path):
     sweep_file = tmp_path / "bad.py"
     sweep_file.write_text(f"def get_sweep():\n    return {{'base': {BASE!r}, 'grid': {{'loss.kl_scal': [1.0]}}}}\n")

@@ -80,6 +80,7 @@ def _assert_reaped(pids: set[int]) -> None:
     assert not alive, f"worker processes still present after close(): {alive}"
 
 
+@pytest.mark.slow
 def test_metaworld_workers_match_in_process_env_and_auto_reset() -> None:
     time_limit = 3
     make_env = functools.partial(make_metaworld_env, task="drawer-open", size=16, time_limit=time_limit)
@@ -133,6 +134,7 @@ def test_metaworld_workers_match_in_process_env_and_auto_reset() -> None:
     _assert_reaped(pids)
 
 
+@pytest.mark.slow
 def test_crashed_raising_and_hung_workers_are_restarted() -> None:
     faults = ((1, "exit", 2), (2, "raise", 3), (3, "hang", 4))
     make_env = functools.partial(FakeEnv, faults=faults)
