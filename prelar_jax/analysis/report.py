@@ -371,7 +371,7 @@ def summary_markdown(
                 format_interval(final.estimates["median"]),
             )
         )
-    header = ("method", "step", "tasks", "seeds", "IQM [95% CI]", "mean [95% CI]", "median [95% CI]")
+    header = ("method", "step", "tasks", "seed ids", "IQM [95% CI]", "mean [95% CI]", "median [95% CI]")
     lines += _markdown_table(header, final_rows)
     task_sets = {method: tuple(by_task) for method, by_task in table.items()}
     if len(set(map(frozenset, task_sets.values()))) > 1:
