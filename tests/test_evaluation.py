@@ -261,6 +261,8 @@ def test_report_writes_table_and_plots(tmp_path):
         return np.array([values(method, task, step) for task in ("drawer_open", "custom-task")]).T
 
     final = section(markdown, "Aggregate over tasks and seeds at the final common step")
+    # The aggregate lists the seed ids it used (gamma's one seed is "0", not a count of zero).
+    assert table_row(final, "method")[:4] == ["method", "step", "tasks", "seed ids"]
     for method, seeds in (("alpha", "0, 1"), ("beta", "0, 1"), ("gamma", "0")):
         cells = table_row(final, method)
         assert cells[1:4] == ["30000", "2", seeds]
