@@ -1,5 +1,5 @@
 """Where the pre-training RSSM's action input comes from: one source per
-``implicit_action.code_type``, chosen once (``make_action_source``).
+``implicit_action.code_type``, chosen once from ``ACTION_SOURCES``.
 
 * ``ZeroActions`` (``'none'``, APV): zeros; the RSSM learns action-free video prediction.
 * ``RandomCodes`` (``'random'``, an ablation): one code per frame pair drawn from the code prior,

@@ -144,7 +144,7 @@ class FinetuneAgent(world_model.ImageWorldModel):
         params, batch_stats = {}, {}
         self._init_world_model(keys[:3], params, batch_stats)
         feat = jnp.zeros((2, self.feat_dim))
-        self.dynamics.init(params, keys[1], self.config.action_dim)
+        self.dynamics.init(params, keys[1])
         if self.action_encoder.module is not None:
             params[self.action_encoder.module] = self.action_encoder.init(keys[3], self.config.action_dim)
         params["reward"] = self.reward_head.init(keys[4], feat)["params"]
@@ -155,16 +155,17 @@ class FinetuneAgent(world_model.ImageWorldModel):
         return params, batch_stats
 
     def bonus_feature_dim(self) -> int:
-        """Width of the intrinsic bonus's features: the encoder embedding, or the action-free
-        RSSM's feature when stacked (APV)."""
-        width = self.dynamics.bonus_features_dim()
-        if width is not None:
-            return width
+        """Width of the intrinsic bonus's features: what the action-conditional RSSM observes (the
+        encoder embedding, or the action-free RSSM's feature when stacked, APV)."""
         frames = jax.ShapeDtypeStruct((1, 1, self.image_size, self.image_size, 3), jnp.uint8)
         params, batch_stats = jax.eval_shape(self.init, jax.random.key(0))
-        return jax.eval_shape(
-            lambda p, s, f: self._encode_frames(p, s, {}, f, False)[1], params, batch_stats, frames
-        ).shape[-1]
+
+        def observed(params, batch_stats, frames):
+            embed = self._encode_frames(params, batch_stats, {}, frames, False)[1]
+            keys = world_model.example_keys(jax.random.key(0), jnp.arange(1), 1)
+            return self.dynamics.observe_input(params, embed, jnp.ones((1, 1), bool), keys)
+
+        return jax.eval_shape(observed, params, batch_stats, frames).shape[-1]
 
     def init_state(self, key: jax.Array, params: Params | None = None, batch_stats: Params | None = None) -> AgentState:
         """A fresh state, built by one compiled function. ``params``/``batch_stats`` (e.g. with

@@ -38,13 +38,9 @@ class SingleDynamics:
         """Pre-training module -> fine-tuning module (which saved module loads into which)."""
         return {name: name for name in modules}
 
-    def init(self, params: Params, key: jax.Array, real_action_dim: int) -> None:
+    def init(self, params: Params, key: jax.Array) -> None:
         """Adds this dynamics' parameters to ``params`` (which holds the world model's ``rssm``
         built for the embedding input)."""
-
-    def bonus_features_dim(self) -> int | None:
-        """Width of the features the intrinsic bonus reads, or None: the encoder embedding."""
-        return None
 
     def observe_input(self, params: Params, embed: jax.Array, is_first: jax.Array, keys: jax.Array) -> jax.Array:
         """What the action-conditional RSSM observes, ``[B, T, *]`` from ``embed`` ``[B, T, E]``
@@ -71,7 +67,7 @@ class StackedDynamics(SingleDynamics):
     def pretrained_map(cls, modules: tuple[str, ...]) -> dict[str, str]:
         return {**super().pretrained_map(modules), "rssm": ACTION_FREE}
 
-    def init(self, params: Params, key: jax.Array, real_action_dim: int) -> None:
+    def init(self, params: Params, key: jax.Array) -> None:
         # The RSSM the world model built (zeros action of the same width, embedding input) is the
         # action-free one; the action-conditional RSSM reads its features.
         params[ACTION_FREE] = params.pop("rssm")
@@ -82,9 +78,6 @@ class StackedDynamics(SingleDynamics):
             jnp.zeros((2, self.feat_dim)),
             jnp.ones((2,), bool),
         )["params"]
-
-    def bonus_features_dim(self) -> int | None:
-        return self.feat_dim
 
     def observe_input(self, params: Params, embed: jax.Array, is_first: jax.Array, keys: jax.Array) -> jax.Array:
         zeros = jnp.zeros(embed.shape[:2] + (self.action_dim,), jnp.float32)

@@ -3,7 +3,7 @@ op class (convolution, dot, reduction, transpose/copy, loop, elementwise) and by
 their HLO metadata names (encoder, decoder, RSSM, ...).
 
 ``hlo_ops`` reads the compiled program's text (``compiled.as_text()``): every instruction's name,
-opcode, fusion kind, called computation and ``op_name`` metadata. ``trace_op_times`` sums the
+opcode, called computation and ``op_name`` metadata. ``trace_op_times`` sums the
 durations of a perfetto trace's events by name. ``breakdown`` joins the two.
 """
 
@@ -32,18 +32,16 @@ MODULES = {
     "MLP": "action encoder",
 }
 CONTAINERS = ("while", "call", "conditional")  # ops whose time is their called computations' ops
-CLASSES = ("convolution", "dot", "reduction", "transpose/copy", "elementwise", "other")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S.*?\s([a-z][\w\-]*)\(")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_KIND = re.compile(r"kind=(\w+)")
 _MODULE = re.compile(r"\b(" + "|".join(MODULES) + r")\b")
 
 
 def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
-    """Instruction name -> ``{opcode, kind, calls, op_name, computation, inner}``, where ``inner``
+    """Instruction name -> ``{opcode, calls, op_name, computation, inner}``, where ``inner``
     lists the opcodes of the computation a fusion or custom call calls."""
     ops: dict[str, dict[str, Any]] = {}
     opcodes_of: dict[str, list[str]] = collections.defaultdict(list)
@@ -57,10 +55,9 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
         if not match:
             continue
         name, opcode = match.groups()
-        calls, op_name, kind = _CALLS.search(line), _OP_NAME.search(line), _KIND.search(line)
+        calls, op_name = _CALLS.search(line), _OP_NAME.search(line)
         ops[name] = {
             "opcode": opcode,
-            "kind": kind.group(1) if kind else "",
             "calls": calls.group(1) if calls else "",
             "op_name": op_name.group(1) if op_name else "",
             "computation": computation,
