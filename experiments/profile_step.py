@@ -16,30 +16,19 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from prelar_jax.learners import finetune as agent_lib
 from prelar_jax.learners import pretrain
 from prelar_jax.perf import op_profile
+from prelar_jax.perf.throughput_report import random_batch
 from prelar_jax.runtime import parallel, steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/prelar_pretrain.py:tiny", "Config and preset.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Traced calls.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untraced calls after compilation.")
 _OUT = flags.DEFINE_string("out", "/tmp/prelar_profile", "Directory for the trace and the report.")
-
-
-def _batch(config, finetune: bool) -> dict:
-    rng = np.random.default_rng(0)
-    shape = (config.batch_size, config.sequence_length, config.image_size, config.image_size, 3)
-    batch = {"image": rng.integers(0, 256, shape, dtype=np.uint8), "is_first": np.zeros(shape[:2], bool)}
-    batch["is_first"][:, 0] = True
-    if finetune:
-        batch["action"] = rng.uniform(-1, 1, shape[:2] + (config.action_dim,)).astype(np.float32)
-        batch["reward"] = rng.random(shape[:2]).astype(np.float32)
-    return batch
 
 
 def main(argv):
@@ -57,7 +46,7 @@ def main(argv):
         state = model.init_state(jax.random.key(0), optimizer)
         step = steps.make_pretrain_step(model.loss, optimizer, mesh, seed=0)
     state = parallel.put_replicated(state, mesh)
-    batch = parallel.put_batch(_batch(config, finetune), mesh)
+    batch = parallel.put_batch(random_batch(config, finetune), mesh)
     compiled = step.lower(state, batch).compile()
     for _ in range(_WARMUP.value):
         state, metrics = compiled(state, batch)

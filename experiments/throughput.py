@@ -60,6 +60,7 @@ from prelar_jax.perf.throughput_report import (
     format_table,
     matmul_rate,  # noqa: E402
     protocol_estimate,
+    random_batch,
     time_calls,
 )
 
@@ -146,20 +147,6 @@ def measure(
 # ----------------------------------------------------------------------------------------------
 # The measured steps
 # ----------------------------------------------------------------------------------------------
-
-
-def random_batch(config, finetune: bool) -> dict[str, np.ndarray]:
-    """A fixed random global batch: ``image`` ``[B, T, H, W, 3]`` uint8, ``is_first`` ``[B, T]``
-    and, for fine-tuning, ``action`` ``[B, T, A]`` and ``reward`` ``[B, T]``."""
-    rng = np.random.default_rng(0)
-    shape = (config.batch_size, config.sequence_length, config.image_size, config.image_size, 3)
-    is_first = np.zeros(shape[:2], bool)
-    is_first[:, 0] = True
-    batch = {"image": rng.integers(0, 256, shape, dtype=np.uint8), "is_first": is_first}
-    if finetune:
-        batch["action"] = rng.uniform(-1, 1, shape[:2] + (config.action_dim,)).astype(np.float32)
-        batch["reward"] = rng.random(shape[:2]).astype(np.float32)
-    return batch
 
 
 def pretrain_rows(config, devices: list, host_batch) -> list[dict[str, Any]]:

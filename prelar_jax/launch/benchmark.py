@@ -20,6 +20,11 @@ from prelar_jax.launch.sweep import flag_value
 from prelar_jax.runtime.config import REPO_ROOT, ConfigError
 
 
+def _from_repo(path: str) -> str:
+    """``path``, with a relative one taken from the repository root (config paths name files there)."""
+    return path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+
+
 class Plan(NamedTuple):
     """Every run of a benchmark, in the order they run; ``plan`` makes it without side effects."""
 
@@ -51,7 +56,7 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
         if pre is None:
             continue
         path, overrides = pre
-        path = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+        path = _from_repo(path)
         preset = original_presets.get(method, {}).get(config.preset, config.preset)
         reuse = config.pretrain.get("apv" if os.path.basename(path).startswith("apv") else "prelar", "")
         if reuse and not overrides and preset == config.preset:
@@ -79,7 +84,7 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
     finetune_specs = []
     for method in methods:
         _, (path, overrides) = methods_table[method]
-        path = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+        path = _from_repo(path)
         preset = original_presets.get(method, {}).get(config.preset, config.preset)
         for task in tasks:
             for seed in range(config.seeds):
@@ -146,7 +151,7 @@ def random_policy_baselines(config):
     if not config.random_policy:
         return None
     path = config.random_policy
-    path = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+    path = _from_repo(path)
     return report_lib.random_policy_baselines(path, config.random_policy_steps)
 
 
@@ -197,7 +202,7 @@ def archive_dir(config) -> str:
     results = config.get("results", "")
     if not results:
         return ""
-    return os.path.abspath(results if os.path.isabs(results) else os.path.join(REPO_ROOT, results))
+    return os.path.abspath(_from_repo(results))
 
 
 def video_tasks(config, default_tasks) -> list:

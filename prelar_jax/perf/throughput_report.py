@@ -1,6 +1,7 @@
 """The throughput suite's timing and reporting helpers, without command-line flags.
 
-`experiments/throughput.py` (the suite) and `experiments/conv_rates.py` use them; they live in the
+`experiments/throughput.py` (the suite), `experiments/conv_rates.py` and `experiments/profile_step.py`
+use them (timing, reports, the fixed random batch the steps are measured on); they live in the
 package so that tests and other scripts can import them without defining the suite's absl flags.
 """
 
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MiB = 2**20
 
@@ -129,3 +131,17 @@ def format_estimates(estimates: list[dict[str, Any]]) -> str:
             f"{e['total_seconds'] / 60:>9.1f} {e['total_seconds'] / 3600:>7.2f}"
         )
     return "\n".join(lines)
+
+
+def random_batch(config, finetune: bool) -> dict[str, np.ndarray]:
+    """A fixed random global batch: ``image`` ``[B, T, H, W, 3]`` uint8, ``is_first`` ``[B, T]``
+    and, for fine-tuning, ``action`` ``[B, T, A]`` and ``reward`` ``[B, T]``."""
+    rng = np.random.default_rng(0)
+    shape = (config.batch_size, config.sequence_length, config.image_size, config.image_size, 3)
+    is_first = np.zeros(shape[:2], bool)
+    is_first[:, 0] = True
+    batch = {"image": rng.integers(0, 256, shape, dtype=np.uint8), "is_first": is_first}
+    if finetune:
+        batch["action"] = rng.uniform(-1, 1, shape[:2] + (config.action_dim,)).astype(np.float32)
+        batch["reward"] = rng.random(shape[:2]).astype(np.float32)
+    return batch
