@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prelar_jax.errors import UserError
+from prelar_jax.model.nets import onednn
 
 AXIS = "data"
 
@@ -289,7 +290,8 @@ def compile_ahead(step: Callable, *args) -> tuple[Callable, CompiledInfo]:
         cost = compiled.cost_analysis()
         if isinstance(cost, (list, tuple)):
             cost = cost[0] if cost else {}
-        flops = float(cost.get("flops", 0.0)) or None
+        # oneDNN convolutions are custom calls, invisible to the cost analysis: counted from the HLO.
+        flops = (float(cost.get("flops", 0.0)) + onednn.flops_in_hlo(compiled.as_text())) or None
     except Exception:  # cost analysis is best-effort on some backends
         pass
     memory = {}

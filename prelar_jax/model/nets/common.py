@@ -14,11 +14,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prelar_jax.model.nets import onednn
+
 KERNEL_INIT = nn.initializers.glorot_uniform()
 BIAS_INIT = nn.initializers.zeros_init()
 
 Dense = functools.partial(nn.Dense, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT)
-Conv = functools.partial(nn.Conv, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT)
+# On CPU, oneDNN runs the convolutions when its extension is built (nets/onednn: same function,
+# a faster kernel); everywhere else this is lax.conv_general_dilated.
+Conv = functools.partial(
+    nn.Conv, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, conv_general_dilated=onednn.conv_general_dilated
+)
 ConvTranspose = functools.partial(nn.ConvTranspose, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT)
 
 Dtype = Any

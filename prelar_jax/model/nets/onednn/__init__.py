@@ -1,0 +1,198 @@
+"""oneDNN convolutions for the CPU backend, behind the same signature as ``lax.conv_general_dilated``.
+
+XLA's CPU convolutions run the paper ResNets' 3x3 convolutions at 160-400 GFLOP/s on a 2-core
+AVX-512 machine, and their weight gradients need layout transposes of every activation; oneDNN's
+kernels run the same convolutions at 390-550 GFLOP/s straight from NHWC (experiments/BENCHMARKS.md,
+"oneDNN convolutions"). ``conv_general_dilated`` here sends a float32 2-D NHWC/HWIO convolution
+without dilation or groups to three XLA FFI handlers (forward, input gradient, weight gradient,
+``conv.cc``) when the backend is CPU and the extension is built; every other call, and every
+other backend, is ``lax.conv_general_dilated`` itself. The network is defined once
+(``nets.common.Conv``); only the kernel that runs it differs.
+
+Choice: ``PRELAR_CONV`` = ``auto`` (default: oneDNN on CPU when built, else XLA), ``xla``, or
+``onednn`` (an error if the extension is not built). Build: ``python -m
+prelar_jax.model.nets.onednn.build`` (``experiments/setup_env.sh`` does it when the oneDNN headers
+are installed: Debian ``libdnnl-dev``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from prelar_jax.errors import UserError
+
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_prelar_onednn_conv.so")
+CHOICES = ("auto", "xla", "onednn")
+_TARGETS = {
+    "forward": "prelar_onednn_conv_forward",
+    "backward_data": "prelar_onednn_conv_backward_data",
+    "backward_weights": "prelar_onednn_conv_backward_weights",
+}
+_SYMBOLS = {
+    "forward": "PrelarConvForward",
+    "backward_data": "PrelarConvBackwardData",
+    "backward_weights": "PrelarConvBackwardWeights",
+}
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+class ConvImplError(UserError, ValueError):
+    """``PRELAR_CONV`` names an unknown choice, or oneDNN where the extension is not built."""
+
+
+@functools.cache
+def load() -> bool:
+    """Registers the FFI handlers once; False when the library is not built or does not load."""
+    if not os.path.exists(LIBRARY):
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(LIBRARY)
+    except OSError:
+        return False
+    for kind, target in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])), platform="cpu")
+    return True
+
+
+def choice() -> str:
+    value = os.environ.get("PRELAR_CONV", "auto")
+    if value not in CHOICES:
+        raise ConvImplError(f"PRELAR_CONV={value!r}; choose one of {CHOICES}")
+    return value
+
+
+def enabled() -> bool:
+    """Whether convolutions traced now go to oneDNN (checked at trace time)."""
+    which = choice()
+    if which == "xla" or jax.default_backend() != "cpu":
+        return False
+    if not load():
+        if which == "onednn":
+            raise ConvImplError(
+                f"PRELAR_CONV=onednn but the oneDNN extension is not built ({LIBRARY} missing or not loadable): "
+                "install the oneDNN headers (Debian: apt-get install libdnnl-dev) and run "
+                "'python -m prelar_jax.model.nets.onednn.build', or set PRELAR_CONV=auto"
+            )
+        return False
+    return True
+
+
+def _pairs(padding, lhs_shape, rhs_shape, strides) -> tuple[tuple[int, int], ...] | None:
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[0:2], strides, padding))
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return pads if all(lo >= 0 and hi >= 0 for lo, hi in pads) else None
+
+
+def _supported(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers, groups, batch_groups) -> bool:
+    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or len(strides) != 2:
+        return False
+    if groups != 1 or batch_groups != 1:
+        return False
+    if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
+        return False
+    want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    have = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or ("NCHW", "OIHW", "NCHW"))
+    return have == want
+
+
+def _call(kind: str, shape, a, b, strides, pads):
+    (pt, pb), (pl, pr) = pads
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS[kind], out, vmap_method="sequential")(
+        a, b, stride_h=strides[0], stride_w=strides[1], pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, strides, pads):
+    n, h, w, _ = x.shape
+    kh, kw, _, co = kernel.shape
+    oh = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+    ow = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+    return _call("forward", (n, oh, ow, co), x, kernel, strides, pads)
+
+
+def _conv_fwd(x, kernel, strides, pads):
+    return _conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_bwd(strides, pads, residuals, dy):
+    x, kernel = residuals
+    dx = _call("backward_data", x.shape, dy, kernel, strides, pads)
+    dk = _call("backward_weights", kernel.shape, x, dy, strides, pads)
+    return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated``, run by oneDNN where :func:`enabled` and the call is supported."""
+    strides = tuple(int(s) for s in window_strides)
+    if (
+        preferred_element_type in (None, jnp.float32)
+        and _supported(
+            lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count
+        )
+        and enabled()
+    ):
+        pads = _pairs(padding, lhs.shape, rhs.shape, strides)
+        if pads is not None:
+            return _conv(lhs, rhs, strides, pads)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+_CALL = re.compile(
+    r"= f32\[([\d,]*)\][^=]*custom-call\([^)]*\), custom_call_target=\"prelar_onednn_conv_(\w+)\", "
+    r"operand_layout_constraints=\{f32\[([\d,]*)\]\{[\d,]*\}, f32\[([\d,]*)\]"
+)
+
+
+def flops_in_hlo(hlo_text: str) -> float:
+    """Multiply-adds x 2 of the oneDNN convolutions in a compiled module's HLO text: XLA's cost
+    analysis cannot see inside custom calls, so a step's FLOP count adds these."""
+    total = 0.0
+    for result, kind, first, second in _CALL.findall(hlo_text):
+        shape = lambda text: [int(d) for d in text.split(",") if d]
+        if kind == "forward":
+            y, kernel = shape(result), shape(second)
+        elif kind == "backward_data":
+            y, kernel = shape(first), shape(second)
+        else:  # backward_weights: (x, dy) -> kernel
+            y, kernel = shape(second), shape(result)
+        total += 2.0 * math.prod(y) * math.prod(kernel[:3])
+    return total

@@ -1,0 +1,192 @@
+"""The oneDNN convolution path (nets/onednn): same values and gradients as XLA's convolution and a
+float64 numpy reference, routing (which calls go to oneDNN), the choice's errors, FLOP counting,
+and a whole network with either kernel."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from prelar_jax.model.nets import onednn
+from prelar_jax.model.nets.resnet import ResNetEncoder
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+built = pytest.mark.skipif(
+    not onednn.load(),
+    reason="oneDNN extension not built (experiments/setup_env.sh builds it when libdnnl-dev is there)",
+)
+
+# (batch, side, in, out, kernel, stride, padding): the project's convolutions (3x3 SAME, the plain
+# CNN's 4x4 VALID stride 2, the ResNet's stride-2 stem, 1x1 skips) and an asymmetric padding.
+GEOMETRIES = [
+    (3, 9, 5, 7, 3, 1, "SAME"),
+    (2, 12, 4, 6, 4, 2, "VALID"),
+    (2, 10, 3, 8, 3, 2, ((1, 1), (1, 1))),
+    (2, 8, 6, 6, 1, 1, "SAME"),
+    (2, 7, 3, 4, 3, 1, ((0, 2), (1, 0))),
+]
+
+
+def _numpy_conv(x, w, stride, pads):
+    """Direct float64 correlation, NHWC x HWIO."""
+    x = np.pad(x.astype(np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+    kh, kw, _, co = w.shape
+    oh = (x.shape[1] - kh) // stride + 1
+    ow = (x.shape[2] - kw) // stride + 1
+    y = np.zeros((x.shape[0], oh, ow, co))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i : i + stride * oh : stride, j : j + stride * ow : stride, :]
+            y += patch @ w[i, j].astype(np.float64)
+    return y
+
+
+def _pads(padding, x, w, stride):
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride), padding))
+    return padding
+
+
+@built
+@pytest.mark.parametrize("n,side,ci,co,k,stride,padding", GEOMETRIES)
+def test_values_and_gradients_match_xla_and_float64(n, side, ci, co, k, stride, padding):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, side, side, ci)).astype(np.float32)
+    w = rng.normal(size=(k, k, ci, co)).astype(np.float32)
+
+    def conv(impl):
+        return lambda x, w: impl(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+
+    fast, xla = conv(onednn.conv_general_dilated), conv(lax.conv_general_dilated)
+    assert "prelar_onednn_conv_forward" in jax.jit(fast).lower(x, w).as_text()
+    y = np.asarray(jax.jit(fast)(x, w))
+    reference = _numpy_conv(x, w, stride, _pads(padding, x, w, stride))
+    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, np.asarray(xla(x, w)), rtol=1e-5, atol=1e-5)
+    cotangent = rng.normal(size=y.shape).astype(np.float32)
+    grads = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), argnums=(0, 1)))(x, w)
+    for got, want in zip(grads(fast), grads(xla)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    # The weight gradient against float64 too: d/dw sum(conv(x, w) * c) = correlation of x with c.
+    eps = 1e-3
+    dw = np.asarray(grads(fast)[1])
+    bump = np.zeros_like(w)
+    bump[0, 0, 0, 0] = eps
+    pads = _pads(padding, x, w, stride)
+    numeric = (
+        np.sum(_numpy_conv(x, w + bump, stride, pads) * cotangent)
+        - np.sum(_numpy_conv(x, w - bump, stride, pads) * cotangent)
+    ) / (2 * eps)
+    np.testing.assert_allclose(dw[0, 0, 0, 0], numeric, rtol=1e-3)
+
+
+def _targets(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+@built
+def test_only_supported_calls_go_to_onednn(monkeypatch):
+    x = jnp.ones((2, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 4))
+    call = lambda **kw: lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, **kw)
+    assert "prelar_onednn" in _targets(call(), x, w)
+    # Dilation, groups, bfloat16 and other layouts fall back to XLA's convolution, with XLA's values.
+    assert "prelar_onednn" not in _targets(call(rhs_dilation=(2, 2)), x, w)
+    assert "prelar_onednn" not in _targets(call(feature_group_count=2), x, jnp.ones((3, 3, 2, 4)))
+    assert "prelar_onednn" not in _targets(call(), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    nchw = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME")
+    assert "prelar_onednn" not in _targets(nchw, jnp.ones((2, 4, 8, 8)), jnp.ones((4, 4, 3, 3)))
+    np.testing.assert_allclose(
+        jax.jit(call(rhs_dilation=(2, 2)))(x, w),
+        lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC),
+    )
+    monkeypatch.setenv("PRELAR_CONV", "xla")
+    assert "prelar_onednn" not in _targets(call(), x, w)
+
+
+def test_choice_errors_say_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRELAR_CONV", "fast")
+    with pytest.raises(onednn.ConvImplError, match="choose one of"):
+        onednn.enabled()
+    monkeypatch.setenv("PRELAR_CONV", "onednn")
+    monkeypatch.setattr(onednn, "LIBRARY", str(tmp_path / "missing.so"))
+    onednn.load.cache_clear()
+    try:
+        with pytest.raises(onednn.ConvImplError, match="libdnnl-dev"):
+            onednn.enabled()
+        monkeypatch.setenv("PRELAR_CONV", "auto")
+        assert not onednn.enabled()  # auto without the library: XLA's kernels, no error
+    finally:
+        monkeypatch.undo()
+        onednn.load.cache_clear()
+
+
+@built
+def test_flop_count_includes_the_onednn_calls(monkeypatch):
+    x = jnp.ones((4, 16, 16, 6))
+    w = jnp.ones((4, 4, 6, 8))
+
+    def compiled_text():
+        step = jax.grad(
+            lambda x, w: jnp.sum(onednn.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=NHWC) ** 2),
+            argnums=(0, 1),
+        )
+        return jax.jit(step).lower(x, w).compile().as_text()
+
+    # Forward, input gradient, weight gradient: each 2 * (4*7*7*8 outputs) * (4*4*6 taps).
+    assert onednn.flops_in_hlo(compiled_text()) == 3 * 2 * (4 * 7 * 7 * 8) * (4 * 4 * 6)
+    monkeypatch.setenv("PRELAR_CONV", "xla")
+    assert onednn.flops_in_hlo(compiled_text()) == 0
+
+
+@built
+def test_resnet_encoder_same_with_either_kernel(monkeypatch):
+    model = ResNetEncoder(depth=4, stages=2)
+    x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x, train=True)
+
+    def run():
+        def loss(params):
+            out, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(out**2), out
+
+        (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        return out, grads
+
+    fast = run()
+    monkeypatch.setenv("PRELAR_CONV", "xla")
+    xla = run()
+    np.testing.assert_allclose(fast[0], xla[0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(xla[1])):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@built
+def test_sharded_batch_matches_one_device():
+    """Four (fake CPU) devices each run their shard's oneDNN calls concurrently: same result."""
+    devices = jax.devices()
+    if len(devices) < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py forces 4 host devices)")
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(devices[:4]), ("d",))
+    x = jax.random.normal(jax.random.key(0), (8, 12, 12, 5))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 5, 6))
+    conv = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+    grad = lambda x, w: jax.grad(lambda w: jnp.sum(conv(x, w) ** 2))(w)
+    sharded = jax.jit(
+        jax.shard_map(
+            lambda x, w: jax.lax.psum(grad(x, w), "d"),
+            mesh=mesh,
+            in_specs=(P("d"), P()),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )
+    # Float32 sums in another order (per shard, then across shards): agreement to ~1e-4 relative.
+    np.testing.assert_allclose(sharded(x, w), jax.jit(grad)(x, w), rtol=1e-4, atol=1e-3)
