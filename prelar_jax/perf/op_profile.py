@@ -37,6 +37,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S.*?\s([a-z][\w\
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _MODULE = re.compile(r"\b(" + "|".join(MODULES) + r")\b")
 
 
@@ -55,9 +56,10 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
         if not match:
             continue
         name, opcode = match.groups()
-        calls, op_name = _CALLS.search(line), _OP_NAME.search(line)
+        calls, op_name, target = _CALLS.search(line), _OP_NAME.search(line), _TARGET.search(line)
         ops[name] = {
             "opcode": opcode,
+            "target": target.group(1) if target else "",
             "calls": calls.group(1) if calls else "",
             "op_name": op_name.group(1) if op_name else "",
             "computation": computation,
@@ -71,8 +73,8 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
 def op_class(op: Mapping[str, Any], name: str = "") -> str:
     """The class of one instruction, looking into the computation a fusion calls."""
     opcodes = [op["opcode"], *op.get("inner", [])]
-    if "convolution" in opcodes or name.startswith("conv"):
-        return "convolution"
+    if "convolution" in opcodes or name.startswith("conv") or "conv" in op.get("target", ""):
+        return "convolution"  # the last: a convolution library's custom call (nets/onednn)
     if "dot" in opcodes:
         return "dot"
     if "reduce" in opcodes or "reduce-window" in opcodes:
