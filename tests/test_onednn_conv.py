@@ -190,3 +190,40 @@ def test_sharded_batch_matches_one_device():
     )
     # Float32 sums in another order (per shard, then across shards): agreement to ~1e-4 relative.
     np.testing.assert_allclose(sharded(x, w), jax.jit(grad)(x, w), rtol=1e-4, atol=1e-3)
+
+
+@built
+@pytest.mark.parametrize("kernel,size,padding", [(5, 5, "VALID"), (6, 13, "VALID"), (3, 8, ((1, 2), (1, 2)))])
+def test_transposed_conv_runs_on_onednn_with_flax_values(kernel, size, padding):
+    """The decoders' stride-2 transposed convolutions (plain CNN: VALID; ResNet: padding (1, 2))
+    go to oneDNN as the input gradient of a strided convolution, with flax's values and gradients."""
+    import flax.linen as nn
+
+    from prelar_jax.model.nets.common import StridedConvTranspose
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
+    reference = nn.ConvTranspose(3, (kernel, kernel), strides=(2, 2), padding=padding)
+    params = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape), reference.init(jax.random.key(1), x))
+    module = StridedConvTranspose(3, (kernel, kernel), padding=padding)
+    assert "prelar_onednn_conv_backward_data" in jax.jit(module.apply).lower(params, x).as_text()
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+    np.testing.assert_allclose(module.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    for got, want in zip(
+        jax.tree.leaves(jax.grad(loss(module), argnums=(0, 1))(params, x)),
+        jax.tree.leaves(jax.grad(loss(reference), argnums=(0, 1))(params, x)),
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_decoder_keeps_flax_parameter_names():
+    """Saved checkpoints name the decoder's last layer ConvTranspose_0 (kernel [3, 3, depth/2, 3], bias)."""
+    from prelar_jax.model.nets.common import StridedConvTranspose
+    from prelar_jax.model.nets.resnet import ResNetDecoder
+
+    params = ResNetDecoder(depth=4, stages=2).init(jax.random.key(0), jnp.ones((1, 8)), train=True)["params"]
+    assert params["ConvTranspose_0"]["kernel"].shape == (3, 3, 2, 3)
+    assert params["ConvTranspose_0"]["bias"].shape == (3,)
+    with pytest.raises(ValueError, match="needs padding='VALID'"):
+        StridedConvTranspose(3, (3, 3), impl="subpixel", padding=((1, 2), (1, 2))).init(
+            jax.random.key(0), jnp.ones((1, 4, 4, 2))
+        )

@@ -1,8 +1,8 @@
 """Shared layer conventions: Glorot-uniform kernels, zero biases, ELU MLPs.
 
 The original code applies ``xavier_uniform`` with zero bias to every Linear, Conv and
-ConvTranspose layer once at construction (spec section 0); these partials make that the only
-way layers are built here.
+ConvTranspose layer once at construction (spec section 0); these partials (and
+``StridedConvTranspose``) make that the only way layers are built here.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ Dense = functools.partial(nn.Dense, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT
 Conv = functools.partial(
     nn.Conv, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, conv_general_dilated=onednn.conv_general_dilated
 )
-ConvTranspose = functools.partial(nn.ConvTranspose, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT)
 
 Dtype = Any
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def preprocess_image(image: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
@@ -105,26 +105,37 @@ def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class StridedConvTranspose(nn.Module):
-    """``ConvTranspose(features, kernel, strides=(2, 2), padding='VALID')`` with the same parameters
-    (``kernel`` [k, k, in, out], ``bias``) and values, computed by ``conv_transpose_subpixel`` on
-    CPU (several times faster there, mostly in the backward pass) and by ``lax.conv_transpose``
-    elsewhere. ``impl`` = 'auto' | 'subpixel' | 'lax' forces one."""
+    """``ConvTranspose(features, kernel, strides=(2, 2), padding=padding)`` with the same parameters
+    (``kernel`` [k, k, in, out], ``bias``) and values. On CPU it runs as oneDNN's kernels when they
+    are built (``nets.onednn``), else, for ``'VALID'`` padding, as ``conv_transpose_subpixel``
+    (several times faster than XLA's dilated convolution there, mostly in the backward pass); elsewhere
+    as ``lax.conv_transpose``. ``impl`` = 'auto' | 'subpixel' | 'lax' forces one (not oneDNN)."""
 
     features: int
     kernel_size: tuple[int, int]
     dtype: Dtype = jnp.float32
     impl: str = "auto"
+    padding: str | tuple[tuple[int, int], tuple[int, int]] = "VALID"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", KERNEL_INIT, tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", BIAS_INIT, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        impl = self.impl if self.impl != "auto" else ("subpixel" if jax.default_backend() == "cpu" else "lax")
+        if self.impl not in ("auto", "subpixel", "lax"):
+            raise ValueError(f"impl={self.impl!r}: expected 'auto', 'subpixel' or 'lax'")
+        valid = self.padding == "VALID"
+        pads = tuple((k - 1, k - 1) for k in self.kernel_size) if valid else self.padding
+        impl = self.impl
+        if impl == "auto":
+            on_cpu = jax.default_backend() == "cpu"
+            impl = "onednn" if on_cpu and onednn.enabled() else ("subpixel" if on_cpu and valid else "lax")
+        if impl == "subpixel" and not valid:
+            raise ValueError(f"impl='subpixel' needs padding='VALID', got {self.padding!r}")
         if impl == "subpixel":
             y = conv_transpose_subpixel(x, kernel)
-        elif impl == "lax":
-            y = jax.lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        elif impl == "onednn":  # the dilated convolution lax.conv_transpose makes, run by oneDNN
+            y = onednn.conv_general_dilated(x, kernel, (1, 1), pads, lhs_dilation=(2, 2), dimension_numbers=_NHWC)
         else:
-            raise ValueError(f"impl={self.impl!r}: expected 'auto', 'subpixel' or 'lax'")
+            y = jax.lax.conv_transpose(x, kernel, (2, 2), self.padding, dimension_numbers=_NHWC)
         return y + bias

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from prelar_jax.model.distributions import sigmoid2
+from prelar_jax.model.nets import onednn
 from prelar_jax.model.nets.common import MLP, Dtype
 from prelar_jax.model.nets.resnet import ResNetEncoder
 
@@ -127,7 +128,12 @@ class PixelForwardModel(nn.Module):
     def __call__(self, prev: jax.Array, code: jax.Array) -> jax.Array:
         """``prev`` ``[N, H, W, C]`` preprocessed frames, ``code`` ``[N, A]`` -> ``[N, H, W, C]``."""
         conv = lambda width, kernel, stride=1: nn.Conv(
-            width, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=self.dtype
+            width,
+            (kernel, kernel),
+            strides=(stride, stride),
+            padding="SAME",
+            dtype=self.dtype,
+            conv_general_dilated=onednn.conv_general_dilated,
         )
         up = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         x0 = prev.astype(self.dtype)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prelar_jax.model.nets.common import Conv, ConvTranspose, Dense, Dtype
+from prelar_jax.model.nets.common import Conv, Dense, Dtype, StridedConvTranspose
 
 
 def _batch_norm(train: bool, axis_name: str | None, dtype: Dtype) -> nn.BatchNorm:
@@ -139,5 +139,8 @@ class ResNetDecoder(nn.Module):
                 remat=self.remat,
             )(x, train)
         # torch ConvTranspose2d(k3, s2, p1, output_padding=1) == explicit padding (1, 2) here.
-        x = ConvTranspose(self.channels, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)), dtype=self.dtype)(x)
+        # (StridedConvTranspose: oneDNN's kernels on CPU when built; the parameters keep flax's name.)
+        x = StridedConvTranspose(
+            self.channels, (3, 3), dtype=self.dtype, padding=((1, 2), (1, 2)), name="ConvTranspose_0"
+        )(x)
         return x.astype(jnp.float32)

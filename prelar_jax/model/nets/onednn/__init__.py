@@ -93,12 +93,10 @@ def _pairs(padding, lhs_shape, rhs_shape, strides) -> tuple[tuple[int, int], ...
     return pads if all(lo >= 0 and hi >= 0 for lo, hi in pads) else None
 
 
-def _supported(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers, groups, batch_groups) -> bool:
+def _supported(lhs, rhs, strides, rhs_dilation, dimension_numbers, groups, batch_groups) -> bool:
     if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or len(strides) != 2:
         return False
-    if groups != 1 or batch_groups != 1:
-        return False
-    if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
+    if groups != 1 or batch_groups != 1 or any(d != 1 for d in (rhs_dilation or ())):
         return False
     want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     have = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or ("NCHW", "OIHW", "NCHW"))
@@ -136,6 +134,57 @@ def _conv_bwd(strides, pads, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+# A transposed convolution (``lax.conv_transpose``: the input dilated by the stride, then a
+# stride-1 convolution with padding ``(lo, hi)``) is the input gradient of an ordinary strided
+# convolution from its output back to its input, with the kernel flipped and its in/out swapped and
+# padding ``(k - 1 - lo, k - 1 - hi)``; its own gradients are that convolution's forward pass and
+# weight gradient. So oneDNN's three kernels serve it too, without the zeros of the dilation.
+def _flip(kernel):
+    return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+
+
+def _forward_pads(kernel_shape, pads):
+    return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_shape[:2], pads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_transposed(x, kernel, strides, pads):
+    n, h, w, _ = x.shape
+    kh, kw, _, co = kernel.shape
+    oh = (h - 1) * strides[0] + 1 + pads[0][0] + pads[0][1] - kh + 1
+    ow = (w - 1) * strides[1] + 1 + pads[1][0] + pads[1][1] - kw + 1
+    return _call("backward_data", (n, oh, ow, co), x, _flip(kernel), strides, _forward_pads(kernel.shape, pads))
+
+
+def _conv_transposed_fwd(x, kernel, strides, pads):
+    return _conv_transposed(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_transposed_bwd(strides, pads, residuals, dy):
+    x, kernel = residuals
+    flipped, forward_pads = _flip(kernel), _forward_pads(kernel.shape, pads)
+    dx = _call("forward", x.shape, dy, flipped, strides, forward_pads)
+    dflipped = _call("backward_weights", flipped.shape, dy, x, strides, forward_pads)
+    return dx, _flip(dflipped)
+
+
+_conv_transposed.defvjp(_conv_transposed_fwd, _conv_transposed_bwd)
+
+
+def _route(lhs, rhs, strides, padding, lhs_dilation):
+    """oneDNN's result for a supported call, else None."""
+    dilation = tuple(int(d) for d in (lhs_dilation or (1, 1)))
+    if dilation == (1, 1):
+        pads = _pairs(padding, lhs.shape, rhs.shape, strides)
+        return None if pads is None else _conv(lhs, rhs, strides, pads)
+    if strides != (1, 1) or isinstance(padding, str):
+        return None
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if not all(0 <= lo < k and 0 <= hi < k for k, (lo, hi) in zip(rhs.shape[:2], pads)):
+        return None
+    return _conv_transposed(lhs, rhs, dilation, pads)
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -153,14 +202,12 @@ def conv_general_dilated(
     strides = tuple(int(s) for s in window_strides)
     if (
         preferred_element_type in (None, jnp.float32)
-        and _supported(
-            lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count
-        )
+        and _supported(lhs, rhs, strides, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count)
         and enabled()
     ):
-        pads = _pairs(padding, lhs.shape, rhs.shape, strides)
-        if pads is not None:
-            return _conv(lhs, rhs, strides, pads)
+        routed = _route(lhs, rhs, strides, padding, lhs_dilation)
+        if routed is not None:
+            return routed
     return lax.conv_general_dilated(
         lhs,
         rhs,

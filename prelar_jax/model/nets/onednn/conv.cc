@@ -106,8 +106,15 @@ ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Sp
 ffi::Error Run(dnnl::primitive& prim, const memory::desc& scratch_md, std::unordered_map<int, memory> args) {
   try {
     dnnl::stream s(Engine());
-    std::vector<uint8_t> scratch(scratch_md.get_size());
-    args.insert({DNNL_ARG_SCRATCHPAD, memory(scratch_md, Engine(), scratch.data())});
+    // One scratch buffer per calling thread, grown as needed and never cleared (oneDNN does not
+    // need zeros): a fresh zero-filled buffer per call cost milliseconds on the large convolutions.
+    thread_local std::unique_ptr<uint8_t[]> scratch;
+    thread_local size_t capacity = 0;
+    if (scratch_md.get_size() > capacity) {
+      capacity = scratch_md.get_size();
+      scratch.reset(new uint8_t[capacity]);
+    }
+    args.insert({DNNL_ARG_SCRATCHPAD, memory(scratch_md, Engine(), scratch.get())});
     prim.execute(s, args);
     s.wait();
   } catch (const dnnl::error& e) {
