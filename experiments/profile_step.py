@@ -70,4 +70,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from prelar_jax.runtime import xla_setup
+
+    xla_setup.use_fast_allocator()  # tcmalloc when installed, as the training scripts run
     app.run(main)

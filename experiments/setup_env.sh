@@ -50,15 +50,19 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c 'impo
   echo "$WANT" > "$STAMP"
 fi
 
-# 4. The oneDNN convolution extension for the CPU backend (optional: without it every convolution
-#    runs on XLA's own kernels, about 1.2x slower on the paper step; README "Performance").
+# 4. Optional CPU speed-ups (README "Performance"; without them everything runs, slower): oneDNN
+#    convolutions (an extension built here from libdnnl-dev) and the tcmalloc allocator, which the
+#    training scripts preload (PRELAR_MALLOC=system turns it off).
 ONEDNN_DIR="$ROOT/prelar_jax/model/nets/onednn"
+WANT_PKGS=""
+[ -f /usr/include/oneapi/dnnl/dnnl.hpp ] || WANT_PKGS="libdnnl-dev g++"
+ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 || WANT_PKGS="$WANT_PKGS libtcmalloc-minimal4"
+if [ -n "$WANT_PKGS" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  say "installing the optional CPU speed-ups:$WANT_PKGS"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $WANT_PKGS >/dev/null 2>&1 \
+    || say "could not install$WANT_PKGS; the project runs without them (slower on CPU)"
+fi
 if [ ! -f "$ONEDNN_DIR/_prelar_onednn_conv.so" ] || [ "$ONEDNN_DIR/conv.cc" -nt "$ONEDNN_DIR/_prelar_onednn_conv.so" ]; then
-  if [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    say "installing the oneDNN headers and a C++ compiler for the convolution extension: libdnnl-dev g++"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdnnl-dev g++ >/dev/null 2>&1 \
-      || say "could not install libdnnl-dev g++; convolutions will run on XLA's kernels"
-  fi
   "$VENV/bin/python" -m prelar_jax.model.nets.onednn.build --quiet-missing \
     || say "WARNING: building the oneDNN convolution extension failed (see above); convolutions will run on XLA's kernels"
 fi

@@ -33,6 +33,10 @@ def _device_counts(text: str) -> list[int]:
     return counts
 
 
+def _allocator() -> str:
+    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
+
+
 def _early_device_flags(argv: list[str]) -> None:
     """Fake CPU devices must be requested before JAX is imported: ``max(--devices)`` of them."""
     for arg in argv:
@@ -53,6 +57,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import env_throughput  # noqa: E402  (experiments/, this script's directory)
 from prelar_jax.learners import finetune as agent_lib, pretrain  # noqa: E402
+from prelar_jax.model.nets import onednn  # noqa: E402
 from prelar_jax.runtime import parallel, steps  # noqa: E402
 from prelar_jax.envs.rendering import RenderSettings  # noqa: E402
 from prelar_jax.perf.throughput_report import (
@@ -295,7 +300,8 @@ def main(argv):
         f"{available[0].platform} ({available[0].device_kind}); global batch {config.batch_size} x "
         f"{config.sequence_length} fixed at every device count (per device: batch / devices); "
         f"median of {_STEPS.value} calls after {_WARMUP.value} warm-up"
-        + (f"; policy for {num_envs} environments" if finetune else ""),
+        + (f"; policy for {num_envs} environments" if finetune else "")
+        + f"; convolutions: {'oneDNN' if onednn.enabled() else 'XLA'}; allocator: {_allocator()}",
         flush=True,
     )
 
@@ -375,6 +381,8 @@ def main(argv):
         "warmup": _WARMUP.value,
         "compile_cache": _COMPILE_CACHE.value,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "convolutions": "onednn" if onednn.enabled() else "xla",
+        "allocator": _allocator(),
         "command": " ".join(sys.argv),
         "rows": rows,
         "env": env,
@@ -389,4 +397,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from prelar_jax.runtime import xla_setup
+
+    xla_setup.use_fast_allocator()  # tcmalloc when installed, as the training scripts run
     app.run(main)

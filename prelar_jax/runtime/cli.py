@@ -14,6 +14,10 @@ import os
 import sys
 from typing import Callable
 
+from prelar_jax.runtime import xla_setup
+
+# tcmalloc when installed (re-executes the script once; PRELAR_MALLOC=system keeps glibc's malloc).
+xla_setup.use_fast_allocator()
 # Re-runs (resumes) reuse compiled steps; set JAX_COMPILATION_CACHE_DIR="" to turn this off.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "prelar_jax", "xla"))
