@@ -380,3 +380,16 @@ def test_sweep_cli_bad_file_is_one_line_exit_2(tmp_path):
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(sweep_file) in result.stderr and "'loss.kl_scal'" in result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no scheduler autogroups here")
+def test_a_niced_runner_gives_its_runs_session_level_niceness():
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert runner.inherit_niceness(child.pid, 0) is False  # not niced: nothing to pass on
+        assert runner.inherit_niceness(child.pid, 7) is True
+        with open(f"/proc/{child.pid}/autogroup") as handle:
+            assert handle.read().split()[-1] == "7"
+    finally:
+        child.kill()
+        child.wait()

@@ -237,6 +237,25 @@ def _run_all(
     return scheduler.done()
 
 
+def inherit_niceness(pid: int, niceness: int | None = None) -> bool:
+    """Gives a run started in its own session the runner's niceness at the session level too.
+
+    On Linux with scheduler autogroups (the default), each session is its own scheduling group and
+    a process's ``nice`` only ranks it within its group, so ``nice -n 19 benchmark.py`` did not make
+    its runs (new sessions, so they can be signalled as a group) yield to other work: they took
+    half the CPU from a foreground job. Writing the niceness to ``/proc/<pid>/autogroup`` does.
+    Best-effort: False where there are no autogroups or the write is refused."""
+    niceness = os.nice(0) if niceness is None else niceness
+    if niceness <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as handle:
+            handle.write(str(niceness))
+        return True
+    except OSError:
+        return False
+
+
 class _Scheduler:
     """The state of one ``run_all``: every run's result, the queue, the running processes."""
 
@@ -311,6 +330,7 @@ class _Scheduler:
             result.status, result.log_tail = FAILED, [f"could not start: {error}"]
             self.echo(f"[runner] FAILED   {spec.name}: could not start ({error}) {self.progress()}")
             return
+        inherit_niceness(process.pid)
         self.running[spec.name] = _Running(spec, process, log, log_path, offset, time.monotonic())
         self.results[spec.name].status = RUNNING
         self.echo(f"[runner] start    {spec.name} ({self.started}/{self.total}, pid {process.pid}) log: {log_path}")
