@@ -24,6 +24,7 @@ built = pytest.mark.skipif(
 GEOMETRIES = [
     (3, 9, 5, 7, 3, 1, "SAME"),
     (2, 12, 4, 6, 4, 2, "VALID"),
+    (2, 11, 3, 4, 4, 2, "VALID"),  # odd: the last row and column are not read (64 -> 31 -> 14)
     (2, 10, 3, 8, 3, 2, ((1, 1), (1, 1))),
     (2, 8, 6, 6, 1, 1, "SAME"),
     (2, 7, 3, 4, 3, 1, ((0, 2), (1, 0))),

@@ -3,10 +3,11 @@
 XLA's CPU convolutions run the paper ResNets' 3x3 convolutions at 160-400 GFLOP/s on a 2-core
 AVX-512 machine, and their weight gradients need layout transposes of every activation; oneDNN's
 kernels run the same convolutions at 390-550 GFLOP/s straight from NHWC (experiments/BENCHMARKS.md,
-"oneDNN convolutions"). ``conv_general_dilated`` here sends a float32 2-D NHWC/HWIO convolution
-without dilation or groups to three XLA FFI handlers (forward, input gradient, weight gradient,
-``conv.cc``) when the backend is CPU and the extension is built; every other call, and every
-other backend, is ``lax.conv_general_dilated`` itself. The network is defined once
+"oneDNN convolutions and tcmalloc"). ``conv_general_dilated`` here sends a float32 2-D NHWC/HWIO
+convolution without kernel dilation or groups, and a transposed one (input dilated by the stride,
+as ``lax.conv_transpose`` makes it), to three XLA FFI handlers (forward, input gradient, weight
+gradient, ``conv.cc``) when the backend is CPU and the extension is built; every other call, and
+every other backend, is ``lax.conv_general_dilated`` itself. The network is defined once
 (``nets.common.Conv``); only the kernel that runs it differs.
 
 Choice: ``PRELAR_CONV`` = ``auto`` (default: oneDNN on CPU when built, else XLA), ``xla``, or
