@@ -221,10 +221,12 @@ def _pretrain_jaxprs(dtype: str):
 
 
 @pytest.mark.slow
-def test_pretrain_loss_jaxpr_uses_bf16_layers_and_float32_numerics():
+def test_pretrain_loss_jaxpr_uses_bf16_layers_and_float32_numerics(monkeypatch):
     """bfloat16 mode: every convolution and matmul (forward and backward) is bfloat16, and no
     sensitive op or recurrent carry is; float32 mode has no bfloat16 at all. The loss and every
-    metric are float32 scalars in both modes."""
+    metric are float32 scalars in both modes. (XLA's convolutions, so they show in the jaxpr as
+    conv_general_dilated: the oneDNN path takes float32 convolutions only, as opaque FFI calls.)"""
+    monkeypatch.setenv("PRELAR_CONV", "xla")
     for dtype in ("float32", "bfloat16"):
         forward, with_grad = _pretrain_jaxprs(dtype)
         counts = op_dtypes(with_grad)

@@ -13,8 +13,8 @@ import numpy as np, torch
 import ruamel.yaml as Y
 import gym_stub  # noqa
 import wmlib, wmlib.agents as agents, wmlib.utils as utils
-yaml = Y.YAML(typ='safe', pure=True)
-configs = yaml.load((ref / 'configs' / 'prelar_pretraining.yaml').read_text())
+loader = Y.YAML(typ="safe", pure=True)
+configs = loader.load((ref / 'configs' / 'prelar_pretraining.yaml').read_text())
 config = utils.Config(configs['defaults']).update(configs['rlbench_pretrain'])
 over = {'precision': 32, 'device': 'cpu', 'vanet.type_': 'stoch', 'vanet.discrete': 0, 'vanet.stoch': 64,
         'rank_loss': 'sign', 'dataset.batch': B, 'dataset.length': T}
