@@ -162,3 +162,15 @@ def test_cli_rejects_unknown_task(tmp_path: Path) -> None:
         cli.main(["--out", str(tmp_path), "--tasks", "no-such-task"])
     with pytest.raises(ValueError, match="No tasks"):
         cli.main(["--out", str(tmp_path), "--tasks", "reach", "--exclude", "reach-v3"])
+
+
+def test_synthetic_square_videos_have_the_same_names_and_order_on_every_run(tmp_path):
+    """Random (time + uuid) names made the item order, and so the learning tests' training data
+    order, differ between runs; the synthetic writer names files by episode index."""
+    from prelar_jax.data import synthetic
+
+    names = []
+    for run in ("a", "b"):
+        synthetic.write_moving_square_videos(tmp_path / run, 3, 8, seed=0)
+        names.append(sorted(p.name for p in (tmp_path / run / "square").glob("*.npz")))
+    assert names[0] == names[1] == [f"00000000T000000-{i:032x}-7.npz" for i in range(3)]

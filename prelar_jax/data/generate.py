@@ -71,11 +71,17 @@ def episode_filename(length: int) -> str:
     return f"{stamp}-{uuid.uuid4().hex}-{length}.npz"
 
 
-def save_episode(directory: str | os.PathLike, episode: dict[str, np.ndarray]) -> Path:
-    """Write one episode as compressed npz, atomically (a killed run leaves no half-written *.npz)."""
+def save_episode(directory: str | os.PathLike, episode: dict[str, np.ndarray], index: int | None = None) -> Path:
+    """Write one episode as compressed npz, atomically (a killed run leaves no half-written *.npz).
+
+    ``index``: a name that sorts by it and is the same on every run (``00000000T000000-<index as
+    32 hex digits>-<length>.npz``), for data that must load in the same order each time; default
+    the DreamerV2 name with the time and a random id."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / episode_filename(len(episode["image"]) - 1)
+    length = len(episode["image"]) - 1
+    name = episode_filename(length) if index is None else f"00000000T000000-{index:032x}-{length}.npz"
+    path = directory / name
     tmp = directory / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **episode)

@@ -78,6 +78,6 @@ def write_moving_square_videos(
     from prelar_jax.data.generate import save_episode
 
     episodes = moving_square_episodes(count, length, seed, **kwargs)
-    for episode in episodes:
-        save_episode(os.path.join(os.fspath(directory), "square"), episode)
+    for index, episode in enumerate(episodes):  # fixed names: the same item order on every run
+        save_episode(os.path.join(os.fspath(directory), "square"), episode, index=index)
     return episodes
