@@ -173,4 +173,4 @@ def test_synthetic_square_videos_have_the_same_names_and_order_on_every_run(tmp_
     for run in ("a", "b"):
         synthetic.write_moving_square_videos(tmp_path / run, 3, 8, seed=0)
         names.append(sorted(p.name for p in (tmp_path / run / "square").glob("*.npz")))
-    assert names[0] == names[1] == [f"00000000T000000-{i:032x}-7.npz" for i in range(3)]
+    assert names[0] == names[1] == [f"00000000T000000-{i:032x}-8.npz" for i in range(3)]
