@@ -123,20 +123,26 @@ ffi::Error Run(dnnl::primitive& prim, const memory::desc& scratch_md, std::unord
   return ffi::Error::Success();
 }
 
+// The two calls that read the kernel: forward (x -> y) and input gradient (dy -> dx). The kernel is
+// reordered to the layout the primitive chose.
+template <typename PrimitiveDesc>
+ffi::Error RunWithKernel(dnnl::primitive& prim, const PrimitiveDesc& pd, int in_arg, memory in, memory kernel,
+                         int out_arg, memory out) {
+  dnnl::stream s(Engine());
+  memory laid_out = AsLayout(kernel, pd.weights_desc(), s);
+  s.wait();
+  return Run(prim, pd.scratchpad_desc(), {{in_arg, in}, {DNNL_ARG_WEIGHTS, laid_out}, {out_arg, out}});
+}
+
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   if (auto err = Check(x.dimensions(), k.dimensions(), y->dimensions()); !err.success()) return err;
   Geometry g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
   try {
     Prims* p = GetPrims(g);
-    dnnl::stream s(Engine());
-    memory xm(g.x(), Engine(), x.typed_data());
-    memory km(g.k_plain(), Engine(), k.typed_data());
-    memory ym(g.y(), Engine(), y->typed_data());
-    memory kb = AsLayout(km, p->fwd_pd.weights_desc(), s);
-    s.wait();
-    return Run(p->fwd, p->fwd_pd.scratchpad_desc(),
-               {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, kb}, {DNNL_ARG_DST, ym}});
+    return RunWithKernel(p->fwd, p->fwd_pd, DNNL_ARG_SRC, memory(g.x(), Engine(), x.typed_data()),
+                         memory(g.k_plain(), Engine(), k.typed_data()), DNNL_ARG_DST,
+                         memory(g.y(), Engine(), y->typed_data()));
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
@@ -148,14 +154,9 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k, f
   Geometry g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
   try {
     Prims* p = GetPrims(g);
-    dnnl::stream s(Engine());
-    memory dym(g.y(), Engine(), dy.typed_data());
-    memory km(g.k_plain(), Engine(), k.typed_data());
-    memory dxm(g.x(), Engine(), dx->typed_data());
-    memory kb = AsLayout(km, p->bwd_data_pd.weights_desc(), s);
-    s.wait();
-    return Run(p->bwd_data, p->bwd_data_pd.scratchpad_desc(),
-               {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, kb}, {DNNL_ARG_DIFF_SRC, dxm}});
+    return RunWithKernel(p->bwd_data, p->bwd_data_pd, DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), dy.typed_data()),
+                         memory(g.k_plain(), Engine(), k.typed_data()), DNNL_ARG_DIFF_SRC,
+                         memory(g.x(), Engine(), dx->typed_data()));
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
