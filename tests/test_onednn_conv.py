@@ -228,3 +228,15 @@ def test_resnet_decoder_keeps_flax_parameter_names():
         StridedConvTranspose(3, (3, 3), impl="subpixel", padding=((1, 2), (1, 2))).init(
             jax.random.key(0), jnp.ones((1, 4, 4, 2))
         )
+
+
+@built
+def test_bfloat16_transposed_conv_keeps_the_subpixel_form_on_cpu():
+    """oneDNN takes float32 only; a bfloat16 decoder layer must not fall to XLA's dilated convolution."""
+    from prelar_jax.model.nets.common import StridedConvTranspose
+
+    x = jnp.ones((2, 5, 5, 4), jnp.bfloat16)
+    module = StridedConvTranspose(3, (5, 5), dtype=jnp.bfloat16)
+    params = module.init(jax.random.key(0), x)
+    text = jax.jit(module.apply).lower(params, x).as_text()
+    assert "lhs_dilate = [2, 2]" not in text and "prelar_onednn" not in text

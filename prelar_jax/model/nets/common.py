@@ -27,7 +27,6 @@ Conv = functools.partial(
 )
 
 Dtype = Any
-_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def preprocess_image(image: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
@@ -94,9 +93,7 @@ def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
         for p_w in (0, 1):
             r_w, pad_w, cut_w, count_w = phase(p_w, k_w, n_w, out_w)
             xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))[:, cut_h, cut_w]
-            y = jax.lax.conv_general_dilated(
-                xp, kernel[r_h::2, r_w::2], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
+            y = jax.lax.conv_general_dilated(xp, kernel[r_h::2, r_w::2], (1, 1), "VALID", dimension_numbers=onednn.NHWC)
             columns.append(jnp.pad(y, ((0, 0), (0, q_h - count_h), (0, q_w - count_w), (0, 0))))
         rows.append(jnp.stack(columns, axis=3))  # [N, Q_h, Q_w, 2 (p_w), C]
     y = jnp.stack(rows, axis=2)  # [N, Q_h, 2 (p_h), Q_w, 2 (p_w), C]
@@ -129,13 +126,15 @@ class StridedConvTranspose(nn.Module):
         impl = self.impl
         if impl == "auto":
             on_cpu = jax.default_backend() == "cpu"
-            impl = "onednn" if on_cpu and onednn.enabled() else ("subpixel" if on_cpu and valid else "lax")
+            # oneDNN takes float32 only: a bfloat16 layer keeps the sub-pixel form on CPU.
+            fast = on_cpu and self.dtype == jnp.float32 and onednn.enabled()
+            impl = "onednn" if fast else ("subpixel" if on_cpu and valid else "lax")
         if impl == "subpixel" and not valid:
             raise ValueError(f"impl='subpixel' needs padding='VALID', got {self.padding!r}")
         if impl == "subpixel":
             y = conv_transpose_subpixel(x, kernel)
         elif impl == "onednn":  # the dilated convolution lax.conv_transpose makes, run by oneDNN
-            y = onednn.conv_general_dilated(x, kernel, (1, 1), pads, lhs_dilation=(2, 2), dimension_numbers=_NHWC)
+            y = onednn.conv_general_dilated(x, kernel, (1, 1), pads, lhs_dilation=(2, 2), dimension_numbers=onednn.NHWC)
         else:
-            y = jax.lax.conv_transpose(x, kernel, (2, 2), self.padding, dimension_numbers=_NHWC)
+            y = jax.lax.conv_transpose(x, kernel, (2, 2), self.padding, dimension_numbers=onednn.NHWC)
         return y + bias

@@ -43,7 +43,7 @@ _SYMBOLS = {
     "backward_data": "PrelarConvBackwardData",
     "backward_weights": "PrelarConvBackwardWeights",
 }
-_NHWC = ("NHWC", "HWIO", "NHWC")
+NHWC = ("NHWC", "HWIO", "NHWC")  # the layout the kernels read (activations, kernel, output)
 
 
 class ConvImplError(UserError, ValueError):
@@ -99,7 +99,7 @@ def _supported(lhs, rhs, strides, rhs_dilation, dimension_numbers, groups, batch
         return False
     if groups != 1 or batch_groups != 1 or any(d != 1 for d in (rhs_dilation or ())):
         return False
-    want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     have = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or ("NCHW", "OIHW", "NCHW"))
     return have == want
 
