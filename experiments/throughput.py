@@ -33,8 +33,10 @@ def _device_counts(text: str) -> list[int]:
     return counts
 
 
-def _allocator() -> str:
-    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
+def _kernels() -> tuple[str, str]:
+    """(convolutions, allocator) this process measures with."""
+    allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
+    return ("onednn" if onednn.enabled() else "xla"), allocator
 
 
 def _early_device_flags(argv: list[str]) -> None:
@@ -295,13 +297,14 @@ def main(argv):
     finetune = "actor_critic" in config
     num_envs = _NUM_ENVS.value or (config.env.num_envs if finetune else 0)
     host_batch = random_batch(config, finetune)
+    kernels = _kernels()
     print(
         f"{'fine-tuning' if finetune else 'pre-training'} [{config.method}, {config.preset}] on "
         f"{available[0].platform} ({available[0].device_kind}); global batch {config.batch_size} x "
         f"{config.sequence_length} fixed at every device count (per device: batch / devices); "
         f"median of {_STEPS.value} calls after {_WARMUP.value} warm-up"
         + (f"; policy for {num_envs} environments" if finetune else "")
-        + f"; convolutions: {'oneDNN' if onednn.enabled() else 'XLA'}; allocator: {_allocator()}",
+        + "; convolutions: {}; allocator: {}".format(*kernels),
         flush=True,
     )
 
@@ -381,8 +384,8 @@ def main(argv):
         "warmup": _WARMUP.value,
         "compile_cache": _COMPILE_CACHE.value,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "convolutions": "onednn" if onednn.enabled() else "xla",
-        "allocator": _allocator(),
+        "convolutions": kernels[0],
+        "allocator": kernels[1],
         "command": " ".join(sys.argv),
         "rows": rows,
         "env": env,

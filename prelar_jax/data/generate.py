@@ -65,23 +65,22 @@ def episode_seeds(seed: int, task: str, episode: int) -> tuple[int, int]:
     return int(env_seed), int(noise_seed)
 
 
-def episode_filename(length: int) -> str:
-    """DreamerV2 name `<YYYYmmddTHHMMSS>-<uuid4hex>-<length>.npz`, length = frames - 1."""
+def episode_filename(length: int, index: int | None = None) -> str:
+    """DreamerV2 name `<YYYYmmddTHHMMSS>-<uuid4hex>-<length>.npz`, length = frames - 1. With
+    ``index``, a name that sorts by it and is the same on every run: `00000000T000000-<index as 32
+    hex digits>-<length>.npz` (for data that must load in the same order each time)."""
+    if index is not None:
+        return f"00000000T000000-{index:032x}-{length}.npz"
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     return f"{stamp}-{uuid.uuid4().hex}-{length}.npz"
 
 
 def save_episode(directory: str | os.PathLike, episode: dict[str, np.ndarray], index: int | None = None) -> Path:
-    """Write one episode as compressed npz, atomically (a killed run leaves no half-written *.npz).
-
-    ``index``: a name that sorts by it and is the same on every run (``00000000T000000-<index as
-    32 hex digits>-<length>.npz``), for data that must load in the same order each time; default
-    the DreamerV2 name with the time and a random id."""
+    """Write one episode as compressed npz, atomically (a killed run leaves no half-written *.npz),
+    named by ``episode_filename`` (``index``: a fixed name)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    length = len(episode["image"]) - 1
-    name = episode_filename(length) if index is None else f"00000000T000000-{index:032x}-{length}.npz"
-    path = directory / name
+    path = directory / episode_filename(len(episode["image"]) - 1, index)
     tmp = directory / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **episode)
