@@ -26,6 +26,7 @@ ENTRY %main (a: f32[8,8,8,3], k: f32[3,3,3,3]) -> f32[4] {
   %conv.3 = f32[8,8,8,3]{3,2,1,0} convolution(f32[8,8,8,3]{3,2,1,0} %a, f32[3,3,3,3]{3,2,1,0} %k), window={size=3x3}, metadata={op_name="jit(f)/jvp(ImplicitActionEncoder)/ResNetEncoder_0/Conv_0/conv_general_dilated"}
   %fusion.4 = f32[4]{0} fusion(f32[4]{0} %y), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(f)/jvp(ResNetDecoder)/mul"}
   %transpose_copy_fusion.5 = f32[4]{0} fusion(f32[4]{0} %y), kind=kLoop, calls=%fused_computation.1
+  %convert_select_fusion.10 = f32[4]{0} fusion(f32[4]{0} %y), kind=kLoop, calls=%fused_computation.1
   %while.6 = (f32[4]) while((f32[4]) %t0), body=%body, metadata={op_name="jit(f)/while"}
   %ffi_call.9 = f32[8,8,8,3]{3,2,1,0} custom-call(%a, %k), custom_call_target="prelar_onednn_conv_backward_data", metadata={op_name="jit(f)/transpose(jvp(ResNetEncoder))/ffi_call"}
   ROOT %reduce.8 = f32[] reduce(f32[4]{0} %z, f32[] %c), metadata={op_name="jit(f)/adam/reduce_sum"}
@@ -40,6 +41,8 @@ def test_hlo_ops_reads_names_opcodes_fusions_and_metadata():
     assert ops["dot.7"]["computation"] == "body"
     assert op_profile.op_class(ops["conv.3"], "conv.3") == "convolution"
     assert op_profile.op_class(ops["fusion.4"], "fusion.4") == "elementwise"
+    # A fusion named for a convert is no convolution (bfloat16 steps have many).
+    assert op_profile.op_class(ops["convert_select_fusion.10"], "convert_select_fusion.10") == "elementwise"
     assert op_profile.op_class(ops["transpose_copy_fusion.5"], "transpose_copy_fusion.5") == "transpose/copy"
     assert op_profile.op_class(ops["dot.7"], "dot.7") == "dot"
     assert op_profile.op_class(ops["reduce.8"], "reduce.8") == "reduction"

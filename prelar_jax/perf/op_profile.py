@@ -73,7 +73,7 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
 def op_class(op: Mapping[str, Any], name: str = "") -> str:
     """The class of one instruction, looking into the computation a fusion calls."""
     opcodes = [op["opcode"], *op.get("inner", [])]
-    if "convolution" in opcodes or name.startswith("conv") or "conv" in op.get("target", ""):
+    if "convolution" in opcodes or re.match(r"conv(olution)?[._\d]", name) or "conv" in op.get("target", ""):
         return "convolution"  # the last: a convolution library's custom call (nets/onednn)
     if "dot" in opcodes:
         return "dot"
