@@ -94,10 +94,18 @@ def test_only_supported_calls_go_to_onednn(monkeypatch):
     w = jnp.ones((3, 3, 4, 4))
     call = lambda **kw: lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, **kw)
     assert "prelar_onednn" in _targets(call(), x, w)
-    # Dilation, groups, bfloat16 and other layouts fall back to XLA's convolution, with XLA's values.
+    # Dilation, groups, other dtypes or result types and other layouts fall back to XLA's convolution, with
+    # XLA's values.
     assert "prelar_onednn" not in _targets(call(rhs_dilation=(2, 2)), x, w)
     assert "prelar_onednn" not in _targets(call(feature_group_count=2), x, jnp.ones((3, 3, 2, 4)))
-    assert "prelar_onednn" not in _targets(call(), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert "prelar_onednn" not in _targets(call(), x.astype(jnp.float16), w.astype(jnp.float16))
+    bf16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert "prelar_onednn" not in _targets(call(preferred_element_type=jnp.float32), *bf16)
+    # bfloat16 goes to oneDNN only where this CPU has its bfloat16 kernels.
+    assert ("prelar_onednn" in _targets(call(), *bf16)) == onednn.bfloat16_supported()
+    monkeypatch.setattr(onednn, "bfloat16_supported", lambda: False)
+    assert "prelar_onednn" not in _targets(call(), *bf16)
+    assert "prelar_onednn" in _targets(call(), x, w)
     nchw = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME")
     assert "prelar_onednn" not in _targets(nchw, jnp.ones((2, 4, 8, 8)), jnp.ones((4, 4, 3, 3)))
     np.testing.assert_allclose(
@@ -114,7 +122,7 @@ def test_choice_errors_say_what_to_do(monkeypatch, tmp_path):
         onednn.enabled()
     monkeypatch.setenv("PRELAR_CONV", "onednn")
     monkeypatch.setattr(onednn, "LIBRARY", str(tmp_path / "missing.so"))
-    onednn.load.cache_clear()
+    onednn._library.cache_clear()
     try:
         with pytest.raises(onednn.ConvImplError, match="libdnnl-dev"):
             onednn.enabled()
@@ -122,7 +130,7 @@ def test_choice_errors_say_what_to_do(monkeypatch, tmp_path):
         assert not onednn.enabled()  # auto without the library: XLA's kernels, no error
     finally:
         monkeypatch.undo()
-        onednn.load.cache_clear()
+        onednn._library.cache_clear()
 
 
 @built
@@ -139,6 +147,9 @@ def test_flop_count_includes_the_onednn_calls(monkeypatch):
 
     # Forward, input gradient, weight gradient: each 2 * (4*7*7*8 outputs) * (4*4*6 taps).
     assert onednn.flops_in_hlo(compiled_text()) == 3 * 2 * (4 * 7 * 7 * 8) * (4 * 4 * 6)
+    if onednn.bfloat16_supported():  # the same count from bfloat16 calls
+        x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        assert onednn.flops_in_hlo(compiled_text()) == 3 * 2 * (4 * 7 * 7 * 8) * (4 * 4 * 6)
     monkeypatch.setenv("PRELAR_CONV", "xla")
     assert onednn.flops_in_hlo(compiled_text()) == 0
 
@@ -230,13 +241,59 @@ def test_resnet_decoder_keeps_flax_parameter_names():
         )
 
 
+needs_bf16 = pytest.mark.skipif(
+    not (onednn.load() and onednn.bfloat16_supported()), reason="oneDNN has no bfloat16 kernels for this CPU"
+)
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,side,ci,co,k,stride,padding", GEOMETRIES[:4])
+def test_bfloat16_values_and_gradients_within_rounding(n, side, ci, co, k, stride, padding):
+    """Mixed precision: bfloat16 inputs, products accumulated in float32, a bfloat16 result. Against
+    a float64 reference on the same bfloat16-rounded inputs the error is the output's rounding
+    (2^-8 relative) and no more; XLA's own bfloat16 convolution gives the same values to that."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(n, side, side, ci)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(k, k, ci, co)), jnp.bfloat16)
+    fast = lambda x, w: onednn.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+    xla = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+    assert "prelar_onednn_conv_forward" in _targets(fast, x, w)
+    y = jax.jit(fast)(x, w)
+    assert y.dtype == jnp.bfloat16
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    pads = _pads(padding, x64, w64, stride)
+    reference = _numpy_conv(x64, w64, stride, pads)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(np.asarray(y, np.float64), reference, rtol=2**-7, atol=2**-7 * scale)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float64), np.asarray(xla(x, w), np.float64), rtol=2**-6, atol=2**-6 * scale
+    )
+    # Gradients against float32 ones of the same bfloat16-rounded numbers (float32's error is ~1e-6
+    # here, far below bfloat16's): each element within the result's rounding.
+    c = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
+    grads = lambda f, x, w: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * c), argnums=(0, 1)))(
+        x, w
+    )
+    got = grads(fast, x, w)
+    want = grads(xla, x.astype(jnp.float32), w.astype(jnp.float32))
+    for g, r in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        r = np.asarray(r, np.float64)
+        np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2**-7, atol=2**-7 * np.abs(r).max())
+
+
 @built
-def test_bfloat16_transposed_conv_keeps_the_subpixel_form_on_cpu():
-    """oneDNN takes float32 only; a bfloat16 decoder layer must not fall to XLA's dilated convolution."""
+def test_bfloat16_transposed_conv_runs_on_onednn_or_keeps_the_subpixel_form(monkeypatch):
+    """A bfloat16 decoder layer on CPU runs on oneDNN's bfloat16 kernels where it has them, else the
+    sub-pixel form; never XLA's slow dilated convolution."""
     from prelar_jax.model.nets.common import StridedConvTranspose
 
     x = jnp.ones((2, 5, 5, 4), jnp.bfloat16)
     module = StridedConvTranspose(3, (5, 5), dtype=jnp.bfloat16)
     params = module.init(jax.random.key(0), x)
+    text = jax.jit(module.apply).lower(params, x).as_text()
+    assert "lhs_dilate = [2, 2]" not in text
+    assert ("prelar_onednn" in text) == onednn.bfloat16_supported()
+    monkeypatch.setattr(onednn, "bfloat16_supported", lambda: False)
     text = jax.jit(module.apply).lower(params, x).as_text()
     assert "lhs_dilate = [2, 2]" not in text and "prelar_onednn" not in text

@@ -354,9 +354,13 @@ def test_finetune_update_parity_and_float32_state():
         assert_float32_state(getattr(state16, field), field)
     jax.tree.map(lambda a, b: np.testing.assert_equal(a.dtype, b.dtype), state16, state32)
     first16, first32 = b16[0], f32[0]
-    for name in ("model_loss", "image_loss", "reward_loss", "aux_reward_loss"):
+    for name in ("model_loss", "image_loss", "aux_reward_loss"):
         np.testing.assert_allclose(first16[name], first32[name], rtol=4 * U_BF16, err_msg=name)
-    np.testing.assert_allclose(first16["kl"], first32["kl"], rtol=10 * U_BF16, err_msg="kl")
+    # The reward target holds the intrinsic bonus: means of the k nearest of many near-equal
+    # distances between embeddings, where a rounding can swap which neighbours count (4.8u measured
+    # with oneDNN's bfloat16 convolutions, whose values match XLA's to the same rounding per op).
+    for name in ("kl", "reward_loss"):
+        np.testing.assert_allclose(first16[name], first32[name], rtol=10 * U_BF16, err_msg=name)
     for name in ("actor_loss", "critic_loss", "lambda_return", "actor_entropy", "critic_value", "imag_reward"):
         np.testing.assert_allclose(first16[name], first32[name], rtol=10 * U_BF16, atol=10 * U_BF16, err_msg=name)
     for history in (f32, b16):

@@ -126,8 +126,8 @@ class StridedConvTranspose(nn.Module):
         impl = self.impl
         if impl == "auto":
             on_cpu = jax.default_backend() == "cpu"
-            # oneDNN takes float32 only: a bfloat16 layer keeps the sub-pixel form on CPU.
-            fast = on_cpu and self.dtype == jnp.float32 and onednn.enabled()
+            # Where oneDNN has no bfloat16 kernels a bfloat16 layer keeps the sub-pixel form on CPU.
+            fast = on_cpu and onednn.takes(self.dtype)
             impl = "onednn" if fast else ("subpixel" if on_cpu and valid else "lax")
         if impl == "subpixel" and not valid:
             raise ValueError(f"impl='subpixel' needs padding='VALID', got {self.padding!r}")

@@ -1,9 +1,10 @@
-// 2-D float32 convolutions (forward, input gradient, weight gradient) through oneDNN, as XLA FFI
-// handlers for the CPU backend. Activations are NHWC and kernels HWIO in XLA's default row-major
+// 2-D convolutions (forward, input gradient, weight gradient) through oneDNN, as XLA FFI handlers
+// for the CPU backend, in float32 or bfloat16 (all buffers of a call the same type; oneDNN
+// accumulates bfloat16 products in float32, as XLA does). Activations are NHWC and kernels HWIO in XLA's default row-major
 // layout; oneDNN picks its own blocked kernel layout ("any") and the kernels are reordered on
 // each call (they change every update; they are small next to the activations).
 //
-// Built by prelar_jax/model/nets/onednn/build.py; used through prelar_jax/model/nets/onednn_conv.py.
+// Built by prelar_jax/model/nets/onednn/build.py; used through prelar_jax/model/nets/onednn/__init__.py.
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdint>
@@ -32,15 +33,16 @@ dnnl::engine& Engine() {
 // Geometry of one convolution: x [n, h, w, ci], kernel [kh, kw, ci, co], y [n, oh, ow, co].
 struct Geometry {
   int64_t n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr;
+  dt type;
   std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-             int64_t, int64_t, int64_t, int64_t>
+             int64_t, int64_t, int64_t, int64_t, int>
   key() const {
-    return {n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr};
+    return {n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr, static_cast<int>(type)};
   }
-  memory::desc x() const { return memory::desc({n, ci, h, w}, dt::f32, tag::nhwc); }
-  memory::desc y() const { return memory::desc({n, co, oh, ow}, dt::f32, tag::nhwc); }
-  memory::desc k_plain() const { return memory::desc({co, ci, kh, kw}, dt::f32, tag::hwio); }
-  memory::desc k_any() const { return memory::desc({co, ci, kh, kw}, dt::f32, tag::any); }
+  memory::desc x() const { return memory::desc({n, ci, h, w}, type, tag::nhwc); }
+  memory::desc y() const { return memory::desc({n, co, oh, ow}, type, tag::nhwc); }
+  memory::desc k_plain() const { return memory::desc({co, ci, kh, kw}, type, tag::hwio); }
+  memory::desc k_any() const { return memory::desc({co, ci, kh, kw}, type, tag::any); }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
@@ -91,11 +93,18 @@ memory AsLayout(const memory& plain, const memory::desc& want, dnnl::stream& s) 
 }
 
 Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y, int64_t sh,
-                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], sh, sw, pt, pb, pl, pr};
+                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, ffi::DataType type) {
+  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], sh, sw, pt, pb, pl, pr,
+                  type == ffi::DataType::BF16 ? dt::bf16 : dt::f32};
 }
 
-ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y) {
+// The three buffers of a call: 4-D, sizes that agree, and one element type, float32 or bfloat16.
+ffi::Error Check(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const ffi::AnyBuffer& c,
+                 ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y) {
+  auto type = a.element_type();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || b.element_type() != type ||
+      c.element_type() != type)
+    return ffi::Error::InvalidArgument("onednn conv: expected float32 or bfloat16 buffers, all of one type");
   if (x.size() != 4 || k.size() != 4 || y.size() != 4)
     return ffi::Error::InvalidArgument("onednn conv: expected 4-D NHWC activations and an HWIO kernel");
   if (x[0] != y[0] || x[3] != k[2] || y[3] != k[3])
@@ -134,43 +143,43 @@ ffi::Error RunWithKernel(dnnl::primitive& prim, const PrimitiveDesc& pd, int in_
   return Run(prim, pd.scratchpad_desc(), {{in_arg, in}, {DNNL_ARG_WEIGHTS, laid_out}, {out_arg, out}});
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
-                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (auto err = Check(x.dimensions(), k.dimensions(), y->dimensions()); !err.success()) return err;
-  Geometry g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
+                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  if (auto err = Check(x, k, *y, x.dimensions(), k.dimensions(), y->dimensions()); !err.success()) return err;
+  Geometry g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, x.element_type());
   try {
     Prims* p = GetPrims(g);
-    return RunWithKernel(p->fwd, p->fwd_pd, DNNL_ARG_SRC, memory(g.x(), Engine(), x.typed_data()),
-                         memory(g.k_plain(), Engine(), k.typed_data()), DNNL_ARG_DST,
-                         memory(g.y(), Engine(), y->typed_data()));
+    return RunWithKernel(p->fwd, p->fwd_pd, DNNL_ARG_SRC, memory(g.x(), Engine(), x.untyped_data()),
+                         memory(g.k_plain(), Engine(), k.untyped_data()), DNNL_ARG_DST,
+                         memory(g.y(), Engine(), y->untyped_data()));
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
 }
 
-ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> dx,
-                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (auto err = Check(dx->dimensions(), k.dimensions(), dy.dimensions()); !err.success()) return err;
-  Geometry g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+ffi::Error BackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> dx, int64_t sh,
+                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  if (auto err = Check(dy, k, *dx, dx->dimensions(), k.dimensions(), dy.dimensions()); !err.success()) return err;
+  Geometry g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, dy.element_type());
   try {
     Prims* p = GetPrims(g);
-    return RunWithKernel(p->bwd_data, p->bwd_data_pd, DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), dy.typed_data()),
-                         memory(g.k_plain(), Engine(), k.typed_data()), DNNL_ARG_DIFF_SRC,
-                         memory(g.x(), Engine(), dx->typed_data()));
+    return RunWithKernel(p->bwd_data, p->bwd_data_pd, DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), dy.untyped_data()),
+                         memory(g.k_plain(), Engine(), k.untyped_data()), DNNL_ARG_DIFF_SRC,
+                         memory(g.x(), Engine(), dx->untyped_data()));
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
 }
 
-ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
-                               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (auto err = Check(x.dimensions(), dk->dimensions(), dy.dimensions()); !err.success()) return err;
-  Geometry g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+ffi::Error BackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dk, int64_t sh,
+                               int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  if (auto err = Check(x, dy, *dk, x.dimensions(), dk->dimensions(), dy.dimensions()); !err.success()) return err;
+  Geometry g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, x.element_type());
   try {
     Prims* p = GetPrims(g);
-    memory xm(g.x(), Engine(), x.typed_data());
-    memory dym(g.y(), Engine(), dy.typed_data());
-    memory dkm(g.k_plain(), Engine(), dk->typed_data());
+    memory xm(g.x(), Engine(), x.untyped_data());
+    memory dym(g.y(), Engine(), dy.untyped_data());
+    memory dkm(g.k_plain(), Engine(), dk->untyped_data());
     const memory::desc& want = p->bwd_weights_pd.diff_weights_desc();
     memory dkb = want == dkm.get_desc() ? dkm : memory(want, Engine());
     auto err = Run(p->bwd_weights, p->bwd_weights_pd.scratchpad_desc(),
@@ -194,16 +203,28 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrelarConvForward, ForwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() PRELAR_CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() PRELAR_CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrelarConvBackwardData, BackwardDataImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() PRELAR_CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() PRELAR_CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrelarConvBackwardWeights, BackwardWeightsImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() PRELAR_CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() PRELAR_CONV_ATTRS);
+
+// 1 when oneDNN has bfloat16 convolution kernels for this CPU (AVX-512 and newer), else 0; the
+// Python side asks once and sends bfloat16 convolutions to XLA where this is 0.
+extern "C" int PrelarConvBfloat16Supported() {
+  try {
+    Geometry g{1, 4, 4, 16, 3, 3, 16, 4, 4, 1, 1, 1, 1, 1, 1, dt::bf16};
+    GetPrims(g);
+    return 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+}
