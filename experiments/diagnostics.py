@@ -32,8 +32,23 @@ ACTION_NAMES = ("dx", "dy", "dz", "gripper")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", required=True, help="PreLAR pre-training workdir (experiments/pretrain.py)")
+    p.add_argument(
+        "--pretrained",
+        required=True,
+        help="pre-training workdir (experiments/pretrain.py): PreLAR (probe and transfer) or APV (transfer only)",
+    )
     p.add_argument("--apv_pretrained", default="", help="APV pre-training workdir (optional)")
+    p.add_argument(
+        "--label",
+        default="",
+        help="the --pretrained run's name in the tables (e.g. a benchmark method such as prelar_wo_cl); "
+        "default: PreLAR or APV",
+    )
+    p.add_argument(
+        "--no_scratch",
+        action="store_true",
+        help="leave out the transfer from no pre-training (another diagnostics run of the benchmark has it)",
+    )
     p.add_argument("--task", default="drawer-open", help="target Meta-World task of the transfer diagnostic")
     p.add_argument(
         "--preset",
@@ -152,7 +167,7 @@ def format_markdown(results: dict[str, Any]) -> str:
         ]
         for name, res in transfer.items():
             lines.append(
-                f"| {name} | {res.get('config', res['method'])} | {_number(res['initial_mse'], 5)} | "
+                f"| {name} | {res.get('config') or res.get('method', '?')} | {_number(res['initial_mse'], 5)} | "
                 f"{_number(res['mse'], 5)} | {_number(res['initial_psnr'], 2)} | "
                 f"{_number(res['psnr'], 2)} | {_number(res.get('context_mse'), 5)} | "
                 f"{_number(res.get('baseline_mse'), 5)} |"
@@ -202,6 +217,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise config_lib.ConfigError(f"--updates must be >= 0, got {args.updates}")
     prelar_pre = probe.read_pretrain_config(args.pretrained)  # fails early on a bad workdir
     apv_pre = probe.read_pretrain_config(args.apv_pretrained) if args.apv_pretrained else None
+    if apv_pre is not None and prelar_pre.get("method") == "apv":
+        raise config_lib.ConfigError(
+            f"--pretrained={args.pretrained} is an APV pre-training and so is --apv_pretrained: pass one APV "
+            "run as --pretrained (transfer only), or a PreLAR run as --pretrained beside it"
+        )
     task = canonical_task_name(args.task)
     preset = args.preset or prelar_pre.get("preset", "tiny")
     check_rendering_backend()
@@ -227,11 +247,16 @@ def _measure(
     results: dict[str, Any] = {"task": task, "preset": preset, "args": vars(args)}
     start = time.perf_counter()
 
-    if not args.skip_probe:
+    apv = prelar_pre.get("method") == "apv"  # no implicit actions to probe
+    label = args.label or ("APV" if apv else "PreLAR")
+    if not args.skip_probe and not apv:
         episodes = _probe_episodes(args, out)
         probe_key = jax.random.fold_in(key, 0)  # the same episode split for both models
         results["probe"] = {}
-        for name, workdir, config in (("PreLAR pre-trained", args.pretrained, None), ("random init", None, prelar_pre)):
+        for name, workdir, config in (
+            (f"{label} pre-trained", args.pretrained, None),
+            ("random init", None, prelar_pre),
+        ):
             res = probe.implicit_action_probe(workdir, config, episodes, probe_key, args.train_fraction)
             hand = f"; hand displacement R² mean {res['hand']['r2_mean']:.3f}" if "hand" in res else ""
             print(
@@ -241,10 +266,11 @@ def _measure(
             results["probe"][name] = res
 
     if not args.skip_transfer:
-        runs = [("PreLAR", f"configs/prelar_finetune.py:{preset}", args.pretrained)]
+        runs = [(label, f"configs/{'apv' if apv else 'prelar'}_finetune.py:{preset}", args.pretrained)]
         if apv_pre is not None:
             runs.append(("APV", f"configs/apv_finetune.py:{apv_pre.get('preset', preset)}", args.apv_pretrained))
-        runs.append(("scratch (DreamerV2)", f"configs/dreamerv2.py:{preset}", None))
+        if not args.no_scratch:
+            runs.append(("scratch (DreamerV2)", f"configs/dreamerv2.py:{preset}", None))
         configs = []
         for name, spec, workdir in runs:
             overrides = {"task": task, "log.wandb_mode": "disabled"}

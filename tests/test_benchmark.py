@@ -44,8 +44,9 @@ def test_plan_shares_pretraining_and_labels_every_cell(tmp_path):
     apv = next(s for s in finetune if s.labels["method"] == "apv_original")
     assert any(arg.endswith("apv_finetune.py:original_tiny") for arg in apv.command)
     assert any(arg.startswith(f"--config.data.root={videos}") for s in pretrain for arg in s.command)
-    # One diagnostics run on PreLAR's pre-training and the first task (no plain `apv` method here).
-    assert len(diagnostics) == 1 and diagnostics[0].workdir == os.path.join(str(tmp_path), "diagnostics")
+    # One diagnostics run per pre-training, PreLAR's first, on the first task.
+    assert [s.name for s in diagnostics] == ["diagnostics", "diagnostics_prelar_wo_cl", "diagnostics_apv_original"]
+    assert diagnostics[0].workdir == os.path.join(str(tmp_path), "diagnostics")
     assert f"--pretrained={pretrained['prelar']}" in diagnostics[0].command
     assert "--task=drawer-open" in diagnostics[0].command
     assert not any(a.startswith("--apv_pretrained") for a in diagnostics[0].command)
@@ -103,19 +104,37 @@ def test_print_lists_every_run(tmp_path):
     )
 
 
-def test_diagnostics_run_follows_the_methods(tmp_path):
+def test_one_diagnostics_run_per_pretraining(tmp_path):
     bench, table = modules()
 
     def diagnostics(**overrides):
         config = config_lib.load_config("configs/benchmark.py:tiny", overrides)
         return bench.plan(config, str(tmp_path), table.METHODS, table.ORIGINAL_PRESETS).diagnostics
 
-    with_apv = diagnostics(methods="prelar,apv", tasks="reach,drawer-open", **{"diagnostics.task": "lever-pull"})
-    assert len(with_apv) == 1
-    command = with_apv[0].command
-    assert f"--apv_pretrained={os.path.join(str(tmp_path), 'pretrain', 'apv')}" in command
-    assert "--task=lever-pull" in command and "--updates=5" in command
-    assert diagnostics(methods="apv,dreamerv2") == []  # nothing to probe without PreLAR
+    pretrain = lambda name: os.path.join(str(tmp_path), "pretrain", name)  # noqa: E731
+    runs = diagnostics(
+        methods="apv,prelar,prelar_naive,prelar_wo_cl,dreamerv2",
+        tasks="reach,drawer-open",
+        **{"diagnostics.task": "lever-pull"},
+    )
+    # PreLAR's first, with the transfer from no pre-training; prelar_naive shares PreLAR's
+    # pre-training and gets none; DreamerV2 has no pre-training.
+    assert [r.name for r in runs] == ["diagnostics", "diagnostics_apv", "diagnostics_prelar_wo_cl"]
+    first, apv, wo_cl = (r.command for r in runs)
+    assert f"--pretrained={pretrain('prelar')}" in first and "--no_scratch" not in first
+    assert not any(arg.startswith("--label") for arg in first)
+    assert f"--pretrained={pretrain('apv')}" in apv and "--label=apv" in apv and "--no_scratch" in apv
+    assert f"--pretrained={pretrain('prelar_consistency=off')}" in wo_cl and "--label=prelar_wo_cl" in wo_cl
+    assert all("--task=lever-pull" in c and "--updates=5" in c for c in (first, apv, wo_cl))
+    assert runs[1].workdir == os.path.join(str(tmp_path), "diagnostics_apv")
+    # Each its own settings group in the archive (they differ in --label and --no_scratch).
+    from prelar_jax.launch import archive
+
+    assert [archive._group(r) for r in runs] == ["diagnostics", "diagnostics/apv", "diagnostics/prelar_wo_cl"]
+    # Without PreLAR the first pre-training's run holds the no-pre-training transfer.
+    alone = diagnostics(methods="apv,dreamerv2")
+    assert [r.name for r in alone] == ["diagnostics_apv"] and "--no_scratch" not in alone[0].command
+    assert diagnostics(methods="dreamerv2") == []
     assert diagnostics(**{"diagnostics.enabled": False}) == []
 
 
@@ -171,3 +190,72 @@ def test_tiny_benchmark_end_to_end(tmp_path):
             assert json.load(handle)["counts"] == {"skipped: finished": count}, stage
     with open(workdir / "results.csv", newline="", encoding="utf-8") as handle:
         assert list(csv.DictReader(handle)) == rows
+
+
+def test_report_merges_the_diagnostics_runs(tmp_path):
+    """The summary's diagnostics: every finished run's probe and transfer rows in one table each;
+    a further run's random-init probe only where it differs."""
+    bench, _ = modules()
+
+    def probe_row(r2):
+        return {
+            "r2": r2,
+            "r2_mean": sum(r2) / len(r2),
+            "train_pairs": 10,
+            "eval_pairs": 5,
+            "train_episodes": [0, 1],
+            "eval_episodes": [2],
+            "code_type": "stoch",
+        }
+
+    def transfer_row(mse, config):
+        return {
+            "updates": 5,
+            "context": 2,
+            "eval_windows": 3,
+            "initial_mse": 2 * mse,
+            "mse": mse,
+            "initial_psnr": 10.0,
+            "psnr": 20.0,
+            "config": config,
+        }
+
+    runs = {
+        "diagnostics": {
+            "task": "reach",
+            "args": {"label": ""},
+            "probe": {"PreLAR pre-trained": probe_row([0.5, 0.4]), "random init": probe_row([0.1, 0.2])},
+            "transfer": {"PreLAR": transfer_row(0.011, "p"), "scratch (DreamerV2)": transfer_row(0.033, "d")},
+        },
+        "diagnostics_apv": {"task": "reach", "args": {"label": "apv"}, "transfer": {"apv": transfer_row(0.022, "a")}},
+        "diagnostics_prelar_wo_al_cl": {
+            "task": "reach",
+            "args": {"label": "prelar_wo_al_cl"},
+            "probe": {"prelar_wo_al_cl pre-trained": probe_row([0.3, 0.3]), "random init": probe_row([0.0, 0.1])},
+            "transfer": {"prelar_wo_al_cl": transfer_row(0.044, "w")},
+        },
+        "diagnostics_prelar_wo_cl": {
+            "task": "reach",
+            "args": {"label": "prelar_wo_cl"},
+            "probe": {"prelar_wo_cl pre-trained": probe_row([0.6, 0.6]), "random init": probe_row([0.1, 0.2])},
+        },
+    }
+    for name, data in runs.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "diagnostics.json").write_text(json.dumps(data))
+    os.makedirs(tmp_path / "diagnostics_unfinished")  # no diagnostics.json: left out
+    text, paths = bench.diagnostics_section(str(tmp_path))
+    assert len(paths) == 4 and paths[0].endswith(os.path.join("diagnostics", "diagnostics.json"))
+    rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")]
+    probe = rows[rows.index("encoder") + 1 : rows.index("initialisation")]
+    assert probe == [
+        "PreLAR pre-trained",
+        "random init",
+        "prelar_wo_al_cl pre-trained",
+        "random init (prelar_wo_al_cl)",  # another code type: its own random init
+        "prelar_wo_cl pre-trained",  # the same random init as PreLAR's: not repeated
+    ]
+    transfer = rows[rows.index("initialisation") + 1 :]
+    assert transfer == ["PreLAR", "scratch (DreamerV2)", "apv", "prelar_wo_al_cl"]
+    assert "0.02200" in text and "0.04400" in text
+    assert bench.diagnostics_section(str(tmp_path / "nothing")) == ("", [])

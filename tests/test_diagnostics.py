@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from prelar_jax.runtime import config as config_lib
+from prelar_jax.runtime import config as config_lib, logger as logger_lib
 from prelar_jax.data.generate import save_episode
 from prelar_jax.analysis import probe, transfer
 from prelar_jax.learners.pretrain import PretrainModel
@@ -389,3 +389,49 @@ def test_cli_table_and_bad_workdir(tmp_path, capsys):
         cli.main([f"--pretrained={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}"])
     assert exit_info.value.code == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_cli_runs_what_the_pretraining_has(tmp_path, monkeypatch):
+    """An APV pre-training as --pretrained gets the transfer only (no implicit actions to probe),
+    named by --label; --no_scratch leaves out the transfer from no pre-training; a PreLAR one is
+    probed beside a random init."""
+    cli = _cli()
+    calls = []
+    monkeypatch.setattr(cli, "_probe_episodes", lambda args, out: [])
+    monkeypatch.setattr(transfer, "collect_random_episodes", lambda *a, **k: [])
+
+    def fake_probe(workdir, config, episodes, key, fraction):
+        calls.append(("probe", workdir))
+        return {"r2": [0.0] * 4, "r2_mean": 0.0, "train_pairs": 1, "eval_pairs": 1}
+
+    def fake_transfer(config, workdir, train, evaluation, updates, key, context=None):
+        calls.append(("transfer", config.method, workdir))
+        return {"initial_mse": 0.02, "mse": 0.01, "seconds": 0.0}
+
+    monkeypatch.setattr(probe, "implicit_action_probe", fake_probe)
+    monkeypatch.setattr(transfer, "world_model_transfer", fake_transfer)
+    monkeypatch.setattr(cli, "format_markdown", lambda results: "")
+    monkeypatch.setattr("prelar_jax.envs.metaworld.check_rendering_backend", lambda: None)
+    apv, prelar = tmp_path / "apv", tmp_path / "prelar"
+    logger_lib.write_config(apv, pretrain_config("configs/apv_pretrain.py:tiny").to_dict())
+    logger_lib.write_config(prelar, pretrain_config().to_dict())
+
+    results = cli.run(
+        cli.parse_args(
+            [f"--pretrained={apv}", "--label=apv", "--no_scratch", f"--out={tmp_path / 'a'}", "--task=reach"]
+        )
+    )
+    assert calls == [("transfer", "apv", str(apv))] and list(results["transfer"]) == ["apv"]
+    assert "probe" not in results
+    calls.clear()
+    results = cli.run(cli.parse_args([f"--pretrained={prelar}", f"--out={tmp_path / 'p'}", "--task=reach"]))
+    assert calls == [
+        ("probe", str(prelar)),
+        ("probe", None),
+        ("transfer", "prelar", str(prelar)),
+        ("transfer", "dreamerv2", None),
+    ]
+    assert list(results["probe"]) == ["PreLAR pre-trained", "random init"]
+    assert list(results["transfer"]) == ["PreLAR", "scratch (DreamerV2)"]
+    with pytest.raises(config_lib.ConfigError, match="APV pre-training and so is --apv_pretrained"):
+        cli.run(cli.parse_args([f"--pretrained={apv}", f"--apv_pretrained={apv}", f"--out={tmp_path / 'x'}"]))

@@ -163,6 +163,8 @@ def _group_of(labels: Mapping[str, Any], name: str) -> str:
     name), the diagnostics."""
     if labels.get("stage") == "pretrain":
         return f"pretrain/{labels.get('name', name)}"
+    if labels.get("stage") == "diagnostics" and labels.get("of"):
+        return f"diagnostics/{labels['of']}"  # one diagnostics run per pre-training
     return str(labels.get("method") or labels.get("stage") or name)
 
 

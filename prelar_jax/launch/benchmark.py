@@ -8,6 +8,7 @@ the methods table (README "Benchmark and sweeps").
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import NamedTuple
@@ -17,7 +18,7 @@ from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
 from prelar_jax.launch import archive as archive_lib
 from prelar_jax.launch.runner import FINISHED, SKIPPED, RunSpec, collect_results, run_all, write_results_csv
 from prelar_jax.launch.sweep import flag_value
-from prelar_jax.runtime.config import REPO_ROOT, ConfigError
+from prelar_jax.runtime.config import REPO_ROOT, ConfigError, config_module
 
 
 def _from_repo(path: str) -> str:
@@ -122,27 +123,40 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
 
 
 def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
-    """The diagnostics run: PreLAR's pre-training (and APV's, when benchmarked) on one task."""
+    """The diagnostics runs, one per distinct pre-training: ``diagnostics`` for PreLAR's (the
+    implicit-action probe, and the world-model transfer beside no pre-training) and
+    ``diagnostics_<method>`` for each other one (the probe where it has implicit actions; the
+    transfer). The report merges their tables."""
     d = config.diagnostics
-    if not d.enabled or "prelar" not in pretrain_of_method:
+    if not d.enabled or not pretrain_of_method:
         return []
-    out = os.path.join(workdir, "diagnostics")
     task = d.task or tasks[0]
-    command = [
-        sys.executable,
-        os.path.join(REPO_ROOT, "experiments", "diagnostics.py"),
-        f"--pretrained={pretrain_of_method['prelar']}",
+    flags = [
         f"--task={task}",
-        f"--out={out}",
         f"--updates={d.updates}",
         f"--train_episodes={d.train_episodes}",
         f"--eval_episodes={d.eval_episodes}",
         f"--probe_episodes={d.probe_episodes}",
         f"--probe_steps={d.probe_steps}",
     ]
-    if "apv" in pretrain_of_method:
-        command.insert(3, f"--apv_pretrained={pretrain_of_method['apv']}")
-    return [RunSpec(name="diagnostics", workdir=out, command=command, labels={"stage": "diagnostics", "task": task})]
+    script = os.path.join(REPO_ROOT, "experiments", "diagnostics.py")
+    specs, seen = [], set()
+    # PreLAR's first (its run holds the no-pre-training transfer); then the others in config order.
+    for method in sorted(pretrain_of_method, key=lambda m: m != "prelar"):
+        pretrained = pretrain_of_method[method]
+        if pretrained in seen:
+            continue  # shares a pre-training already diagnosed (e.g. prelar_naive)
+        seen.add(pretrained)
+        name = "diagnostics" if method == "prelar" else f"diagnostics_{method}"
+        out = os.path.join(workdir, name)
+        command = [sys.executable, script, f"--pretrained={pretrained}", flags[0], f"--out={out}", *flags[1:]]
+        if method != "prelar":
+            command += [f"--label={method}"] + (["--no_scratch"] if specs else [])
+        labels = {"stage": "diagnostics", "task": task}
+        if method != "prelar":
+            labels["of"] = method
+        specs.append(RunSpec(name=name, workdir=out, command=command, labels=labels))
+    return specs
 
 
 def random_policy_baselines(config):
@@ -170,14 +184,47 @@ def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> d
     if not rows:
         print(f"[benchmark] no evaluations finished yet; {csv_path} has only its header", flush=True)
         return {"results": csv_path}
-    diagnostics = os.path.join(out, "diagnostics", "diagnostics.md")
-    appendix = open(diagnostics, encoding="utf-8").read() if os.path.exists(diagnostics) else ""
+    appendix, diagnostics = diagnostics_section(out)
     if archive:
         appendix = cost_section(archive, counts) + appendix
     paths = report_lib.write_report(csv_path, out, appendix=appendix, baselines=baselines)
-    if appendix:
+    if diagnostics:
         paths["diagnostics"] = diagnostics
     return {"results": csv_path, **paths}
+
+
+def diagnostics_section(out: str) -> tuple[str, list[str]]:
+    """Markdown: the finished diagnostics runs under ``out`` (``diagnostics`` first, then
+    ``diagnostics_<method>``) merged into one probe table and one transfer table, and their
+    ``diagnostics.json`` paths. A further run's random-init probe row is kept only where its values
+    differ (another implicit-action config), named after its pre-training."""
+    names = ["diagnostics"] + sorted(
+        d for d in (os.listdir(out) if os.path.isdir(out) else []) if d.startswith("diagnostics_")
+    )
+    merged: dict | None = None
+    paths = []
+    for name in names:
+        path = os.path.join(out, name, "diagnostics.json")
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        paths.append(path)
+        if merged is None:
+            merged = {**data, "probe": dict(data.get("probe") or {}), "transfer": dict(data.get("transfer") or {})}
+            continue
+        label = (data.get("args") or {}).get("label") or name
+        for row, res in (data.get("probe") or {}).items():
+            if row == "random init":
+                if any(res.get("r2") == other.get("r2") for other in merged["probe"].values()):
+                    continue
+                row = f"random init ({label})"
+            merged["probe"][row] = res
+        merged["transfer"].update(data.get("transfer") or {})
+    if merged is None:
+        return "", []
+    script = config_module(os.path.join(REPO_ROOT, "experiments", "diagnostics.py"))
+    return script.format_markdown(merged), paths
 
 
 def cost_section(archive: str, counts) -> str:
