@@ -29,6 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/prelar_pretrain.py:
 _STEPS = flags.DEFINE_integer("steps", 5, "Traced calls.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untraced calls after compilation.")
 _OUT = flags.DEFINE_string("out", "/tmp/prelar_profile", "Directory for the trace and the report.")
+_TOP = flags.DEFINE_integer("top", 15, "Longest ops listed.")
 
 
 def main(argv):
@@ -58,7 +59,9 @@ def main(argv):
             jax.block_until_ready(state)
     trace = sorted(glob.glob(os.path.join(out, "plugins", "profile", "*", "perfetto_trace.json.gz")))[-1]
     result = op_profile.breakdown(
-        op_profile.hlo_ops(compiled.as_text()), op_profile.trace_op_times(op_profile.read_trace(trace))
+        op_profile.hlo_ops(compiled.as_text()),
+        op_profile.trace_op_times(op_profile.read_trace(trace)),
+        top_ops=_TOP.value,
     )
     title = f"{config.method} {'fine-tuning update' if finetune else 'pre-training step'}, preset {config.preset}"
     report = f"# {title}\n\n{op_profile.format_breakdown(result, _STEPS.value)}\n"
