@@ -331,6 +331,11 @@ def test_report_appendix_becomes_a_section(tmp_path):
     assert "\n### Probe\n" in after and "\n# a comment, not a heading\n" in after and "| a | b |" in after
     plain = report.write_report(results, tmp_path / "plain", reps=100)
     assert "diagnostics" not in open(plain["summary"], encoding="utf-8").read()
+    # A preface (people's notes on what the numbers show) comes right after the title.
+    notes = report.write_report(results, tmp_path / "notes", reps=100, preface="# What this shows\n\nLittle.\n")
+    lines = open(notes["summary"], encoding="utf-8").read().splitlines()
+    assert lines[0] == "# Benchmark summary" and lines[2:5] == ["## What this shows", "", "Little."]
+    assert lines.index("## What this shows") < min(i for i, line in enumerate(lines) if line.startswith("| "))
 
 
 def test_per_task_plot_marks_reference_points():

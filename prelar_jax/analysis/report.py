@@ -600,6 +600,7 @@ def write_report(
     seed: int = 0,
     appendix: str = "",
     baselines: Mapping[str, Baseline] | None = None,
+    preface: str = "",
 ) -> dict[str, str]:
     """Writes the summary table and both plots into ``out_dir``; returns their paths.
 
@@ -609,6 +610,8 @@ def write_report(
     (Markdown, e.g. the pre-training diagnostics) is added at the end of ``summary.md`` with its
     headings demoted one level, so that it reads as a section of the summary. ``baselines``
     (task -> ``Baseline``, e.g. ``random_policy_baselines``) are drawn and listed beside the methods.
+    ``preface`` (Markdown written by people: what the numbers show and do not show) goes right
+    after the title, headings demoted likewise.
     """
     rows = load_results(results_csv)
     if not rows:
@@ -626,6 +629,9 @@ def write_report(
     markdown = summary_markdown(
         table, per_step, os.path.basename(os.fspath(results_csv)), reps, seed, reference, baselines
     )
+    if preface.strip():
+        title, _, rest = markdown.partition("\n")
+        markdown = f"{title}\n\n{demote_headings(preface).strip()}\n{rest}"
     if appendix.strip():
         markdown += "\n" + demote_headings(appendix).rstrip("\n") + "\n"
     _write_text(paths["summary"], markdown)

@@ -169,6 +169,9 @@ def random_policy_baselines(config):
     return report_lib.random_policy_baselines(path, config.random_policy_steps)
 
 
+NOTES_FILE = "notes.md"  # in the results directory: what the numbers show, written by people
+
+
 def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> dict:
     """The report of every finished evaluation: with an archive, of the archived runs (all
     machines' work so far) and written into the archive; else of the runs under ``workdir``."""
@@ -187,7 +190,9 @@ def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> d
     appendix, diagnostics = diagnostics_section(out)
     if archive:
         appendix = cost_section(archive, counts) + appendix
-    paths = report_lib.write_report(csv_path, out, appendix=appendix, baselines=baselines)
+    notes = os.path.join(out, NOTES_FILE)
+    preface = open(notes, encoding="utf-8").read() if os.path.exists(notes) else ""
+    paths = report_lib.write_report(csv_path, out, appendix=appendix, baselines=baselines, preface=preface)
     if diagnostics:
         paths["diagnostics"] = diagnostics
     return {"results": csv_path, **paths}
