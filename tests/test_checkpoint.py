@@ -187,6 +187,13 @@ def test_restore_only_some_fields_neither_reads_nor_allocates_the_others(tmp_pat
     with Checkpointer(tmp_path / "ckpt") as checkpointer:
         with pytest.raises(ValueError, match=r"no fields \['optimizer'\]"):
             checkpointer.restore(target, only=("params", "optimizer"))
+    # A field with nothing in it (a model without BatchNorm: batch_stats {}) is still a field.
+    empty = saved.replace(batch_stats={})
+    with Checkpointer(tmp_path / "empty") as checkpointer:
+        checkpointer.save(1, empty, {"step": 1})
+        part, _ = checkpointer.restore(target.replace(batch_stats={}), only=only)
+    assert part.batch_stats == {}
+    chex.assert_trees_all_equal(part.params, saved.params)
 
 
 def test_restoring_into_another_architecture_names_the_differences(tmp_path):

@@ -193,8 +193,9 @@ def _top_level_name(path: tuple) -> Any:
 def _skip_other_fields(target: Any, only: Collection[Any]) -> Any:
     """``target`` with every leaf outside the top-level fields ``only`` replaced by orbax's
     placeholder, which orbax neither reads from disk nor allocates."""
-    leaves = jax.tree_util.tree_flatten_with_path(target)[0]
-    unknown = set(only) - {_top_level_name(path) for path, _ in leaves}
+    # The fields themselves, empty ones included (a model without BatchNorm has batch_stats {}).
+    fields = jax.tree_util.tree_flatten_with_path(target, is_leaf=lambda node: node is not target)[0]
+    unknown = set(only) - {_top_level_name(path) for path, _ in fields}
     if unknown:
         raise ValueError(f"restore(only=...): the state has no fields {sorted(map(str, unknown))}")
     return jax.tree_util.tree_map_with_path(
