@@ -8,7 +8,9 @@ the run's task (seed ``--seed``, never the runs' own seeds; the run's camera and
 into non-overlapping windows of the run's sequence length; ``log.media_context`` frames observed,
 the rest imagined under the episodes' actions. Printed and written beside two model-free baselines
 on the same frames: the mean frame of the run's replay (its training data) and the last observed
-frame repeated. The README's learning criterion is ``mse <= 0.5 x`` the mean-frame baseline.
+frame repeated; and the same windows imagined under another episode's actions (``action_effect``:
+that error over the true actions' error, 1 where the model ignores its actions). The README's
+learning criterion is ``mse <= 0.5 x`` the mean-frame baseline.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[wm-error] {res['method']} {task} @ {res['env_step']} env steps: open-loop MSE "
                 f"{res['mse']:.5f} = {res['ratio_to_mean_frame']:.2f} x mean frame ({res['baseline_mse']:.5f}); "
-                f"last frame {res['last_frame_mse']:.5f}; reconstruction {res['context_mse']:.5f} "
+                f"last frame {res['last_frame_mse']:.5f}; reconstruction {res['context_mse']:.5f}; "
+                f"under another episode's actions {res['mse_other_actions']:.5f} "
+                f"(x{res['action_effect']:.3f}) "
                 f"({res['eval_windows']} windows)",
                 flush=True,
             )

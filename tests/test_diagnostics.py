@@ -311,6 +311,20 @@ def test_transfer_updates_lower_the_error_on_the_data_they_see():
     assert res["loss_last"] < res["loss_first"]
 
 
+def test_other_actions_replace_only_the_imagined_part_of_each_window():
+    actions = [np.full((10, 1), float(i)) for i in range(3)]
+    episodes = [{"image": np.zeros((10, 2, 2, 3), np.uint8), "action": a} for a in actions]
+    out = transfer.with_other_actions(episodes, [(0, 0), (0, 5), (2, 4)], length=5, context=2)
+    # Episode 0, windows [0, 5) and [5, 10): positions 2-4 and 7-9 from episode 1.
+    np.testing.assert_array_equal(out[0]["action"][:, 0], [0, 0, 1, 1, 1, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(out[1]["action"], actions[1])  # no window of its own
+    # Episode 2, window [4, 9): positions 6-8 from episode 0 (cyclically next).
+    np.testing.assert_array_equal(out[2]["action"][:, 0], [2, 2, 2, 2, 2, 2, 0, 0, 0, 2])
+    np.testing.assert_array_equal(episodes[0]["action"], actions[0])  # the input is not changed
+    with pytest.raises(transfer.TransferError, match="at least 2"):
+        transfer.with_other_actions(episodes[:1], [(0, 0)], 5, 2)
+
+
 def test_mean_frame_baseline_by_hand():
     train = [{"image": np.full((2, 4, 4, 3), 100, np.uint8)}, {"image": np.full((2, 4, 4, 3), 200, np.uint8)}]
     evaluation = [{"image": np.concatenate([np.zeros((2, 4, 4, 3), np.uint8), np.full((2, 4, 4, 3), 150, np.uint8)])}]

@@ -317,6 +317,8 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     )
     assert 0.0 < result["mse"] < 1.0 and len(result["mse_by_step"]) == 5 and result["env_step"] == 500
     assert result["ratio_to_mean_frame"] == pytest.approx(result["mse"] / result["baseline_mse"])
+    assert result["mse_other_actions"] > 0.0
+    assert result["action_effect"] == pytest.approx(result["mse_other_actions"] / result["mse"])
     with pytest.raises(pretrained_lib.PretrainedNotFoundError, match="not a fine-tuning workdir"):
         pretrained_lib.restore_finetune_state(pre_workdir)
 

@@ -207,6 +207,25 @@ def _prediction_error(error_fn, params, batch_stats, episodes, windows, length, 
     return np.concatenate(rows)
 
 
+def with_other_actions(
+    episodes: Sequence[dict[str, Any]], windows: Sequence[tuple[int, int]], length: int, context: int
+) -> list[dict[str, Any]]:
+    """``episodes`` with, inside every window ``(e, s)``, the actions that drive the imagined
+    frames (window positions ``context .. length - 1``) replaced by those at the same positions of
+    the next episode (cyclically); the observed context is untouched. The same windows imagined
+    under these actions measure how much a world model's predictions follow its action input: a
+    model that ignores the actions predicts as well with them as with the true ones."""
+    if len(episodes) < 2:
+        raise TransferError("the action test needs at least 2 evaluation episodes")
+    out = [{**episode, "action": np.array(episode["action"], copy=True)} for episode in episodes]
+    for e, s in windows:
+        other = np.asarray(episodes[(e + 1) % len(episodes)]["action"])
+        if len(other) < s + length:
+            raise TransferError("the action test needs evaluation episodes of equal length")
+        out[e]["action"][s + context : s + length] = other[s + context : s + length]
+    return out
+
+
 def mean_frame_mse(
     train_episodes: Sequence[dict[str, Any]],
     eval_episodes: Sequence[dict[str, Any]],
@@ -371,6 +390,9 @@ def finetuned_prediction_error(
     frames, per pixel in [0, 1]), ``context_mse`` (posterior reconstructions of the observed
     frames), ``baseline_mse`` (predicting the mean frame of the run's replay, i.e. its training
     data), ``last_frame_mse`` (repeating the last observed frame), ``ratio_to_mean_frame``,
+    ``mse_other_actions`` (the same windows imagined under another episode's actions,
+    ``with_other_actions``) and ``action_effect`` (its ratio to ``mse``: 1 for a model that
+    ignores its actions),
     ``mse_by_step``, ``env_step`` (of the checkpoint), ``replay_frames``, ``method``, ``task``,
     ``eval_windows``, ``context``, ``eval_length``."""
     from prelar_jax.learners import finetune as agent_lib
@@ -394,6 +416,17 @@ def finetuned_prediction_error(
         config.batch_size,
         key,
     )
+    # The same windows imagined under another episode's actions (same observed context).
+    other_errors = _prediction_error(
+        make_prediction_error_fn(agent, context),
+        params,
+        batch_stats,
+        with_other_actions(eval_episodes, windows, eval_length, context),
+        windows,
+        eval_length,
+        config.batch_size,
+        key,
+    )
     mean, frames = replay_mean_frame(os.path.join(workdir, "replay"))
     baseline, last = [], []
     for e, s in windows:
@@ -408,6 +441,8 @@ def finetuned_prediction_error(
         "baseline_mse": baseline_mse,
         "last_frame_mse": float(np.mean(last)),
         "ratio_to_mean_frame": mse / baseline_mse,
+        "mse_other_actions": float(other_errors[:, context:].mean()),
+        "action_effect": float(other_errors[:, context:].mean()) / mse,
         "mse_by_step": [float(v) for v in predicted.mean(axis=0)],
         "env_step": env_step,
         "replay_frames": frames,
