@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--preset",
         default="",
-        help="fine-tuning preset (paper/small/tiny); default: the PreLAR workdir's pre-training preset",
+        help="fine-tuning preset (paper/small/tiny); default: the --pretrained workdir's pre-training preset",
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--updates", type=int, default=50, help="world-model updates K of the transfer diagnostic")
@@ -215,18 +215,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.updates < 0:
         raise config_lib.ConfigError(f"--updates must be >= 0, got {args.updates}")
-    prelar_pre = probe.read_pretrain_config(args.pretrained)  # fails early on a bad workdir
+    pre = probe.read_pretrain_config(args.pretrained)  # fails early on a bad workdir
     apv_pre = probe.read_pretrain_config(args.apv_pretrained) if args.apv_pretrained else None
-    if apv_pre is not None and prelar_pre.get("method") == "apv":
+    if apv_pre is not None and pre.get("method") == "apv":
         raise config_lib.ConfigError(
             f"--pretrained={args.pretrained} is an APV pre-training and so is --apv_pretrained: pass one APV "
             "run as --pretrained (transfer only), or a PreLAR run as --pretrained beside it"
         )
     task = canonical_task_name(args.task)
-    preset = args.preset or prelar_pre.get("preset", "tiny")
+    preset = args.preset or pre.get("preset", "tiny")
     check_rendering_backend()
     with workdir_lock.hold(args.out, "diagnostics") as out:  # one diagnostics run per --out
-        return _measure(args, out, task, preset, prelar_pre, apv_pre)
+        return _measure(args, out, task, preset, pre, apv_pre)
 
 
 def _measure(
@@ -234,7 +234,7 @@ def _measure(
     out: str,
     task: str,
     preset: str,
-    prelar_pre: dict[str, Any],
+    pre: dict[str, Any],
     apv_pre: dict[str, Any] | None,
 ) -> dict[str, Any]:
     import jax
@@ -247,7 +247,7 @@ def _measure(
     results: dict[str, Any] = {"task": task, "preset": preset, "args": vars(args)}
     start = time.perf_counter()
 
-    apv = prelar_pre.get("method") == "apv"  # no implicit actions to probe
+    apv = pre.get("method") == "apv"  # no implicit actions to probe
     label = args.label or ("APV" if apv else "PreLAR")
     if not args.skip_probe and not apv:
         episodes = _probe_episodes(args, out)
@@ -255,7 +255,7 @@ def _measure(
         results["probe"] = {}
         for name, workdir, config in (
             (f"{label} pre-trained", args.pretrained, None),
-            ("random init", None, prelar_pre),
+            ("random init", None, pre),
         ):
             res = probe.implicit_action_probe(workdir, config, episodes, probe_key, args.train_fraction)
             hand = f"; hand displacement R² mean {res['hand']['r2_mean']:.3f}" if "hand" in res else ""
