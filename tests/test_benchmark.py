@@ -135,6 +135,11 @@ def test_one_diagnostics_run_per_pretraining(tmp_path):
     alone = diagnostics(methods="apv,dreamerv2")
     assert [r.name for r in alone] == ["diagnostics_apv"] and "--no_scratch" not in alone[0].command
     assert diagnostics(methods="dreamerv2") == []
+    # prelar_naive alone brings PreLAR's plain pre-training: its diagnostics are PreLAR's, by name.
+    naive = diagnostics(
+        methods="prelar_naive,dreamerv2", tasks="reach,drawer-open", **{"diagnostics.task": "lever-pull"}
+    )
+    assert [r.name for r in naive] == ["diagnostics"] and naive[0].command == first
     assert diagnostics(**{"diagnostics.enabled": False}) == []
 
 

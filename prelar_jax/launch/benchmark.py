@@ -118,15 +118,22 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
         list(pretrain_specs.values()),
         finetune_specs,
         pretrain_of_method,
-        diagnostics_specs(config, workdir, tasks, pretrain_of_method),
+        diagnostics_specs(config, workdir, tasks, pretrain_of_method, _plain_prelar_pretraining(config, workdir)),
     )
 
 
-def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
-    """The diagnostics runs, one per distinct pre-training: ``diagnostics`` for PreLAR's (the
-    implicit-action probe, and the world-model transfer beside no pre-training) and
-    ``diagnostics_<method>`` for each other one (the probe where it has implicit actions; the
-    transfer). The report merges their tables."""
+def _plain_prelar_pretraining(config, workdir: str) -> str:
+    """Where the pre-training of ``prelar`` (its config file, no overrides) is, whichever methods
+    use it (``prelar``, ``prelar_naive``)."""
+    reuse = config.pretrain.get("prelar", "")
+    return os.path.abspath(reuse) if reuse else os.path.join(workdir, "pretrain", "prelar")
+
+
+def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method, plain_prelar: str = "") -> list:
+    """The diagnostics runs, one per distinct pre-training: ``diagnostics`` for PreLAR's plain one
+    (``plain_prelar``: the implicit-action probe, and the world-model transfer beside no
+    pre-training) and ``diagnostics_<method>`` for each other one (the probe where it has implicit
+    actions; the transfer). The report merges their tables."""
     d = config.diagnostics
     if not d.enabled or not pretrain_of_method:
         return []
@@ -141,19 +148,21 @@ def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method) -> list:
     ]
     script = os.path.join(REPO_ROOT, "experiments", "diagnostics.py")
     specs, seen = [], set()
-    # PreLAR's first (its run holds the no-pre-training transfer); then the others in config order.
-    for method in sorted(pretrain_of_method, key=lambda m: m != "prelar"):
+    # PreLAR's plain pre-training first (its run holds the no-pre-training transfer), under one name
+    # whichever method brought it (prelar, prelar_naive); then the others in config order.
+    for method in sorted(pretrain_of_method, key=lambda m: pretrain_of_method[m] != plain_prelar):
         pretrained = pretrain_of_method[method]
         if pretrained in seen:
             continue  # shares a pre-training already diagnosed (e.g. prelar_naive)
         seen.add(pretrained)
-        name = "diagnostics" if method == "prelar" else f"diagnostics_{method}"
+        plain = pretrained == plain_prelar
+        name = "diagnostics" if plain else f"diagnostics_{method}"
         out = os.path.join(workdir, name)
         command = [sys.executable, script, f"--pretrained={pretrained}", flags[0], f"--out={out}", *flags[1:]]
-        if method != "prelar":
+        if not plain:
             command += [f"--label={method}"] + (["--no_scratch"] if specs else [])
         labels = {"stage": "diagnostics", "task": task}
-        if method != "prelar":
+        if not plain:
             labels["of"] = method
         specs.append(RunSpec(name=name, workdir=out, command=command, labels=labels))
     return specs
