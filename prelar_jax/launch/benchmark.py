@@ -13,12 +13,12 @@ import os
 import sys
 from typing import NamedTuple
 
-from prelar_jax.analysis import report as report_lib
+from prelar_jax.analysis import diagnostics_report, report as report_lib
 from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
 from prelar_jax.launch import archive as archive_lib
 from prelar_jax.launch.runner import FINISHED, SKIPPED, RunSpec, collect_results, run_all, write_results_csv
 from prelar_jax.launch.sweep import flag_value
-from prelar_jax.runtime.config import REPO_ROOT, ConfigError, config_module
+from prelar_jax.runtime.config import REPO_ROOT, ConfigError
 
 
 def _from_repo(path: str) -> str:
@@ -138,8 +138,7 @@ def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method, plain_pre
     if not d.enabled or not pretrain_of_method:
         return []
     task = d.task or tasks[0]
-    flags = [
-        f"--task={task}",
+    settings = [
         f"--updates={d.updates}",
         f"--train_episodes={d.train_episodes}",
         f"--eval_episodes={d.eval_episodes}",
@@ -158,11 +157,10 @@ def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method, plain_pre
         plain = pretrained == plain_prelar
         name = "diagnostics" if plain else f"diagnostics_{method}"
         out = os.path.join(workdir, name)
-        command = [sys.executable, script, f"--pretrained={pretrained}", flags[0], f"--out={out}", *flags[1:]]
-        if not plain:
-            command += [f"--label={method}"] + (["--no_scratch"] if specs else [])
+        command = [sys.executable, script, f"--pretrained={pretrained}", f"--task={task}", f"--out={out}", *settings]
         labels = {"stage": "diagnostics", "task": task}
         if not plain:
+            command += [f"--label={method}"] + (["--no_scratch"] if specs else [])
             labels["of"] = method
         specs.append(RunSpec(name=name, workdir=out, command=command, labels=labels))
     return specs
@@ -237,8 +235,7 @@ def diagnostics_section(out: str) -> tuple[str, list[str]]:
         merged["transfer"].update(data.get("transfer") or {})
     if merged is None:
         return "", []
-    script = config_module(os.path.join(REPO_ROOT, "experiments", "diagnostics.py"))
-    return script.format_markdown(merged), paths
+    return diagnostics_report.format_markdown(merged), paths
 
 
 def cost_section(archive: str, counts) -> str:
