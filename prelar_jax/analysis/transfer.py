@@ -406,8 +406,9 @@ def finetuned_prediction_error(
     _check_episodes(eval_episodes, config, eval_length, "evaluation")
     agent = agent_lib.FinetuneAgent(config)
     windows = evaluation_windows(eval_episodes, eval_length)
+    error_fn = make_prediction_error_fn(agent, context)  # compiled once, used for both action sets
     errors = _prediction_error(
-        make_prediction_error_fn(agent, context),
+        error_fn,
         params,
         batch_stats,
         eval_episodes,
@@ -418,7 +419,7 @@ def finetuned_prediction_error(
     )
     # The same windows imagined under another episode's actions (same observed context).
     other_errors = _prediction_error(
-        make_prediction_error_fn(agent, context),
+        error_fn,
         params,
         batch_stats,
         with_other_actions(eval_episodes, windows, eval_length, context),
