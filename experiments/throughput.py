@@ -36,7 +36,8 @@ def _device_counts(text: str) -> list[int]:
 def _kernels() -> tuple[str, str]:
     """(convolutions, allocator) this process measures with."""
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
-    return ("onednn" if onednn.enabled() else "xla"), allocator
+    convolutions = f"onednn ({onednn.algorithm()})" if onednn.enabled() else "xla"
+    return convolutions, allocator
 
 
 def _early_device_flags(argv: list[str]) -> None:

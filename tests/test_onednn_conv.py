@@ -116,10 +116,79 @@ def test_only_supported_calls_go_to_onednn(monkeypatch):
     assert "prelar_onednn" not in _targets(call(), x, w)
 
 
+@built
+@pytest.mark.parametrize("side", [8, 32])
+def test_winograd_values_and_gradients_match_float64(monkeypatch, side):
+    """float32 3x3 stride-1 convolutions on maps up to 16x16 run oneDNN's Winograd kernels where the
+    CPU has them (``uses_winograd``); larger ones stay direct. Both algorithms agree with float64
+    references in each direction; Winograd rounds differently from the direct kernels (so it did
+    run), and where it does not run the results are bit-identical."""
+    n, ci, co = 2, 16, 24
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, side, side, ci)).astype(np.float32)
+    w = (rng.normal(size=(3, 3, ci, co)) / np.sqrt(9 * ci)).astype(np.float32)
+    c = rng.normal(size=(n, side, side, co)).astype(np.float32)
+    pads = ((1, 1), (1, 1))
+    # float64 references: y = x * w; dx = c * (w flipped, in/out swapped); dw[i, j] = sum x_pad[.., i:, j:, :] c.
+    y64 = _numpy_conv(x, w, 1, pads)
+    dx64 = _numpy_conv(c, np.flip(w, (0, 1)).transpose(0, 1, 3, 2), 1, pads)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dw64 = np.stack(
+        [
+            np.stack([np.einsum("nhwc,nhwo->co", xp[:, i : i + side, j : j + side], c) for j in range(3)])
+            for i in range(3)
+        ]
+    )
+
+    def run():
+        conv = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+        y, vjp = jax.vjp(conv, x, w)
+        return (np.asarray(y), *map(np.asarray, vjp(jnp.asarray(c))))
+
+    results = {}
+    for algorithm in ("direct", "auto"):
+        monkeypatch.setenv("PRELAR_CONV_ALGORITHM", algorithm)
+        results[algorithm] = run()
+        for got, want in zip(results[algorithm], (y64, dx64, dw64)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    winograd = onednn.uses_winograd(n, side, ci, co)
+    assert not (side > 16 and winograd)
+    for name, direct, auto in zip(("forward", "backward_data", "backward_weights"), *results.values()):
+        assert np.array_equal(direct, auto) == (not winograd), name
+
+
+@built
+def test_a_library_built_from_older_source_is_not_used(monkeypatch):
+    """A stale build (its handlers lack this code's attributes) would fail at the first call: under
+    ``auto`` it is skipped with a warning that says how to rebuild; ``PRELAR_CONV=onednn`` refuses."""
+
+    def reset():
+        for cached in (onednn._library, onednn.stale, onednn._warn_stale):
+            cached.cache_clear()
+
+    monkeypatch.setenv("PRELAR_CONV", "auto")
+    monkeypatch.setattr(onednn, "_abi_version", lambda lib: onednn.ABI_VERSION - 1)
+    reset()
+    try:
+        assert onednn.stale()
+        with pytest.warns(UserWarning, match="older conv.cc.*onednn.build"):
+            assert not onednn.enabled()
+        monkeypatch.setenv("PRELAR_CONV", "onednn")
+        with pytest.raises(onednn.ConvImplError, match="older conv.cc"):
+            onednn.enabled()
+    finally:
+        monkeypatch.undo()
+        reset()
+    assert onednn.load() and not onednn.stale()
+
+
 def test_choice_errors_say_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("PRELAR_CONV", "fast")
     with pytest.raises(onednn.ConvImplError, match="choose one of"):
         onednn.enabled()
+    monkeypatch.setenv("PRELAR_CONV_ALGORITHM", "winograd")
+    with pytest.raises(onednn.ConvImplError, match="PRELAR_CONV_ALGORITHM='winograd'; choose one of"):
+        onednn.algorithm()
     monkeypatch.setenv("PRELAR_CONV", "onednn")
     monkeypatch.setattr(onednn, "LIBRARY", str(tmp_path / "missing.so"))
     onednn._library.cache_clear()

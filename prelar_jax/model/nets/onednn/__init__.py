@@ -13,7 +13,10 @@ and the extension is built; every other call, and every other backend, is
 kernel that runs it differs.
 
 Choice: ``PRELAR_CONV`` = ``auto`` (default: oneDNN on CPU when built, else XLA), ``xla``, or
-``onednn`` (an error if the extension is not built). Build: ``python -m
+``onednn`` (an error if the extension is not built). ``PRELAR_CONV_ALGORITHM`` = ``auto`` (default:
+oneDNN's Winograd kernels for the float32 3x3 stride-1 convolutions on maps of at most 16x16, where
+the CPU has them: faster there, measured, ``conv.cc: UseWinograd``; direct kernels elsewhere) or ``direct`` (direct
+kernels only: the rounding of the direct kernels, for comparisons). Build: ``python -m
 prelar_jax.model.nets.onednn.build`` (``experiments/setup_env.sh`` does it when the oneDNN headers
 are installed: Debian ``libdnnl-dev``).
 """
@@ -25,6 +28,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -35,6 +39,8 @@ from prelar_jax.errors import UserError
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_prelar_onednn_conv.so")
 CHOICES = ("auto", "xla", "onednn")
+ALGORITHMS = ("auto", "direct")
+ABI_VERSION = 2  # conv.cc's PrelarConvAbiVersion: the handlers' attributes
 _TARGETS = {
     "forward": "prelar_onednn_conv_forward",
     "backward_data": "prelar_onednn_conv_backward_data",
@@ -62,9 +68,27 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.cdll.LoadLibrary(LIBRARY)
     except OSError:
         return None
+    if _abi_version(lib) != ABI_VERSION:
+        return None
     for kind, target in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])), platform="cpu")
     return lib
+
+
+def _abi_version(lib: ctypes.CDLL) -> int:
+    return lib.PrelarConvAbiVersion() if hasattr(lib, "PrelarConvAbiVersion") else 1
+
+
+@functools.cache
+def stale() -> bool:
+    """Whether the built library predates this code (built from an older ``conv.cc``): it is then
+    not used, and :func:`enabled` says how to rebuild it."""
+    if not os.path.exists(LIBRARY):
+        return False
+    try:
+        return _abi_version(ctypes.cdll.LoadLibrary(LIBRARY)) != ABI_VERSION
+    except OSError:
+        return False
 
 
 def load() -> bool:
@@ -80,10 +104,34 @@ def bfloat16_supported() -> bool:
     return bool(lib is not None and hasattr(lib, "PrelarConvBfloat16Supported") and lib.PrelarConvBfloat16Supported())
 
 
+def uses_winograd(n: int, side: int, in_channels: int, out_channels: int) -> bool:
+    """Whether a float32 3x3 stride-1 'SAME' convolution of an ``[n, side, side, in_channels]`` batch
+    runs oneDNN's Winograd kernels under ``PRELAR_CONV_ALGORITHM=auto`` (in all three directions;
+    never where this CPU has no Winograd kernels or the extension is not loaded)."""
+    lib = _library()
+    if lib is None:
+        return False
+    fn = lib.PrelarConvUsesWinograd
+    fn.argtypes = [ctypes.c_int64] * 4
+    answer = fn(n, side, in_channels, out_channels)
+    if answer < 0:
+        raise RuntimeError(f"oneDNN could not make a convolution for {(n, side, side, in_channels)} -> {out_channels}")
+    return bool(answer)
+
+
 def choice() -> str:
     value = os.environ.get("PRELAR_CONV", "auto")
     if value not in CHOICES:
         raise ConvImplError(f"PRELAR_CONV={value!r}; choose one of {CHOICES}")
+    return value
+
+
+def algorithm() -> str:
+    """``PRELAR_CONV_ALGORITHM`` (read at trace time): ``auto`` lets oneDNN's Winograd kernels run
+    where they are faster, ``direct`` keeps the direct kernels."""
+    value = os.environ.get("PRELAR_CONV_ALGORITHM", "auto")
+    if value not in ALGORITHMS:
+        raise ConvImplError(f"PRELAR_CONV_ALGORITHM={value!r}; choose one of {ALGORITHMS}")
     return value
 
 
@@ -94,13 +142,26 @@ def enabled() -> bool:
         return False
     if not load():
         if which == "onednn":
+            problem = "built from an older conv.cc" if stale() else "not built"
             raise ConvImplError(
-                f"PRELAR_CONV=onednn but the oneDNN extension is not built ({LIBRARY} missing or not loadable): "
+                f"PRELAR_CONV=onednn but the oneDNN extension is {problem} ({LIBRARY}): "
                 "install the oneDNN headers (Debian: apt-get install libdnnl-dev) and run "
-                "'python -m prelar_jax.model.nets.onednn.build', or set PRELAR_CONV=auto"
+                "'python -m prelar_jax.model.nets.onednn.build' (or experiments/setup_env.sh), or set PRELAR_CONV=auto"
             )
+        if stale():
+            _warn_stale()
         return False
     return True
+
+
+@functools.cache
+def _warn_stale() -> None:
+    warnings.warn(
+        f"the oneDNN extension {LIBRARY} was built from an older conv.cc and is not used: convolutions run on "
+        "XLA's slower kernels until it is rebuilt ('python -m prelar_jax.model.nets.onednn.build' or "
+        "experiments/setup_env.sh)",
+        stacklevel=3,
+    )
 
 
 def takes(dtype) -> bool:
@@ -133,7 +194,15 @@ def _call(kind: str, shape, a, b, strides, pads):
     (pt, pb), (pl, pr) = pads
     out = jax.ShapeDtypeStruct(shape, a.dtype)
     return jax.ffi.ffi_call(_TARGETS[kind], out, vmap_method="sequential")(
-        a, b, stride_h=strides[0], stride_w=strides[1], pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr
+        a,
+        b,
+        stride_h=strides[0],
+        stride_w=strides[1],
+        pad_top=pt,
+        pad_bottom=pb,
+        pad_left=pl,
+        pad_right=pr,
+        winograd=int(algorithm() == "auto"),
     )
 
 

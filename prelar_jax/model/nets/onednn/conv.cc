@@ -4,10 +4,19 @@
 // layout; oneDNN picks its own blocked kernel layout ("any") and the kernels are reordered on
 // each call (they change every update; they are small next to the activations).
 //
+// Winograd (``winograd`` attribute 1): a float32 3x3 stride-1 convolution on a map of at most 16x16
+// runs oneDNN's Winograd F(4x4, 3x3) kernels where this CPU has them, about twice the direct kernels'
+// rate at the paper ResNets' shapes; they read and write oneDNN's blocked activation layout, so the
+// activations are reordered in and out of per-thread staging buffers on each call (on larger maps
+// the reorders cost more than Winograd saves: UseWinograd). Rounding differs from the direct
+// kernels' (Winograd's transforms), within float32 training tolerances (tests/test_onednn_conv.py
+// checks both against float64).
+//
 // Built by prelar_jax/model/nets/onednn/build.py; used through prelar_jax/model/nets/onednn/__init__.py.
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -34,13 +43,16 @@ dnnl::engine& Engine() {
 struct Geometry {
   int64_t n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr;
   dt type;
+  bool winograd;  // allowed (the caller's choice); used only where UseWinograd says so
   std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-             int64_t, int64_t, int64_t, int64_t, int>
+             int64_t, int64_t, int64_t, int64_t, int, bool>
   key() const {
-    return {n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr, static_cast<int>(type)};
+    return {n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr, static_cast<int>(type), winograd};
   }
   memory::desc x() const { return memory::desc({n, ci, h, w}, type, tag::nhwc); }
   memory::desc y() const { return memory::desc({n, co, oh, ow}, type, tag::nhwc); }
+  memory::desc x_any() const { return memory::desc({n, ci, h, w}, type, tag::any); }
+  memory::desc y_any() const { return memory::desc({n, co, oh, ow}, type, tag::any); }
   memory::desc k_plain() const { return memory::desc({co, ci, kh, kw}, type, tag::hwio); }
   memory::desc k_any() const { return memory::desc({co, ci, kh, kw}, type, tag::any); }
   memory::dims strides() const { return {sh, sw}; }
@@ -48,7 +60,21 @@ struct Geometry {
   memory::dims pad_r() const { return {pb, pr}; }
 };
 
-// Primitives for one geometry, made once and reused (oneDNN JIT-compiles kernels per shape).
+// Whether a convolution runs oneDNN's Winograd kernels in all three directions (when the CPU has
+// them; else the direct ones). Measured on the 2-core AVX-512 machine at batch 400, float32
+// (experiments/BENCHMARKS.md, "Winograd"): each kernel alone runs about twice the direct rate, but its
+// activations are reordered into and out of the blocked layout on every call. For the 16x16 and 8x8
+// layers that still wins in every direction; for the 32x32 ones the reorders of their larger
+// activations ate the gain inside the full paper step (median step 5.75 s with Winograd there too,
+// 5.35 s without, direct kernels everywhere 6.12 s; three alternating rounds beside a background
+// benchmark run at autogroup nice 19).
+bool UseWinograd(const Geometry& g) {
+  if (!g.winograd || g.type != dt::f32 || g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1) return false;
+  return g.oh * g.ow <= 16 * 16;
+}
+
+// Primitives for one geometry, made once and reused (oneDNN JIT-compiles kernels per shape): direct
+// or Winograd (UseWinograd), the layouts each reads and writes in its primitive_desc.
 struct Prims {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
@@ -56,6 +82,7 @@ struct Prims {
   dnnl::convolution_forward fwd;
   dnnl::convolution_backward_data bwd_data;
   dnnl::convolution_backward_weights bwd_weights;
+  bool winograd;  // Winograd kernels (all three)
 };
 
 Prims* GetPrims(const Geometry& g) {
@@ -67,35 +94,122 @@ Prims* GetPrims(const Geometry& g) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto& e = Engine();
-  auto fd = dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                                            g.x(), g.k_any(), g.y(), g.strides(), g.pad_l(), g.pad_r());
-  auto fwd_pd = dnnl::convolution_forward::primitive_desc(fd, attr, e);
-  auto bd = dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, g.x(), g.k_any(), g.y(),
-                                                  g.strides(), g.pad_l(), g.pad_r());
-  auto bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(bd, attr, e, fwd_pd);
-  auto wd = dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, g.x(), g.k_any(), g.y(),
-                                                     g.strides(), g.pad_l(), g.pad_r());
-  auto bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(wd, attr, e, fwd_pd);
+  using dnnl::algorithm;
+  auto fwd_desc = [&](algorithm a, const memory::desc& x, const memory::desc& y) {
+    return dnnl::convolution_forward::primitive_desc(
+        dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, a, x, g.k_any(), y, g.strides(),
+                                        g.pad_l(), g.pad_r()),
+        attr, e);
+  };
+  auto fwd_pd = fwd_desc(algorithm::convolution_direct, g.x(), g.y());
+  auto bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+      dnnl::convolution_backward_data::desc(algorithm::convolution_direct, g.x(), g.k_any(), g.y(), g.strides(),
+                                            g.pad_l(), g.pad_r()),
+      attr, e, fwd_pd);
+  auto bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      dnnl::convolution_backward_weights::desc(algorithm::convolution_direct, g.x(), g.k_any(), g.y(), g.strides(),
+                                               g.pad_l(), g.pad_r()),
+      attr, e, fwd_pd);
+  bool winograd = false;
+  if (UseWinograd(g)) {
+    try {
+      auto wino = algorithm::convolution_winograd;
+      auto wfwd_pd = fwd_desc(wino, g.x_any(), g.y_any());
+      auto wdata_pd = dnnl::convolution_backward_data::primitive_desc(
+          dnnl::convolution_backward_data::desc(wino, g.x_any(), g.k_any(), g.y_any(), g.strides(), g.pad_l(),
+                                                g.pad_r()),
+          attr, e, wfwd_pd);
+      auto wweights_pd = dnnl::convolution_backward_weights::primitive_desc(
+          dnnl::convolution_backward_weights::desc(wino, g.x_any(), g.k_any(), g.y_any(), g.strides(), g.pad_l(),
+                                                   g.pad_r()),
+          attr, e, wfwd_pd);
+      fwd_pd = wfwd_pd;
+      bwd_data_pd = wdata_pd;
+      bwd_weights_pd = wweights_pd;
+      winograd = true;
+    } catch (const dnnl::error&) {
+      // No Winograd kernels for this CPU or shape: the direct ones run.
+    }
+  }
   auto p = std::unique_ptr<Prims>(new Prims{fwd_pd, bwd_data_pd, bwd_weights_pd, dnnl::convolution_forward(fwd_pd),
                                             dnnl::convolution_backward_data(bwd_data_pd),
-                                            dnnl::convolution_backward_weights(bwd_weights_pd)});
+                                            dnnl::convolution_backward_weights(bwd_weights_pd), winograd});
   Prims* raw = p.get();
   cache.emplace(g.key(), std::move(p));
   return raw;
 }
 
-// `plain` viewed in oneDNN's layout `want`: the same memory when they agree, else a reordered copy.
-memory AsLayout(const memory& plain, const memory::desc& want, dnnl::stream& s) {
-  if (plain.get_desc() == want) return plain;
-  memory out(want, Engine());
-  dnnl::reorder(plain, out).execute(s, const_cast<memory&>(plain), out);
-  return out;
+// Per-thread buffers, grown as needed and never cleared (oneDNN needs no zeros; a fresh zero-filled
+// buffer per call cost milliseconds on the large convolutions): slots 0 and 1 for the two operands
+// reordered into a primitive's layouts, 2 for its output before the reorder back, 3 for scratch.
+// They hold on to the largest Winograd activation each thread has seen (78 MB per slot at the paper
+// sizes), as XLA's allocator holds on to its step buffers.
+void* Staging(int slot, size_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t capacity = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[4];
+  Buffer& b = buffers[slot];
+  if (bytes > b.capacity) {
+    std::free(b.data);
+    b.capacity = (bytes + 63) / 64 * 64;
+    b.data = std::aligned_alloc(64, b.capacity);
+    if (b.data == nullptr) {
+      b.capacity = 0;
+      throw std::bad_alloc();
+    }
+  }
+  return b.data;
+}
+
+// One buffer of a call: XLA's memory (NHWC activations, HWIO kernel) and the layout the primitive
+// wants for it (the same for direct kernels' activations; blocked for Winograd's and for kernels).
+struct Operand {
+  int arg;
+  memory user;
+  memory::desc want;
+};
+
+// Runs `prim` on two inputs and one output, reordering each into (and the output back out of) the
+// primitive's layout where it differs from XLA's.
+ffi::Error Execute(dnnl::primitive& prim, const memory::desc& scratch_md, const Operand& in0, const Operand& in1,
+                   const Operand& out) {
+  try {
+    dnnl::stream s(Engine());
+    std::unordered_map<int, memory> args;
+    int slot = 0;
+    for (const Operand* in : {&in0, &in1}) {
+      if (in->user.get_desc() == in->want) {
+        args.insert({in->arg, in->user});
+      } else {
+        memory staged(in->want, Engine(), Staging(slot, in->want.get_size()));
+        dnnl::reorder(in->user, staged).execute(s, const_cast<memory&>(in->user), staged);
+        args.insert({in->arg, staged});
+      }
+      ++slot;
+    }
+    bool direct_out = out.user.get_desc() == out.want;
+    memory result = direct_out ? out.user : memory(out.want, Engine(), Staging(2, out.want.get_size()));
+    args.insert({out.arg, result});
+    args.insert({DNNL_ARG_SCRATCHPAD, memory(scratch_md, Engine(), Staging(3, scratch_md.get_size()))});
+    prim.execute(s, args);
+    if (!direct_out) dnnl::reorder(result, out.user).execute(s, result, const_cast<memory&>(out.user));
+    s.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("oneDNN conv: out of memory for a staging buffer");
+  }
+  return ffi::Error::Success();
 }
 
 Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y, int64_t sh,
-                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, ffi::DataType type) {
+                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, ffi::DataType type,
+                      int64_t winograd) {
   return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], sh, sw, pt, pb, pl, pr,
-                  type == ffi::DataType::BF16 ? dt::bf16 : dt::f32};
+                  type == ffi::DataType::BF16 ? dt::bf16 : dt::f32, winograd != 0};
 }
 
 // The three buffers of a call: 4-D, sizes that agree, and one element type, float32 or bfloat16.
@@ -112,92 +226,63 @@ ffi::Error Check(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const ffi::An
   return ffi::Error::Success();
 }
 
-ffi::Error Run(dnnl::primitive& prim, const memory::desc& scratch_md, std::unordered_map<int, memory> args) {
-  try {
-    dnnl::stream s(Engine());
-    // One scratch buffer per calling thread, grown as needed and never cleared (oneDNN does not
-    // need zeros): a fresh zero-filled buffer per call cost milliseconds on the large convolutions.
-    thread_local std::unique_ptr<uint8_t[]> scratch;
-    thread_local size_t capacity = 0;
-    if (scratch_md.get_size() > capacity) {
-      capacity = scratch_md.get_size();
-      scratch.reset(new uint8_t[capacity]);
-    }
-    args.insert({DNNL_ARG_SCRATCHPAD, memory(scratch_md, Engine(), scratch.get())});
-    prim.execute(s, args);
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  }
-  return ffi::Error::Success();
-}
-
-// The two calls that read the kernel: forward (x -> y) and input gradient (dy -> dx). The kernel is
-// reordered to the layout the primitive chose.
-template <typename PrimitiveDesc>
-ffi::Error RunWithKernel(dnnl::primitive& prim, const PrimitiveDesc& pd, int in_arg, memory in, memory kernel,
-                         int out_arg, memory out) {
-  dnnl::stream s(Engine());
-  memory laid_out = AsLayout(kernel, pd.weights_desc(), s);
-  s.wait();
-  return Run(prim, pd.scratchpad_desc(), {{in_arg, in}, {DNNL_ARG_WEIGHTS, laid_out}, {out_arg, out}});
-}
-
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
-                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                       int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t winograd) {
   if (auto err = Check(x, k, *y, x.dimensions(), k.dimensions(), y->dimensions()); !err.success()) return err;
-  Geometry g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, x.element_type());
+  Geometry g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, x.element_type(),
+                            winograd);
   try {
     Prims* p = GetPrims(g);
-    return RunWithKernel(p->fwd, p->fwd_pd, DNNL_ARG_SRC, memory(g.x(), Engine(), x.untyped_data()),
-                         memory(g.k_plain(), Engine(), k.untyped_data()), DNNL_ARG_DST,
-                         memory(g.y(), Engine(), y->untyped_data()));
+    const auto& pd = p->fwd_pd;
+    return Execute(p->fwd, pd.scratchpad_desc(),
+                   {DNNL_ARG_SRC, memory(g.x(), Engine(), x.untyped_data()), pd.src_desc()},
+                   {DNNL_ARG_WEIGHTS, memory(g.k_plain(), Engine(), k.untyped_data()), pd.weights_desc()},
+                   {DNNL_ARG_DST, memory(g.y(), Engine(), y->untyped_data()), pd.dst_desc()});
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
 }
 
 ffi::Error BackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> dx, int64_t sh,
-                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t winograd) {
   if (auto err = Check(dy, k, *dx, dx->dimensions(), k.dimensions(), dy.dimensions()); !err.success()) return err;
-  Geometry g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, dy.element_type());
+  Geometry g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr,
+                            dy.element_type(), winograd);
   try {
     Prims* p = GetPrims(g);
-    return RunWithKernel(p->bwd_data, p->bwd_data_pd, DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), dy.untyped_data()),
-                         memory(g.k_plain(), Engine(), k.untyped_data()), DNNL_ARG_DIFF_SRC,
-                         memory(g.x(), Engine(), dx->untyped_data()));
+    const auto& pd = p->bwd_data_pd;
+    return Execute(p->bwd_data, pd.scratchpad_desc(),
+                   {DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), dy.untyped_data()), pd.diff_dst_desc()},
+                   {DNNL_ARG_WEIGHTS, memory(g.k_plain(), Engine(), k.untyped_data()), pd.weights_desc()},
+                   {DNNL_ARG_DIFF_SRC, memory(g.x(), Engine(), dx->untyped_data()), pd.diff_src_desc()});
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
 }
 
 ffi::Error BackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dk, int64_t sh,
-                               int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                               int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t winograd) {
   if (auto err = Check(x, dy, *dk, x.dimensions(), dk->dimensions(), dy.dimensions()); !err.success()) return err;
-  Geometry g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, x.element_type());
+  Geometry g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr,
+                            x.element_type(), winograd);
   try {
     Prims* p = GetPrims(g);
-    memory xm(g.x(), Engine(), x.untyped_data());
-    memory dym(g.y(), Engine(), dy.untyped_data());
-    memory dkm(g.k_plain(), Engine(), dk->untyped_data());
-    const memory::desc& want = p->bwd_weights_pd.diff_weights_desc();
-    memory dkb = want == dkm.get_desc() ? dkm : memory(want, Engine());
-    auto err = Run(p->bwd_weights, p->bwd_weights_pd.scratchpad_desc(),
-                   {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dkb}});
-    if (!err.success() || dkb.get_data_handle() == dkm.get_data_handle()) return err;
-    dnnl::stream s(Engine());
-    dnnl::reorder(dkb, dkm).execute(s, dkb, dkm);
-    s.wait();
+    const auto& pd = p->bwd_weights_pd;
+    return Execute(p->bwd_weights, pd.scratchpad_desc(),
+                   {DNNL_ARG_SRC, memory(g.x(), Engine(), x.untyped_data()), pd.src_desc()},
+                   {DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), dy.untyped_data()), pd.diff_dst_desc()},
+                   {DNNL_ARG_DIFF_WEIGHTS, memory(g.k_plain(), Engine(), dk->untyped_data()),
+                    pd.diff_weights_desc()});
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
-  return ffi::Error::Success();
 }
 
 #define PRELAR_CONV_ATTRS                                                                                   \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top").Attr<int64_t>("pad_bottom") \
       .Attr<int64_t>("pad_left")                                                                            \
-      .Attr<int64_t>("pad_right")
+      .Attr<int64_t>("pad_right")                                                                           \
+      .Attr<int64_t>("winograd")
 
 }  // namespace
 
@@ -221,10 +306,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrelarConvBackwardWeights, BackwardWeightsImpl,
 // Python side asks once and sends bfloat16 convolutions to XLA where this is 0.
 extern "C" int PrelarConvBfloat16Supported() {
   try {
-    Geometry g{1, 4, 4, 16, 3, 3, 16, 4, 4, 1, 1, 1, 1, 1, 1, dt::bf16};
+    Geometry g{1, 4, 4, 16, 3, 3, 16, 4, 4, 1, 1, 1, 1, 1, 1, dt::bf16, false};
     GetPrims(g);
     return 1;
   } catch (const dnnl::error&) {
     return 0;
   }
 }
+
+// 1 when a float32 3x3 stride-1 'SAME' convolution of a [n, side, side, ci] batch to co channels runs
+// Winograd kernels (0 where UseWinograd says no or this CPU has none), -1 on error.
+extern "C" int PrelarConvUsesWinograd(int64_t n, int64_t side, int64_t ci, int64_t co) {
+  try {
+    return GetPrims(Geometry{n, side, side, ci, 3, 3, co, side, side, 1, 1, 1, 1, 1, 1, dt::f32, true})->winograd;
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
+
+// The handlers' interface version (their attributes): the Python side refuses a library built from
+// an older conv.cc instead of failing at the first call. Raise it with every change of attributes.
+extern "C" int PrelarConvAbiVersion() { return 2; }
