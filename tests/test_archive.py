@@ -47,6 +47,11 @@ def test_cpu_preset_plans_the_issue_grid(tmp_path):
     assert config.results == "experiments/results/benchmark_cpu"
     assert all("--config.steps=30000" in s.command for s in runs.finetune)
     assert all(any(a.endswith(":cpu") for a in s.command) for s in runs.pretrain + runs.finetune)
+    # Seed-major: all 10 (method, task) pairs get seed 0 before any gets seed 1, so a grid stopped
+    # part-way compares every method on the same seeds.
+    seeds = [s.labels["seed"] for s in runs.finetune]
+    assert seeds == sorted(seeds)
+    assert len({(s.labels["method"], s.labels["task"]) for s in runs.finetune[:10]}) == 10
 
 
 def test_provenance_names_the_code_the_run_started_with(tmp_path):

@@ -82,13 +82,15 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
                 f"--workdir={run_dir}",
             ],
         )
+    # Seed-major order (every method and task gets seed 0 before any gets seed 1): a grid that is
+    # stopped part-way, as a long one on a small machine always is, leaves a balanced comparison.
     finetune_specs = []
-    for method in methods:
-        _, (path, overrides) = methods_table[method]
-        path = _from_repo(path)
-        preset = original_presets.get(method, {}).get(config.preset, config.preset)
+    for seed in range(config.seeds):
         for task in tasks:
-            for seed in range(config.seeds):
+            for method in methods:
+                _, (path, overrides) = methods_table[method]
+                path = _from_repo(path)
+                preset = original_presets.get(method, {}).get(config.preset, config.preset)
                 run_dir = os.path.join(workdir, "runs", method, task, f"seed_{seed}")
                 command = [
                     python,
