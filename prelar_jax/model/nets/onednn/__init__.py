@@ -14,9 +14,9 @@ kernel that runs it differs.
 
 Choice: ``PRELAR_CONV`` = ``auto`` (default: oneDNN on CPU when built, else XLA), ``xla``, or
 ``onednn`` (an error if the extension is not built). ``PRELAR_CONV_ALGORITHM`` = ``auto`` (default:
-oneDNN's Winograd kernels for the float32 3x3 stride-1 convolutions on maps of at most 16x16, where
-the CPU has them: faster there, measured, ``conv.cc: UseWinograd``; direct kernels elsewhere) or ``direct`` (direct
-kernels only: the rounding of the direct kernels, for comparisons). Build: ``python -m
+oneDNN's Winograd kernels for the float32 3x3 stride-1 convolutions on maps of at most 16x16 where
+the CPU has them, measured faster there, ``conv.cc: UseWinograd``; direct kernels elsewhere) or
+``direct`` (direct kernels only, for comparisons). Build: ``python -m
 prelar_jax.model.nets.onednn.build`` (``experiments/setup_env.sh`` does it when the oneDNN headers
 are installed: Debian ``libdnnl-dev``).
 """
