@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 from PIL import Image
 
 from prelar_jax.runtime.config import config_module
@@ -44,7 +45,7 @@ def test_table_and_curves(tmp_path, capsys):
     assert "0.02 → -0.05 | – |" in lines[1] and "(preset)" in lines[1]
     assert "skipped" in out.err
     image = Image.open(png)
-    assert image.size[0] > 1000 and len(set(image.convert("L").getdata())) > 10  # drawn, not blank
+    assert image.size[0] > 1000 and len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
     assert "| – (–) |" in lines[0]  # no hand-motion probe in these studies
 
     # Studies whose probe videos have the hand's position: its column and a fourth panel.
