@@ -94,38 +94,25 @@ Prims* GetPrims(const Geometry& g) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto& e = Engine();
-  using dnnl::algorithm;
-  auto fwd_desc = [&](algorithm a, const memory::desc& x, const memory::desc& y) {
-    return dnnl::convolution_forward::primitive_desc(
+  // The three primitive_descs of one algorithm; activations in the layouts x and y (NHWC for the
+  // direct kernels, "any" for Winograd's blocked ones).
+  auto make = [&](dnnl::algorithm a, const memory::desc& x, const memory::desc& y) {
+    auto fwd = dnnl::convolution_forward::primitive_desc(
         dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, a, x, g.k_any(), y, g.strides(),
                                         g.pad_l(), g.pad_r()),
         attr, e);
+    auto data = dnnl::convolution_backward_data::primitive_desc(
+        dnnl::convolution_backward_data::desc(a, x, g.k_any(), y, g.strides(), g.pad_l(), g.pad_r()), attr, e, fwd);
+    auto weights = dnnl::convolution_backward_weights::primitive_desc(
+        dnnl::convolution_backward_weights::desc(a, x, g.k_any(), y, g.strides(), g.pad_l(), g.pad_r()), attr, e,
+        fwd);
+    return std::make_tuple(fwd, data, weights);
   };
-  auto fwd_pd = fwd_desc(algorithm::convolution_direct, g.x(), g.y());
-  auto bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
-      dnnl::convolution_backward_data::desc(algorithm::convolution_direct, g.x(), g.k_any(), g.y(), g.strides(),
-                                            g.pad_l(), g.pad_r()),
-      attr, e, fwd_pd);
-  auto bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      dnnl::convolution_backward_weights::desc(algorithm::convolution_direct, g.x(), g.k_any(), g.y(), g.strides(),
-                                               g.pad_l(), g.pad_r()),
-      attr, e, fwd_pd);
+  auto [fwd_pd, bwd_data_pd, bwd_weights_pd] = make(dnnl::algorithm::convolution_direct, g.x(), g.y());
   bool winograd = false;
   if (UseWinograd(g)) {
     try {
-      auto wino = algorithm::convolution_winograd;
-      auto wfwd_pd = fwd_desc(wino, g.x_any(), g.y_any());
-      auto wdata_pd = dnnl::convolution_backward_data::primitive_desc(
-          dnnl::convolution_backward_data::desc(wino, g.x_any(), g.k_any(), g.y_any(), g.strides(), g.pad_l(),
-                                                g.pad_r()),
-          attr, e, wfwd_pd);
-      auto wweights_pd = dnnl::convolution_backward_weights::primitive_desc(
-          dnnl::convolution_backward_weights::desc(wino, g.x_any(), g.k_any(), g.y_any(), g.strides(), g.pad_l(),
-                                                   g.pad_r()),
-          attr, e, wfwd_pd);
-      fwd_pd = wfwd_pd;
-      bwd_data_pd = wdata_pd;
-      bwd_weights_pd = wweights_pd;
+      std::tie(fwd_pd, bwd_data_pd, bwd_weights_pd) = make(dnnl::algorithm::convolution_winograd, g.x_any(), g.y_any());
       winograd = true;
     } catch (const dnnl::error&) {
       // No Winograd kernels for this CPU or shape: the direct ones run.
