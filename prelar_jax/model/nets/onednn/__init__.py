@@ -119,20 +119,21 @@ def uses_winograd(n: int, side: int, in_channels: int, out_channels: int) -> boo
     return bool(answer)
 
 
-def choice() -> str:
-    value = os.environ.get("PRELAR_CONV", "auto")
-    if value not in CHOICES:
-        raise ConvImplError(f"PRELAR_CONV={value!r}; choose one of {CHOICES}")
+def _setting(name: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, "auto")
+    if value not in allowed:
+        raise ConvImplError(f"{name}={value!r}; choose one of {allowed}")
     return value
+
+
+def choice() -> str:
+    return _setting("PRELAR_CONV", CHOICES)
 
 
 def algorithm() -> str:
     """``PRELAR_CONV_ALGORITHM`` (read at trace time): ``auto`` lets oneDNN's Winograd kernels run
     where they are faster, ``direct`` keeps the direct kernels."""
-    value = os.environ.get("PRELAR_CONV_ALGORITHM", "auto")
-    if value not in ALGORITHMS:
-        raise ConvImplError(f"PRELAR_CONV_ALGORITHM={value!r}; choose one of {ALGORITHMS}")
-    return value
+    return _setting("PRELAR_CONV_ALGORITHM", ALGORITHMS)
 
 
 def enabled() -> bool:
