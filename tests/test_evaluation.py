@@ -382,6 +382,25 @@ def test_per_task_mean_stops_where_a_seed_stops():
     assert "dotted" not in full._suptitle.get_text()
 
 
+def test_per_task_legend_fits_the_figure():
+    """One task (a one-column figure) and long method names: the legend keeps inside the figure
+    (fewer columns) and the axes keep their height (the figure grows instead)."""
+    names = ["prelar", "prelar_naive", "apv", "dreamerv2", "prelar_wo_cl = prelar_sign", "a_rather_long_method_name"]
+    rows = [report.ResultRow(m, "door-close", 0, step, 0.5, 1.0) for m in names for step in (1500, 3000)]
+    baselines = {report.normalise_task("door-close"): report.Baseline(0.0, 8.7, "random policy (20 episodes)")}
+    short = report.per_task_figure(report.group_results(rows[:4]), baselines=baselines)
+    figure = report.per_task_figure(report.group_results(rows), baselines=baselines)
+    for fig in (short, figure):
+        fig.canvas.draw()
+        (legend,) = fig.legends
+        box, page = legend.get_window_extent(), fig.bbox
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0, (box, page)
+    assert figure.legends[0]._ncols < short.legends[0]._ncols
+    axes_height = [next(a for a in f.axes if a.get_visible()).get_window_extent().height for f in (short, figure)]
+    assert figure.get_size_inches()[1] > short.get_size_inches()[1]
+    np.testing.assert_allclose(axes_height[1], axes_height[0], rtol=0.15)
+
+
 def test_reference_values_match_the_spec_table():
     if not os.path.exists(SPEC):
         pytest.skip("the spec is not in this checkout")

@@ -443,7 +443,7 @@ def per_task_figure(
     tasks = list(dict.fromkeys(task for by_task in table.values() for task in by_task))
     columns = min(3, len(tasks))
     rows = math.ceil(len(tasks) / columns)
-    figure = Figure(figsize=(4.6 * columns, 3.4 * rows + 1.0), layout="constrained")
+    figure = Figure(figsize=(4.6 * columns, 3.4 * rows + 0.6), layout="constrained")  # + the legend's height
     FigureCanvasAgg(figure)
     axes_grid = figure.subplots(rows, columns, squeeze=False)
     handles: dict[str, Line2D] = {}
@@ -527,19 +527,29 @@ def per_task_figure(
         _steps_axis(axes, rate=metric == "success_rate")
     for index in range(len(tasks), rows * columns):
         axes_grid[index // columns][index % columns].set_visible(False)
-    figure.legend(
-        list(handles.values()),
-        list(handles),
-        loc="outside lower center",
-        ncol=min(2 if any(len(label) > 30 for label in handles) else 4, len(handles)),
-        fontsize="small",
-    )
+    _legend_below(figure, handles)
     figure.suptitle(
         f"{'Success rate' if metric == 'success_rate' else 'Evaluation return'} per task\n"
         "(line: mean over seeds, band: min to max over seeds"
         + (";\ndotted: single seeds past the shortest run)" if partial else ")")
     )
     return figure
+
+
+def _legend_below(figure: Figure, handles: Mapping[str, Line2D]) -> None:
+    """The figure's legend below its axes, in as many columns (at most 4) as fit its width, the
+    figure made taller by the legend's height so that the axes keep theirs."""
+    renderer = figure.canvas.get_renderer()
+    for columns in range(min(4, len(handles)), 0, -1):
+        legend = figure.legend(
+            list(handles.values()), list(handles), loc="outside lower center", ncol=columns, fontsize="small"
+        )
+        box = legend.get_window_extent(renderer)
+        if box.width <= 0.98 * figure.bbox.width or columns == 1:
+            break
+        legend.remove()
+    width, height = figure.get_size_inches()
+    figure.set_size_inches(width, height + box.height / figure.dpi)
 
 
 def aggregate_figure(per_step: Mapping[str, Sequence[StepAggregate]]) -> Figure:
