@@ -70,6 +70,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.tasks = "drawer-open,lever-pull,door-lock,button-press-topdown-wall,reach,dial-turn"
     c.seeds = 8
     c.max_parallel = 1  # runs at once; each fine-tuning run also starts its environment workers
+    # Do not fine-tune a method whose pre-trained weights are bit-identical to an earlier method's
+    # and whose fine-tuning settings are the same (its runs would repeat that method's; e.g.
+    # prelar_sign = prelar_wo_cl); the report shows both as one. False runs every method.
+    c.skip_identical = True
     c.wandb_mode = "offline"
     # Results directory to commit (e.g. experiments/results/benchmark_cpu; relative paths are from
     # the repository root): each finished run's small files are archived there as it ends, runs

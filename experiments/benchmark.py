@@ -59,7 +59,7 @@ def _main():
     methods_table, original_presets = _methods_table(_config_path())
     runs = bench.plan(config, workdir, methods_table, original_presets)
     archive = bench.archive_dir(config)
-    finetune_specs = runs.finetune
+    full = runs
     if archive:
         from prelar_jax.launch import archive as archive_lib
 
@@ -75,8 +75,9 @@ def _main():
         from prelar_jax.runtime import workdir_lock
 
         with workdir_lock.hold(workdir, "benchmark"):  # one benchmark per directory
-            bench.run_grid(config, workdir, runs, archive)
-    paths = bench.report(workdir, finetune_specs, archive, baselines)
+            bench.run_grid(config, workdir, runs, archive, full)
+    same = bench.identical_methods(config, full, workdir, archive)
+    paths = bench.report(workdir, full.finetune, archive, baselines, same)
     print("[benchmark] " + ", ".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
 
 

@@ -162,6 +162,83 @@ def test_runner_hook_archives_each_run_as_it_ends(tmp_path):
     assert archive.check_archive(str(tmp_path / "results")) == {"m": 2}
 
 
+def test_a_method_whose_runs_would_repeat_another_runs_once(tmp_path):
+    """prelar_sign's released loss has zero gradient, so it pre-trains bit-identically to
+    prelar_wo_cl; with the same fine-tuning settings its runs would repeat prelar_wo_cl's. Such a
+    method is not fine-tuned (nor diagnosed) and the report shows the two as one. Weights that
+    differ in the last bit, other fine-tuning settings, an unfinished pre-training or
+    ``skip_identical=False`` keep it running."""
+    bench, _ = modules()
+    work = tmp_path / "work"
+    config, runs = _plan(work, methods="prelar_wo_cl,prelar_sign,prelar,dreamerv2", seeds=1, tasks="door-close")
+
+    def pretraining(method, sha, finished=True):
+        directory = runs.pretrained[method]
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "summary.json"), "w") as handle:
+            json.dump({"finished": finished}, handle)
+        if sha:
+            with open(os.path.join(directory, bench.WEIGHTS_FILE), "w") as handle:
+                json.dump({"sha256": sha}, handle)
+        elif os.path.exists(os.path.join(directory, bench.WEIGHTS_FILE)):
+            os.remove(os.path.join(directory, bench.WEIGHTS_FILE))
+
+    for method, sha in (("prelar_wo_cl", "a" * 64), ("prelar_sign", "a" * 64), ("prelar", "b" * 64)):
+        pretraining(method, sha)
+    same = bench.identical_methods(config, runs, str(work))
+    assert same == {"prelar_sign": ("prelar_wo_cl", "a" * 64)}
+    assert (
+        bench.identical_methods(
+            config_lib.load_config("configs/benchmark.py:cpu", {"skip_identical": False}), runs, str(work)
+        )
+        == {}
+    )
+    pretraining("prelar_sign", "a" * 63 + "b")  # one bit of one weight is enough to run it
+    assert bench.identical_methods(config, runs, str(work)) == {}
+    pretraining("prelar_sign", "", finished=False)  # not comparable yet: it runs
+    assert bench.identical_methods(config, runs, str(work)) == {}
+    # Same weights, other fine-tuning settings: prelar_naive fine-tunes prelar's pre-training.
+    _, naive = _plan(work, methods="prelar,prelar_naive", seeds=1, tasks="door-close")
+    assert naive.pretrained["prelar"] == naive.pretrained["prelar_naive"]
+    assert bench.identical_methods(config, naive, str(work)) == {}
+    # On a machine without the pre-training's workdir the archived copy's record serves.
+    pretraining("prelar_sign", "a" * 64)
+    results = tmp_path / "results"
+    for method in ("prelar_wo_cl", "prelar_sign"):
+        relative = os.path.relpath(runs.pretrained[method], work)
+        os.makedirs(results / relative)
+        os.replace(os.path.join(runs.pretrained[method], bench.WEIGHTS_FILE), results / relative / bench.WEIGHTS_FILE)
+        os.remove(os.path.join(runs.pretrained[method], "summary.json"))
+    assert bench.identical_methods(config, runs, str(work), str(results)) == same
+
+    # The grid: fake fine-tuning and diagnostics runs that log two evaluations.
+    script = (
+        "import json, os, sys; w = sys.argv[1].split('=', 1)[1]; os.makedirs(w, exist_ok=True); "
+        "open(os.path.join(w, 'metrics.jsonl'), 'w').write(''.join(json.dumps({'step': s, "
+        "'eval/success_rate': 0.5, 'eval/return': 10.0}) + chr(10) for s in (1500, 3000))); "
+        "json.dump({'finished': True}, open(os.path.join(w, 'summary.json'), 'w'))"
+    )
+
+    def fake(spec):
+        kept = [a for a in spec.command if a.startswith("--config.pretrained=")]
+        return runner.RunSpec(
+            spec.name, [sys.executable, "-c", script, f"--workdir={spec.workdir}", *kept], spec.workdir, spec.labels
+        )
+
+    diagnostics = [fake(s) for s in runs.diagnostics]
+    assert [s.labels.get("of") for s in diagnostics] == [None, "prelar_wo_cl", "prelar_sign"]
+    grid = runs._replace(pretrain=[], finetune=[fake(s) for s in runs.finetune], diagnostics=diagnostics)
+    bench.run_grid(config, str(work), grid, str(results))
+    ran = {s.labels.get("method") or s.name for s in grid.finetune + grid.diagnostics if runner.is_finished(s.workdir)}
+    assert ran == {"prelar_wo_cl", "prelar", "dreamerv2", "diagnostics", "diagnostics_prelar_wo_cl"}
+    paths = bench.report(str(work), grid.finetune, "", None, same)
+    with open(paths["results"]) as handle:
+        methods = {row["method"] for row in csv.DictReader(handle)}
+    assert methods == {"prelar_wo_cl = prelar_sign", "prelar", "dreamerv2"}
+    summary = open(paths["summary"]).read()
+    assert "prelar_sign is not fine-tuned: its pre-trained weights are bit-identical to prelar_wo_cl's" in summary
+
+
 def test_pretraining_videos_leave_out_the_benchmarked_tasks():
     from prelar_jax.data.generate import DEFAULT_TASKS
 

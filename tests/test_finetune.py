@@ -144,6 +144,23 @@ def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir)
     assert all(leaf.sharding == cpu for leaf in jax.tree.leaves((params, stats)))
 
 
+def test_pretrained_weights_sum_tells_bit_identical_weights_apart(pretrained_dir):
+    """The benchmark's test for "this pre-training repeats that one": the checkpoint's sum equals
+    the sum of the arrays it was written from, and a one-ulp change in any one array, or a dtype
+    change of the same values, gives another sum."""
+    workdir, saved_params, saved_stats = pretrained_dir
+    sha, step = pretrained_lib.pretrain_weights_sha256(workdir)
+    assert step == 7 and sha == pretrained_lib.weights_sha256(saved_params, saved_stats)
+    assert len(sha) == 64 and int(sha, 16) >= 0
+    copy = jax.tree.map(np.array, saved_params)
+    assert pretrained_lib.weights_sha256(copy, saved_stats) == sha  # the values, not the objects
+    kernel = copy["rssm"]["img_in"]["kernel"]
+    kernel[0, 0] = np.nextafter(kernel[0, 0], np.float32(np.inf))
+    assert pretrained_lib.weights_sha256(copy, saved_stats) != sha
+    as_f64 = jax.tree.map(lambda x: np.asarray(x, np.float64), saved_stats)
+    assert jax.tree.leaves(saved_stats) and pretrained_lib.weights_sha256(saved_params, as_f64) != sha
+
+
 def test_load_pretrained_errors(pretrained_dir, tmp_path):
     workdir, _, _ = pretrained_dir
     config = finetune_config(**{"model.deter": 16, "model.hidden": 16})

@@ -7,7 +7,8 @@ results are copied into a results directory meant to be committed (e.g.
 seed_<n>``, ``pretrain/<name>``, ``diagnostics``):
 
 * ``metrics.jsonl``, ``config.json``, ``summary.json``, ``attempts.jsonl`` (and
-  ``diagnostics.md``/``diagnostics.json`` for the diagnostics), never checkpoints, replay or media;
+  ``diagnostics.md``/``diagnostics.json`` for the diagnostics, ``weights.json`` for a
+  pre-training), never checkpoints, replay or media;
 * ``provenance.json``: the run's command line, the code version (git commit, and whether the
   tree had uncommitted changes) that the attempt which finished the run loaded when it started
   (``code_version_from: "run start"``; for runs without ``attempts.jsonl``, the checkout at export:
@@ -36,7 +37,15 @@ from prelar_jax.errors import UserError
 from prelar_jax.launch import runner
 
 PROVENANCE = "provenance.json"
-SMALL_FILES = ("metrics.jsonl", "config.json", "summary.json", "diagnostics.md", "diagnostics.json", run_utils.ATTEMPTS)
+SMALL_FILES = (
+    "metrics.jsonl",
+    "config.json",
+    "summary.json",
+    "diagnostics.md",
+    "diagnostics.json",
+    "weights.json",  # a pre-training's weights sha256 (launch.benchmark.WEIGHTS_FILE)
+    run_utils.ATTEMPTS,
+)
 # Flags that differ between the runs of one method by design; everything else must match.
 PER_RUN_FLAGS = (
     "--config.seed",

@@ -8,6 +8,7 @@ the methods table (README "Benchmark and sweeps").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,9 +17,18 @@ from typing import NamedTuple
 from prelar_jax.analysis import diagnostics_report, report as report_lib
 from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
 from prelar_jax.launch import archive as archive_lib
-from prelar_jax.launch.runner import FINISHED, SKIPPED, RunSpec, collect_results, run_all, write_results_csv
+from prelar_jax.launch.runner import (
+    FINISHED,
+    SKIPPED,
+    RunSpec,
+    collect_results,
+    is_finished,
+    run_all,
+    write_results_csv,
+)
 from prelar_jax.launch.sweep import flag_value
 from prelar_jax.runtime.config import REPO_ROOT, ConfigError
+from prelar_jax.runtime.logger import atomic_write_json
 
 
 def _from_repo(path: str) -> str:
@@ -168,6 +178,120 @@ def diagnostics_specs(config, workdir: str, tasks, pretrain_of_method, plain_pre
     return specs
 
 
+WEIGHTS_FILE = "weights.json"  # beside a finished pre-training (and its archived copy): its weights' sha256
+
+
+def pretraining_weights(pretrain_dir: str, copies=()) -> str | None:
+    """The sha256 of a finished pre-training's final weights (``runtime.pretrained.weights_sha256``):
+    read from ``weights.json`` in ``pretrain_dir`` or one of its archived ``copies``, else computed
+    from its checkpoint and written there. None when it has not finished, or its checkpoint is gone
+    and nothing recorded the sum (a later machine without the checkpoint then cannot compare it)."""
+    places = [pretrain_dir, *copies]
+    sha = None
+    for place in places:
+        try:
+            with open(os.path.join(place, WEIGHTS_FILE), encoding="utf-8") as handle:
+                sha = str(json.load(handle)["sha256"])
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if sha is None:
+        if not is_finished(pretrain_dir):
+            return None
+        from absl import logging as absl_logging
+
+        from prelar_jax.runtime import pretrained as pretrained_lib  # local: imports jax and the models
+
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore step at INFO
+        try:
+            sha, step = pretrained_lib.pretrain_weights_sha256(pretrain_dir)
+        except pretrained_lib.PretrainedNotFoundError:
+            return None
+        finally:
+            absl_logging.set_verbosity(verbosity)
+        record = {"sha256": sha, "step": step}
+    else:
+        record = {"sha256": sha}
+    for place in places:
+        if os.path.isdir(place) and not os.path.exists(os.path.join(place, WEIGHTS_FILE)):
+            try:
+                atomic_write_json(os.path.join(place, WEIGHTS_FILE), record)
+            except OSError:
+                pass  # a read-only reused pre-training: the sum is recomputed next time
+    return sha
+
+
+def identical_methods(config, runs: Plan, workdir: str, archive: str = "") -> dict[str, tuple[str, str]]:
+    """The methods whose fine-tuning runs would repeat another method's, run for run: the same
+    fine-tuning settings (``archive.settings``: the command less its per-run flags) and bit-identical
+    pre-trained weights (or no pre-training for either). Returns ``{method: (the first such method in
+    config order, the weights' sha256 or '')}``; empty with ``config.skip_identical`` False.
+
+    PreLAR with the released ``sign`` consistency loss is the case in point: that loss has zero
+    gradient, so it pre-trains bit-identically to PreLAR without the loss. Only finished
+    pre-trainings compare; the weights are compared, not the configs, so a loss that does change
+    training is never skipped."""
+    if not config.get("skip_identical", True):
+        return {}
+    first_of: dict[tuple, str] = {}
+    same: dict[str, tuple[str, str]] = {}
+    for spec in runs.finetune:
+        method = spec.labels.get("method")
+        if method in same or method in first_of.values():
+            continue
+        sha = ""
+        if method in runs.pretrained:
+            pretrain_dir = runs.pretrained[method]
+            relative = os.path.relpath(pretrain_dir, workdir)
+            copies = [os.path.join(archive, relative)] if archive and not relative.startswith("..") else []
+            sha = pretraining_weights(pretrain_dir, copies)
+            if sha is None:
+                continue  # not comparable (yet): it runs
+        key = (tuple(archive_lib.settings(spec.command)), sha)
+        if key in first_of:
+            same[method] = (first_of[key], sha)
+        else:
+            first_of[key] = method
+    return same
+
+
+def identical_section(same: dict[str, tuple[str, str]]) -> str:
+    """Markdown: the methods not fine-tuned because their runs would repeat another's."""
+    if not same:
+        return ""
+    lines = ["# Methods whose runs would repeat another's", ""]
+    lines += [f"- {_not_run_because(method, original, sha)}" for method, (original, sha) in same.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def _not_run_because(method: str, original: str, sha: str) -> str:
+    weights = (
+        f"its pre-trained weights are bit-identical to {original}'s (sha256 {sha[:16]}, {WEIGHTS_FILE} in "
+        "both pre-training directories)"
+        if sha
+        else f"neither it nor {original} is pre-trained"
+    )
+    return (
+        f"{method} is not fine-tuned: {weights} and its fine-tuning settings are the same, so its runs "
+        f"would repeat {original}'s seed for seed. The report shows them once, as '{original} = {method}'; "
+        "--config.skip_identical=False runs it anyway."
+    )
+
+
+def _labelled_as_one(specs, same: dict[str, tuple[str, str]]) -> list:
+    """``specs`` with each method that others repeat relabelled ``<method> = <repeat> ...``."""
+    names: dict[str, list[str]] = {}
+    for method, (original, _) in same.items():
+        names.setdefault(original, [original]).append(method)
+    return [
+        dataclasses.replace(s, labels={**s.labels, "method": " = ".join(names[s.labels["method"]])})
+        if s.labels.get("method") in names
+        else s
+        for s in specs
+    ]
+
+
 def random_policy_baselines(config):
     """The random policy's results to draw beside the curves (``config.random_policy``), read
     before anything runs so that a wrong path fails at once; None when not configured."""
@@ -181,10 +305,12 @@ def random_policy_baselines(config):
 NOTES_FILE = "notes.md"  # in the results directory: what the numbers show, written by people
 
 
-def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> dict:
+def report(workdir: str, finetune_specs, archive: str = "", baselines=None, same=None) -> dict:
     """The report of every finished evaluation: with an archive, of the archived runs (all
-    machines' work so far) and written into the archive; else of the runs under ``workdir``."""
+    machines' work so far) and written into the archive; else of the runs under ``workdir``.
+    ``same`` (``identical_methods``) names the methods reported as the one whose runs they repeat."""
     out = archive or workdir
+    finetune_specs = _labelled_as_one(finetune_specs, same or {})
     if archive:
         counts = archive_lib.check_archive(archive)
         specs = archive_lib.archived_specs(finetune_specs, workdir, archive)
@@ -197,6 +323,7 @@ def report(workdir: str, finetune_specs, archive: str = "", baselines=None) -> d
         print(f"[benchmark] no evaluations finished yet; {csv_path} has only its header", flush=True)
         return {"results": csv_path}
     appendix, diagnostics = diagnostics_section(out)
+    appendix = identical_section(same or {}) + appendix
     if archive:
         appendix = cost_section(archive, counts) + appendix
     notes = os.path.join(out, NOTES_FILE)
@@ -287,7 +414,10 @@ def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
     return runs._replace(pretrain=pretrain, finetune=finetune, diagnostics=diagnostics)
 
 
-def run_grid(config, workdir: str, runs, archive: str = "") -> None:
+def run_grid(config, workdir: str, runs, archive: str = "", full: Plan | None = None) -> None:
+    """Runs ``runs`` (``full``: the whole plan, archived runs included, when ``runs`` is less),
+    except the fine-tuning and diagnostics of ``identical_methods``, which would repeat another's."""
+
     def archived(spec, result=None):  # copy a finished run's small results into the archive now
         if archive and archive_lib.export(spec, workdir, archive, REPO_ROOT, result.seconds if result else None):
             print(f"[benchmark] archived {spec.name} -> {archive_lib.archived_dir(spec, workdir, archive)}", flush=True)
@@ -319,11 +449,20 @@ def run_grid(config, workdir: str, runs, archive: str = "") -> None:
     def without_failed(specs):  # the runs none of whose arguments names a failed pre-training
         return [s for s in specs if not any(arg.split("=", 1)[-1] in failed for arg in s.command)]
 
-    run_all(without_failed(runs.diagnostics), 1, os.path.join(workdir, "logs", "diagnostics"), on_end=archived)
-    runnable = without_failed(finetune_specs)
-    if len(runnable) < len(finetune_specs):
+    same = identical_methods(config, full or runs, workdir, archive)
+    for method, (original, sha) in same.items():
+        print(f"[benchmark] {_not_run_because(method, original, sha)}", flush=True)
+    run_all(
+        [s for s in without_failed(runs.diagnostics) if s.labels.get("of") not in same],
+        1,
+        os.path.join(workdir, "logs", "diagnostics"),
+        on_end=archived,
+    )
+    runnable = [s for s in without_failed(finetune_specs) if s.labels.get("method") not in same]
+    failed_runs = len(finetune_specs) - len(without_failed(finetune_specs))
+    if failed_runs:
         print(
-            f"[benchmark] {len(finetune_specs) - len(runnable)} fine-tuning runs skipped: their "
+            f"[benchmark] {failed_runs} fine-tuning runs skipped: their "
             f"pre-training failed (see {workdir}/logs/pretrain/runs.json)",
             flush=True,
         )

@@ -5,6 +5,7 @@ fine-tuning workdir (``read_*_config``, ``restore_*_state``), with one clear err
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -170,6 +171,24 @@ def restore_pretrain_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
     abstract = jax.eval_shape(lambda k: model.init_state(k, make_optimizer(config)), jax.random.key(0))
     restored, step = _restore_latest(workdir, "pre-training", abstract, ("step", "params", "batch_stats"))
     return config, restored.params, restored.batch_stats, step
+
+
+def weights_sha256(params: Params, batch_stats: Params) -> str:
+    """sha256 over every parameter and BatchNorm statistic (path, dtype, shape and bytes, in path
+    order): equal exactly when two states hold bit-identical weights."""
+    flat = {**_flat(params, "params"), **_flat(batch_stats, "batch_stats")}
+    digest = hashlib.sha256()
+    for path in sorted(flat):
+        array = np.ascontiguousarray(np.asarray(flat[path]))
+        digest.update(f"{path}|{array.dtype.str}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def pretrain_weights_sha256(workdir: str | os.PathLike) -> tuple[str, int]:
+    """``(weights_sha256, step)`` of the latest checkpoint of a pre-training workdir."""
+    _, params, batch_stats, step = restore_pretrain_state(workdir)
+    return weights_sha256(params, batch_stats), step
 
 
 def read_finetune_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
