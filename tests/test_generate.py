@@ -144,9 +144,13 @@ def test_generate_tiny_run_loads_and_is_worker_independent(tmp_path: Path) -> No
     batch = ds.sample(np.random.default_rng(0), 4, 10)
     assert batch["image"].shape == (4, 10, 64, 64, 3)
 
-    # Two worker processes (forkserver) write the same episodes: content depends on (seed, task, episode).
+    # Two worker processes (forkserver) write the same episodes: content depends on (seed, task, episode),
+    # and so do the names, so that readers which sort them see one order on every run.
     generate.generate_videos(tmp_path / "w2", workers=2, verbose=False, **kwargs)
     again = _load_all(tmp_path / "w2")
+    names = [sorted(str(p.relative_to(tmp_path / w)) for p in (tmp_path / w).rglob("*.npz")) for w in ("w1", "w2")]
+    assert names[0] == names[1]
+    assert all(os.path.basename(n).startswith(f"00000000T000000-{3:016x}{0:016x}-") for n in names[0])
     for task in episodes:
         for key in episodes[task]:
             np.testing.assert_array_equal(episodes[task][key], again[task][key], err_msg=f"{task}/{key}")

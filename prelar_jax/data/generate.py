@@ -1,6 +1,8 @@
 """Render Meta-World scripted-expert episodes as action-free pre-training videos (DreamerV2 .npz files).
 
-Each episode is written to `<out_dir>/<task>/<YYYYmmddTHHMMSS>-<uuid4hex>-<length>.npz` with
+Each episode is written to `<out_dir>/<task>/00000000T000000-<seed as 16 hex digits><episode index
+as 16 hex digits>-<length>.npz` (the DreamerV2 name's shape; the same names, sorted in episode order,
+on every run and with any number of workers, so readers that sort names see the same order) with
   image       uint8   [L+1, 64, 64, 3]
   action      float32 [L+1, 4]   row 0 is zeros (Dreamer: a_t produced o_t); kept for analysis only
   reward      float32 [L+1]      row 0 is 0
@@ -160,7 +162,9 @@ class _EpisodeRunner:
             # frames show moving, as against the commanded action (the probe's `hand` target).
             "hand": np.stack(hands).astype(np.float32),  # [L+1, 3]
         }
-        path = save_episode(Path(cfg.out_dir) / task, episode_data)
+        # A name from (seed, episode): the files sort in episode order and are the same on every run
+        # (time + uuid names sorted differently each time: the probe's episode split moved with them).
+        path = save_episode(Path(cfg.out_dir) / task, episode_data, index=(cfg.seed << 64) | episode)
         return {
             "task": task,
             "episode": episode,
