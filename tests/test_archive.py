@@ -111,6 +111,9 @@ def test_archived_runs_are_not_run_again_and_the_report_reads_the_archive(tmp_pa
     assert len(rows) == len(done) * 2 and {r["method"] for r in rows} == {"prelar"}
     summary = open(paths["summary"]).read()
     assert "Runs and their cost" in summary and "| prelar | 4 | 0.07 |" in summary
+    # The rest of the plan, priced at the archived runs' median (DreamerV2 has none: all methods').
+    assert "| dreamerv2 | 4 | 0.07 (median of all methods) |" in summary
+    assert "The whole grid: 0.13 h, 0.07 h of it done." in summary
 
 
 def test_other_settings_for_an_archived_method_are_refused(tmp_path):

@@ -228,13 +228,12 @@ def check_archive(archive: str) -> dict[str, int]:
     return {group: len(runs) for group, runs in sorted(groups.items())}
 
 
-def wall_seconds(archive: str, groups: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """Total recorded wall time per group (method or stage) in the archive, in seconds."""
-    totals: dict[str, float] = {}
+def run_seconds(archive: str) -> dict[str, list[float]]:
+    """The recorded wall time of each archived run, in seconds, per group (method or stage)."""
+    runs: dict[str, list[float]] = {}
     for directory, _, files in os.walk(archive):
         if PROVENANCE in files and not directory.endswith(".partial"):
             provenance = read_provenance(directory) or {}
             group = _group_of(provenance.get("labels", {}), provenance.get("name", directory))
-            if groups is None or group in groups:
-                totals[group] = totals.get(group, 0.0) + float(provenance.get("wall_seconds") or 0.0)
-    return totals
+            runs.setdefault(group, []).append(float(provenance.get("wall_seconds") or 0.0))
+    return runs

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import NamedTuple
 
+import numpy as np
+
 from prelar_jax.analysis import diagnostics_report, report as report_lib
 from prelar_jax.data.generate import DEFAULT_TASKS, generate_videos
 from prelar_jax.launch import archive as archive_lib
@@ -310,7 +312,9 @@ def report(workdir: str, finetune_specs, archive: str = "", baselines=None, same
     machines' work so far) and written into the archive; else of the runs under ``workdir``.
     ``same`` (``identical_methods``) names the methods reported as the one whose runs they repeat."""
     out = archive or workdir
-    finetune_specs = _labelled_as_one(finetune_specs, same or {})
+    same = same or {}
+    planned = [s for s in finetune_specs if s.labels.get("method") not in same]
+    finetune_specs = _labelled_as_one(finetune_specs, same)
     if archive:
         counts = archive_lib.check_archive(archive)
         specs = archive_lib.archived_specs(finetune_specs, workdir, archive)
@@ -323,9 +327,10 @@ def report(workdir: str, finetune_specs, archive: str = "", baselines=None, same
         print(f"[benchmark] no evaluations finished yet; {csv_path} has only its header", flush=True)
         return {"results": csv_path}
     appendix, diagnostics = diagnostics_section(out)
-    appendix = identical_section(same or {}) + appendix
+    appendix = identical_section(same) + appendix
     if archive:
-        appendix = cost_section(archive, counts) + appendix
+        remaining = [s for s in planned if not archive_lib.is_archived(s, workdir, archive)]
+        appendix = cost_section(archive, counts, remaining) + appendix
     notes = os.path.join(out, NOTES_FILE)
     preface = open(notes, encoding="utf-8").read() if os.path.exists(notes) else ""
     paths = report_lib.write_report(csv_path, out, appendix=appendix, baselines=baselines, preface=preface)
@@ -367,9 +372,12 @@ def diagnostics_section(out: str) -> tuple[str, list[str]]:
     return diagnostics_report.format_markdown(merged), paths
 
 
-def cost_section(archive: str, counts) -> str:
-    """Markdown: archived runs and their recorded wall time per method / pre-training."""
-    seconds = archive_lib.wall_seconds(archive)
+def cost_section(archive: str, counts, remaining=()) -> str:
+    """Markdown: archived runs and their recorded wall time per method / pre-training, and the
+    planned fine-tuning runs not archived yet (``remaining``, specs) with an estimate of their
+    cost from the median archived run of their method (of all fine-tuning runs for a method
+    without one)."""
+    seconds = archive_lib.run_seconds(archive)
     lines = [
         "# Runs and their cost",
         "",
@@ -380,8 +388,30 @@ def cost_section(archive: str, counts) -> str:
         "|---|---|---|",
     ]
     for group, count in counts.items():
-        lines.append(f"| {group} | {count} | {seconds.get(group, 0.0) / 3600:.2f} |")
-    lines.append(f"| total | {sum(counts.values())} | {sum(seconds.values()) / 3600:.2f} |")
+        lines.append(f"| {group} | {count} | {sum(seconds.get(group, [])) / 3600:.2f} |")
+    done = sum(sum(values) for values in seconds.values())
+    lines.append(f"| total | {sum(counts.values())} | {done / 3600:.2f} |")
+    if remaining:
+        stages = ("diagnostics", "pretrain/", "diagnostics/")
+        finetune = [t for group, values in seconds.items() if not group.startswith(stages) for t in values]
+        finetune = [t for t in finetune if t > 0] or [0.0]
+        per_method: dict[str, int] = {}
+        for spec in remaining:
+            per_method[spec.labels["method"]] = per_method.get(spec.labels["method"], 0) + 1
+        estimate = 0.0
+        lines += [
+            "",
+            "Planned fine-tuning runs not archived yet, at the median wall time of their method's archived runs:",
+            "",
+        ]
+        lines += ["| still to run | count | estimated wall time (h) |", "|---|---|---|"]
+        for method, count in per_method.items():
+            known = [t for t in seconds.get(method, []) if t > 0]
+            hours = count * float(np.median(known or finetune)) / 3600
+            estimate += hours
+            lines.append(f"| {method} | {count} | {hours:.2f}{'' if known else ' (median of all methods)'} |")
+        lines.append(f"| total | {len(remaining)} | {estimate:.2f} |")
+        lines += ["", f"The whole grid: {done / 3600 + estimate:.2f} h, {done / 3600:.2f} h of it done."]
     return "\n".join(lines) + "\n\n"
 
 
