@@ -200,6 +200,12 @@ def test_a_method_whose_runs_would_repeat_another_runs_once(tmp_path):
     assert bench.identical_methods(config, runs, str(work)) == {}
     pretraining("prelar_sign", "", finished=False)  # not comparable yet: it runs
     assert bench.identical_methods(config, runs, str(work)) == {}
+    # A record from an earlier end of the run (it went on to more steps since) is not trusted; with
+    # no checkpoint to sum here, the method is not comparable.
+    pretraining("prelar_sign", "a" * 64)
+    with open(os.path.join(runs.pretrained["prelar_sign"], "summary.json"), "w") as handle:
+        json.dump({"finished": True, "step": 4000}, handle)
+    assert bench.identical_methods(config, runs, str(work)) == {}
     # Same weights, other fine-tuning settings: prelar_naive fine-tunes prelar's pre-training.
     _, naive = _plan(work, methods="prelar,prelar_naive", seeds=1, tasks="door-close")
     assert naive.pretrained["prelar"] == naive.pretrained["prelar_naive"]

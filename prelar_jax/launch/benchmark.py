@@ -25,6 +25,7 @@ from prelar_jax.launch.runner import (
     RunSpec,
     collect_results,
     is_finished,
+    read_summary,
     run_all,
     write_results_csv,
 )
@@ -185,19 +186,23 @@ WEIGHTS_FILE = "weights.json"  # beside a finished pre-training (and its archive
 
 def pretraining_weights(pretrain_dir: str, copies=()) -> str | None:
     """The sha256 of a finished pre-training's final weights (``runtime.pretrained.weights_sha256``):
-    read from ``weights.json`` in ``pretrain_dir`` or one of its archived ``copies``, else computed
-    from its checkpoint and written there. None when it has not finished, or its checkpoint is gone
-    and nothing recorded the sum (a later machine without the checkpoint then cannot compare it)."""
+    read from ``weights.json`` in ``pretrain_dir`` or one of its archived ``copies`` (where it was
+    written at the step that place's ``summary.json`` names), else computed from its checkpoint
+    and written there. None when it has not finished, or its checkpoint is gone and nothing
+    recorded the sum (a later machine without the checkpoint then cannot compare it)."""
     places = [pretrain_dir, *copies]
-    sha = None
+    record = None
     for place in places:
         try:
             with open(os.path.join(place, WEIGHTS_FILE), encoding="utf-8") as handle:
-                sha = str(json.load(handle)["sha256"])
-            break
+                candidate = json.load(handle)
+            str(candidate["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    if sha is None:
+        if candidate.get("step") == (read_summary(place) or {}).get("step"):  # not from an earlier end
+            record = candidate
+            break
+    if record is None:
         if not is_finished(pretrain_dir):
             return None
         from absl import logging as absl_logging
@@ -213,15 +218,13 @@ def pretraining_weights(pretrain_dir: str, copies=()) -> str | None:
         finally:
             absl_logging.set_verbosity(verbosity)
         record = {"sha256": sha, "step": step}
-    else:
-        record = {"sha256": sha}
     for place in places:
-        if os.path.isdir(place) and not os.path.exists(os.path.join(place, WEIGHTS_FILE)):
+        if os.path.isdir(place) and (read_summary(place) or {}).get("step") == record.get("step"):
             try:
                 atomic_write_json(os.path.join(place, WEIGHTS_FILE), record)
             except OSError:
                 pass  # a read-only reused pre-training: the sum is recomputed next time
-    return sha
+    return str(record["sha256"])
 
 
 def identical_methods(config, runs: Plan, workdir: str, archive: str = "") -> dict[str, tuple[str, str]]:
@@ -392,7 +395,7 @@ def cost_section(archive: str, counts, remaining=()) -> str:
     done = sum(sum(values) for values in seconds.values())
     lines.append(f"| total | {sum(counts.values())} | {done / 3600:.2f} |")
     if remaining:
-        stages = ("diagnostics", "pretrain/", "diagnostics/")
+        stages = ("diagnostics", "pretrain/")
         finetune = [t for group, values in seconds.items() if not group.startswith(stages) for t in values]
         finetune = [t for t in finetune if t > 0] or [0.0]
         per_method: dict[str, int] = {}
