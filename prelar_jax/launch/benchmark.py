@@ -385,7 +385,8 @@ def cost_section(archive: str, counts, remaining=()) -> str:
         "# Runs and their cost",
         "",
         "Archived runs (the results directory), with the wall time of the attempt that finished "
-        "each (a resumed run counts its last attempt only):",
+        "each (a resumed run counts its last attempt only). Runs made side by side "
+        "(`max_parallel` > 1) overlap, so the time the grid took is less than these sums:",
         "",
         "| runs of | count | wall time (h) |",
         "|---|---|---|",
