@@ -98,6 +98,22 @@ def test_r2_and_fit_against_independent_references():
     assert result["r2_mean"] == pytest.approx(np.mean([result["r2"][i] for i in (0, 1, 3)]))
 
 
+def test_average_over_splits_leaves_out_undefined_dimensions():
+    """A dimension constant in one split's held-out pairs (NaN there) is averaged over the splits
+    that define it; the mean R² is the mean of the splits' means."""
+    a = {"r2": [0.5, float("nan")], "train_r2": [0.6, 0.1], "r2_mean": 0.5, "train_pairs": 7, "eval_pairs": 3}
+    b = {"r2": [0.1, 0.3], "train_r2": [0.2, 0.3], "r2_mean": 0.2, "train_pairs": 6, "eval_pairs": 4}
+    c = {"r2": [0.3, float("nan")], "train_r2": [0.4, 0.2], "r2_mean": 0.3, "train_pairs": 7, "eval_pairs": 3}
+    out = probe.average_splits([a, b, c])
+    np.testing.assert_allclose(out["r2"], [0.3, 0.3])
+    np.testing.assert_allclose(out["train_r2"], [0.4, 0.2])
+    assert out["r2_mean"] == pytest.approx(1 / 3) and out["split_r2_mean"] == [0.5, 0.2, 0.3]
+    assert out["r2_mean_std"] == pytest.approx(np.std([0.5, 0.2, 0.3], ddof=1))
+    assert out["train_pairs"] == 7 and out["eval_pairs"] == 3  # the first split's
+    assert np.isnan(probe.average_splits([a, c])["r2"][1])
+    assert probe.average_splits([a]) == a
+
+
 def test_split_is_by_episode_and_covers_all():
     train, held = probe.split_episodes(10, 0.7, np.random.default_rng(3))
     assert len(train) == 7 and len(held) == 3 and not set(train) & set(held)
@@ -140,6 +156,27 @@ def test_probe_on_a_pretrained_checkpoint_matches_a_reference(pretrained_dir):
     expected = 1 - ((eval_y - pred) ** 2).sum(0) / ((eval_y - eval_y.mean(0)) ** 2).sum(0)
     np.testing.assert_allclose(result["r2"], expected, rtol=1e-3, atol=1e-4)
     assert result["train_pairs"] == 24 and result["eval_pairs"] == 12
+
+    # Averaged over 3 random splits, the first being the split above: the mean and spread of the
+    # same reference fit on each split.
+    def reference(train, held):
+        fit_x = np.concatenate([codes[i] for i in train])
+        fit_y = np.concatenate([episodes[i]["action"][1:] for i in train]).astype(np.float64)
+        solution, *_ = scipy.linalg.lstsq(np.c_[fit_x, np.ones(len(fit_x))], fit_y)
+        eval_x = np.concatenate([codes[i] for i in held])
+        eval_y = np.concatenate([episodes[i]["action"][1:] for i in held]).astype(np.float64)
+        pred = np.c_[eval_x, np.ones(len(eval_x))] @ solution
+        return 1 - ((eval_y - pred) ** 2).sum(0) / ((eval_y - eval_y.mean(0)) ** 2).sum(0)
+
+    three = probe.implicit_action_probe(str(workdir), None, episodes, key, chunk=16, splits=3)
+    assert len(three["splits"]) == 3 and three["splits"][0] == [train, held] and three["eval_episodes"] == held
+    assert len({tuple(h) for _, h in three["splits"]}) > 1
+    per_split = np.array([reference(t, h) for t, h in three["splits"]])  # [3, 4]
+    np.testing.assert_allclose(three["r2"], per_split.mean(0), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(three["split_r2_mean"], per_split.mean(1), rtol=1e-3, atol=1e-4)
+    assert three["r2_mean"] == pytest.approx(per_split.mean(1).mean(), rel=1e-3, abs=1e-4)
+    assert three["r2_mean_std"] == pytest.approx(per_split.mean(1).std(ddof=1), rel=1e-3, abs=1e-4)
+    assert "r2_mean_std" not in result and result["splits"] == [[train, held]]
 
     # A random init of the same config: finite, another model, the same split for the same key.
     config = probe.read_pretrain_config(workdir)
@@ -414,8 +451,8 @@ def test_cli_runs_what_the_pretraining_has(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_probe_episodes", lambda args, out: [])
     monkeypatch.setattr(transfer, "collect_random_episodes", lambda *a, **k: [])
 
-    def fake_probe(workdir, config, episodes, key, fraction):
-        calls.append(("probe", workdir))
+    def fake_probe(workdir, config, episodes, key, fraction, splits):
+        calls.append(("probe", workdir, splits))
         return {"r2": [0.0] * 4, "r2_mean": 0.0, "train_pairs": 1, "eval_pairs": 1}
 
     def fake_transfer(config, workdir, train, evaluation, updates, key, context=None):
@@ -440,8 +477,8 @@ def test_cli_runs_what_the_pretraining_has(tmp_path, monkeypatch):
     calls.clear()
     results = cli.run(cli.parse_args([f"--pretrained={prelar}", f"--out={tmp_path / 'p'}", "--task=reach"]))
     assert calls == [
-        ("probe", str(prelar)),
-        ("probe", None),
+        ("probe", str(prelar), 20),  # the R² averaged over 20 random episode splits
+        ("probe", None, 20),
         ("transfer", "prelar", str(prelar)),
         ("transfer", "dreamerv2", None),
     ]

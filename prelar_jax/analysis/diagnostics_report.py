@@ -33,7 +33,7 @@ def format_markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | "
                 + " | ".join(_number(v, 3) for v in res["r2"])
-                + f" | {_number(res['r2_mean'], 3)} | {res['train_pairs']} / {res['eval_pairs']} |"
+                + f" | {_mean(res)} | {res['train_pairs']} / {res['eval_pairs']} |"
             )
         lines.append("")
         if all("hand" in res for res in probe.values()):
@@ -48,9 +48,7 @@ def format_markdown(results: dict[str, Any]) -> str:
             ]
             for name, res in probe.items():
                 lines.append(
-                    f"| {name} | "
-                    + " | ".join(_number(v, 3) for v in res["hand"]["r2"])
-                    + f" | {_number(res['hand']['r2_mean'], 3)} |"
+                    f"| {name} | " + " | ".join(_number(v, 3) for v in res["hand"]["r2"]) + f" | {_mean(res['hand'])} |"
                 )
             lines.append("")
     transfer = results.get("transfer")
@@ -80,6 +78,17 @@ def format_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mean(res: dict[str, Any]) -> str:
+    """A probe's mean R², with its standard deviation over the episode splits where there were several."""
+    spread = res.get("r2_mean_std")
+    return _number(res["r2_mean"], 3) + (f" ± {_number(spread, 3)}" if spread is not None else "")
+
+
 def probe_summary(probe: dict[str, Any]) -> str:
     res = next(iter(probe.values()))
-    return f"{len(res['train_episodes'])} fit / {len(res['eval_episodes'])} held-out episodes, code {res['code_type']}"
+    splits = len(res.get("splits") or [None])
+    over = f", mean ± std over {splits} random splits" if splits > 1 else ""
+    return (
+        f"{len(res['train_episodes'])} fit / {len(res['eval_episodes'])} held-out episodes{over}, "
+        f"code {res['code_type']}"
+    )

@@ -129,6 +129,33 @@ def linear_probe(
     }
 
 
+def average_splits(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``linear_probe`` results of several episode splits as one: ``r2`` and ``train_r2`` the mean
+    per dimension over the splits (NaN where a dimension was constant in every split), ``r2_mean``
+    the mean of the splits' ``r2_mean``, ``r2_mean_std`` their standard deviation (ddof=1),
+    ``split_r2_mean`` each split's; the pair counts are the first split's. One result is returned
+    as it is."""
+    if len(results) == 1:
+        return dict(results[0])
+
+    def mean(values) -> list[float]:
+        values = np.asarray(values, np.float64)  # [splits, K]
+        defined = np.isfinite(values)
+        total = np.where(defined, values, 0.0).sum(0)
+        return [float(v) for v in np.where(defined.any(0), total / np.maximum(defined.sum(0), 1), np.nan)]
+
+    per_split = np.array([r["r2_mean"] for r in results], np.float64)
+    defined = per_split[np.isfinite(per_split)]
+    return {
+        **results[0],
+        "r2": mean([r["r2"] for r in results]),
+        "train_r2": mean([r["train_r2"] for r in results]),
+        "r2_mean": float(defined.mean()) if len(defined) else float("nan"),
+        "r2_mean_std": float(defined.std(ddof=1)) if len(defined) > 1 else float("nan"),
+        "split_r2_mean": [float(v) for v in per_split],
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Episodes
 # ----------------------------------------------------------------------------------------------
@@ -316,8 +343,11 @@ def implicit_action_probe(
     key: jax.Array,
     train_fraction: float = 0.7,
     chunk: int = 256,
+    splits: int = 1,
 ) -> dict[str, Any]:
-    """R² of a linear probe from implicit-action codes to the true actions, on held-out episodes.
+    """R² of a linear probe from implicit-action codes to the true actions, on held-out episodes,
+    averaged over ``splits`` random episode splits (``average_splits``; the first split is the one a
+    single split draws).
 
     ``pretrain_workdir``: a pre-training workdir (config.json + checkpoints/; the latest step is
     used), or None for a random initialisation of ``config`` (a pre-training config; with a
@@ -333,8 +363,10 @@ def implicit_action_probe(
     Returns ``r2`` (per action dimension, NaN where the held-out actions are constant),
     ``hand`` (where every episode has ``hand``: the same probe to the hand's measured displacement),
     ``r2_mean``, ``train_r2``, ``train_pairs``/``eval_pairs``, ``train_episodes``/``eval_episodes``
-    (indices into ``episodes``), ``code_type``, ``code_dim``, ``source`` ('pretrained' or
-    'random_init'), ``workdir`` and ``step`` (the checkpoint step; None for a random init).
+    (indices into ``episodes``; of the first split), ``splits`` (``[[train, held-out], ...]`` of
+    every split; with more than one, ``r2_mean_std`` and ``split_r2_mean`` too), ``code_type``,
+    ``code_dim``, ``source`` ('pretrained' or 'random_init'), ``workdir`` and ``step`` (the
+    checkpoint step; None for a random init).
     """
     from prelar_jax.learners.pretrain import PretrainModel
 
@@ -360,7 +392,9 @@ def implicit_action_probe(
         )
     split_key, init_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(split_key)).ravel().tolist())
-    train, held_out = split_episodes(len(episodes), train_fraction, rng)
+    if splits < 1:
+        raise ProbeError(f"splits must be >= 1, got {splits}")
+    drawn = [split_episodes(len(episodes), train_fraction, rng) for _ in range(splits)]
 
     model = PretrainModel(config if restored is not None else random_features_config(config))
     if restored is None:
@@ -372,14 +406,15 @@ def implicit_action_probe(
     actions = [np.asarray(episode["action"], np.float64)[1:] for episode in episodes]  # a_t for (o_{t-1}, o_t)
     if not all(np.all(np.isfinite(c)) for c in codes):
         raise ProbeError("the implicit-action codes contain NaN or inf: the model's parameters are not finite")
-    result = linear_probe(codes, actions, train, held_out)
+    result = average_splits([linear_probe(codes, actions, train, held_out) for train, held_out in drawn])
     moves = hand_displacements(episodes)
     if moves is not None:
-        result["hand"] = linear_probe(codes, moves, train, held_out)
+        result["hand"] = average_splits([linear_probe(codes, moves, train, held_out) for train, held_out in drawn])
     result.update(
         {
-            "train_episodes": [int(i) for i in train],
-            "eval_episodes": [int(i) for i in held_out],
+            "train_episodes": [int(i) for i in drawn[0][0]],
+            "eval_episodes": [int(i) for i in drawn[0][1]],
+            "splits": [[[int(i) for i in train], [int(i) for i in held_out]] for train, held_out in drawn],
             "code_type": implicit_cfg.code_type,
             "code_dim": int(codes[0].shape[-1]),
             "code_std": float(np.concatenate(codes).std(axis=0).mean()),
