@@ -67,9 +67,13 @@ def _main():
         archive_lib.check_settings(runs.pretrain + runs.diagnostics + runs.finetune, workdir, archive)
         runs = bench.without_archived(runs, workdir, archive)
     baselines = bench.random_policy_baselines(config)
-    if _PRINT.value:
+    if _PRINT.value:  # less the runs of methods whose runs would repeat another's (said on stderr)
+        same = bench.identical_methods(config, full, workdir, archive)
+        for method, (original, sha) in same.items():
+            print(f"[benchmark] {bench.not_run_because(method, original, sha)}", file=sys.stderr)
         for spec in runs.pretrain + runs.diagnostics + runs.finetune:
-            print(shlex.join(spec.command))
+            if spec.labels.get("method") not in same and spec.labels.get("of") not in same:
+                print(shlex.join(spec.command))
         return
     if not _REPORT.value:
         from prelar_jax.runtime import workdir_lock

@@ -103,6 +103,24 @@ def test_print_lists_every_run(tmp_path):
         if arg.startswith("--config=")
     )
 
+    # Two pre-trainings that ended with the same weights: the second method's runs are not listed.
+    for name in ("prelar_consistency=off", "prelar_consistency=sign"):
+        os.makedirs(tmp_path / "pretrain" / name)
+        (tmp_path / "pretrain" / name / "summary.json").write_text(json.dumps({"finished": True, "step": 5}))
+        (tmp_path / "pretrain" / name / "weights.json").write_text(json.dumps({"sha256": "c" * 64, "step": 5}))
+    methods = "--config.methods=prelar_wo_cl,prelar_sign"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments/benchmark.py"), f"--workdir={tmp_path}", methods, "--print"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout.strip().splitlines()
+    assert sum("finetune.py" in line for line in listed) == 2 and "prelar_sign" not in result.stdout
+    assert "prelar_sign is not fine-tuned" in result.stderr
+
 
 def test_one_diagnostics_run_per_pretraining(tmp_path):
     bench, table = modules()

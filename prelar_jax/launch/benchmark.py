@@ -266,11 +266,11 @@ def identical_section(same: dict[str, tuple[str, str]]) -> str:
     if not same:
         return ""
     lines = ["# Methods whose runs would repeat another's", ""]
-    lines += [f"- {_not_run_because(method, original, sha)}" for method, (original, sha) in same.items()]
+    lines += [f"- {not_run_because(method, original, sha)}" for method, (original, sha) in same.items()]
     return "\n".join(lines) + "\n\n"
 
 
-def _not_run_because(method: str, original: str, sha: str) -> str:
+def not_run_because(method: str, original: str, sha: str) -> str:
     weights = (
         f"its pre-trained weights are bit-identical to {original}'s (sha256 {sha[:16]}, {WEIGHTS_FILE} in "
         "both pre-training directories)"
@@ -485,7 +485,7 @@ def run_grid(config, workdir: str, runs, archive: str = "", full: Plan | None = 
 
     same = identical_methods(config, full or runs, workdir, archive)
     for method, (original, sha) in same.items():
-        print(f"[benchmark] {_not_run_because(method, original, sha)}", flush=True)
+        print(f"[benchmark] {not_run_because(method, original, sha)}", flush=True)
     run_all(
         [s for s in without_failed(runs.diagnostics) if s.labels.get("of") not in same],
         1,
