@@ -121,6 +121,25 @@ def test_split_is_by_episode_and_covers_all():
     assert list(map(len, probe.split_episodes(2, 0.99, np.random.default_rng(0)))) == [1, 1]
     with pytest.raises(probe.ProbeError, match="at least 2 episodes"):
         probe.split_episodes(1, 0.7, np.random.default_rng(0))
+    # Stratified by task: every split fits on and holds out episodes of every task (4 tasks x 4
+    # episodes: 3 fit, 1 held out each); the plain split above is what one group gives.
+    tasks = [t for t in "abcd" for _ in range(4)]
+    rng = np.random.default_rng(5)
+    held_sets = set()
+    for _ in range(20):
+        train, held = probe.split_episodes(16, 0.7, rng, tasks)
+        assert sorted([*train, *held]) == list(range(16))
+        assert sorted(tasks[i] for i in held) == list("abcd")
+        held_sets.add(tuple(held))
+    assert len(held_sets) > 10
+    plain = probe.split_episodes(10, 0.7, np.random.default_rng(3), ["x"] * 10)
+    np.testing.assert_array_equal(plain[0], probe.split_episodes(10, 0.7, np.random.default_rng(3))[0])
+    # A task with a single episode cannot be both fitted and held out: the plain split then.
+    lonely = ["a"] * 5 + ["b"]
+    np.testing.assert_array_equal(
+        probe.split_episodes(6, 0.7, np.random.default_rng(1), lonely)[0],
+        probe.split_episodes(6, 0.7, np.random.default_rng(1))[0],
+    )
 
 
 # ----------------------------------------------------------------------------------------------

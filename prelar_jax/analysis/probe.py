@@ -89,16 +89,30 @@ def r2_scores(targets: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     return np.where(constant, np.nan, 1.0 - sse / np.where(constant, 1.0, sst))
 
 
-def split_episodes(count: int, train_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_episodes(
+    count: int, train_fraction: float, rng: np.random.Generator, groups: Sequence[Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A random split of ``range(count)`` into (train, held-out) episode indices, each sorted and
-    non-empty: ``round(train_fraction * count)`` clipped to ``[1, count - 1]`` for training."""
+    non-empty: ``round(train_fraction * n)`` clipped to ``[1, n - 1]`` for training. With
+    ``groups`` (a label per episode, e.g. its task) where every group has two or more episodes,
+    each group is split so (stratified): every split then fits on and holds out episodes of every
+    task, where a plain split can hold out a few tasks only, whose held-out actions may barely vary
+    in some dimension and make its R² swing far below zero."""
     if count < 2:
         raise ProbeError(f"the probe needs at least 2 episodes (one to fit, one to evaluate), got {count}")
     if not 0.0 < train_fraction < 1.0:
         raise ProbeError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    order = rng.permutation(count)
-    n_train = int(np.clip(round(train_fraction * count), 1, count - 1))
-    return np.sort(order[:n_train]), np.sort(order[n_train:])
+    labels = list(groups) if groups is not None else [None] * count
+    members = [np.array([i for i in range(count) if labels[i] == g]) for g in dict.fromkeys(labels)]
+    if len(members) == 1 or min(len(m) for m in members) < 2:
+        members = [np.arange(count)]
+    train, held_out = [], []
+    for group in members:
+        order = rng.permutation(group)
+        n_train = int(np.clip(round(train_fraction * len(group)), 1, len(group) - 1))
+        train.extend(order[:n_train])
+        held_out.extend(order[n_train:])
+    return np.sort(np.array(train, int)), np.sort(np.array(held_out, int))
 
 
 def linear_probe(
@@ -394,7 +408,8 @@ def implicit_action_probe(
     rng = np.random.default_rng(np.asarray(jax.random.key_data(split_key)).ravel().tolist())
     if splits < 1:
         raise ProbeError(f"splits must be >= 1, got {splits}")
-    drawn = [split_episodes(len(episodes), train_fraction, rng) for _ in range(splits)]
+    tasks = [episode.get("task") for episode in episodes]  # stratified where every task has 2+ episodes
+    drawn = [split_episodes(len(episodes), train_fraction, rng, tasks) for _ in range(splits)]
 
     model = PretrainModel(config if restored is not None else random_features_config(config))
     if restored is None:
