@@ -213,7 +213,8 @@ def study(
     code_fn = probe.make_code_fn(eval_model) if eval_model.implicit_action is not None else None
     windows = episode_windows(probe_episodes, length, per_episode=2)
     rng_split = np.random.default_rng(config.seed + 12345)
-    train_eps, held_out = probe.split_episodes(len(probe_episodes), train_fraction, rng_split)
+    tasks = [episode.get("task") for episode in probe_episodes]  # stratified by task where it can be
+    train_eps, held_out = probe.split_episodes(len(probe_episodes), train_fraction, rng_split, tasks)
     # The mean-frame baseline: the mean of the pre-training frames (what the model was trained on).
     sample = dataset.sample(np.random.default_rng(config.seed + 999), 64, config.sequence_length)["image"]
     train_mean = sample.reshape((-1,) + sample.shape[2:]).astype(np.float64).mean(axis=0) / 255.0
