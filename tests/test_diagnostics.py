@@ -166,19 +166,8 @@ def test_probe_on_a_pretrained_checkpoint_matches_a_reference(pretrained_dir):
         codes.append(np.asarray(out["mean"], np.float64))  # [L-1, 8]
     train, held = result["train_episodes"], result["eval_episodes"]
     assert len(train) == 4 and sorted(train + held) == list(range(6))
-    fit_x = np.concatenate([codes[i] for i in train])
-    fit_y = np.concatenate([episodes[i]["action"][1:] for i in train]).astype(np.float64)
-    solution, *_ = scipy.linalg.lstsq(np.c_[fit_x, np.ones(len(fit_x))], fit_y)
-    eval_x = np.concatenate([codes[i] for i in held])
-    eval_y = np.concatenate([episodes[i]["action"][1:] for i in held]).astype(np.float64)
-    pred = np.c_[eval_x, np.ones(len(eval_x))] @ solution
-    expected = 1 - ((eval_y - pred) ** 2).sum(0) / ((eval_y - eval_y.mean(0)) ** 2).sum(0)
-    np.testing.assert_allclose(result["r2"], expected, rtol=1e-3, atol=1e-4)
-    assert result["train_pairs"] == 24 and result["eval_pairs"] == 12
 
-    # Averaged over 3 random splits, the first being the split above: the mean and spread of the
-    # same reference fit on each split.
-    def reference(train, held):
+    def reference(train, held):  # scipy's least squares with intercept, R² per dimension
         fit_x = np.concatenate([codes[i] for i in train])
         fit_y = np.concatenate([episodes[i]["action"][1:] for i in train]).astype(np.float64)
         solution, *_ = scipy.linalg.lstsq(np.c_[fit_x, np.ones(len(fit_x))], fit_y)
@@ -187,6 +176,11 @@ def test_probe_on_a_pretrained_checkpoint_matches_a_reference(pretrained_dir):
         pred = np.c_[eval_x, np.ones(len(eval_x))] @ solution
         return 1 - ((eval_y - pred) ** 2).sum(0) / ((eval_y - eval_y.mean(0)) ** 2).sum(0)
 
+    np.testing.assert_allclose(result["r2"], reference(train, held), rtol=1e-3, atol=1e-4)
+    assert result["train_pairs"] == 24 and result["eval_pairs"] == 12
+
+    # Averaged over 3 random splits, the first being the split above: the mean and spread of the
+    # same reference fit on each split.
     three = probe.implicit_action_probe(str(workdir), None, episodes, key, chunk=16, splits=3)
     assert len(three["splits"]) == 3 and three["splits"][0] == [train, held] and three["eval_episodes"] == held
     assert len({tuple(h) for _, h in three["splits"]}) > 1
