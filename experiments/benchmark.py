@@ -75,12 +75,13 @@ def _main():
             if spec.labels.get("method") not in same and spec.labels.get("of") not in same:
                 print(shlex.join(spec.command))
         return
-    if not _REPORT.value:
+    if _REPORT.value:
+        same = bench.identical_methods(config, full, workdir, archive)
+    else:
         from prelar_jax.runtime import workdir_lock
 
         with workdir_lock.hold(workdir, "benchmark"):  # one benchmark per directory
-            bench.run_grid(config, workdir, runs, archive, full)
-    same = bench.identical_methods(config, full, workdir, archive)
+            same = bench.run_grid(config, workdir, runs, archive, full)
     paths = bench.report(workdir, full.finetune, archive, baselines, same)
     print("[benchmark] " + ", ".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
 

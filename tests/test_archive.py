@@ -219,6 +219,20 @@ def test_a_method_whose_runs_would_repeat_another_runs_once(tmp_path):
         os.replace(os.path.join(runs.pretrained[method], bench.WEIGHTS_FILE), results / relative / bench.WEIGHTS_FILE)
         os.remove(os.path.join(runs.pretrained[method], "summary.json"))
     assert bench.identical_methods(config, runs, str(work), str(results)) == same
+    # A current record is read, not written again; a stale one is replaced by the trusted record.
+    archived_record = results / os.path.relpath(runs.pretrained["prelar_sign"], work) / bench.WEIGHTS_FILE
+    inode = os.stat(archived_record).st_ino
+    wo_cl = runs.pretrained["prelar_wo_cl"]
+    wo_cl_copy = results / os.path.relpath(wo_cl, work)
+    for place, sha, step in ((wo_cl, "d" * 64, 4), (wo_cl_copy, "a" * 64, 5)):
+        with open(os.path.join(place, "summary.json"), "w") as handle:
+            json.dump({"finished": True, "step": 5}, handle)
+        with open(os.path.join(place, bench.WEIGHTS_FILE), "w") as handle:
+            json.dump({"sha256": sha, "step": step}, handle)
+    assert bench.identical_methods(config, runs, str(work), str(results)) == same
+    assert os.stat(archived_record).st_ino == inode
+    with open(os.path.join(wo_cl, bench.WEIGHTS_FILE)) as handle:
+        assert json.load(handle) == {"sha256": "a" * 64, "step": 5}
 
     # The grid: fake fine-tuning and diagnostics runs that log two evaluations.
     script = (
@@ -237,7 +251,7 @@ def test_a_method_whose_runs_would_repeat_another_runs_once(tmp_path):
     diagnostics = [fake(s) for s in runs.diagnostics]
     assert [s.labels.get("of") for s in diagnostics] == [None, "prelar_wo_cl", "prelar_sign"]
     grid = runs._replace(pretrain=[], finetune=[fake(s) for s in runs.finetune], diagnostics=diagnostics)
-    bench.run_grid(config, str(work), grid, str(results))
+    assert bench.run_grid(config, str(work), grid, str(results)) == same
     ran = {s.labels.get("method") or s.name for s in grid.finetune + grid.diagnostics if runner.is_finished(s.workdir)}
     assert ran == {"prelar_wo_cl", "prelar", "dreamerv2", "diagnostics", "diagnostics_prelar_wo_cl"}
     paths = bench.report(str(work), grid.finetune, "", None, same)

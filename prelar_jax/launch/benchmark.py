@@ -218,10 +218,17 @@ def pretraining_weights(pretrain_dir: str, copies=()) -> str | None:
         finally:
             absl_logging.set_verbosity(verbosity)
         record = {"sha256": sha, "step": step}
-    for place in places:
+    for place in places:  # record it where it is missing or stale; a current record is left alone
         if os.path.isdir(place) and (read_summary(place) or {}).get("step") == record.get("step"):
+            path = os.path.join(place, WEIGHTS_FILE)
             try:
-                atomic_write_json(os.path.join(place, WEIGHTS_FILE), record)
+                with open(path, encoding="utf-8") as handle:
+                    if json.load(handle) == record:
+                        continue
+            except (OSError, ValueError):
+                pass
+            try:
+                atomic_write_json(path, record)
             except OSError:
                 pass  # a read-only reused pre-training: the sum is recomputed next time
     return str(record["sha256"])
@@ -448,9 +455,10 @@ def without_archived(runs: Plan, workdir: str, archive: str) -> Plan:
     return runs._replace(pretrain=pretrain, finetune=finetune, diagnostics=diagnostics)
 
 
-def run_grid(config, workdir: str, runs, archive: str = "", full: Plan | None = None) -> None:
+def run_grid(config, workdir: str, runs, archive: str = "", full: Plan | None = None) -> dict[str, tuple[str, str]]:
     """Runs ``runs`` (``full``: the whole plan, archived runs included, when ``runs`` is less),
-    except the fine-tuning and diagnostics of ``identical_methods``, which would repeat another's."""
+    except the fine-tuning and diagnostics of ``identical_methods``, which would repeat another's.
+    Returns those methods (``identical_methods``' answer once pre-training has ended)."""
 
     def archived(spec, result=None):  # copy a finished run's small results into the archive now
         if archive and archive_lib.export(spec, workdir, archive, REPO_ROOT, result.seconds if result else None):
@@ -501,3 +509,4 @@ def run_grid(config, workdir: str, runs, archive: str = "", full: Plan | None = 
             flush=True,
         )
     run_all(runnable, config.max_parallel, os.path.join(workdir, "logs", "finetune"), on_end=archived)
+    return same
