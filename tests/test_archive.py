@@ -114,6 +114,10 @@ def test_archived_runs_are_not_run_again_and_the_report_reads_the_archive(tmp_pa
     # The rest of the plan, priced at the archived runs' median (DreamerV2 has none: all methods').
     assert "| dreamerv2 | 4 | 0.07 (median of all methods) |" in summary
     assert "The whole grid: 0.13 h, 0.07 h of it done." in summary
+    # Only fine-tuning runs price fine-tuning: pre-training and diagnostics groups are not methods.
+    groups = [archive._group(s) for s in runs.pretrain + runs.diagnostics + runs.finetune]
+    assert [g for g in groups if archive.is_finetune_group(g)] == [s.labels["method"] for s in runs.finetune]
+    assert len(groups) > len(runs.finetune)
 
 
 def test_other_settings_for_an_archived_method_are_refused(tmp_path):

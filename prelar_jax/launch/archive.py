@@ -181,6 +181,12 @@ def _group(spec: runner.RunSpec) -> str:
     return _group_of(spec.labels, spec.name)
 
 
+def is_finetune_group(group: str) -> bool:
+    """Whether a group ``_group_of`` named holds fine-tuning runs (a method's), not a
+    pre-training's or the diagnostics'."""
+    return not (group.startswith("pretrain/") or group == "diagnostics" or group.startswith("diagnostics/"))
+
+
 def _difference(a: Sequence[str], b: Sequence[str]) -> str:
     only_a = [x for x in a if x not in b]
     only_b = [x for x in b if x not in a]

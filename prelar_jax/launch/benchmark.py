@@ -403,8 +403,7 @@ def cost_section(archive: str, counts, remaining=()) -> str:
     done = sum(sum(values) for values in seconds.values())
     lines.append(f"| total | {sum(counts.values())} | {done / 3600:.2f} |")
     if remaining:
-        stages = ("diagnostics", "pretrain/")
-        finetune = [t for group, values in seconds.items() if not group.startswith(stages) for t in values]
+        finetune = [t for group, values in seconds.items() if archive_lib.is_finetune_group(group) for t in values]
         finetune = [t for t in finetune if t > 0] or [0.0]
         per_method: dict[str, int] = {}
         for spec in remaining:
