@@ -24,7 +24,11 @@ DEFAULT_CONFIG = "configs/benchmark.py:tiny"
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Benchmark config and preset.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Benchmark directory (re-use it to resume).", required=True)
 _REPORT = flags.DEFINE_bool("report", False, "Only aggregate the finished evaluations into the report.")
-_PRINT = flags.DEFINE_bool("print", False, "Print one command line per run and exit.")
+_PRINT = flags.DEFINE_bool(
+    "print",
+    False,
+    "Print one command line per run still to do (not finished in --workdir nor archived) and exit.",
+)
 
 
 def _methods_table(config_path: str):
@@ -71,9 +75,21 @@ def _main():
         same = bench.identical_methods(config, full, workdir, archive)
         for method, (original, sha) in same.items():
             print(f"[benchmark] {bench.not_run_because(method, original, sha)}", file=sys.stderr)
+        from prelar_jax.launch import runner
+
+        finished = 0
         for spec in runs.pretrain + runs.diagnostics + runs.finetune:
-            if spec.labels.get("method") not in same and spec.labels.get("of") not in same:
+            if spec.labels.get("method") in same or spec.labels.get("of") in same:
+                continue
+            if runner.is_finished(spec.workdir):
+                finished += 1
+            else:
                 print(shlex.join(spec.command))
+        if finished:
+            print(
+                f"[benchmark] not listed: {finished} run{'s' if finished > 1 else ''} finished in {workdir} already",
+                file=sys.stderr,
+            )
         return
     if _REPORT.value:
         same = bench.identical_methods(config, full, workdir, archive)

@@ -120,6 +120,9 @@ def test_print_lists_every_run(tmp_path):
     listed = result.stdout.strip().splitlines()
     assert sum("finetune.py" in line for line in listed) == 2 and "prelar_sign" not in result.stdout
     assert "prelar_sign is not fine-tuned" in result.stderr
+    # The finished pre-trainings are not listed again (the runner would only skip it).
+    assert not any("pretrain.py" in line for line in listed) and "not listed: 2 runs finished" in result.stderr
+    assert any("diagnostics.py" in line for line in listed)
 
 
 def test_one_diagnostics_run_per_pretraining(tmp_path):
