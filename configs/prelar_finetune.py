@@ -46,7 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.env = ml_collections.ConfigDict()
     c.env.num_envs = 1  # training environments, each in its own worker process
     c.env.eval_envs = 1  # evaluation workers (eval_eps episodes are spread over them)
-    c.env.time_limit = 500
+    c.env.time_limit = 500  # control steps per episode
+    # Each policy action is applied for this many control steps (Dreamer's action repeat; the
+    # original protocol repeats none; it must divide env.time_limit). The step counts (steps,
+    # prefill, train_every, eval_every, log.*_every) stay in control steps; the replay stores one
+    # frame per action (replay.capacity and sequence_length count those), so an episode holds
+    # time_limit / action_repeat + 1 frames. A pre-training at data.frame_stride k matches k here.
+    c.env.action_repeat = 1
     c.env.camera = "corner"
     # Rendering (prelar_jax.envs.rendering.RenderSettings): True = as the Meta-World model defines it,
     # the look of the original runs. Software OpenGL renders ~16 frames/s per core with all of them on,

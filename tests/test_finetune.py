@@ -93,6 +93,9 @@ def test_configs_are_configurations_of_one_agent():
         ({"sequence_length": 60}, "sequence_length"),
         ({"env.num_envs": 0}, "env.num_envs"),
         ({"intrinsic.window": 9}, "intrinsic.window"),
+        ({"env.action_repeat": 3}, "env.action_repeat"),  # does not divide time_limit=50
+        ({"env.action_repeat": 0}, "env.action_repeat"),
+        ({"env.action_repeat": 10}, "sequence_length"),  # episodes of 50 / 10 + 1 = 6 frames < 8
     ],
 )
 def test_bad_finetune_config_names_the_key(overrides, key):
@@ -119,8 +122,10 @@ def test_load_pretrained_copies_the_world_model_and_reports(pretrained_dir):
     assert not any("implicit_action" in p for p in report["loaded"])
     assert "params/encoder" in pretrained_lib.summarise_report(report)
     assert report["frame_stride"] == 1 and "note:" not in pretrained_lib.summarise_report(report)
-    # a pre-training on every 4th frame is named: the agent steps the environment one action at a time
+    # a pre-training on every 4th frame is named unless fine-tuning repeats each action 4 times
     assert "data.frame_stride=4" in pretrained_lib.summarise_report({**report, "frame_stride": 4})
+    assert "env.action_repeat=4 would match" in pretrained_lib.summarise_report({**report, "frame_stride": 4}, 2)
+    assert "note:" not in pretrained_lib.summarise_report({**report, "frame_stride": 4}, 4)
 
 
 def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir):
@@ -348,6 +353,22 @@ def test_tiny_finetune_end_to_end_and_resume(pretrained_dir, tmp_path):
     assert result["action_effect"] == pytest.approx(result["mse_other_actions"] / result["mse"])
     with pytest.raises(pretrained_lib.PretrainedNotFoundError, match="not a fine-tuning workdir"):
         pretrained_lib.restore_finetune_state(pre_workdir)
+
+    # With env.action_repeat=2 every count stays in control steps; the replay, the episode GIF
+    # and the policy see one frame per action.
+    repeat = finetune_config(**{"pretrained": str(pre_workdir), "steps": 300, "env.action_repeat": 2})
+    summary = finetune_loop.run(repeat, str(tmp_path / "repeat"), devices=jax.devices()[:1])
+    assert summary["env_step"] == 300
+    assert summary["updates"] == config.pretrain + (300 - config.prefill) // config.train_every
+    records = _metrics(tmp_path / "repeat")
+    assert [r["step"] for r in records if "eval/success_rate" in r] == [200, 300]
+    train = [r for r in records if "train/return" in r]
+    assert train and all(r["train/length"] == config.env.time_limit for r in train)
+    episodes = sorted(os.listdir(tmp_path / "repeat" / "replay"))
+    assert len(episodes) == 300 // config.env.time_limit
+    assert all(len(np.load(tmp_path / "repeat" / "replay" / n)["image"]) == 50 // 2 + 1 for n in episodes)
+    with Image.open(tmp_path / "repeat" / "media" / f"eval_{300:08d}.gif") as gif:
+        assert gif.n_frames == 50 // 2 + 1
 
 
 def test_apv_stacked_agent_loads_the_action_free_rssm(tmp_path):

@@ -211,6 +211,31 @@ def test_config_mismatch_lists_the_keys_that_matter(tmp_path):
     assert check_config_matches(tmp_path / "fresh", changed, allow_override=False) == []
 
 
+def test_a_key_added_since_the_run_was_saved_matches_at_its_old_value(tmp_path):
+    """A run saved before the code gained a key ran with the key's old value: it resumes when the
+    new config has that value, and is refused when the new config sets another."""
+    write_config(tmp_path, CONFIG)
+    added = {"env.repeat": 1, "other.key": "x"}  # other.key: in neither config, so not compared
+    now = dict(CONFIG, env={"repeat": 1})
+    assert check_config_matches(tmp_path, now, allow_override=False, added=added) == []
+    with pytest.raises(ConfigMismatchError, match="env.repeat: '<missing>' .saved. -> 1 .now."):
+        check_config_matches(tmp_path, now, allow_override=False)  # not declared added
+    with pytest.raises(ConfigMismatchError, match=r"env.repeat: 1 \(saved\) -> 2 \(now\)"):
+        check_config_matches(tmp_path, dict(CONFIG, env={"repeat": 2}), allow_override=False, added=added)
+    # A saved value wins over the declared one.
+    assert config_differences(dict(CONFIG, env={"repeat": 3}), now, added=added) == {"env.repeat": (3, 1)}
+    # The real table: a fine-tuning config saved before env.action_repeat existed resumes.
+    from prelar_jax.runtime import config as config_lib
+
+    finetune = config_lib.load_config("configs/prelar_finetune.py:tiny").to_dict()
+    old = json.loads(json.dumps(finetune))
+    del old["env"]["action_repeat"]
+    assert config_differences(old, finetune, added=config_lib.ADDED_KEYS) == {}
+    assert config_differences(old, finetune) != {}
+    pretrain = config_lib.load_config("configs/prelar_pretrain.py:tiny").to_dict()
+    assert config_differences(pretrain, pretrain, added=config_lib.ADDED_KEYS) == {}
+
+
 def test_prediction_grid_layout_and_error_row(tmp_path):
     rng = np.random.default_rng(0)
     n, t, h, w = 2, 3, 4, 5

@@ -171,14 +171,21 @@ class MetaWorldTask:
     `reset()` and `step(action)` return a dict:
       image       uint8 [size, size, 3]   camera frame in the APV/PreLAR orientation (see `render`)
       state       float64 [39]            the env observation, goal included
-      reward      float                   0.0 on reset (Dreamer convention)
-      success     bool                    info['success'] of this step; False on reset
+      reward      float                   0.0 on reset (Dreamer convention); with `action_repeat` k,
+                                          the sum over the k control steps
+      success     bool                    info['success'] of this step (of any of its k control
+                                          steps); False on reset
       is_first    bool                    True only on reset
-      is_last     bool                    True on the step that reaches `time_limit` (500 by default)
+      is_last     bool                    True on the step that reaches `time_limit` control steps
+                                          (500 by default)
       is_terminal bool                    always False (Meta-World never terminates)
 
     Goals and object positions are re-drawn at each reset from a generator seeded by `seed` (and by
     `reset(seed=...)` when given), as APV/PreLAR did with `_freeze_rand_vec = False`.
+
+    action_repeat: each `step` applies its action for this many control steps (Dreamer's action
+    repeat), rendering once at the end; an episode still ends after `time_limit` control steps, so
+    its last step repeats fewer times when `action_repeat` does not divide `time_limit`.
 
     render: a `RenderSettings`, a spec such as 'paper' or 'lean+shadows', or a `{setting: bool}`
     mapping (default `LEAN`). `lean_rendering` is the older switch, still accepted: True = `LEAN`,
@@ -195,11 +202,15 @@ class MetaWorldTask:
         time_limit: int = MAX_EPISODE_STEPS,
         *,
         lean_rendering: bool | None = None,
+        action_repeat: int = 1,
     ) -> None:
         self.task = canonical_task_name(task)
         self.render_settings = resolve_render_settings(render, lean_rendering, default=LEAN)
         if not 1 <= time_limit <= MAX_EPISODE_STEPS:
             raise ValueError(f"time_limit must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's horizon), got {time_limit}")
+        if isinstance(action_repeat, bool) or int(action_repeat) != action_repeat or action_repeat < 1:
+            raise ValueError(f"action_repeat must be a positive integer (1: no repeat), got {action_repeat!r}")
+        self.action_repeat = int(action_repeat)
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         import mujoco
@@ -246,7 +257,7 @@ class MetaWorldTask:
 
     @property
     def steps(self) -> int:
-        """Steps taken since the last reset."""
+        """Control steps taken since the last reset (`action_repeat` per `step` call)."""
         return self._steps
 
     def render(self) -> np.ndarray:
@@ -282,18 +293,25 @@ class MetaWorldTask:
         return self._obs(state, 0.0, False, True, False)
 
     def step(self, action: np.ndarray) -> dict:
-        """Apply a 4-d action in [-1, 1] (xyz hand delta, gripper effort) for one control step."""
+        """Apply a 4-d action in [-1, 1] (xyz hand delta, gripper effort) for `action_repeat`
+        control steps (fewer where the episode reaches `time_limit`)."""
         self._check_open()
         if self._needs_reset:
             raise RuntimeError("Call reset() before step(): the episode has not started or has ended (is_last).")
         action = np.asarray(action, dtype=np.float32)
         if action.shape != (4,) or not np.all(np.isfinite(action)):
             raise ValueError(f"action must be 4 finite numbers, got shape {action.shape}: {action}")
-        state, reward, _, truncated, info = self._env.step(action)
-        self._steps += 1
-        is_last = bool(truncated) or self._steps >= self.time_limit
+        reward, success, is_last = 0.0, False, False
+        for _ in range(self.action_repeat):
+            state, step_reward, _, truncated, info = self._env.step(action)
+            self._steps += 1
+            reward += float(step_reward)
+            success = success or info["success"] > 0
+            is_last = bool(truncated) or self._steps >= self.time_limit
+            if is_last:
+                break
         self._needs_reset = is_last
-        return self._obs(state, reward, info["success"] > 0, False, is_last)
+        return self._obs(state, reward, success, False, is_last)
 
     def _check_open(self) -> None:
         if self._closed:

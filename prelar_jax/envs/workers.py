@@ -77,6 +77,7 @@ def make_metaworld_env(
     time_limit: int = 500,
     *,
     lean_rendering: bool | None = None,
+    action_repeat: int = 1,
 ) -> Env:
     """Picklable factory for `ParallelEnvs`: `functools.partial(make_metaworld_env, task=...)`.
 
@@ -90,7 +91,14 @@ def make_metaworld_env(
     from prelar_jax.envs.metaworld import MetaWorldTask
 
     return MetaWorldTask(
-        task, seed, size=size, camera=camera, render=render, time_limit=time_limit, lean_rendering=lean_rendering
+        task,
+        seed,
+        size=size,
+        camera=camera,
+        render=render,
+        time_limit=time_limit,
+        lean_rendering=lean_rendering,
+        action_repeat=action_repeat,
     )
 
 

@@ -235,6 +235,17 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(handle))
 
 
+# Keys the configs gained after runs were saved, with the value a run saved without one ran
+# with: such a run resumes under the new code (its config.json then gains the key).
+ADDED_KEYS = {"env.action_repeat": 1}
+
+
+def episode_frames(c: ml_collections.ConfigDict) -> int:
+    """Frames in one fine-tuning episode, the reset frame included: one per action, each action
+    ``env.action_repeat`` control steps, ``env.time_limit`` control steps in all."""
+    return c.env.time_limit // c.env.get("action_repeat", 1) + 1
+
+
 def frame_stride(c: ml_collections.ConfigDict) -> int:
     """A pre-training config's ``data.frame_stride`` (every k-th video frame); 1 for configs saved
     before the key existed."""
@@ -354,11 +365,19 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.task: {error}") from error
     _check(c.prefill >= 0 and c.pretrain >= 0, "prefill", "prefill and pretrain must be >= 0")
     _check(c.env.time_limit <= 500, "env.time_limit", "Meta-World episodes end after at most 500 steps")
+    repeat = c.env.get("action_repeat", 1)
     _check(
-        2 <= c.sequence_length <= c.env.time_limit + 1,
+        isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 1 and c.env.time_limit % repeat == 0,
+        "env.action_repeat",
+        f"must be a positive integer that divides env.time_limit={c.env.time_limit} (every action "
+        f"then spans the same number of control steps), got {repeat!r}",
+    )
+    frames = episode_frames(c)
+    _check(
+        2 <= c.sequence_length <= frames,
         "sequence_length",
-        f"must be in [2, env.time_limit + 1] = [2, {c.env.time_limit + 1}]: sequences are cut "
-        "from single episodes of time_limit + 1 frames",
+        f"must be in [2, {frames}]: sequences are cut from single episodes of env.time_limit / "
+        f"env.action_repeat + 1 = {frames} frames",
     )
     per_env = c.prefill // c.env.num_envs
     _check(
@@ -410,10 +429,10 @@ def validate_finetune_config(c: ml_collections.ConfigDict) -> None:
     )
     if on_device:
         _check(
-            (device_capacity or c.replay.capacity) >= c.env.time_limit + 1,
+            (device_capacity or c.replay.capacity) >= episode_frames(c),
             "replay.device_capacity",
             f"the device ring of {device_capacity or c.replay.capacity} steps cannot hold one episode of "
-            f"env.time_limit + 1 = {c.env.time_limit + 1} steps; raise it (0 uses replay.capacity)",
+            f"{episode_frames(c)} frames; raise it (0 uses replay.capacity)",
         )
     if c.pretrained:
         _check(

@@ -64,9 +64,11 @@ def _seeds(*parts: int, count: int) -> list[int]:
 
 
 class EpisodeTracker:
-    """Return and success of the episodes running in N environments."""
+    """Return, success and length (in control steps: ``action_repeat`` per step) of the episodes
+    running in N environments."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, action_repeat: int = 1):
+        self.action_repeat = action_repeat
         self.returns = np.zeros(count, np.float64)
         self.success = np.zeros(count, bool)
         self.length = np.zeros(count, np.int64)
@@ -77,7 +79,7 @@ class EpisodeTracker:
         self.returns[first], self.success[first], self.length[first] = 0.0, False, 0
         self.returns += np.where(first, 0.0, obs["reward"])
         self.success |= obs["success"] & ~first
-        self.length += ~first
+        self.length += self.action_repeat * ~first
         return [
             (float(self.returns[i]), bool(self.success[i]), int(self.length[i])) for i in np.flatnonzero(obs["is_last"])
         ]
@@ -90,7 +92,7 @@ def _device_replay(config: ml_collections.ConfigDict, mesh, replay: Replay) -> D
     image_shape = (config.image_size, config.image_size, 3)
     device_replay = DeviceReplay(
         capacity,
-        config.env.time_limit + 1,
+        config_lib.episode_frames(config),
         image_shape,
         config.action_dim,
         mesh,
@@ -170,7 +172,10 @@ def _load_pretrained(config, agent, key, workdir: str):
     params, batch_stats, report = pretrained_lib.load_pretrained(
         config.pretrained, fresh_params, fresh_stats, config.model, agent_lib.pretrained_module_map(config)
     )
-    print("[prelar] " + pretrained_lib.summarise_report(report).replace("\n", "\n[prelar] "), flush=True)
+    print(
+        "[prelar] " + pretrained_lib.summarise_report(report, config.env.action_repeat).replace("\n", "\n[prelar] "),
+        flush=True,
+    )
     report_path = os.path.join(workdir, "pretrained_load.json")
     with open(report_path, "w", encoding="utf-8") as handle:
         json.dump({"pretrained": os.path.abspath(config.pretrained), **report}, handle, indent=1)
@@ -187,6 +192,7 @@ def _env_factory(config, task: str):
         camera=config.env.camera,
         render=RenderSettings.from_mapping(dict(config.env.render)),
         time_limit=config.env.time_limit,
+        action_repeat=config.env.action_repeat,
     )
 
 
@@ -350,7 +356,7 @@ class FinetuneLoop:
         self.rng = np.random.default_rng([c.seed, 7, counters["env_step"]])
         n = self.envs.num_envs
         self.obs = self.envs.reset()
-        self.episodes = EpisodeTracker(n)
+        self.episodes = EpisodeTracker(n, c.env.action_repeat)
         self.episodes.observe(self.obs, np.zeros(n, bool))
         self.replay.add_batch(self.obs, np.zeros((n, c.action_dim), np.float32))
         self.carry = self.agent.initial_carry(n)
@@ -413,7 +419,7 @@ class FinetuneLoop:
         for episode in self.episodes.observe(obs, dropped):
             self.train_episodes.append(episode)
             counters["episodes"] += 1
-        stepped = int(np.sum(~obs["is_first"]))
+        stepped = int(np.sum(~obs["is_first"])) * c.env.action_repeat  # control steps
         counters["env_step"] = step + stepped
         return step, counters["env_step"], stepped
 
@@ -482,7 +488,7 @@ class FinetuneLoop:
         start = time.perf_counter()
         n = envs.num_envs
         obs = envs.reset()
-        episodes = EpisodeTracker(n)
+        episodes = EpisodeTracker(n, c.env.action_repeat)
         episodes.observe(obs, np.zeros(n, bool))
         carry = self.agent.initial_carry(n)
         finished: list[tuple[float, bool, int]] = []

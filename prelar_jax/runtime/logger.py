@@ -318,13 +318,19 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = ()) -> dict[str, tuple]:
+def config_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = (), added: Mapping[str, Any] | None = None
+) -> dict[str, tuple]:
     """``{dotted.key: (old, new)}`` for leaves that differ, skipping ignored keys.
 
     An ``ignore`` entry matches a dotted key exactly, as a glob (``*.steps``), or as a prefix
-    (``wandb`` ignores ``wandb.project``). Missing leaves show as ``"<missing>"``.
+    (``wandb`` ignores ``wandb.project``). Missing leaves show as ``"<missing>"``, except the keys
+    of ``added`` (``{dotted.key: value}``: keys the code gained after ``old`` was saved, and the
+    value with which code without them ran): where ``old`` lacks one that ``new`` has, ``old`` ran
+    with that value.
     """
     flat_old, flat_new = _flatten(_jsonable_config(old)), _flatten(_jsonable_config(new))
+    flat_old = {**{k: v for k, v in (added or {}).items() if k in flat_new}, **flat_old}
 
     def ignored(key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, pattern) or key.startswith(pattern + ".") for pattern in ignore)
@@ -343,12 +349,14 @@ def check_config_matches(
     allow_override: bool,
     ignore: Sequence[str] = (),
     override_flag: str = "--allow_config_override",
+    added: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Refuses to resume a workdir whose saved ``config.json`` differs from ``config`` in keys that matter.
 
     Returns the differing keys (empty when there is no saved config or nothing differs). With
     ``allow_override`` the differences only produce a warning, and the caller should then
-    ``write_config`` the new config.
+    ``write_config`` the new config. ``added``: see ``config_differences`` (a saved config
+    without a key added since ran with its value there).
     """
     path = os.path.join(os.fspath(workdir), CONFIG_JSON)
     if not os.path.exists(path):
@@ -361,7 +369,7 @@ def check_config_matches(
             f"cannot read {path} ({error}); it is not the config this workdir was written with. Restore "
             f"it, or pass a new --workdir (the checkpoints in {os.fspath(workdir)} are untouched)."
         ) from error
-    differences = config_differences(saved, config, ignore)
+    differences = config_differences(saved, config, ignore, added)
     if not differences:
         return []
     listing = "\n".join(f"  {key}: {old!r} (saved) -> {new!r} (now)" for key, (old, new) in differences.items())

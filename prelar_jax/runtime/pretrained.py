@@ -211,8 +211,9 @@ def restore_finetune_state(workdir: str | os.PathLike) -> tuple[ml_collections.C
     return config, restored.params, restored.batch_stats, step
 
 
-def summarise_report(report: dict[str, Any]) -> str:
-    """One line per module: how many arrays were loaded / newly initialised / ignored."""
+def summarise_report(report: dict[str, Any], action_repeat: int = 1) -> str:
+    """One line per module: how many arrays were loaded / newly initialised / ignored, and a note
+    when the pre-training's frame stride is not the fine-tuning's ``action_repeat``."""
 
     def by_module(paths):
         counts: dict[str, int] = {}
@@ -225,9 +226,10 @@ def summarise_report(report: dict[str, Any]) -> str:
     note = (
         (
             f"\nnote: pre-trained with data.frame_stride={stride}: one step of its dynamics spanned {stride} "
-            "video frames, while fine-tuning steps the environment one action at a time"
+            f"video frames, while fine-tuning applies each action for {action_repeat} control step(s) "
+            f"(--config.env.action_repeat={stride} would match them)"
         )
-        if stride > 1
+        if stride != action_repeat
         else ""
     )
     return (

@@ -181,14 +181,16 @@ def open_workdir(
     job), and the config check (a resumed workdir must have been created with the same config, up
     to ``resumable_keys``) and write, and the attempt's code version (``record_attempt``).
     Returns ``(mesh, absolute workdir, config as a dict)``."""
-    from prelar_jax.runtime import logger as logger_lib, parallel
+    from prelar_jax.runtime import config as config_lib, logger as logger_lib, parallel
 
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(devices)
     parallel.check_batch_divides(config.batch_size, mesh)
     workdir = owned.enter_context(workdir_lock.hold(workdir, purpose, multi_host=True))
     config_dict = config.to_dict()
-    logger_lib.check_config_matches(workdir, config_dict, allow_config_override, ignore=resumable_keys)
+    logger_lib.check_config_matches(
+        workdir, config_dict, allow_config_override, ignore=resumable_keys, added=config_lib.ADDED_KEYS
+    )
     if jax.process_index() == 0:  # the workdir is shared: concurrent writers would race on config.json.tmp
         logger_lib.write_config(workdir, config_dict)
         record_attempt(workdir)
