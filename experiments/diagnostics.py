@@ -217,16 +217,19 @@ def _measure(
         base = configs[0][3]
         length = args.episode_length or base.env.time_limit
         context = args.context or None
+        # A pre-training on every k-th frame: its dynamics step spans k control steps, so the
+        # random actions are held for k (fine-tuning's env.action_repeat=k).
+        repeat = config_lib.frame_stride(pre)
         print(
             f"[diagnostics] collecting {args.train_episodes} + {args.eval_episodes} random-action episodes of "
-            f"{task} ({length} steps)",
+            f"{task} ({length} steps" + (f", each action held for {repeat}" if repeat > 1 else "") + ")",
             flush=True,
         )
         train = transfer.collect_random_episodes(
-            task, args.train_episodes, length, seed=args.seed, size=base.image_size
+            task, args.train_episodes, length, seed=args.seed, size=base.image_size, action_repeat=repeat
         )
         evaluation = transfer.collect_random_episodes(
-            task, args.eval_episodes, length, seed=args.seed + 1, size=base.image_size
+            task, args.eval_episodes, length, seed=args.seed + 1, size=base.image_size, action_repeat=repeat
         )
         transfer_key = jax.random.fold_in(key, 1)  # the same batches and evaluation samples for every run
         results["transfer"] = {}

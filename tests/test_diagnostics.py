@@ -405,6 +405,15 @@ def test_collect_random_episodes():
         assert episode["reward"][0] == 0 and episode["is_first"].tolist() == [True, False, False, False]
         assert np.any(episode["image"][0] != episode["image"][-1])  # the arm moved
     assert not np.array_equal(episodes[0]["action"], episodes[1]["action"])
+    # Each action held for 3 control steps: 6 steps are 2 actions, drawn as the first 2 of a
+    # stride-1 collection, and the frame after them is the one after 6 control steps.
+    held = transfer.collect_random_episodes("reach", count=1, length=6, seed=11, size=16, action_repeat=3)
+    plain = transfer.collect_random_episodes("reach", count=1, length=6, seed=11, size=16)
+    assert held[0]["image"].shape == (3, 16, 16, 3) and held[0]["is_first"].tolist() == [True, False, False]
+    np.testing.assert_array_equal(held[0]["action"], plain[0]["action"][:3])
+    assert not np.array_equal(held[0]["image"][-1], plain[0]["image"][2])  # 6 control steps, not 2
+    with pytest.raises(transfer.TransferError, match="divide length=6"):
+        transfer.collect_random_episodes("reach", count=1, length=6, seed=11, action_repeat=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,7 +471,8 @@ def test_cli_runs_what_the_pretraining_has(tmp_path, monkeypatch):
     cli = _cli()
     calls = []
     monkeypatch.setattr(cli, "_probe_episodes", lambda args, out: [])
-    monkeypatch.setattr(transfer, "collect_random_episodes", lambda *a, **k: [])
+    repeats = []
+    monkeypatch.setattr(transfer, "collect_random_episodes", lambda *a, **k: repeats.append(k["action_repeat"]) or [])
 
     def fake_probe(workdir, config, episodes, key, fraction, splits):
         calls.append(("probe", workdir, splits))
@@ -499,3 +509,11 @@ def test_cli_runs_what_the_pretraining_has(tmp_path, monkeypatch):
     assert list(results["transfer"]) == ["PreLAR", "scratch (DreamerV2)"]
     with pytest.raises(config_lib.ConfigError, match="APV pre-training and so is --apv_pretrained"):
         cli.run(cli.parse_args([f"--pretrained={apv}", f"--apv_pretrained={apv}", f"--out={tmp_path / 'x'}"]))
+    # A pre-training on every 2nd frame: the transfer's random actions are held for 2 control steps.
+    assert repeats == [1, 1, 1, 1]  # train and evaluation episodes of both runs above
+    strided = tmp_path / "strided"
+    strided_config = pretrain_config()
+    strided_config.data.frame_stride = 2
+    logger_lib.write_config(strided, strided_config.to_dict())
+    cli.run(cli.parse_args([f"--pretrained={strided}", f"--out={tmp_path / 's'}", "--task=reach", "--skip_probe"]))
+    assert repeats[4:] == [2, 2]

@@ -49,28 +49,42 @@ class TransferError(UserError, ValueError):
 
 
 def collect_random_episodes(
-    task: str, count: int, length: int, seed: int, size: int = 64, camera: str = "corner", render: Any = None
+    task: str,
+    count: int,
+    length: int,
+    seed: int,
+    size: int = 64,
+    camera: str = "corner",
+    render: Any = None,
+    action_repeat: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` Meta-World episodes of ``length`` steps under uniform random actions in [-1, 1]
     (the fine-tuning prefill's behaviour), in the replay's layout: ``image`` ``[length+1, size,
     size, 3]`` uint8, ``action`` ``[length+1, 4]`` float32 (row 0 zeros: ``action[t]`` produced
     ``image[t]``), ``reward`` ``[length+1]`` float32 (row 0 zero), ``is_first`` ``[length+1]``.
     ``render``: ``MetaWorldTask``'s rendering settings (a ``RenderSettings``, spec or mapping; lean if None).
-    A pure function of ``(task, count, length, seed, size)``: goals come from the env seeded with
-    ``seed``, actions from ``np.random.default_rng(seed)``."""
+    ``action_repeat`` k: each action is held for k control steps (fine-tuning's
+    ``env.action_repeat``), so an episode of ``length`` control steps has ``length / k + 1`` frames.
+    A pure function of ``(task, count, length, seed, size, action_repeat)``: goals come from the env
+    seeded with ``seed``, actions from ``np.random.default_rng(seed)``."""
     from prelar_jax.envs.metaworld import MAX_EPISODE_STEPS, MetaWorldTask
 
     if count < 1:
         raise TransferError(f"count must be >= 1, got {count}")
     if not 1 <= length <= MAX_EPISODE_STEPS:
         raise TransferError(f"length must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's horizon), got {length}")
+    if action_repeat < 1 or length % action_repeat:
+        raise TransferError(f"action_repeat must be >= 1 and divide length={length}, got {action_repeat}")
+    steps = length // action_repeat
     rng = np.random.default_rng(seed)
     episodes = []
-    with MetaWorldTask(task, seed=seed, size=size, camera=camera, render=render, time_limit=length) as env:
+    with MetaWorldTask(
+        task, seed=seed, size=size, camera=camera, render=render, time_limit=length, action_repeat=action_repeat
+    ) as env:
         for _ in range(count):
             obs = env.reset()
             images, actions, rewards = [obs["image"]], [np.zeros(4, np.float32)], [0.0]
-            for _ in range(length):
+            for _ in range(steps):
                 action = rng.uniform(-1.0, 1.0, 4).astype(np.float32)
                 obs = env.step(action)
                 images.append(obs["image"])
@@ -81,7 +95,7 @@ def collect_random_episodes(
                     "image": np.stack(images),  # [L+1, size, size, 3] uint8
                     "action": np.stack(actions),  # [L+1, 4]
                     "reward": np.asarray(rewards, np.float32),  # [L+1]
-                    "is_first": np.arange(length + 1) == 0,  # [L+1]
+                    "is_first": np.arange(steps + 1) == 0,  # [L+1]
                 }
             )
     return episodes
