@@ -263,22 +263,22 @@ def _run(
         if start_step == 0:
             scaffold.log_start(logger, info, sizes, "flops_per_update")
         loop = FinetuneLoop(
-            config,
-            agent,
-            state,
-            update_step,
-            policy,
-            open_loop,
-            replay,
-            envs,
-            eval_envs,
-            logger,
-            ckpt,
-            counters,
-            kept_names,
-            mesh,
-            workdir,
-            device_replay,
+            config=config,
+            agent=agent,
+            state=state,
+            update_step=update_step,
+            policy=policy,
+            open_loop=open_loop,
+            replay=replay,
+            envs=envs,
+            eval_envs=eval_envs,
+            logger=logger,
+            ckpt=ckpt,
+            counters=counters,
+            kept_names=kept_names,
+            mesh=mesh,
+            workdir=workdir,
+            device_replay=device_replay,
         )
         loop.run()
         state = loop.state
@@ -307,8 +307,9 @@ class FinetuneLoop:
     One iteration of ``run``: collect one step of every environment, train when due, evaluate
     when due, save media when due, checkpoint when due."""
 
-    def __init__(
+    def __init__(  # keyword-only: sixteen parts of one run, none to be passed in the wrong place
         self,
+        *,
         config,
         agent,
         state,
