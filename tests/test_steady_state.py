@@ -208,3 +208,17 @@ def test_paired_comparison_uses_the_same_wall_clock_interval(tmp_path):
     assert paired["ratio"] == pytest.approx(0.8)
     assert paired["cpu_ratio"] == pytest.approx((600 / 30.0) / (750 / 24.0))  # CPU s: 0.5/s and 0.4/s
     assert paired["verdict"] == "slows down by 20.0%"
+
+
+def test_a_fit_whose_first_value_is_zero_is_reported():
+    """A CPU reading that did not advance in the first window gives it the value 0: the fit has no
+    last/first ratio, and the report shows '-' there instead of failing (seen on a loaded machine)."""
+    from prelar_jax.perf import steady_state
+
+    fit = steady_state.fit_line([1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 2.1, 1.9], tolerance=10)
+    assert fit["ratio_last_first"] is None and fit["slope"] == pytest.approx(
+        np.polyfit([1, 2, 3, 4], [0, 2, 2.1, 1.9], 1)[0]
+    )
+    record = {"fits": {"CPU use vs step": {"x": "step", **fit}}, "tolerance_pct": 10, "kind": "pretrain"}
+    text = steady_state.format_fits(record)
+    assert "last/first window -; mean 1.500 over 4 windows" in text

@@ -268,6 +268,8 @@ def format_fits(record: dict[str, Any]) -> str:
             lines.append(f"  {name}: {fit['verdict']}")
             continue
         per = "1000 replay steps" if fit["x"] == "replay" else "1000 steps"
+        # None where the first window's value is 0 (a CPU reading that did not advance in it)
+        ratio = "-" if fit["ratio_last_first"] is None else f"{fit['ratio_last_first']:.3f}"
         lines.append(
             f"  {name}: {fit['verdict']} (fitted drift {fit['drift_pct']:+.1f}% +- "
             f"{fit['drift_ci_pct']:.1f}% from x={fit['x_first']:.0f} to {fit['x_last']:.0f}; "
@@ -275,7 +277,7 @@ def format_fits(record: dict[str, Any]) -> str:
         )
         lines.append(
             f"      slope {fit['slope_pct_per_1000']:+.2f}% per {per}; last/first window "
-            f"{fit['ratio_last_first']:.3f}; mean {fit['mean_rate']:.3f} over {fit['n']} windows; "
+            f"{ratio}; mean {fit['mean_rate']:.3f} over {fit['n']} windows; "
             f"residual std {fit['residual_std_pct']:.1f}%"
         )
         if fit["noisy"]:
