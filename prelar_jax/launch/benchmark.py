@@ -190,18 +190,21 @@ def pretraining_weights(pretrain_dir: str, copies=()) -> str | None:
     written at the step that place's ``summary.json`` names), else computed from its checkpoint
     and written there. None when it has not finished, or its checkpoint is gone and nothing
     recorded the sum (a later machine without the checkpoint then cannot compare it)."""
-    places = [pretrain_dir, *copies]
-    record = None
-    for place in places:
+
+    def recorded(place):  # the record in a place, if it is one
         try:
             with open(os.path.join(place, WEIGHTS_FILE), encoding="utf-8") as handle:
                 candidate = json.load(handle)
             str(candidate["sha256"])
+            return candidate
         except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if candidate.get("step") == (read_summary(place) or {}).get("step"):  # not from an earlier end
-            record = candidate
-            break
+            return None
+
+    # Each place read once: its record, and the step its summary names.
+    found = {place: (recorded(place), (read_summary(place) or {}).get("step")) for place in [pretrain_dir, *copies]}
+    record = next(  # the first one written at its place's step, not at an earlier end of the run
+        (current for current, step in found.values() if current is not None and current.get("step") == step), None
+    )
     if record is None:
         if not is_finished(pretrain_dir):
             return None
@@ -218,17 +221,10 @@ def pretraining_weights(pretrain_dir: str, copies=()) -> str | None:
         finally:
             absl_logging.set_verbosity(verbosity)
         record = {"sha256": sha, "step": step}
-    for place in places:  # record it where it is missing or stale; a current record is left alone
-        if os.path.isdir(place) and (read_summary(place) or {}).get("step") == record.get("step"):
-            path = os.path.join(place, WEIGHTS_FILE)
+    for place, (current, step) in found.items():  # written where missing or stale, a current one left alone
+        if os.path.isdir(place) and step == record.get("step") and current != record:
             try:
-                with open(path, encoding="utf-8") as handle:
-                    if json.load(handle) == record:
-                        continue
-            except (OSError, ValueError):
-                pass
-            try:
-                atomic_write_json(path, record)
+                atomic_write_json(os.path.join(place, WEIGHTS_FILE), record)
             except OSError:
                 pass  # a read-only reused pre-training: the sum is recomputed next time
     return str(record["sha256"])
