@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--episode_length",
         type=int,
         default=0,
-        help="steps per target episode; default: the fine-tuning config's env.time_limit",
+        help="control steps per target episode; default: the fine-tuning config's env.time_limit "
+        "(rounded down to a multiple of the pre-training's data.frame_stride)",
     )
     p.add_argument(
         "--context",
@@ -215,11 +216,12 @@ def _measure(
                 overrides["pretrain"] = args.pretrain_warmup
             configs.append((name, spec, workdir, config_lib.load_config(spec, overrides)))
         base = configs[0][3]
-        length = args.episode_length or base.env.time_limit
-        context = args.context or None
         # A pre-training on every k-th frame: its dynamics step spans k control steps, so the
-        # random actions are held for k (fine-tuning's env.action_repeat=k).
+        # random actions are held for k (fine-tuning's env.action_repeat=k); the default episode
+        # is the longest whole number of actions within env.time_limit.
         repeat = config_lib.frame_stride(pre)
+        length = args.episode_length or base.env.time_limit // repeat * repeat
+        context = args.context or None
         print(
             f"[diagnostics] collecting {args.train_episodes} + {args.eval_episodes} random-action episodes of "
             f"{task} ({length} steps" + (f", each action held for {repeat}" if repeat > 1 else "") + ")",

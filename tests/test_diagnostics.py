@@ -471,8 +471,12 @@ def test_cli_runs_what_the_pretraining_has(tmp_path, monkeypatch):
     cli = _cli()
     calls = []
     monkeypatch.setattr(cli, "_probe_episodes", lambda args, out: [])
-    repeats = []
-    monkeypatch.setattr(transfer, "collect_random_episodes", lambda *a, **k: repeats.append(k["action_repeat"]) or [])
+    repeats, lengths = [], []
+    monkeypatch.setattr(
+        transfer,
+        "collect_random_episodes",
+        lambda *a, **k: repeats.append(k["action_repeat"]) or lengths.append(a[2]) or [],
+    )
 
     def fake_probe(workdir, config, episodes, key, fraction, splits):
         calls.append(("probe", workdir, splits))
@@ -517,3 +521,8 @@ def test_cli_runs_what_the_pretraining_has(tmp_path, monkeypatch):
     logger_lib.write_config(strided, strided_config.to_dict())
     cli.run(cli.parse_args([f"--pretrained={strided}", f"--out={tmp_path / 's'}", "--task=reach", "--skip_probe"]))
     assert repeats[4:] == [2, 2]
+    # At stride 3 the default episode is the longest whole number of actions in time_limit 50.
+    strided_config.data.frame_stride = 3
+    logger_lib.write_config(tmp_path / "stride3", strided_config.to_dict())
+    cli.run(cli.parse_args([f"--pretrained={tmp_path / 'stride3'}", f"--out={tmp_path / 't'}", "--skip_probe"]))
+    assert repeats[6:] == [3, 3] and lengths[:4] == [50] * 4 and lengths[6:] == [48, 48]
