@@ -1,6 +1,8 @@
 """Checkpointer: round trips of a replicated flax/optax train state, retention, crash safety, errors."""
 
 import os
+import subprocess
+import sys
 
 import chex
 import flax
@@ -145,6 +147,33 @@ def test_half_written_temporary_directory_is_never_latest(tmp_path):
         restored, metadata = checkpointer.restore(make_state(mesh, seed=7))
     chex.assert_trees_all_equal(restored, saved)
     assert metadata == {"good": True}
+
+
+def test_unfinished_saves_are_removed_before_the_constructor_returns(tmp_path):
+    """Orbax's own clean-up of a previous run's unfinished saves ran in a background thread that
+    ``close`` does not wait for: a process that opened the directory and exited soon after (an
+    error, a run with nothing to do) raced it and printed orbax's traceback ("cannot schedule new
+    futures after shutdown"). Many leftovers make that race near certain."""
+    directory = tmp_path / "ckpt"
+    with Checkpointer(directory) as checkpointer:
+        checkpointer.save(3, {"w": jnp.ones((4,))}, {"step": 3})
+    for step in range(4, 64):
+        (directory / f"{step}.orbax-checkpoint-tmp-1" / "state").mkdir(parents=True)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[2]); "
+        "from prelar_jax.runtime.checkpoint import Checkpointer; "
+        "import os; c = Checkpointer(sys.argv[1]); print(sorted(os.listdir(sys.argv[1]))); c.close()"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(directory), root],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "['3']", proc.stdout  # gone before the constructor returned
 
 
 def _bytes_read_from_files() -> int:

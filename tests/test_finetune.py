@@ -134,7 +134,11 @@ def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir)
     from prelar_jax.learners.pretrain import PretrainModel, make_optimizer
 
     workdir, saved_params, saved_stats = pretrained_dir
+    # The pre-training may still be running: the reader leaves its save in progress alone.
+    in_progress = os.path.join(workdir, "checkpoints", f"9{checkpoint.TEMPORARY_SUFFIX}-1", "state")
+    os.makedirs(in_progress)
     config, params, stats, step = pretrained_lib.restore_pretrain_state(workdir)
+    assert os.path.isdir(in_progress)
     model = PretrainModel(config)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     target = jax.tree.map(
@@ -143,6 +147,7 @@ def test_load_pretrained_reads_the_same_values_as_a_full_restore(pretrained_dir)
     )
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         full, metadata = ckpt.restore(target)
+    assert not os.path.exists(os.path.dirname(in_progress))  # a writer's Checkpointer removes it
     chex.assert_trees_all_equal((params, stats), (full.params, full.batch_stats))
     chex.assert_trees_all_equal((params, stats), (saved_params, saved_stats))
     assert step == metadata["step"] == int(full.step) == 7

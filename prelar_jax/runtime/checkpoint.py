@@ -13,7 +13,10 @@ for PyTreeDef" failure, and saves must be asynchronous so training continues whi
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp[-<timestamp>]`` and renames it when
 the save is complete, so a save interrupted by a crash is never listed as a step; leftover
-temporary directories are deleted when the next ``Checkpointer`` opens the directory.
+temporary directories are deleted when the next ``Checkpointer`` opens the directory, before its
+constructor returns (orbax's own clean-up runs in a background thread that its ``close`` does not
+wait for: a process that exits soon after opening the directory, e.g. with an error, raced it and
+printed its traceback).
 
 A save that fails (full disk, quota, read-only or failing disk) surfaces, with asynchronous saves,
 at the next ``save``, ``wait_until_finished`` or ``close``: orbax raises tensorstore's
@@ -41,6 +44,7 @@ import orbax.checkpoint as ocp
 from prelar_jax.errors import UserError
 
 STATE_ITEM = "state"
+TEMPORARY_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step directory still being written
 METADATA_ITEM = "metadata"
 
 
@@ -218,6 +222,13 @@ def _use_distributed_barriers() -> None:
     flags.FLAGS["experimental_orbax_use_distributed_barrier"].parse("true")
 
 
+def _remove_temporary_directories(directory: str, step: int | None = None) -> None:
+    """Deletes the unfinished saves (``<step>.orbax-checkpoint-tmp*``) of ``step``, or of every step."""
+    pattern = f"{step if step is not None else '*'}{TEMPORARY_SUFFIX}*"
+    for partial in glob.glob(os.path.join(glob.escape(directory), pattern)):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 class Checkpointer:
     """Saves and restores ``(train state, metadata dict)`` pairs keyed by step.
 
@@ -228,12 +239,21 @@ class Checkpointer:
     (that save, the next one, ``wait_until_finished`` or ``close``).
     """
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        remove_unfinished: bool = True,
+    ):
+        """``remove_unfinished=False`` leaves other processes' saves in progress alone: for a
+        reader of another run's checkpoints (fine-tuning from a pre-training that still runs)."""
         self.directory = os.path.abspath(os.fspath(directory))
+        self._remove_unfinished = remove_unfinished
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # done synchronously in _open
             enable_async_checkpointing=async_save,
         )
         if jax.process_count() > 1:
@@ -244,6 +264,8 @@ class Checkpointer:
         self._pending: tuple[int, int] | None = None  # (step, bytes) of a save that may be running
 
     def _open(self) -> ocp.CheckpointManager:
+        if self._remove_unfinished and jax.process_index() == 0:
+            _remove_temporary_directories(self.directory)
         return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_item_handlers())
 
     def latest_step(self) -> int | None:
@@ -316,8 +338,7 @@ class Checkpointer:
         """
         self._drain_failed_writes()
         if step is not None and jax.process_index() == 0:
-            for partial in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")):
-                shutil.rmtree(partial, ignore_errors=True)
+            _remove_temporary_directories(self.directory, step)
         try:
             self._manager.close()
         except Exception:  # noqa: BLE001 -- it already failed; a fresh manager replaces it

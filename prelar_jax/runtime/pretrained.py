@@ -133,7 +133,8 @@ def _read_config(workdir: str | os.PathLike, stage: str, script: str, block: str
 def _restore_latest(workdir: str, stage: str, abstract: Any, only: tuple[str, ...]) -> tuple[Any, int]:
     """The fields ``only`` of the latest checkpoint under ``<workdir>/checkpoints``, shaped like
     ``abstract``, on the host CPU device, and its step (from the checkpoint's metadata)."""
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    # A reader: the pre-training may still be running and writing its next checkpoint.
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, remove_unfinished=False)
     try:
         latest = ckpt.latest_step()
         if latest is None:
