@@ -66,6 +66,31 @@ def test_plan_shares_pretraining_and_labels_every_cell(tmp_path):
                 node = node[part]
 
 
+def test_every_setting_is_checked_before_anything_runs(tmp_path):
+    """The stride-4 pair at the cpu preset: its 150-step episodes are not a multiple of the action
+    repeat, which the plan refuses at once, naming the method (not one failed run per cell);
+    ``finetune.time_limit=152`` passes it to every fine-tuning run and the plan is made."""
+    bench, table = modules()
+    settings = {"methods": "prelar_fm_stride4,dreamerv2_repeat4", "tasks": "door-close", "seeds": 1}
+    config = config_lib.load_config("configs/benchmark.py:cpu", settings)
+    with pytest.raises(config_lib.ConfigError, match=r"method 'prelar_fm_stride4', fine-tuning .*env.action_repeat"):
+        bench.plan(config, str(tmp_path), table.METHODS, table.ORIGINAL_PRESETS)
+    config = config_lib.load_config("configs/benchmark.py:cpu", {**settings, "finetune.time_limit": 152})
+    _, pretrain, finetune, pretrained, _ = bench.plan(config, str(tmp_path), table.METHODS, table.ORIGINAL_PRESETS)
+    assert [s.labels["method"] for s in finetune] == ["prelar_fm_stride4", "dreamerv2_repeat4"]
+    for spec in finetune:
+        assert "--config.env.time_limit=152" in spec.command and "--config.env.action_repeat=4" in spec.command
+    assert "--config.data.frame_stride=4" in pretrain[0].command and list(pretrained) == ["prelar_fm_stride4"]
+    # A pre-training setting is checked too.
+    bad = {
+        **table.METHODS,
+        "bad": (("configs/prelar_pretrain.py", {"data.frame_stride": 0}), table.METHODS["prelar"][1]),
+    }
+    config = config_lib.load_config("configs/benchmark.py:cpu", {**settings, "methods": "bad"})
+    with pytest.raises(config_lib.ConfigError, match=r"method 'bad', pre-training .*frame_stride"):
+        bench.plan(config, str(tmp_path), bad, table.ORIGINAL_PRESETS)
+
+
 def test_unknown_method_is_one_clear_error(tmp_path):
     result = subprocess.run(
         [

@@ -30,6 +30,7 @@ from prelar_jax.launch.runner import (
     write_results_csv,
 )
 from prelar_jax.launch.sweep import flag_value
+from prelar_jax.runtime import config as config_lib
 from prelar_jax.runtime.config import REPO_ROOT, ConfigError
 from prelar_jax.runtime.logger import atomic_write_json
 
@@ -79,6 +80,13 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
         name = os.path.basename(path)[:-3].replace("_pretrain", "") + (f"_{preset}" if preset != config.preset else "")
         name += "".join(f"_{k.split('.')[-1]}={flag_value(v)}" for k, v in sorted(overrides.items()))
         run_dir = os.path.join(workdir, "pretrain", name)
+        _check_settings(
+            method,
+            "pre-training",
+            f"{path}:{preset}",
+            {**overrides, "data.root": video_root, "steps": config.pretrain.steps},
+            config_lib.validate_pretrain_config,
+        )
         pretrain_of_method[method] = run_dir
         pretrain_specs[name] = RunSpec(
             name=f"pretrain/{name}",
@@ -95,6 +103,21 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
                 f"--workdir={run_dir}",
             ],
         )
+    for method in methods:  # every fine-tuning setting, checked before anything runs
+        _, (path, overrides) = methods_table[method]
+        preset = original_presets.get(method, {}).get(config.preset, config.preset)
+        for task in tasks:
+            settings = {
+                "task": task,
+                "steps": config.finetune.steps,
+                "eval_every": config.finetune.eval_every,
+                "eval_eps": config.finetune.eval_eps,
+                **({"env.time_limit": config.finetune.time_limit} if config.finetune.time_limit else {}),
+                **overrides,
+            }
+            _check_settings(
+                method, "fine-tuning", f"{_from_repo(path)}:{preset}", settings, config_lib.validate_finetune_config
+            )
     # Seed-major order (every method and task gets seed 0 before any gets seed 1): a grid that is
     # stopped part-way, as a long one on a small machine always is, leaves a balanced comparison.
     finetune_specs = []
@@ -114,6 +137,7 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
                     f"--config.steps={config.finetune.steps}",
                     f"--config.eval_every={config.finetune.eval_every}",
                     f"--config.eval_eps={config.finetune.eval_eps}",
+                    *([f"--config.env.time_limit={config.finetune.time_limit}"] if config.finetune.time_limit else []),
                     f"--config.log.wandb_mode={config.wandb_mode}",
                     *flags_of(overrides),
                 ]
@@ -135,6 +159,14 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
         pretrain_of_method,
         diagnostics_specs(config, workdir, tasks, pretrain_of_method, _plain_prelar_pretraining(config, workdir)),
     )
+
+
+def _check_settings(method: str, stage: str, spec: str, settings: dict, validate) -> None:
+    """A ``ConfigError`` naming the method now, rather than one per run once the grid runs."""
+    try:
+        validate(config_lib.load_config(spec, settings))
+    except ConfigError as error:
+        raise ConfigError(f"method {method!r}, {stage} ({spec}): {error}") from error
 
 
 def _plain_prelar_pretraining(config, workdir: str) -> str:

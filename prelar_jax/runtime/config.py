@@ -167,6 +167,7 @@ def validate_pretrain_config(c: ml_collections.ConfigDict) -> None:
             "log.media_examples",
             "data.prefetch_threads",
             "data.prefetch_buffer",
+            *(("data.frame_stride",) if "frame_stride" in c.data else ()),  # absent from older saved configs
         ),
     )
     _check(
