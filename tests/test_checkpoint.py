@@ -1,5 +1,6 @@
 """Checkpointer: round trips of a replicated flax/optax train state, retention, crash safety, errors."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -223,6 +224,24 @@ def test_restore_only_some_fields_neither_reads_nor_allocates_the_others(tmp_pat
         part, _ = checkpointer.restore(target.replace(batch_stats={}), only=only)
     assert part.batch_stats == {}
     chex.assert_trees_all_equal(part.params, saved.params)
+
+
+def test_readers_do_not_warn_that_the_directory_is_read_only(tmp_path, caplog):
+    """Fine-tuning reads its pre-training with ``restore(only=...)`` and tools with
+    ``read_metadata``, both through orbax's read-only manager, whose warning "Given directory is
+    read only" read like a permissions problem in every fine-tuning log. Other warnings pass."""
+    mesh = make_mesh(1)
+    saved = make_state(mesh, seed=1)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        checkpointer.save(1, saved, {"step": 1})
+    with caplog.at_level(logging.INFO):
+        assert read_metadata(tmp_path / "ckpt") == {"step": 1}
+        with Checkpointer(tmp_path / "ckpt") as checkpointer:
+            checkpointer.restore(make_state(mesh, seed=2), only=("params",))
+        logging.getLogger("absl").warning("Given directory is read only (not from orbax)")
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any(m.startswith("Given directory is read only=") for m in messages), messages
+    assert "Given directory is read only (not from orbax)" in messages
 
 
 def test_restoring_into_another_architecture_names_the_differences(tmp_path):

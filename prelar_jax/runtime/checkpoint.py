@@ -103,13 +103,17 @@ class _QuietStorageErrors(logging.Filter):
     and asyncio's "exception was never retrieved" reports of the same error for orbax's
     abandoned write tasks: ``Checkpointer`` re-raises the problem as one ``CheckpointSaveError``
     saying what to do, and command-line entry points print user errors without tracebacks.
-    Every other log passes."""
+    Also drops orbax's warning that a directory opened read-only "is read only" (readers of a
+    checkpoint open it so on purpose; the warning read like a permissions problem). Every other
+    log passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from_orbax = "orbax" in record.pathname
         unretrieved = record.name == "asyncio" and "never retrieved" in record.getMessage()
         if not (from_orbax or unretrieved):
             return True
+        if from_orbax and record.getMessage().startswith("Given directory is read only"):
+            return False
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and _storage_problem(error) is not None:
             return False
@@ -117,6 +121,11 @@ class _QuietStorageErrors(logging.Filter):
 
 
 _QUIET_STORAGE_ERRORS = _QuietStorageErrors()
+
+
+def _quiet_orbax_logs() -> None:
+    for name in ("absl", "asyncio"):  # orbax logs through absl; adding a filter twice is a no-op
+        logging.getLogger(name).addFilter(_QUIET_STORAGE_ERRORS)
 
 
 def _human_bytes(count: float) -> str:
@@ -258,8 +267,7 @@ class Checkpointer:
         )
         if jax.process_count() > 1:
             _use_distributed_barriers()
-        for name in ("absl", "asyncio"):  # orbax logs through absl; adding a filter twice is a no-op
-            logging.getLogger(name).addFilter(_QUIET_STORAGE_ERRORS)
+        _quiet_orbax_logs()
         self._manager = self._open()
         self._pending: tuple[int, int] | None = None  # (step, bytes) of a save that may be running
 
@@ -489,6 +497,7 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
     if not os.path.isdir(directory):
         raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist.")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    _quiet_orbax_logs()
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
     try:
         if step is None:
