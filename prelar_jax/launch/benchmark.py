@@ -62,8 +62,11 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
     python = sys.executable
     video_root = config.videos.root or os.path.join(workdir, "videos")
 
+    def flags_in_order(settings):
+        return [f"--config.{key}={flag_value(value)}" for key, value in settings.items()]
+
     def flags_of(overrides):
-        return [f"--config.{key}={flag_value(value)}" for key, value in sorted(overrides.items())]
+        return flags_in_order(dict(sorted(overrides.items())))
 
     pretrain_specs, pretrain_of_method = {}, {}
     for method in methods:
@@ -80,12 +83,9 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
         name = os.path.basename(path)[:-3].replace("_pretrain", "") + (f"_{preset}" if preset != config.preset else "")
         name += "".join(f"_{k.split('.')[-1]}={flag_value(v)}" for k, v in sorted(overrides.items()))
         run_dir = os.path.join(workdir, "pretrain", name)
+        settings = {"data.root": video_root, "steps": config.pretrain.steps, "log.wandb_mode": config.wandb_mode}
         _check_settings(
-            method,
-            "pre-training",
-            f"{path}:{preset}",
-            {**overrides, "data.root": video_root, "steps": config.pretrain.steps},
-            config_lib.validate_pretrain_config,
+            method, "pre-training", f"{path}:{preset}", {**settings, **overrides}, config_lib.validate_pretrain_config
         )
         pretrain_of_method[method] = run_dir
         pretrain_specs[name] = RunSpec(
@@ -96,28 +96,11 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
                 python,
                 os.path.join(REPO_ROOT, "experiments", "pretrain.py"),
                 f"--config={path}:{preset}",
-                f"--config.data.root={video_root}",
-                f"--config.steps={config.pretrain.steps}",
-                f"--config.log.wandb_mode={config.wandb_mode}",
+                *flags_in_order(settings),
                 *flags_of(overrides),
                 f"--workdir={run_dir}",
             ],
         )
-    for method in methods:  # every fine-tuning setting, checked before anything runs
-        _, (path, overrides) = methods_table[method]
-        preset = original_presets.get(method, {}).get(config.preset, config.preset)
-        for task in tasks:
-            settings = {
-                "task": task,
-                "steps": config.finetune.steps,
-                "eval_every": config.finetune.eval_every,
-                "eval_eps": config.finetune.eval_eps,
-                **({"env.time_limit": config.finetune.time_limit} if config.finetune.time_limit else {}),
-                **overrides,
-            }
-            _check_settings(
-                method, "fine-tuning", f"{_from_repo(path)}:{preset}", settings, config_lib.validate_finetune_config
-            )
     # Seed-major order (every method and task gets seed 0 before any gets seed 1): a grid that is
     # stopped part-way, as a long one on a small machine always is, leaves a balanced comparison.
     finetune_specs = []
@@ -128,17 +111,28 @@ def plan(config, workdir: str, methods_table, original_presets) -> Plan:
                 path = _from_repo(path)
                 preset = original_presets.get(method, {}).get(config.preset, config.preset)
                 run_dir = os.path.join(workdir, "runs", method, task, f"seed_{seed}")
+                settings = {
+                    "task": task,
+                    "seed": seed,
+                    "steps": config.finetune.steps,
+                    "eval_every": config.finetune.eval_every,
+                    "eval_eps": config.finetune.eval_eps,
+                    **({"env.time_limit": config.finetune.time_limit} if config.finetune.time_limit else {}),
+                    "log.wandb_mode": config.wandb_mode,
+                }
+                if seed == 0:  # every method's settings on every task, checked before anything runs
+                    _check_settings(
+                        method,
+                        "fine-tuning",
+                        f"{path}:{preset}",
+                        {**settings, **overrides},
+                        config_lib.validate_finetune_config,
+                    )
                 command = [
                     python,
                     os.path.join(REPO_ROOT, "experiments", "finetune.py"),
                     f"--config={path}:{preset}",
-                    f"--config.task={task}",
-                    f"--config.seed={seed}",
-                    f"--config.steps={config.finetune.steps}",
-                    f"--config.eval_every={config.finetune.eval_every}",
-                    f"--config.eval_eps={config.finetune.eval_eps}",
-                    *([f"--config.env.time_limit={config.finetune.time_limit}"] if config.finetune.time_limit else []),
-                    f"--config.log.wandb_mode={config.wandb_mode}",
+                    *flags_in_order(settings),
                     *flags_of(overrides),
                 ]
                 if method in pretrain_of_method:
